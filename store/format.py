@@ -1,0 +1,87 @@
+"""Names, versions and value encodings of the on-disk format (spec: docs/FORMAT.md).
+
+A minor version bump only adds elements; a major bump breaks readers. Readers
+accept any minor version of the majors they know and refuse newer majors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from store.errors import FormatVersionError
+
+FORMAT_VERSION = "1.0"
+ATTRS_KEY = "latentstore"  # every latentstore attribute lives under this key
+
+STORE_ENCODING = "latentstore.store"
+SHARD_ENCODING = "latentstore.shard"
+CSR_ENCODING = "latentstore.csr"
+MARKER_ENCODING = "latentstore.complete"
+
+SHARDS_GROUP = "shards"
+SAES_GROUP = "saes"
+MARKER_GROUP = "complete"
+
+TOKEN_IDS = "token_ids"
+ROWS = "row"
+POSITIONS = "pos"
+INDPTR = "indptr"
+INDICES = "indices"
+VALUES = "values"
+
+STATUS_WRITING = "writing"
+STATUS_COMPLETE = "complete"
+
+# Provenance position of a BOS token that latentstore put at the start of a window:
+# it is not part of the row's own tokenization.
+BOS_POSITION = -1
+
+VALUE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def shard_name(shard_id: int) -> str:
+    return f"{shard_id:06d}"
+
+
+def shard_path(shard_id: int) -> str:
+    return f"{SHARDS_GROUP}/{shard_name(shard_id)}"
+
+
+def encoding(kind: str) -> dict[str, str]:
+    """The attributes that stamp an element with its encoding type and version."""
+    return {"encoding-type": kind, "encoding-version": FORMAT_VERSION}
+
+
+def check_version(attrs: dict, kind: str, where: str) -> None:
+    """Refuse elements of another type or of a newer major version, saying what to do."""
+    found_kind = attrs.get("encoding-type")
+    if found_kind != kind:
+        raise FormatVersionError(
+            f"{where}: expected a {kind!r} element, found {found_kind!r}. "
+            "Is this path a latentstore store (made by `latentstore extract`)?"
+        )
+    version = str(attrs.get("encoding-version", "0.0"))
+    major = int(version.split(".")[0])
+    if major > int(FORMAT_VERSION.split(".")[0]):
+        raise FormatVersionError(
+            f"{where} was written in latentstore format {version}; this latentstore reads format "
+            f"{FORMAT_VERSION.split('.')[0]}.x. Upgrade latentstore: pip install -U latentstore."
+        )
+
+
+def storage_dtype(value_dtype: str) -> np.dtype:
+    """zarr 3.1 has no bfloat16: its bits are kept as uint16, the logical dtype in attributes."""
+    if value_dtype not in VALUE_DTYPES:
+        raise ValueError(f"value dtype {value_dtype!r} is not one of {', '.join(VALUE_DTYPES)}")
+    return np.dtype({"bfloat16": "<u2", "float16": "<f2", "float32": "<f4"}[value_dtype])
+
+
+def decode_values(stored: np.ndarray, value_dtype: str) -> np.ndarray:
+    """Stored values as float32."""
+    if value_dtype == "bfloat16":
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored.astype(np.float32)
+
+
+def index_dtype(d_sae: int) -> np.dtype:
+    return np.dtype("<u2") if d_sae <= np.iinfo(np.uint16).max + 1 else np.dtype("<u4")

@@ -1,0 +1,56 @@
+"""Where a store lives: a local path or any fsspec URL (``s3://``, ``gs://``, ...).
+
+Credentials come from the environment or the usual config files, through
+fsspec; they are never passed in here, so they cannot reach store metadata.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import zarr
+from zarr.storage import FsspecStore, LocalStore
+
+from store.errors import StoreWriteError
+
+
+def is_url(location: str) -> bool:
+    return "://" in location and not location.startswith("file://")
+
+
+def normalize(location: str | os.PathLike) -> str:
+    """A canonical string for a store location (absolute for local paths)."""
+    location = os.fspath(location)
+    if location.startswith("file://"):
+        location = location.removeprefix("file://")
+    return location if is_url(location) else str(Path(location).expanduser().resolve())
+
+
+def open_zarr_store(location: str, read_only: bool = False) -> zarr.abc.store.Store:
+    location = normalize(location)
+    if is_url(location):
+        return FsspecStore.from_url(location, read_only=read_only)
+    return LocalStore(location, read_only=read_only)
+
+
+def open_root(location: str, mode: str = "r") -> zarr.Group:
+    return zarr.open_group(open_zarr_store(location, read_only=(mode == "r")), mode=mode)
+
+
+def check_writable(location: str) -> None:
+    """Fail now, not after the model ran, when the store cannot be written."""
+    location = normalize(location)
+    if is_url(location):
+        return  # object stores say so on the first write; there is no cheap probe
+    path = Path(location)
+    parent = path if path.exists() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if path.exists() and not path.is_dir():
+        raise StoreWriteError(f"--store {location} is a file, not a store directory. Choose another path.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StoreWriteError(
+            f"--store {location}: cannot write in {parent} (permission denied). "
+            "Choose a path you can write, or fix its permissions."
+        )

@@ -1,0 +1,210 @@
+"""Reading a store: ``FeatureStore.open(path)``.
+
+Reads only complete shards. A store still being written (or left part-way by a
+crash) opens too and shows the shards completed so far; ``fs.complete`` says which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import zarr
+
+from store import format as fmt
+from store.errors import ConfigError, StoreNotFoundError, did_you_mean
+from store.location import normalize, open_root
+from store.writer import read_marker, read_root_attrs
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    shard_id: int
+    token_start: int  # offset of the shard's first token in store order
+    n_tokens: int
+    row_start: int
+    row_stop: int
+    nnz: dict[str, int]
+
+    @property
+    def token_stop(self) -> int:
+        return self.token_start + self.n_tokens
+
+
+class FeatureStore:
+    """Sparse SAE activations over a dataset, in store order (dataset row, then position)."""
+
+    def __init__(self, location: str, attrs: dict, shards: list[ShardInfo]):
+        self.location = location
+        self.attrs = attrs
+        self.shards = shards
+        self._root = open_root(location, mode="r")
+        self._arrays: dict[str, zarr.Array] = {}
+
+    @classmethod
+    def open(cls, location: str) -> "FeatureStore":
+        location = normalize(location)
+        attrs = read_root_attrs(location)
+        if attrs is None:
+            raise StoreNotFoundError(
+                f"No latentstore store at {location}. Make one with `latentstore extract --store {location}`."
+            )
+        if attrs.get("status") == fmt.STATUS_COMPLETE:
+            listed = attrs["shards"]
+        else:  # being written: whatever is complete so far, in store order
+            root = open_root(location, mode="r")
+            shards = root[fmt.SHARDS_GROUP]
+            markers = (read_marker(shards[name]) for name in sorted(shards.group_keys()))
+            listed = [m for m in markers if m is not None]
+        infos, offset = [], 0
+        for m in sorted(listed, key=lambda m: m["shard_id"]):
+            infos.append(ShardInfo(m["shard_id"], offset, m["n_tokens"], m["row_start"], m["row_stop"], m["nnz"]))
+            offset += m["n_tokens"]
+        return cls(location, attrs, infos)
+
+    # -- description -------------------------------------------------------------------------
+
+    @property
+    def complete(self) -> bool:
+        return self.attrs.get("status") == fmt.STATUS_COMPLETE
+
+    @property
+    def run(self) -> dict:
+        return self.attrs["run"]
+
+    @cached_property
+    def _saes(self) -> dict[str, dict]:
+        return {sae["hook"]: sae for sae in self.run["saes"]}
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self._saes)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(s.n_tokens for s in self.shards)
+
+    @property
+    def value_dtype(self) -> str:
+        return self.run["value_dtype"]
+
+    def d_sae(self, hook: str) -> int:
+        return int(self._sae(hook)["d_sae"])
+
+    def nnz(self, hook: str) -> int:
+        self._sae(hook)
+        return sum(s.nnz[hook] for s in self.shards)
+
+    def _sae(self, hook: str) -> dict:
+        try:
+            return self._saes[hook]
+        except KeyError:
+            raise ConfigError(
+                f"hook {hook!r} is not in store {self.location}; it holds: {did_you_mean(hook, self.hooks)}"
+            ) from None
+
+    def info(self) -> dict:
+        """A plain summary of the store: what ran, over what, and how much it holds."""
+        run = self.run
+        return {
+            "location": self.location,
+            "status": self.attrs.get("status"),
+            "format_version": self.attrs.get("encoding-version"),
+            "latentstore_version": self.attrs.get("latentstore_version"),
+            "created_at": self.attrs.get("created_at"),
+            "completed_at": self.attrs.get("completed_at"),
+            "model": run["model"]["name"],
+            "dataset": run["dataset"]["name"],
+            "split": run["dataset"].get("split"),
+            "context_size": run["context_size"],
+            "prepend_bos": run["prepend_bos"],
+            "value_dtype": run["value_dtype"],
+            "n_shards": len(self.shards),
+            "n_tokens": self.n_tokens,
+            "saes": [
+                {
+                    "hook": hook,
+                    "source": sae["source"],
+                    "architecture": sae["architecture"],
+                    "d_sae": sae["d_sae"],
+                    "nnz": self.nnz(hook),
+                    "mean_l0": self.nnz(hook) / max(1, self.n_tokens),
+                }
+                for hook, sae in self._saes.items()
+            ],
+        }
+
+    def __repr__(self) -> str:
+        state = "" if self.complete else ", incomplete"
+        return f"FeatureStore({self.location!r}, {self.n_tokens:,} tokens, hooks={self.hooks}{state})"
+
+    # -- token-level arrays ------------------------------------------------------------------
+
+    def token_ids(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Token ids in store order (dataset row, then position), optionally a range of them."""
+        return self._concat(fmt.TOKEN_IDS, start, stop, np.int32)
+
+    def provenance(self, start: int = 0, stop: int | None = None) -> pd.DataFrame:
+        """Where each stored token came from: dataset ``row`` and ``pos`` in that row's tokenization
+        (``pos`` is -1 for a BOS token latentstore added at the start of a window)."""
+        return pd.DataFrame(
+            {
+                "row": self._concat(fmt.ROWS, start, stop, np.int64),
+                "pos": self._concat(fmt.POSITIONS, start, stop, np.int32),
+            }
+        )
+
+    def csr(self, hook: str, start: int = 0, stop: int | None = None) -> sp.csr_matrix:
+        """One SAE's activations as a ``(n_tokens, d_sae)`` float32 CSR matrix, or a row range of it."""
+        d_sae = self.d_sae(hook)
+        start, stop = self._range(start, stop)
+        base = f"{fmt.SAES_GROUP}/{hook}/"
+        indptrs, indices, values, offset = [np.zeros(1, np.int64)], [], [], 0
+        for shard, lo, hi in self._pieces(start, stop):
+            ptr = self._array(shard, base + fmt.INDPTR)[lo : hi + 1]
+            a, b = int(ptr[0]), int(ptr[-1])
+            indices.append(self._array(shard, base + fmt.INDICES)[a:b] if b > a else np.zeros(0, np.uint32))
+            values.append(
+                fmt.decode_values(self._array(shard, base + fmt.VALUES)[a:b], self.value_dtype)
+                if b > a
+                else np.zeros(0, np.float32)
+            )
+            indptrs.append(ptr[1:] - a + offset)
+            offset += b - a
+        return sp.csr_matrix(
+            (
+                np.concatenate(values) if values else np.zeros(0, np.float32),
+                np.concatenate(indices).astype(np.int32) if indices else np.zeros(0, np.int32),
+                np.concatenate(indptrs),
+            ),
+            shape=(stop - start, d_sae),
+        )
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _range(self, start: int, stop: int | None) -> tuple[int, int]:
+        stop = self.n_tokens if stop is None else stop
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise IndexError(f"token range [{start}, {stop}) is outside the store's {self.n_tokens:,} tokens")
+        return start, stop
+
+    def _pieces(self, start: int, stop: int):
+        """(shard, local start, local stop) for every shard overlapping [start, stop)."""
+        for shard in self.shards:
+            lo, hi = max(start, shard.token_start), min(stop, shard.token_stop)
+            if lo < hi:
+                yield shard, lo - shard.token_start, hi - shard.token_start
+
+    def _concat(self, name: str, start: int, stop: int | None, dtype) -> np.ndarray:
+        start, stop = self._range(start, stop)
+        parts = [self._array(s, name)[lo:hi] for s, lo, hi in self._pieces(start, stop)]
+        return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+
+    def _array(self, shard: ShardInfo, name: str) -> zarr.Array:
+        key = f"{fmt.shard_path(shard.shard_id)}/{name}"
+        if key not in self._arrays:
+            self._arrays[key] = self._root[key]
+        return self._arrays[key]

@@ -1,0 +1,258 @@
+"""Writing a store: the root metadata (driver) and immutable shard parts (workers).
+
+Every shard is written by one worker into its own group; its completion marker
+is written last, so a shard without a marker is never read. The root says
+``status: writing`` until the driver finalizes it. Writes are idempotent: a
+shard that is written again replaces its group wholesale.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import zlib
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+
+import numpy as np
+import zarr
+
+from store import codecs, format as fmt
+from store.errors import StoreConflictError
+from store.location import check_writable, normalize, open_root
+
+
+@dataclass(frozen=True)
+class SparseActivations:
+    """One SAE's activations over a shard's tokens, as CSR."""
+
+    indptr: np.ndarray  # int64 [n_tokens + 1]
+    indices: np.ndarray  # uint16 or uint32 [nnz], ascending within a token
+    values: np.ndarray  # storage dtype of the value dtype [nnz]
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indptr[-1])
+
+
+@dataclass(frozen=True)
+class ShardData:
+    """Everything one shard holds, ready to write."""
+
+    shard_id: int
+    row_start: int
+    row_stop: int
+    token_limit: int | None
+    token_ids: np.ndarray  # int32 [n_tokens]
+    rows: np.ndarray  # int64 [n_tokens], dataset row of each token
+    positions: np.ndarray  # int32 [n_tokens], position in the row's tokenization (-1: added BOS)
+    saes: dict[str, SparseActivations] = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def latentstore_version() -> str:
+    try:
+        return version("latentstore")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def canonical(obj) -> dict:
+    """A JSON round trip, so comparisons see exactly what the store will hold."""
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def diff_runs(stored: dict, wanted: dict, prefix: str = "", only_shared: bool = False) -> list[str]:
+    """Human-readable differences between two run descriptions."""
+    out = []
+    for key in sorted(set(stored) | set(wanted)):
+        name = f"{prefix}{key}"
+        if key not in stored or key not in wanted:
+            if not only_shared:
+                out.append(f"{name}: store has {stored.get(key)!r}, this run has {wanted.get(key)!r}")
+            continue
+        a, b = stored[key], wanted[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(diff_runs(a, b, f"{name}.", only_shared))
+        elif a != b:
+            out.append(f"{name}: store has {_short(a)}, this run has {_short(b)}")
+    return out
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_root_attrs(location: str) -> dict | None:
+    """The latentstore attributes of the store at ``location``, or None if there is no store."""
+    try:
+        root = open_root(location, mode="r")
+    except FileNotFoundError:
+        return None
+    attrs = root.attrs.asdict().get(fmt.ATTRS_KEY)
+    if attrs is not None:
+        fmt.check_version(attrs, fmt.STORE_ENCODING, f"store {location}")
+    return attrs
+
+
+def check_conflict(location: str, run: dict, overwrite: bool, only_shared: bool = False) -> dict | None:
+    """Refuse to resume a store that holds another run. Returns the existing root attributes."""
+    location = normalize(location)
+    check_writable(location)
+    try:
+        attrs = read_root_attrs(location)
+    except FileNotFoundError:
+        attrs = None
+    if attrs is None or overwrite:
+        return attrs
+    problems = diff_runs(attrs.get("run", {}), canonical(run), only_shared=only_shared)
+    if problems:
+        raise StoreConflictError(
+            f"--store {location} already holds a different run:\n  "
+            + "\n  ".join(problems[:20])
+            + "\nUse another --store path, or pass --overwrite to replace it."
+        )
+    return attrs
+
+
+class StoreWriter:
+    """Writes one store. The driver creates it; each worker opens its own instance."""
+
+    def __init__(self, location: str):
+        self.location = normalize(location)
+
+    # -- driver side -------------------------------------------------------------------------
+
+    def begin(self, run: dict, plan: dict, overwrite: bool) -> dict[int, dict]:
+        """Create the store (or reopen it to resume) and return its complete shards' markers."""
+        existing = check_conflict(self.location, run, overwrite)
+        if existing is None or overwrite:
+            root = zarr.open_group(open_root(self.location, mode="w").store, mode="w")
+            root.create_group(fmt.SHARDS_GROUP)
+            attrs = {
+                **fmt.encoding(fmt.STORE_ENCODING),
+                "latentstore_version": latentstore_version(),
+                "status": fmt.STATUS_WRITING,
+                "created_at": now(),
+                "run": canonical(run),
+                "plan": canonical(plan),
+            }
+            root.attrs.update({fmt.ATTRS_KEY: attrs})
+            return {}
+        if existing.get("status") == fmt.STATUS_COMPLETE:
+            self._set_root(status=fmt.STATUS_WRITING)  # it is about to change again
+        return self.completed_shards()
+
+    def completed_shards(self) -> dict[int, dict]:
+        root = open_root(self.location, mode="r")
+        shards = root[fmt.SHARDS_GROUP]
+        out = {}
+        for name in shards.group_keys():
+            marker = read_marker(shards[name])
+            if marker is not None:
+                out[int(name)] = marker
+        return out
+
+    def delete_shard(self, shard_id: int) -> None:
+        shards = open_root(self.location, mode="a")[fmt.SHARDS_GROUP]
+        name = fmt.shard_name(shard_id)
+        if name in shards:
+            del shards[name]
+
+    def finalize(self, shards: list[dict], counts: dict) -> None:
+        """Mark the store complete, listing its shards in order. Written last."""
+        self._set_root(status=fmt.STATUS_COMPLETE, completed_at=now(), shards=shards, counts=counts)
+
+    def _set_root(self, **changes) -> None:
+        root = open_root(self.location, mode="a")
+        attrs = dict(root.attrs[fmt.ATTRS_KEY])
+        attrs.update(canonical(changes))
+        root.attrs.update({fmt.ATTRS_KEY: attrs})
+
+    # -- worker side -------------------------------------------------------------------------
+
+    def write_shard(self, shard: ShardData, value_dtype: str) -> dict:
+        """Write a shard's arrays, then its completion marker. Returns the marker."""
+        shards = open_root(self.location, mode="a")[fmt.SHARDS_GROUP]
+        name = fmt.shard_name(shard.shard_id)
+        if name in shards:
+            del shards[name]  # a retry, or leftovers of a crashed attempt
+        group = shards.create_group(
+            name,
+            attributes={
+                fmt.ATTRS_KEY: {
+                    **fmt.encoding(fmt.SHARD_ENCODING),
+                    "shard_id": shard.shard_id,
+                    "row_start": shard.row_start,
+                    "row_stop": shard.row_stop,
+                }
+            },
+        )
+        checksums = {}
+        checksums[fmt.TOKEN_IDS] = _write_array(group, fmt.TOKEN_IDS, shard.token_ids.astype("<i4"), codecs.TOKEN_LEVEL)
+        checksums[fmt.ROWS] = _write_array(group, fmt.ROWS, shard.rows.astype("<i8"), codecs.TOKEN_LEVEL)
+        checksums[fmt.POSITIONS] = _write_array(group, fmt.POSITIONS, shard.positions.astype("<i4"), codecs.TOKEN_LEVEL)
+        saes = group.create_group(fmt.SAES_GROUP)
+        for hook, acts in shard.saes.items():
+            sae = saes.create_group(
+                hook, attributes={fmt.ATTRS_KEY: {**fmt.encoding(fmt.CSR_ENCODING), "value_dtype": value_dtype}}
+            )
+            prefix = f"{fmt.SAES_GROUP}/{hook}/"
+            checksums[prefix + fmt.INDPTR] = _write_array(sae, fmt.INDPTR, acts.indptr.astype("<i8"), codecs.TOKEN_LEVEL)
+            checksums[prefix + fmt.INDICES] = _write_array(sae, fmt.INDICES, acts.indices, codecs.FEATURE_INDICES)
+            checksums[prefix + fmt.VALUES] = _write_array(sae, fmt.VALUES, acts.values, codecs.VALUES)
+        marker = {
+            **fmt.encoding(fmt.MARKER_ENCODING),
+            "shard_id": shard.shard_id,
+            "row_start": shard.row_start,
+            "row_stop": shard.row_stop,
+            "token_limit": shard.token_limit,
+            "n_tokens": shard.n_tokens,
+            "nnz": {hook: acts.nnz for hook, acts in shard.saes.items()},
+            "checksums": checksums,
+            "written_at": now(),
+        }
+        group.create_group(fmt.MARKER_GROUP, attributes={fmt.ATTRS_KEY: marker})
+        return marker
+
+
+def _write_array(group: zarr.Group, name: str, data: np.ndarray, encoding: codecs.Encoding) -> str:
+    array = group.create_array(
+        name,
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=codecs.chunk_shape(len(data)),
+        filters=encoding.filters(data.dtype),
+        compressors=encoding.compressors(),
+        fill_value=0,
+    )
+    if len(data):
+        array[:] = data
+    return checksum(data)
+
+
+def checksum(data: np.ndarray) -> str:
+    return f"crc32:{zlib.crc32(np.ascontiguousarray(data).view(np.uint8)):08x}"
+
+
+def read_marker(shard_group: zarr.Group) -> dict | None:
+    """A shard's completion marker, or None while the shard is incomplete."""
+    try:
+        marker_group = shard_group[fmt.MARKER_GROUP]
+    except KeyError:
+        return None
+    except ValueError:  # a torn marker (JSON cut short): the shard is not complete
+        return None
+    marker = marker_group.attrs.asdict().get(fmt.ATTRS_KEY)
+    if marker is None:
+        return None
+    fmt.check_version(marker, fmt.MARKER_ENCODING, f"shard {shard_group.path}")
+    return marker
