@@ -1,0 +1,317 @@
+"""Loading SAEs: sae_lens pretrained releases, sae_lens directories, Gemma Scope ``params.npz`` files.
+
+What follows ``--sae`` takes one of three forms, parsed by ``SAESource.parse``:
+
+- ``DIR``: an existing directory as sae_lens's ``SAE.save_model`` writes it,
+  ``cfg.json`` and ``sae_weights.safetensors``;
+- ``PATH.npz@HOOK``: a Gemma Scope ``params.npz`` (arrays ``W_enc [d_in, d_sae]``,
+  ``W_dec [d_sae, d_in]``, ``b_enc``, ``b_dec``, ``threshold``) and the TransformerLens
+  hook it reads, which the file itself does not record;
+- ``RELEASE/SAE_ID``: an SAE from sae_lens's pretrained directory, fetched from the hub.
+
+Weights only ever load from safetensors, or from npz with pickles refused.
+``read_sae_config`` describes an SAE without loading its weights, so that a run can be
+validated before any work is spent.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from sae_lens import SAE, JumpReLUSAE, JumpReLUSAEConfig
+from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting, load_sae_config_from_huggingface
+from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+from sae_lens.registry import SAE_CLASS_REGISTRY
+from sae_lens.saes.sae import SAEConfig, SAEMetadata
+from sae_lens.util import DTYPE_MAP
+
+from pipeline.models import PICKLE_SUFFIXES, load_safetensors
+from store.errors import ConfigError, did_you_mean
+
+SAE_FORMS = (
+    "DIR: a directory written by sae_lens's SAE.save_model (cfg.json, sae_weights.safetensors)",
+    "PATH.npz@HOOK: a Gemma Scope params.npz and the hook it reads, e.g. params.npz@blocks.12.hook_resid_post",
+    "RELEASE/SAE_ID: a sae_lens pretrained SAE, e.g. gemma-scope-2b-pt-res-canonical/layer_12/width_16k/canonical",
+)
+NPZ_ARRAYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+
+
+@dataclass(frozen=True)
+class SAESource:
+    """What the user wrote after --sae, parsed. Build it with ``parse``, which validates it."""
+
+    kind: Literal["pretrained", "disk", "npz"]
+    location: str
+    """The release for ``pretrained``; the path, as written, for ``disk`` and ``npz``."""
+    sae_id: str | None = None
+    """The SAE's id within its release; ``pretrained`` only."""
+    hook: str | None = None
+    """The hook given by the user; ``npz`` only (other kinds record their hook in their config)."""
+
+    @classmethod
+    def parse(cls, text: str) -> SAESource:
+        if text and Path(text).is_dir():  # Path("") is the working directory
+            return cls("disk", text)
+        path, at, hook = text.rpartition("@")
+        if at and path.endswith(".npz"):
+            if not hook:
+                raise ConfigError(_npz_needs_hook(text, path))
+            if not Path(path).is_file():
+                raise ConfigError(f"--sae {text}: no file {path}.")
+            return cls("npz", path, hook=hook)
+        if text.endswith(".npz"):
+            raise ConfigError(_npz_needs_hook(text, text))
+        release, slash, sae_id = text.partition("/")
+        if slash and release:
+            _check_pretrained(text, release, sae_id)
+            return cls("pretrained", release, sae_id=sae_id)
+        forms = "\n".join(f"  {form}" for form in SAE_FORMS)
+        raise ConfigError(f"--sae {text!r} is not an SAE this tool can load. Accepted forms:\n{forms}")
+
+    def __str__(self) -> str:
+        if self.kind == "pretrained":
+            return f"{self.location}/{self.sae_id}"
+        if self.kind == "npz":
+            return f"{self.location}@{self.hook}"
+        return self.location
+
+
+@dataclass(frozen=True)
+class SAEDescription:
+    """An SAE as far as a run needs to know it before loading weights."""
+
+    source: str
+    """``str(SAESource)``: what the user wrote."""
+    architecture: str
+    """sae_lens's architecture name: ``standard``, ``jumprelu``, ``topk``, ..."""
+    hook: str
+    """The TransformerLens hook whose activations the SAE encodes."""
+    d_in: int
+    d_sae: int
+    prepend_bos: bool | None
+    """Whether the SAE was trained on inputs starting with BOS; None when its config does not say."""
+    config: dict[str, Any]
+    """sae_lens's config as a JSON-serialisable dict, without the device."""
+
+
+def read_sae_config(source: SAESource) -> SAEDescription:
+    """Describe the SAE without loading its weights (a pretrained SAE may still need the hub)."""
+    if source.kind == "disk":
+        cfg = _config_from_dict(source, handle_config_defaulting(_read_disk_config(source)))
+    elif source.kind == "npz":
+        cfg = _npz_config(source)
+    else:
+        try:
+            raw = load_sae_config_from_huggingface(source.location, source.sae_id)
+        except OSError as e:  # huggingface_hub's network and cache errors are OSErrors
+            raise ConfigError(_hub_unreachable(source, e)) from e
+        cfg = _config_from_dict(source, raw)
+    config = cfg.to_dict()
+    del config["device"]  # where to run is the loader's choice, not the SAE's
+    return SAEDescription(
+        source=str(source),
+        architecture=cfg.architecture(),
+        hook=_hook_name(source, cfg),
+        d_in=cfg.d_in,
+        d_sae=cfg.d_sae,
+        prepend_bos=cfg.metadata.get("prepend_bos"),
+        config=config,
+    )
+
+
+def load_sae(source: SAESource, device: str = "cpu", dtype: str = "float32") -> SAE[Any]:
+    """The SAE with its weights, on ``device`` in ``dtype`` (a name such as ``"float32"``)."""
+    if dtype not in DTYPE_MAP:
+        raise ConfigError(f"--sae {source}: dtype {dtype!r} is not one of {', '.join(DTYPE_MAP)}.")
+    if source.kind == "disk":
+        sae = _load_disk(source, device, dtype)
+    elif source.kind == "npz":
+        sae = _load_npz(source, device, dtype)
+    else:
+        try:
+            sae = SAE.from_pretrained(source.location, source.sae_id, device=device, dtype=dtype)
+        except OSError as e:
+            raise ConfigError(_hub_unreachable(source, e)) from e
+    _hook_name(source, sae.cfg)
+    return sae
+
+
+def _check_pretrained(text: str, release: str, sae_id: str) -> None:
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        raise ConfigError(
+            f"--sae {text}: no directory {text} exists, and {release!r} is not a sae_lens pretrained "
+            f"release. Releases: {did_you_mean(release, directory)}"
+        )
+    ids = directory[release].saes_map
+    if sae_id not in ids:
+        raise ConfigError(
+            f"--sae {text}: release {release!r} has no SAE {sae_id!r}. Its SAE ids: {did_you_mean(sae_id, ids)}"
+        )
+
+
+def _npz_needs_hook(text: str, path: str) -> str:
+    return (
+        f"--sae {text}: an npz SAE needs the hook it reads, since params.npz does not record it. "
+        f"Write PATH.npz@HOOK, e.g. {path}@blocks.12.hook_resid_post."
+    )
+
+
+def _hub_unreachable(source: SAESource, error: OSError) -> str:
+    return (
+        f"--sae {source}: could not fetch it from the Hugging Face hub ({error}). Check the connection "
+        "(and HF_TOKEN for gated repositories); or, where the hub is reachable, load it and write it "
+        "with sae.save_model(DIR), then pass --sae DIR."
+    )
+
+
+def _hook_name(source: SAESource, cfg: SAEConfig) -> str:
+    # SAEMetadata answers None for any name it lacks, so test for the key itself.
+    hook = cfg.metadata.get("hook_name")
+    if not hook:
+        raise ConfigError(
+            f"--sae {source}: its config names no hook (metadata.hook_name), so there is no telling "
+            "which activations it encodes. Set metadata.hook_name to a TransformerLens hook name."
+        )
+    return hook
+
+
+def _config_from_dict(source: SAESource, raw: dict[str, Any]) -> SAEConfig:
+    architecture = raw.get("architecture")
+    if architecture not in SAE_CLASS_REGISTRY:
+        raise ConfigError(
+            f"--sae {source}: unknown SAE architecture {architecture!r}. "
+            f"sae_lens knows: {did_you_mean(str(architecture), SAE_CLASS_REGISTRY)}"
+        )
+    try:
+        return SAEConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--sae {source}: its config is not a valid {architecture} SAE config ({e}).") from e
+
+
+def _check_disk_files(source: SAESource) -> Path:
+    path = Path(source.location)
+    found = sorted(p.name for p in path.iterdir())
+    listing = ", ".join(found) or "nothing"
+    if SAE_CFG_FILENAME not in found:
+        raise ConfigError(
+            f"--sae {source}: an SAE directory needs {SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME}, "
+            f"as sae_lens's SAE.save_model(DIR) writes them; found {listing}."
+        )
+    if SAE_WEIGHTS_FILENAME not in found:
+        pickles = [name for name in found if Path(name).suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise ConfigError(
+                f"--sae {source}: found pickled weights ({', '.join(pickles)}) but no {SAE_WEIGHTS_FILENAME}. "
+                "Pickles are refused because loading one can run arbitrary code. On a machine you trust, "
+                f"convert with safetensors.torch.save_file(torch.load(FILE, weights_only=True), "
+                f"'{path / SAE_WEIGHTS_FILENAME}'), keys named as the SAE's state_dict."
+            )
+        raise ConfigError(f"--sae {source}: no {SAE_WEIGHTS_FILENAME} in {path}; found {listing}.")
+    return path
+
+
+def _read_disk_config(source: SAESource) -> dict[str, Any]:
+    path = _check_disk_files(source) / SAE_CFG_FILENAME
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--sae {source}: {path} is not valid JSON ({e}).") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--sae {source}: {path} holds a {type(raw).__name__}, not a JSON object.")
+    return raw
+
+
+def _load_disk(source: SAESource, device: str, dtype: str) -> SAE[Any]:
+    def read(
+        path: str | Path, on: str = "cpu", cfg_overrides: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        # sae_lens's own reader opens the weights unchecked; ours says what to do when they are broken.
+        cfg = {**_read_disk_config(source), "device": on, **(cfg_overrides or {})}
+        return cfg, load_safetensors(Path(path) / SAE_WEIGHTS_FILENAME, what=f"--sae {source}")
+
+    try:
+        return SAE.load_from_disk(source.location, device=device, dtype=dtype, converter=read)
+    except RuntimeError as e:
+        if "state_dict" not in str(e):  # only torch's load_state_dict mismatch is the user's to fix
+            raise
+        raise ConfigError(
+            f"--sae {source}: {SAE_WEIGHTS_FILENAME} does not match the SAE that {SAE_CFG_FILENAME} describes ({e}). "
+            "Write both from one SAE with sae.save_model(DIR)."
+        ) from e
+
+
+def _npz_shapes(source: SAESource) -> dict[str, tuple[int, ...]]:
+    """Array shapes read from the ``.npy`` headers inside the archive, without reading the arrays."""
+    shapes = {}
+    try:
+        with zipfile.ZipFile(source.location) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                    if read_header is None:
+                        raise ValueError(f"{info.filename} has .npy format version {version}")
+                    shape, _, array_dtype = read_header(member)
+                if not np.issubdtype(array_dtype, np.floating):
+                    raise ValueError(f"{info.filename} holds {array_dtype}, not floats")
+                shapes[info.filename.removesuffix(".npy")] = shape
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ConfigError(
+            f"--sae {source}: {source.location} is not a readable npz of float arrays ({e}). "
+            "If it is truncated, copy or download it again."
+        ) from e
+    return shapes
+
+
+def _npz_config(source: SAESource) -> JumpReLUSAEConfig:
+    shapes = _npz_shapes(source)
+    if sorted(shapes) != sorted(NPZ_ARRAYS):
+        raise ConfigError(
+            f"--sae {source}: a Gemma Scope params.npz holds the arrays {', '.join(NPZ_ARRAYS)}; "
+            f"found {', '.join(sorted(shapes)) or 'none'}."
+        )
+    d_in, d_sae = shapes["W_enc"] if len(shapes["W_enc"]) == 2 else (-1, -1)
+    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,),
+                "threshold": (d_sae,)}
+    if d_in < 1 or shapes != expected:
+        found = ", ".join(f"{name} {list(shapes[name])}" for name in NPZ_ARRAYS)
+        raise ConfigError(
+            f"--sae {source}: array shapes do not fit a JumpReLU SAE, which needs W_enc [d_in, d_sae], "
+            f"W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in], threshold [d_sae]; found {found}."
+        )
+    assert source.hook is not None  # parse gives every npz source a hook
+    return JumpReLUSAEConfig(
+        d_in=d_in,
+        d_sae=d_sae,
+        # Gemma Scope encodes the raw activation: b_dec is only added back when decoding.
+        apply_b_dec_to_input=False,
+        # As sae_lens does for Gemma Scope's attention SAEs: hook_z is [..., n_heads, d_head], flattened to d_in.
+        reshape_activations="hook_z" if source.hook.endswith("hook_z") else "none",
+        metadata=SAEMetadata(hook_name=source.hook, prepend_bos=True),
+    )
+
+
+def _load_npz(source: SAESource, device: str, dtype: str) -> JumpReLUSAE:
+    cfg = _npz_config(source)
+    try:
+        with np.load(source.location, allow_pickle=False) as arrays:
+            state = {name: torch.from_numpy(arrays[name]) for name in NPZ_ARRAYS}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ConfigError(
+            f"--sae {source}: could not read the arrays of {source.location} ({e}). "
+            "If it is truncated, copy or download it again."
+        ) from e
+    # Built on the meta device and then given the loaded tensors, so the weights exist once in memory.
+    cfg.device = "meta"
+    sae = JumpReLUSAE(cfg)
+    sae.load_state_dict(state, assign=True)
+    return sae.to(device=device, dtype=DTYPE_MAP[dtype])
