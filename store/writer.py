@@ -161,6 +161,10 @@ class StoreWriter:
                 out[int(name)] = marker
         return out
 
+    def shard_ids(self) -> set[int]:
+        """Every shard with a group in the store, complete or not."""
+        return {int(name) for name in open_root(self.location, mode="r")[fmt.SHARDS_GROUP].group_keys()}
+
     def delete_shard(self, shard_id: int) -> None:
         shards = open_root(self.location, mode="a")[fmt.SHARDS_GROUP]
         name = fmt.shard_name(shard_id)

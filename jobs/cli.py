@@ -1,0 +1,193 @@
+"""The `latentstore` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import textwrap
+
+from store.errors import LatentStoreError
+
+EXTRACT_HELP = """\
+Run a TransformerLens model with sae_lens SAEs attached over a dataset, on Ray
+workers, and keep every SAE's sparse feature activations in a zarr store.
+
+With no --model, --sae or --dataset, it runs the embedded default (a small model
+trained on Python's standard library, with two SAEs) on its bundled corpus:
+
+  latentstore extract --store demo.zarr
+
+On your own model, SAEs and data (hub names need network access):
+
+  latentstore extract --model gpt2-small \\
+      --sae gpt2-small-res-jb/blocks.8.hook_resid_pre \\
+      --sae gpt2-small-res-jb/blocks.10.hook_resid_pre \\
+      --dataset NeelNanda/pile-10k --context-size 128 --max-tokens 5_000_000 \\
+      --store s3://bucket/gpt2-res.zarr --workers 8
+
+On a cluster, the same command under Ray's job API:
+
+  ray job submit --working-dir . -- latentstore extract ...
+
+Rerunning the same command resumes: complete shards are kept, the rest is done.
+"""
+
+SAE_HELP = """\
+an SAE, once per hook (repeat the flag). One of:
+RELEASE/SAE_ID (sae_lens pretrained, e.g. gpt2-small-res-jb/blocks.8.hook_resid_pre);
+a directory in sae_lens's disk format (cfg.json + sae_weights.safetensors);
+PATH/params.npz@HOOK (a Gemma Scope JumpReLU SAE and the hook it reads)"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="latentstore",
+        description="Sparse SAE feature activations over a whole dataset: extract once, query many times.",
+        epilog="Run `latentstore COMMAND --help` for each command's options and examples.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    extract = commands.add_parser(
+        "extract", help="extract SAE activations over a dataset into a store",
+        description=EXTRACT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = extract.add_argument_group("what to run")
+    what.add_argument("--model", help="a TransformerLens model name, or a local model directory "
+                      "(config.json + model.safetensors; see pipeline.models.save_model). "
+                      "Default: the embedded default model")
+    what.add_argument("--sae", action="append", dest="saes", metavar="SAE", help=SAE_HELP)
+    what.add_argument("--model-dtype", choices=["float32", "float16", "bfloat16"],
+                      help="run the model and SAEs in this dtype (default: the model's own)")
+    data = extract.add_argument_group("the dataset")
+    data.add_argument("--dataset", help="a hub dataset name, a local .jsonl/.json/.parquet/.csv/.txt file, "
+                      "or a folder written by Dataset.save_to_disk. Default: the embedded corpus")
+    data.add_argument("--split", default="train", help="the split to read (default: %(default)s)")
+    data.add_argument("--subset", help="the hub dataset's configuration, where it has several")
+    data.add_argument("--text-column", default="text", help="the column holding text (default: %(default)s)")
+    data.add_argument("--tokens-column", help="a column of pre-tokenized rows, used exactly as given (no BOS added)")
+    data.add_argument("--context-size", type=_int, default=128,
+                      help="tokens per window; longer rows are split into several windows (default: %(default)s)")
+    data.add_argument("--max-tokens", type=_int, help="stop after exactly this many tokens (default: the whole dataset)")
+    bos = data.add_mutually_exclusive_group()
+    bos.add_argument("--prepend-bos", dest="prepend_bos", action="store_true", default=None,
+                     help="start every window with BOS (default: as the SAEs were trained)")
+    bos.add_argument("--no-prepend-bos", dest="prepend_bos", action="store_false")
+    out = extract.add_argument_group("the store")
+    out.add_argument("--store", default="latentstore.zarr",
+                     help="a local path or an fsspec URL such as s3://bucket/run.zarr (default: %(default)s)")
+    out.add_argument("--value-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                     help="precision of stored activations (default: %(default)s)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace a store that holds a different run (default: refuse)")
+    run = extract.add_argument_group("resources")
+    run.add_argument("--workers", type=_int, help="Ray workers: one per GPU by default, 1 on a CPU-only cluster")
+    run.add_argument("--cpus-per-worker", type=float, help="CPU cores per CPU worker (default: share them all)")
+    run.add_argument("--batch-size", type=_int, default=32, help="windows per forward pass (default: %(default)s)")
+    run.add_argument("--shard-rows", type=_int, default=64,
+                     help="dataset rows per shard, the unit of work and of resuming (default: %(default)s)")
+    run.add_argument("--address", help="a Ray cluster to join (default: $RAY_ADDRESS, else start one here)")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    info = commands.add_parser("info", help="print a summary of a store",
+                               description="Print what a store holds: model, SAEs, dataset, counts.")
+    info.add_argument("store", help="the store's path or URL")
+    info.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return parser
+
+
+def _int(text: str) -> int:
+    """Integers as people write them: 5_000_000, 5000000, 5e6."""
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)
+        if not value.is_integer():
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        return int(value)
+
+
+def extract_config(args: argparse.Namespace):
+    from jobs.extract import ExtractConfig
+    from pipeline.dataset import DatasetSpec
+
+    model, saes, dataset = args.model, tuple(args.saes or ()), args.dataset
+    if model is None and not saes and dataset is None:
+        from pipeline import default
+
+        model, saes, dataset = str(default.MODEL_DIR), tuple(str(p) for p in default.default_sae_dirs()), str(default.TRAIN_CORPUS)
+    elif model is None or not saes or dataset is None:
+        missing = [flag for flag, value in [("--model", model), ("--sae", saes), ("--dataset", dataset)] if not value]
+        raise SystemExit(
+            f"latentstore extract: give {', '.join(missing)} as well, or none of --model/--sae/--dataset "
+            "to run the embedded default."
+        )
+    return ExtractConfig(
+        model=model,
+        saes=saes,
+        dataset=DatasetSpec(name=dataset, split=args.split, subset=args.subset,
+                            text_column=args.text_column, tokens_column=args.tokens_column),
+        store=args.store,
+        context_size=args.context_size,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        shard_rows=args.shard_rows,
+        prepend_bos=args.prepend_bos,
+        value_dtype=args.value_dtype,
+        model_dtype=args.model_dtype,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        address=args.address,
+        overwrite=args.overwrite,
+        progress=args.progress,
+    )
+
+
+def format_info(info: dict) -> str:
+    lines = [
+        f"store        {info['location']}  ({info['status']}, format {info['format_version']})",
+        f"model        {info['model']}",
+        f"dataset      {info['dataset']}" + (f"  split {info['split']}" if info.get("split") else ""),
+        f"windows      {info['context_size']} tokens, BOS {'on' if info['prepend_bos'] else 'off'}, "
+        f"values {info['value_dtype']}",
+        f"tokens       {info['n_tokens']:,} in {info['n_shards']} shards",
+        "saes",
+    ]
+    for sae in info["saes"]:
+        lines.append(
+            f"  {sae['hook']:<32} {sae['architecture']:<9} d_sae {sae['d_sae']:<7} "
+            f"nonzeros {sae['nnz']:,} (mean L0 {sae['mean_l0']:.1f})"
+        )
+        lines.append(textwrap.indent(f"from {sae['source']}", "    "))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "extract":
+            from jobs.extract import run_extract
+
+            cfg = extract_config(args)
+            counts = run_extract(cfg)
+            print(f"wrote {counts['n_tokens']:,} tokens in {counts['n_shards']} shards to {cfg.store}")
+            print(f"next: latentstore info {cfg.store}")
+        elif args.command == "info":
+            from store import FeatureStore
+
+            info = FeatureStore.open(args.store).info()
+            print(json.dumps(info, indent=2) if args.json else format_info(info))
+    except LatentStoreError as e:
+        print(f"latentstore {args.command}: error: {e}", file=sys.stderr)
+        for note in getattr(e, "__notes__", []):
+            print(f"  {note}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

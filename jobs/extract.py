@@ -1,0 +1,341 @@
+"""`latentstore extract`: validate, hand shards to Ray workers, report, finalize.
+
+The store holds the dataset's rows in order, window by window, up to
+``max_tokens`` tokens exactly. Shards are handed out in row order; once the
+completed prefix of shards reaches ``max_tokens``, no more are started, the
+boundary shard is redone with a token limit if it overshoots, and shards past it
+are dropped. So the result does not depend on the number of workers or on
+interruptions: a rerun skips complete shards and does the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass, field
+
+from pipeline.dataset import DatasetSpec, Shard, check_dataset, describe_dataset, open_dataset, plan_shards
+from pipeline.models import hook_names, hook_width, is_local_model, load_model_config
+from pipeline.saes import SAESource, read_sae_config
+from pipeline.worker import ExtractJob, ExtractWorker
+from store.errors import ConfigError, LatentStoreError, StoreWriteError, did_you_mean
+from store.format import VALUE_DTYPES
+from store.location import check_writable, normalize
+from store.writer import StoreWriter, check_conflict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything `latentstore extract` takes. Validated once, by ``validate``."""
+
+    model: str
+    saes: tuple[str, ...]
+    dataset: DatasetSpec
+    store: str
+    context_size: int = 128
+    max_tokens: int | None = None  # None: the whole dataset
+    batch_size: int = 32  # windows per forward pass
+    shard_rows: int = 64  # dataset rows per shard (one store part, one unit of work)
+    prepend_bos: bool | None = None  # None: follow the SAEs' prepend_bos
+    value_dtype: str = "bfloat16"
+    model_dtype: str | None = None  # None: the model's own dtype
+    workers: int | None = None  # None: one per GPU, or 1 on a CPU-only cluster
+    cpus_per_worker: float | None = None  # CPU workers only; None: share the machine's cores
+    address: str | None = None  # a Ray cluster to join; None: RAY_ADDRESS, else start one locally
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Plan:
+    """What validation found out, for the run."""
+
+    config: ExtractConfig
+    model_cfg: object
+    saes: list = field(default_factory=list)  # SAEDescription per --sae, in order
+    dataset: dict = field(default_factory=dict)
+    shards: list[Shard] = field(default_factory=list)
+    prepend_bos: bool = True
+
+    def run_metadata(self, described: dict | None = None) -> dict:
+        """The store's record of this run; two runs with equal records make equal stores."""
+        cfg = self.config
+        described = described or {}
+        hashes = described.get("sae_weights_hashes", {})
+        model = {"name": normalize(cfg.model) if is_local_model(cfg.model) else cfg.model,
+                 "config": _jsonable(self.model_cfg.to_dict()), "dtype": cfg.model_dtype}
+        if described:
+            model["weights_hash"] = described["model_weights_hash"]
+        saes = []
+        for sae in self.saes:
+            entry = {"hook": sae.hook, "source": sae.source, "architecture": sae.architecture,
+                     "d_in": sae.d_in, "d_sae": sae.d_sae, "config": _jsonable(sae.config)}
+            if described:
+                entry["weights_hash"] = hashes[sae.hook]
+            saes.append(entry)
+        run = {
+            "model": model,
+            "saes": saes,
+            "dataset": self.dataset,
+            "context_size": cfg.context_size,
+            "prepend_bos": self.prepend_bos,
+            "max_tokens": cfg.max_tokens,
+            "shard_rows": cfg.shard_rows,
+            "value_dtype": cfg.value_dtype,
+        }
+        if described:
+            run["tokenizer"] = described["tokenizer"]
+        return run
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def validate(cfg: ExtractConfig) -> Plan:
+    """Check everything that can be checked without running the model; report all problems together."""
+    problems: list[str] = []
+    for name, value in [("--context-size", cfg.context_size), ("--batch-size", cfg.batch_size),
+                        ("--shard-rows", cfg.shard_rows), ("--max-tokens", cfg.max_tokens),
+                        ("--workers", cfg.workers)]:
+        if value is not None and value <= 0:
+            problems.append(f"{name} must be positive, got {value}.")
+    if cfg.value_dtype not in VALUE_DTYPES:
+        problems.append(f"--value-dtype {cfg.value_dtype!r} is not one of {', '.join(VALUE_DTYPES)}.")
+    if not cfg.saes:
+        problems.append("no --sae given: name at least one SAE.")
+    try:
+        check_writable(cfg.store)
+    except StoreWriteError as e:
+        problems.append(str(e))
+
+    model_cfg = load_model_config(cfg.model)  # nothing else can be checked without it
+    valid_hooks = set(hook_names(model_cfg))
+    if cfg.context_size > model_cfg.n_ctx:
+        problems.append(
+            f"--context-size {cfg.context_size} is longer than the model's context (n_ctx={model_cfg.n_ctx}). "
+            f"Use --context-size {model_cfg.n_ctx} or less."
+        )
+    plan = Plan(cfg, model_cfg)
+    seen: dict[str, str] = {}
+    for text in cfg.saes:
+        try:
+            sae = read_sae_config(SAESource.parse(text))
+        except ConfigError as e:
+            problems.extend(e.problems)
+            continue
+        plan.saes.append(sae)
+        if sae.hook not in valid_hooks:
+            problems.append(
+                f"--sae {text}: its hook {sae.hook!r} is not a hook of model {cfg.model}. "
+                f"Hooks there include: {did_you_mean(sae.hook, sorted(valid_hooks))}"
+            )
+        elif (width := hook_width(model_cfg, sae.hook)) is not None and width != sae.d_in:
+            problems.append(
+                f"--sae {text}: d_in={sae.d_in}, but {cfg.model} has width {width} at {sae.hook}. "
+                "Is the SAE for another model?"
+            )
+        if sae.hook in seen:
+            problems.append(
+                f"--sae {seen[sae.hook]} and --sae {text} are both at {sae.hook}: one SAE per hook. "
+                "Extract them into separate stores."
+            )
+        seen[sae.hook] = text
+
+    plan.prepend_bos = _bos_policy(cfg, plan.saes, problems)
+    try:
+        ds = open_dataset(cfg.dataset)
+    except ConfigError as e:
+        problems.extend(e.problems)
+    else:
+        problems.extend(check_dataset(ds, cfg.dataset))
+        plan.dataset = describe_dataset(ds, cfg.dataset)
+        if cfg.dataset.tokens_column and cfg.dataset.tokens_column in ds.column_names and len(ds):
+            problems.extend(_check_token_sample(ds, cfg.dataset.tokens_column, model_cfg.d_vocab))
+        plan.shards = plan_shards(len(ds), cfg.shard_rows)
+    if problems:
+        raise ConfigError(problems)
+    check_conflict(cfg.store, plan.run_metadata(), cfg.overwrite, only_shared=True)
+    return plan
+
+
+def _bos_policy(cfg: ExtractConfig, saes: list, problems: list[str]) -> bool:
+    if cfg.dataset.tokens_column:
+        if cfg.prepend_bos:
+            problems.append("--prepend-bos cannot be used with --tokens-column: pre-tokenized rows are used as given.")
+        return False
+    if cfg.prepend_bos is not None:
+        return cfg.prepend_bos
+    wanted = {sae.prepend_bos for sae in saes if sae.prepend_bos is not None}
+    if len(wanted) > 1:
+        problems.append(
+            "the SAEs disagree on prepend_bos (some were trained with BOS, some without). "
+            "Pass --prepend-bos or --no-prepend-bos to choose."
+        )
+    return wanted.pop() if len(wanted) == 1 else True
+
+
+def _check_token_sample(ds, column: str, d_vocab: int, n: int = 100) -> list[str]:
+    """A cheap look at the first rows, so bad ids fail before any model loads (workers check all)."""
+    for i, tokens in enumerate(ds[:n][column]):
+        bad = [t for t in (tokens or []) if not 0 <= int(t) < d_vocab]
+        if bad:
+            return [f"dataset row {i}: token id {bad[0]} is outside the model's vocabulary [0, {d_vocab}). "
+                    "Were these rows tokenized with another model's tokenizer?"]
+    return []
+
+
+# -- running -----------------------------------------------------------------------------------
+
+
+def connect_ray(address: str | None, n_cpus_wanted: float):
+    """Join a cluster (``address`` or RAY_ADDRESS), reuse this process's, or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        # More logical CPUs than the actors take, so Ray's own tasks never starve (stack.md).
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(n_cpus_wanted) + 1), include_dashboard=False,
+                 logging_level=logging.WARNING)
+    return ray
+
+
+def start_workers(ray, plan: Plan) -> list:
+    cfg = plan.config
+    n_gpus = int(ray.cluster_resources().get("GPU", 0))
+    n_workers = cfg.workers or max(1, n_gpus)
+    if n_gpus:
+        resources = {"num_gpus": 1, "num_cpus": cfg.cpus_per_worker or 1}
+        n_threads = None
+    else:
+        total = ray.cluster_resources().get("CPU", 1)
+        cpus = cfg.cpus_per_worker or max(1.0, (total - 1) / n_workers)
+        resources = {"num_cpus": cpus}
+        n_threads = max(1, int(cpus))
+    job = ExtractJob(
+        model=cfg.model,
+        saes=cfg.saes,
+        dataset=cfg.dataset,
+        store=normalize(cfg.store),
+        context_size=cfg.context_size,
+        batch_size=cfg.batch_size,
+        prepend_bos=plan.prepend_bos,
+        value_dtype=cfg.value_dtype,
+        model_dtype=cfg.model_dtype,
+        n_threads=n_threads,
+    )
+    # Killed workers come back and their call is retried; writes are idempotent (stack.md).
+    actor = ray.remote(max_restarts=-1, max_task_retries=-1, **resources)(ExtractWorker)
+    return [actor.remote(job) for _ in range(n_workers)]
+
+
+def run_extract(cfg: ExtractConfig) -> dict:
+    """Run an extraction end to end; returns the store's final counts."""
+    plan = validate(cfg)
+    ray = connect_ray(cfg.address, (cfg.workers or 1) * (cfg.cpus_per_worker or 1))
+    actors = start_workers(ray, plan)
+    try:
+        described = _call(ray, actors[0].describe.remote(), "loading the model and SAEs")
+        writer = StoreWriter(cfg.store)
+        plan_meta = {"n_shards": len(plan.shards), "n_rows": plan.dataset["n_rows"]}
+        done = writer.begin(plan.run_metadata(described), plan_meta, cfg.overwrite)
+        done = _schedule(ray, actors, plan, done)
+        return _finalize(writer, plan, done)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def _call(ray, ref, what: str):
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, LatentStoreError):
+            cause.add_note(f"(while {what})")
+            raise cause from None
+        raise
+
+
+def prefix_cut(done: dict[int, dict], n_shards: int, max_tokens: int | None) -> tuple[int, int] | None:
+    """(last shard kept, tokens before it) once the completed prefix decides it, else None."""
+    total = 0
+    for shard_id in range(n_shards):
+        if shard_id not in done:
+            return None
+        before, total = total, total + done[shard_id]["n_tokens"]
+        if max_tokens is not None and total >= max_tokens:
+            return shard_id, before
+    return (n_shards - 1, total - done[n_shards - 1]["n_tokens"]) if n_shards else (-1, 0)
+
+
+def _schedule(ray, actors: list, plan: Plan, done: dict[int, dict]) -> dict[int, dict]:
+    from tqdm.auto import tqdm
+
+    cfg = plan.config
+    n_shards = len(plan.shards)
+    pending = deque(s for s in plan.shards if s.shard_id not in done)
+    idle, in_flight = list(actors), {}
+    already = sum(m["n_tokens"] for m in done.values())
+    bar = tqdm(total=cfg.max_tokens, initial=min(already, cfg.max_tokens or already), unit="tok",
+               unit_scale=True, desc="extract", disable=not cfg.progress, dynamic_ncols=True)
+    bar.set_postfix_str(f"shards {len(done)}/{n_shards}")
+
+    def submit(shard: Shard, token_limit: int | None = None) -> None:
+        actor = idle.pop()
+        in_flight[actor.run_shard.remote(shard, token_limit)] = (actor, shard)
+
+    def collect() -> None:
+        [ref], _ = ray.wait(list(in_flight), num_returns=1)
+        actor, shard = in_flight.pop(ref)
+        idle.append(actor)
+        marker = _call(ray, ref, f"writing shard {shard.shard_id} (dataset rows {shard.row_start}-{shard.row_stop - 1})")
+        done[shard.shard_id] = marker
+        bar.update(min(marker["n_tokens"], (bar.total - bar.n) if bar.total else marker["n_tokens"]))
+        bar.set_postfix_str(f"shards {len(done)}/{n_shards}")
+
+    try:
+        while (cut := prefix_cut(done, n_shards, cfg.max_tokens)) is None:
+            while idle and pending:
+                submit(pending.popleft())
+            collect()
+        while in_flight:  # shards past the cut finish but are dropped at finalize
+            collect()
+        last, before = cut
+        if last >= 0 and cfg.max_tokens is not None and before + done[last]["n_tokens"] > cfg.max_tokens:
+            submit(plan.shards[last], cfg.max_tokens - before)
+            collect()
+    finally:
+        bar.close()
+    return {shard_id: m for shard_id, m in done.items() if shard_id <= last}
+
+
+def _finalize(writer: StoreWriter, plan: Plan, done: dict[int, dict]) -> dict:
+    for shard_id in writer.shard_ids() - done.keys():
+        writer.delete_shard(shard_id)  # past the max_tokens cut, or an attempt that died there
+    markers = [done[i] for i in sorted(done)]
+    counts = {
+        "n_tokens": sum(m["n_tokens"] for m in markers),
+        "n_shards": len(markers),
+        "nnz": {sae.hook: sum(m["nnz"][sae.hook] for m in markers) for sae in plan.saes},
+    }
+    writer.finalize([_shard_entry(m) for m in markers], counts)
+    return counts
+
+
+def _shard_entry(marker: dict) -> dict:
+    keys = ("shard_id", "row_start", "row_stop", "token_limit", "n_tokens", "nnz")
+    return {k: marker[k] for k in keys}

@@ -1,0 +1,215 @@
+"""Datasets in, token windows out: opening, sharding by rows, tokenizing and windowing.
+
+The driver only opens the dataset (to count rows and read its fingerprint) and
+splits it into deterministic row ranges; tokenization happens in the workers,
+shard by shard. A row longer than the context is split into consecutive
+windows, never dropped. With BOS on, every window starts with a BOS token that
+is not part of the row (its provenance position is -1).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from store.errors import ConfigError, DataError
+from store.format import BOS_POSITION
+
+# Local file suffix -> the `datasets` builder that reads it. Compressed variants
+# (.gz, .zst, ...) of these are read through fsspec's compression inference.
+LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4"}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where the rows come from and which column holds them."""
+
+    name: str  # a hub dataset name, a local file, or a folder written by Dataset.save_to_disk
+    split: str = "train"  # hub datasets and save_to_disk DatasetDicts; a local file is one split
+    subset: str | None = None  # the hub dataset's configuration, where it has several
+    text_column: str = "text"
+    tokens_column: str | None = None  # pre-tokenized rows, used exactly as given (no BOS added)
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.name).exists()
+
+    @property
+    def column(self) -> str:
+        return self.tokens_column or self.text_column
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A deterministic slice of the dataset's rows, written by one worker as one store part."""
+
+    shard_id: int
+    row_start: int
+    row_stop: int
+
+
+def local_builder(path: Path) -> str | None:
+    suffixes = [s.lower() for s in path.suffixes]
+    while suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes.pop()
+    return LOCAL_BUILDERS.get(suffixes[-1]) if suffixes else None
+
+
+def open_dataset(spec: DatasetSpec) -> Any:
+    """The dataset as a memory-mapped ``datasets.Dataset`` (hub datasets are downloaded once, cached)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = Path(spec.name)
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if spec.split not in ds:
+                raise ConfigError(
+                    f"--dataset {spec.name} has splits {', '.join(ds)}; --split {spec.split} is not one of them."
+                )
+            ds = ds[spec.split]
+        return ds
+    if path.is_file():
+        builder = local_builder(path)
+        if builder is None:
+            raise ConfigError(
+                f"--dataset {spec.name}: unknown file type. Use a .jsonl, .json, .parquet, .csv or .txt file "
+                "(optionally compressed, e.g. .jsonl.gz), or a folder written by Dataset.save_to_disk."
+            )
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        except (UnicodeDecodeError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
+            raise ConfigError(
+                f"--dataset {spec.name} could not be read as {builder} ({_root_cause(e)}). "
+                "Check that the file is valid UTF-8 text in that format."
+            ) from e
+    try:
+        return datasets.load_dataset(spec.name, spec.subset, split=spec.split)
+    except FileNotFoundError as e:
+        raise ConfigError(
+            f"--dataset {spec.name!r} is not a local file or folder, and the hub has no such dataset "
+            f"(or cannot be reached: {_root_cause(e)})."
+        ) from e
+
+
+def _root_cause(e: BaseException) -> str:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return f"{type(e).__name__}: {e}"
+
+
+def describe_dataset(ds: Any, spec: DatasetSpec) -> dict:
+    """What the store records about the dataset: enough to refuse resuming over different data."""
+    return {
+        "name": os.path.abspath(spec.name) if spec.is_local else spec.name,
+        "split": None if Path(spec.name).is_file() else spec.split,
+        "subset": spec.subset,
+        "column": spec.column,
+        "pretokenized": spec.tokens_column is not None,
+        "fingerprint": getattr(ds, "_fingerprint", None),
+        "n_rows": len(ds),
+    }
+
+
+def check_dataset(ds: Any, spec: DatasetSpec) -> list[str]:
+    """Problems with the dataset's shape, all at once."""
+    problems = []
+    if spec.column not in ds.column_names:
+        flag = "--tokens-column" if spec.tokens_column else "--text-column"
+        problems.append(
+            f"--dataset {spec.name} has no column {spec.column!r}; its columns are: "
+            f"{', '.join(ds.column_names)}. Pass {flag} with one of them."
+        )
+    if len(ds) == 0:
+        problems.append(f"--dataset {spec.name} (split {spec.split}) is empty: there is nothing to extract.")
+    return problems
+
+
+def plan_shards(n_rows: int, shard_rows: int) -> list[Shard]:
+    return [
+        Shard(i, start, min(start + shard_rows, n_rows))
+        for i, start in enumerate(range(0, n_rows, shard_rows))
+    ]
+
+
+def tokenize_rows(rows: Sequence[Any], row_ids: Sequence[int], tokenizer: Any, pretokenized: bool,
+                  d_vocab: int) -> list[np.ndarray]:
+    """Each row's tokens (no special tokens added), with clear errors that name the row."""
+    if pretokenized:
+        out = []
+        for row_id, tokens in zip(row_ids, rows):
+            try:
+                arr = np.asarray(tokens if tokens is not None else [], dtype=np.int64).reshape(-1)
+            except (TypeError, ValueError) as e:
+                raise DataError(f"dataset row {row_id}: tokens are not a list of integers ({e}).") from e
+            bad = (arr < 0) | (arr >= d_vocab)
+            if bad.any():
+                raise DataError(
+                    f"dataset row {row_id}: token id {int(arr[bad][0])} is outside the model's vocabulary "
+                    f"[0, {d_vocab}). Were these rows tokenized with another model's tokenizer?"
+                )
+            out.append(arr)
+        return out
+    for row_id, text in zip(row_ids, rows):
+        if not isinstance(text, str):
+            raise DataError(
+                f"dataset row {row_id}: text is {type(text).__name__}, not a string. "
+                "Fix or drop the row, or point --text-column at the text."
+            )
+    if tokenizer is None:
+        raise ConfigError("the model has no tokenizer; give pre-tokenized rows with --tokens-column.")
+    encoded = tokenizer(list(rows), add_special_tokens=False)["input_ids"]
+    return [np.asarray(ids, dtype=np.int64) for ids in encoded]
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Right-padded token windows and the provenance of every real token in them."""
+
+    tokens: np.ndarray  # int64 [n_windows, width], padded with 0 past each length
+    lengths: np.ndarray  # int64 [n_windows]
+    rows: np.ndarray  # int64 [n_tokens]: dataset row of each real token, in window order
+    positions: np.ndarray  # int32 [n_tokens]: position in the row's tokenization (-1: added BOS)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def flat_tokens(self) -> np.ndarray:
+        mask = np.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]
+        return self.tokens[mask]
+
+
+def make_windows(token_lists: Sequence[np.ndarray], row_ids: Sequence[int], context_size: int,
+                 bos_id: int | None, token_limit: int | None = None) -> Windows:
+    """Split each row into consecutive windows of ``context_size`` tokens (BOS first when given)."""
+    step = context_size - (bos_id is not None)
+    windows, rows, positions = [], [], []
+    budget = np.inf if token_limit is None else token_limit
+    for row_id, tokens in zip(row_ids, token_lists):
+        for start in range(0, len(tokens), step):
+            if budget <= 0:
+                break
+            body = tokens[start : start + step]
+            pos = np.arange(start, start + len(body), dtype=np.int32)
+            if bos_id is not None:
+                body = np.concatenate([[bos_id], body])
+                pos = np.concatenate([[BOS_POSITION], pos]).astype(np.int32)
+            if len(body) > budget:
+                body, pos = body[: int(budget)], pos[: int(budget)]
+            budget -= len(body)
+            windows.append(body)
+            rows.append(np.full(len(body), row_id, dtype=np.int64))
+            positions.append(pos)
+    lengths = np.array([len(w) for w in windows], dtype=np.int64)
+    tokens = np.zeros((len(windows), int(lengths.max()) if len(windows) else 0), dtype=np.int64)
+    for i, w in enumerate(windows):
+        tokens[i, : len(w)] = w
+    cat = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)  # noqa: E731
+    return Windows(tokens, lengths, cat(rows, np.int64), cat(positions, np.int32))

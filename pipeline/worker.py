@@ -1,0 +1,164 @@
+"""The extraction worker: a plain class (no Ray import) that turns shards into store parts.
+
+``__init__`` loads the model, the SAEs, the tokenizer and the dataset once;
+``run_shard`` tokenizes one shard's rows, encodes them in batches and writes the
+shard straight to the store, returning only its small completion marker. Ray
+wraps this class as an actor in ``jobs/extract.py``; tests call it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.dataset import DatasetSpec, Shard, make_windows, open_dataset, tokenize_rows
+from pipeline.encode import SparseEncoder, concat_batches
+from pipeline.models import load_model, weights_hash
+from pipeline.saes import SAESource, load_sae
+from store.errors import ConfigError
+from store.format import index_dtype, shard_path, storage_dtype
+from store.location import open_root
+from store.writer import ShardData, SparseActivations, StoreWriter, read_marker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractJob:
+    """What every worker needs to know, already validated by the driver."""
+
+    model: str
+    saes: tuple[str, ...]  # --sae texts, parsed by SAESource.parse
+    dataset: DatasetSpec
+    store: str
+    context_size: int
+    batch_size: int  # windows per forward
+    prepend_bos: bool
+    value_dtype: str
+    model_dtype: str | None = None
+    device: str | None = None  # None: the GPU Ray gave this worker, else the CPU
+    n_threads: int | None = None  # torch threads on a CPU worker
+
+
+def pick_device(requested: str | None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class ExtractWorker:
+    def __init__(self, job: ExtractJob):
+        import numcodecs
+
+        numcodecs.blosc.use_threads = False  # one Blosc thread per process (stack.md)
+        self.job = job
+        self.device = pick_device(job.device)
+        if self.device.type == "cpu" and job.n_threads:
+            torch.set_num_threads(job.n_threads)
+        self.model = load_model(job.model, self.device, job.model_dtype)
+        self.saes = {}
+        for text in job.saes:
+            sae = load_sae(SAESource.parse(text), device=str(self.device), dtype=str(self.model.cfg.dtype).removeprefix("torch."))
+            self.saes[sae.cfg.metadata.hook_name] = sae
+        self._check_hooks()
+        self.encoder = SparseEncoder(self.model, self.saes, job.value_dtype)
+        self.dataset = open_dataset(job.dataset)
+        self.writer = StoreWriter(job.store)
+        tokenizer = self.model.tokenizer
+        self.bos_id = tokenizer.bos_token_id if (job.prepend_bos and tokenizer is not None) else None
+        if job.prepend_bos and self.bos_id is None:
+            raise ConfigError("BOS is on but the model's tokenizer has no BOS token; pass --no-prepend-bos.")
+
+    def _check_hooks(self) -> None:
+        """The SAEs' hooks exist and carry activations of their width (one real, tiny forward)."""
+        hooks = self.model.hook_dict
+        missing = [h for h in self.saes if h not in hooks]
+        if missing:
+            raise ConfigError(f"the model has no hook {missing[0]!r}.")
+        with torch.inference_mode():
+            _, cache = self.model.run_with_cache(
+                torch.zeros((1, 1), dtype=torch.long, device=self.device), names_filter=list(self.saes)
+            )
+        for hook, sae in self.saes.items():
+            width = int(np.prod(cache[hook].shape[2:]))
+            if width != sae.cfg.d_in:
+                raise ConfigError(
+                    f"the SAE at {hook} has d_in={sae.cfg.d_in}, but the model's activations there have "
+                    f"width {width}. Is the SAE for another model?"
+                )
+
+    def describe(self) -> dict:
+        """Hashes and facts that only the loaded weights can tell, for the store's metadata."""
+        tokenizer = self.model.tokenizer
+        return {
+            "model_weights_hash": weights_hash(self.model),
+            "sae_weights_hashes": {hook: weights_hash(sae) for hook, sae in self.saes.items()},
+            "tokenizer": None
+            if tokenizer is None
+            else {
+                "name": getattr(tokenizer, "name_or_path", None),
+                "class": type(tokenizer).__name__,
+                "vocab_size": len(tokenizer),
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
+            },
+            "device": str(self.device),
+        }
+
+    def run_shard(self, shard: Shard, token_limit: int | None = None) -> dict:
+        """Encode and write one shard; returns its completion marker. Safe to call again."""
+        existing = self._existing_marker(shard, token_limit)
+        if existing is not None:  # a retried call whose first attempt finished
+            return existing
+        started = time.perf_counter()
+        windows = self.windows(shard, token_limit)
+        batches: dict[str, list] = {hook: [] for hook in self.saes}
+        for start in range(0, len(windows.lengths), self.job.batch_size):
+            stop = start + self.job.batch_size
+            lengths = windows.lengths[start:stop]
+            tokens = torch.from_numpy(windows.tokens[start:stop, : int(lengths.max())]).to(self.device)
+            for hook, batch in self.encoder(tokens, torch.from_numpy(lengths).to(self.device)).items():
+                batches[hook].append(batch)
+        saes = {}
+        for hook, parts in batches.items():
+            d_sae = self.saes[hook].cfg.d_sae
+            indptr, indices, values = concat_batches(
+                parts, index_dtype(d_sae), storage_dtype(self.job.value_dtype), windows.n_tokens
+            )
+            saes[hook] = SparseActivations(indptr, indices, values)
+        data = ShardData(
+            shard_id=shard.shard_id,
+            row_start=shard.row_start,
+            row_stop=shard.row_stop,
+            token_limit=token_limit,
+            token_ids=windows.flat_tokens(),
+            rows=windows.rows,
+            positions=windows.positions,
+            saes=saes,
+        )
+        marker = self.writer.write_shard(data, self.job.value_dtype)
+        log.info("shard %d: %d tokens in %.1fs", shard.shard_id, data.n_tokens, time.perf_counter() - started)
+        return marker
+
+    def windows(self, shard: Shard, token_limit: int | None = None):
+        rows = self.dataset[shard.row_start : shard.row_stop][self.job.dataset.column]
+        row_ids = range(shard.row_start, shard.row_stop)
+        tokens = tokenize_rows(
+            rows, row_ids, self.model.tokenizer, self.job.dataset.tokens_column is not None, self.model.cfg.d_vocab
+        )
+        return make_windows(tokens, row_ids, self.job.context_size, self.bos_id, token_limit)
+
+    def _existing_marker(self, shard: Shard, token_limit: int | None) -> dict | None:
+        try:
+            group = open_root(self.writer.location, mode="r")[shard_path(shard.shard_id)]
+        except KeyError:
+            return None
+        marker = read_marker(group)
+        if marker is not None and marker.get("token_limit") == token_limit:
+            return marker
+        return None
