@@ -41,6 +41,7 @@ SAE_FORMS = (
     "RELEASE/SAE_ID: a sae_lens pretrained SAE, e.g. gemma-scope-2b-pt-res-canonical/layer_12/width_16k/canonical",
 )
 NPZ_ARRAYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 @dataclass(frozen=True)
@@ -256,8 +257,7 @@ def _npz_shapes(source: SAESource) -> dict[str, tuple[int, ...]]:
             for info in archive.infolist():
                 with archive.open(info) as member:
                     version = np.lib.format.read_magic(member)
-                    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                    read_header = NPY_HEADER_READERS.get(version)
                     if read_header is None:
                         raise ValueError(f"{info.filename} has .npy format version {version}")
                     shape, _, array_dtype = read_header(member)
