@@ -1,0 +1,507 @@
+"""Feature ablation sweeps: the change in a metric when one SAE feature is ablated, for every
+(prompt, feature) pair, with the numbers of the seed notebooks' loop and far fewer forwards.
+
+Notebook 000 measures a feature's effect with one full forward per feature::
+
+    baseline = metric(model.run_with_saes(tokens, saes=[sae]))
+    for f in live_features:
+        ablated = model.run_with_hooks_with_saes(
+            tokens, saes=[sae], fwd_hooks=[(f"{hook}.hook_sae_acts_post", zero_feature_f_at_pos)])
+        delta[:, f] = metric(ablated) - baseline
+
+``ablation_sweep`` computes the same ``delta`` exactly, faster, because:
+
+- **The decoder is linear.** The spliced SAE's output is ``decode(a)`` (plus the error
+  term ``x - decode(a)`` when ``use_error_term``, computed from the un-ablated ``a``), so
+  changing feature ``f`` from ``a_f`` to ``a_f'`` changes the hook's output by exactly
+  ``(a_f' - a_f) * W_dec[f]`` (divided by ``|W_dec[f]|`` for TopK SAEs with
+  ``rescale_acts_by_decoder_norm``). Nothing is re-encoded.
+- **Only changes are run.** A (prompt, feature) pair whose activation the ablation leaves
+  as it is (a zero-ablated feature that does not fire there) has ``delta == 0`` exactly and
+  costs nothing.
+- **Many ablations share a forward**: one copy of the prompt per ablated feature, batched.
+- **The forward starts at the SAE's layer** (``start_at_layer``) from the residual stream
+  cached by the one baseline run; for ``hook_resid_post`` it starts one block later.
+
+``method="attribution"`` ranks every feature with one forward and one backward instead:
+the estimate ``(a_f' - a_f) * d metric / d a_f`` (``-a_f * grad`` for zero ablation). It
+is a first-order approximation with known misses; ``verify_top=N`` recomputes the N
+strongest features exactly, and the ``method`` column says which number is which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.metrics import Metric, accepts_prompts, check_metric_output
+from pipeline.models import hook_layer
+from store.errors import ConfigError, did_you_mean
+
+Ablation = Literal["zero", "mean"] | float
+Features = Literal["live"] | Sequence[int]
+PositionSpec = int | Sequence[int] | None
+
+LINEAR_DECODE_NORMALIZATIONS = ("none", "expected_average_only_in")
+MEANS_CHUNK_TOKENS = 1 << 20
+
+
+# -- prompts that are rows of a store ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StorePrompts:
+    """Dataset rows of a store used as prompts: their tokens (left-padded, as notebook 000 pads)
+    and where each lies in the store, so that a sweep reads live features and means from it."""
+
+    store: Any  # store.FeatureStore
+    rows: np.ndarray  # int64 [n_prompts]: dataset rows
+    token_start: np.ndarray  # int64 [n_prompts]: store index of each prompt's first token
+    lengths: np.ndarray  # int64 [n_prompts]
+    tokens: torch.Tensor  # long [n_prompts, seq], left-padded
+    attention_mask: torch.Tensor | None  # [n_prompts, seq], 0 at padding; None when nothing is padded
+
+    @classmethod
+    def from_store(cls, store, rows: Sequence[int], pad_token_id: int = 0) -> StorePrompts:
+        """Each row must fit in one window of the store (a prompt is what the model saw at once)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        stored_rows = store.provenance()["row"].to_numpy()  # ascending: the store is in row order
+        starts = np.searchsorted(stored_rows, rows, side="left")
+        stops = np.searchsorted(stored_rows, rows, side="right")
+        missing = rows[starts == stops]
+        if len(missing):
+            raise ConfigError(
+                f"dataset rows {missing[:10].tolist()} are not in store {store.location} (empty rows make "
+                f"no tokens; a --max-tokens run stops early). It holds rows {stored_rows[0]}..{stored_rows[-1]}."
+            )
+        context = store.run["context_size"]
+        lengths = stops - starts
+        long_rows = rows[lengths > context]
+        if len(long_rows):
+            raise ConfigError(
+                f"dataset rows {long_rows[:10].tolist()} span several {context}-token windows of the store; "
+                "a prompt must be one window. Choose shorter rows."
+            )
+        seq = int(lengths.max())
+        tokens = torch.full((len(rows), seq), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), seq), dtype=torch.long)
+        for i, (start, n) in enumerate(zip(starts, lengths)):
+            tokens[i, seq - n:] = torch.from_numpy(store.token_ids(int(start), int(start + n)).astype(np.int64))
+            mask[i, seq - n:] = 1
+        return cls(store, rows, starts.astype(np.int64), lengths.astype(np.int64), tokens,
+                   None if bool(mask.all()) else mask)
+
+    def live_features(self, hook: str, positions: torch.Tensor | None) -> np.ndarray:
+        """Features the store saw firing at each prompt's ablated position (all its tokens for None)."""
+        seq = self.tokens.shape[1]
+        picked = []
+        for i, (start, n) in enumerate(zip(self.token_start, self.lengths)):
+            if positions is None:
+                picked.append(np.arange(start, start + n))
+            else:  # left padding: position p of the padded prompt is token p - (seq - n) of the row
+                picked.append(np.array([start + int(positions[i]) - (seq - n)]))
+        index = np.concatenate(picked)
+        lo, hi = int(index.min()), int(index.max()) + 1
+        csr = self.store.csr(hook, lo, hi)[index - lo]
+        return np.unique(csr.indices).astype(np.int64)
+
+    def means(self, hook: str) -> np.ndarray:
+        """Each feature's mean activation over every token of the store, zeros included: the
+        value that notebook-style mean ablation puts in."""
+        d_sae, n_tokens = self.store.d_sae(hook), self.store.n_tokens
+        sums = np.zeros(d_sae, dtype=np.float64)
+        for start in range(0, n_tokens, MEANS_CHUNK_TOKENS):
+            csr = self.store.csr(hook, start, min(n_tokens, start + MEANS_CHUNK_TOKENS))
+            sums += np.bincount(csr.indices, weights=csr.data, minlength=d_sae)
+        return (sums / max(1, n_tokens)).astype(np.float32)
+
+
+# -- running from the SAE's hook onward --------------------------------------------------------
+
+
+class Resume:
+    """Finishes a forward from the SAE's hook, given what the hook outputs for each row.
+
+    The residual stream before the hook's block is the baseline's (nothing upstream of the
+    SAE changes), so most of the model is skipped: ``blocks.L.hook_resid_pre`` starts at block
+    L with the hook's output as the residual; ``blocks.L.hook_resid_post`` at block L + 1; any
+    other hook in block L starts at L from the cached residual and has its value replaced.
+    Hooks outside the blocks, and shortformer models, run from the tokens.
+    """
+
+    def __init__(self, model, hook: str, tokens: torch.Tensor, attention_mask: torch.Tensor | None):
+        self.model, self.hook = model, hook
+        self.tokens = tokens
+        # What the full forward computes from the tokens (left padding needs an explicit mask).
+        self.attention_mask = model.input_to_embed(tokens, attention_mask=attention_mask)[3]
+        layer = hook_layer(hook)
+        in_blocks = layer is not None and layer >= 0 and model.cfg.positional_embedding_type != "shortformer"
+        if in_blocks and hook == f"blocks.{layer}.hook_resid_pre":
+            self.mode, self.start = "residual", layer
+        elif in_blocks and hook == f"blocks.{layer}.hook_resid_post":
+            self.mode, self.start = "residual", layer + 1
+        elif in_blocks:
+            self.mode, self.start = "replace", layer
+        else:
+            self.mode, self.start = "tokens", None
+        self.residual: torch.Tensor | None = None  # set from the baseline's cache in "replace" mode
+
+    @property
+    def cache_names(self) -> list[str]:
+        return [f"blocks.{self.start}.hook_resid_pre"] if self.mode == "replace" else []
+
+    def __call__(self, hook_out: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        mask = None if self.attention_mask is None else self.attention_mask[prompts]
+        if self.mode == "residual":
+            return self.model(hook_out, start_at_layer=self.start, attention_mask=mask)
+
+        def replace(activation: torch.Tensor, hook) -> torch.Tensor:
+            return hook_out.reshape(activation.shape).to(activation.dtype)
+
+        start = self.residual[prompts] if self.mode == "replace" else self.tokens[prompts]
+        return self.model.run_with_hooks(start, start_at_layer=self.start, attention_mask=mask,
+                                         fwd_hooks=[(self.hook, replace)])
+
+
+# -- the sweep -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Baseline:
+    """One spliced run over all prompts: what every ablation is compared with and built from."""
+
+    values: torch.Tensor  # [n_prompts]: the metric
+    logits: torch.Tensor | None  # [n_prompts, seq, vocab]; kept only for metrics without prompts=
+    acts: torch.Tensor  # [n_prompts, seq, d_sae]: hook_sae_acts_post
+    hook_out: torch.Tensor  # [n_prompts, seq, d_in]: what the spliced SAE passed on
+
+
+class MetricRunner:
+    """Evaluates the metric on rows that are copies of any prompts.
+
+    A metric that accepts ``prompts=`` is told which prompt each row is. Any other metric
+    sees whole batches in prompt order: the baseline's logits with some rows swapped for
+    ablated copies, each copy of a prompt in its own batch.
+    """
+
+    def __init__(self, metric: Metric, n_prompts: int):
+        self.metric, self.n_prompts = metric, n_prompts
+        self.indexed = accepts_prompts(metric)
+        self.baseline_logits: torch.Tensor | None = None
+
+    def all_prompts(self, logits: torch.Tensor) -> torch.Tensor:
+        values = self.metric(logits, prompts=torch.arange(len(logits))) if self.indexed else self.metric(logits)
+        return check_metric_output(values, self.n_prompts)
+
+    def __call__(self, logits: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        if self.indexed:
+            return check_metric_output(self.metric(logits, prompts=prompts), len(prompts))
+        out = torch.empty(len(prompts), dtype=torch.float32)
+        seen: dict[int, int] = {}
+        rounds: list[list[int]] = []
+        for row, prompt in enumerate(prompts.tolist()):
+            k = seen[prompt] = seen.get(prompt, -1) + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(row)
+        for rows in rounds:
+            rows_t = torch.tensor(rows)
+            full = self.baseline_logits.clone()
+            full[prompts[rows_t]] = logits[rows_t].to(full.dtype)
+            values = check_metric_output(self.metric(full), self.n_prompts)
+            out[rows_t] = values[prompts[rows_t]].float().cpu()
+        return out
+
+
+def ablation_sweep(
+    model,
+    sae,
+    tokens: torch.Tensor | StorePrompts,
+    metric: Metric,
+    features: Features = "live",
+    position: PositionSpec = -1,
+    use_error_term: bool = False,
+    ablation: Ablation = "zero",
+    *,
+    method: Literal["exact", "attribution"] = "exact",
+    verify_top: int | None = None,
+    means: np.ndarray | None = None,
+    attention_mask: torch.Tensor | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """The metric with each feature ablated minus the metric of the spliced baseline.
+
+    Args:
+        model: a ``HookedSAETransformer``.
+        sae: a sae_lens SAE; its ``cfg.metadata.hook_name`` says where it is spliced in.
+        tokens: ``[n_prompts, seq]`` token ids, or ``StorePrompts`` (rows of a store, whose
+            live features and mean activations then come from the store).
+        metric: logits ``[batch, seq, vocab]`` to ``[batch]``; see ``pipeline.metrics``.
+        features: ``"live"`` (every feature active at the ablated position of any prompt, as in
+            notebook 000) or a list of feature ids.
+        position: the position ablated, one per prompt, or None for every position.
+        use_error_term: sae_lens's meaning: the spliced SAE passes on its reconstruction plus the
+            error term computed from the un-ablated activations, so the baseline is the clean model.
+        ablation: ``"zero"``; ``"mean"``: the feature's mean activation over all tokens of the store,
+            zeros included (or ``means[f]``); a number ``s``: the activation times ``s``.
+        method: ``"exact"``, or ``"attribution"`` for the gradient-times-change estimate.
+        verify_top: with attribution, recompute the N features of largest estimated effect exactly.
+        means: ``[d_sae]`` mean activations for ``ablation="mean"``; overrides the store's.
+        attention_mask: for left-padded ``tokens``, as TransformerLens takes it.
+        batch_size: prompt copies per forward.
+
+    Returns:
+        One line per (prompt, feature): ``prompt``, ``feature``, ``delta``, ``method`` (which
+        method produced ``delta``), ``attribution`` (with ``method="attribution"``), and the
+        store's dataset ``row`` when the prompts come from a store.
+    """
+    store_prompts = tokens if isinstance(tokens, StorePrompts) else None
+    if store_prompts is not None:
+        tokens, attention_mask = store_prompts.tokens, store_prompts.attention_mask
+    hook = _check_inputs(model, sae, tokens, method, verify_top, batch_size)
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    n_prompts, seq = tokens.shape
+    positions = resolve_positions(position, n_prompts, seq, attention_mask)
+    if store_prompts is not None:
+        store_prompts.store.d_sae(hook)  # refuses a hook the store does not hold, listing those it does
+    means = _means(ablation, means, store_prompts, hook, sae.cfg.d_sae)
+
+    resume = Resume(model, hook, tokens, None if attention_mask is None else attention_mask.to(device))
+    runner = MetricRunner(metric, n_prompts)
+    baseline = run_baseline(model, sae, tokens, resume, runner, use_error_term)
+
+    if isinstance(features, str):
+        if features != "live":
+            raise ConfigError(f"features={features!r}: give 'live' or a list of feature ids.")
+        feature_ids = (store_prompts.live_features(hook, positions) if store_prompts is not None
+                       else live_features(baseline.acts, positions, attention_mask))
+    else:
+        feature_ids = check_feature_ids(features, sae.cfg.d_sae)
+
+    ids = torch.from_numpy(feature_ids).to(device)
+    directions = decoder_directions(sae, ids).to(baseline.hook_out.dtype)
+    acts = baseline.acts[..., ids]  # [n, seq, n_features]
+    change = ablated_values(acts, ablation, None if means is None else torch.from_numpy(means)[ids.cpu()].to(acts)) - acts
+    if positions is not None:  # only the ablated position changes
+        keep = torch.zeros_like(change, dtype=torch.bool)
+        keep[torch.arange(n_prompts), positions.to(device)] = True
+        change = change * keep
+
+    frame = pd.DataFrame({
+        "prompt": np.repeat(np.arange(n_prompts), len(feature_ids)),
+        "feature": np.tile(feature_ids, n_prompts),
+    })
+    if method == "exact":
+        delta = exact_deltas(resume, runner, baseline, directions, change, batch_size, progress)
+        frame["delta"] = delta.reshape(-1).numpy().astype(np.float64)
+        frame["method"] = "exact"
+    else:
+        estimate = attribution_estimates(resume, runner, baseline, directions, change, batch_size)
+        frame["delta"] = estimate.reshape(-1).numpy().astype(np.float64)
+        frame["method"] = "attribution"
+        frame["attribution"] = frame["delta"]
+        if verify_top:
+            top = torch.argsort(estimate.abs().amax(0), descending=True)[:verify_top]
+            exact = exact_deltas(resume, runner, baseline, directions[top], change[..., top], batch_size, progress)
+            rows = (np.arange(n_prompts)[:, None] * len(feature_ids) + top.numpy()[None, :]).reshape(-1)
+            frame.loc[rows, "delta"] = exact.reshape(-1).numpy().astype(np.float64)
+            frame.loc[rows, "method"] = "exact"
+    if store_prompts is not None:
+        frame.insert(1, "row", store_prompts.rows[frame["prompt"].to_numpy()])
+    frame.attrs["baseline"] = baseline.values.cpu().tolist()
+    return frame
+
+
+def _check_inputs(model, sae, tokens, method: str, verify_top: int | None, batch_size: int) -> str:
+    hook = sae.cfg.metadata.get("hook_name")
+    if hook not in model.hook_dict:
+        raise ConfigError(
+            f"the SAE reads hook {hook!r}, which this model does not have. "
+            f"Its hooks include: {did_you_mean(str(hook), list(model.hook_dict))}"
+        )
+    normalization = getattr(sae.cfg, "normalize_activations", "none")
+    if normalization not in LINEAR_DECODE_NORMALIZATIONS:
+        raise ConfigError(
+            f"the SAE at {hook} normalizes activations at run time ({normalization!r}), so a feature's "
+            "contribution depends on the token and cannot be subtracted. Fold the normalization into "
+            "the weights, or ablate with run_with_hooks_with_saes."
+        )
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int):
+        raise ConfigError("tokens must be an integer tensor [n_prompts, seq] (or StorePrompts.from_store(...)).")
+    if method not in ("exact", "attribution"):
+        raise ConfigError(f"method={method!r}: use 'exact' or 'attribution'.")
+    if verify_top is not None and (method != "attribution" or verify_top < 0):
+        raise ConfigError("verify_top=N re-checks attribution's N strongest features: use it with method='attribution', N >= 0.")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}.")
+    return hook
+
+
+def resolve_positions(position: PositionSpec, n_prompts: int, seq: int,
+                      attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Non-negative position per prompt (None: every position), refusing positions outside a prompt."""
+    if position is None:
+        return None
+    pos = torch.as_tensor(position, dtype=torch.long)
+    if pos.ndim == 0:
+        pos = pos.expand(n_prompts)
+    if pos.shape != (n_prompts,):
+        raise ConfigError(f"position gives {pos.numel()} indices for {n_prompts} prompts: give one, or one per prompt.")
+    problems = []
+    for i, p in enumerate(pos.tolist()):
+        if not -seq <= p < seq:
+            problems.append(f"position {p} is outside prompt {i}, which has {seq} tokens (valid: {-seq}..{seq - 1}).")
+        elif attention_mask is not None and not attention_mask[i, p]:
+            problems.append(f"position {p} of prompt {i} is padding, not one of the prompt's tokens.")
+    if problems:
+        raise ConfigError(problems)
+    return pos % seq
+
+
+def _means(ablation: Ablation, means: np.ndarray | None, store_prompts: StorePrompts | None, hook: str,
+           d_sae: int) -> np.ndarray | None:
+    if isinstance(ablation, str) and ablation not in ("zero", "mean"):
+        raise ConfigError(f"ablation={ablation!r}: use 'zero', 'mean' or a scale factor such as 0.5.")
+    if isinstance(ablation, bool) or not isinstance(ablation, (str, int, float)):
+        raise ConfigError(f"ablation={ablation!r}: use 'zero', 'mean' or a scale factor such as 0.5.")
+    if ablation != "mean":
+        return None
+    if means is None and store_prompts is None:
+        raise ConfigError(
+            "ablation='mean' needs each feature's mean activation: pass means=array of d_sae values, "
+            "or prompts from a store (StorePrompts.from_store), whose tokens give the means."
+        )
+    if means is None:
+        return store_prompts.means(hook)
+    means = np.asarray(means, dtype=np.float32)
+    if means.shape != (d_sae,):
+        raise ConfigError(f"means has shape {means.shape}; expected one mean per feature, ({d_sae},).")
+    return means
+
+
+def check_feature_ids(features: Sequence[int], d_sae: int) -> np.ndarray:
+    ids = np.unique(np.asarray(list(features), dtype=np.int64))
+    bad = ids[(ids < 0) | (ids >= d_sae)]
+    if len(bad):
+        raise ConfigError(f"features {bad[:10].tolist()} are not features of this SAE, which has ids 0..{d_sae - 1}.")
+    return ids
+
+
+@torch.no_grad()
+def run_baseline(model, sae, tokens: torch.Tensor, resume: Resume, runner: MetricRunner,
+                 use_error_term: bool) -> Baseline:
+    """The SAE spliced in as ``run_with_saes`` splices it, caching what the ablations start from."""
+    acts_name, out_name = f"{resume.hook}.hook_sae_acts_post", f"{resume.hook}.hook_sae_output"
+    logits, cache = model.run_with_cache_with_saes(
+        tokens, saes=[sae], use_error_term=use_error_term, attention_mask=resume.attention_mask,
+        names_filter=[acts_name, out_name, *resume.cache_names],
+    )
+    if resume.mode == "replace":
+        resume.residual = cache[resume.cache_names[0]]
+    values = runner.all_prompts(logits).detach()
+    if not runner.indexed:
+        runner.baseline_logits = logits
+    n, seq = tokens.shape
+    return Baseline(values=values, logits=None if runner.indexed else logits, acts=cache[acts_name],
+                    hook_out=cache[out_name].reshape(n, seq, -1))
+
+
+def live_features(acts: torch.Tensor, positions: torch.Tensor | None,
+                  attention_mask: torch.Tensor | None) -> np.ndarray:
+    """Features active at any prompt's ablated position (any real token for None): the union."""
+    if positions is None:
+        real = torch.ones(acts.shape[:2], dtype=torch.bool, device=acts.device) if attention_mask is None \
+            else attention_mask.to(acts.device).bool()
+        fired = (acts != 0)[real].any(0)
+    else:
+        fired = (acts[torch.arange(len(acts)), positions.to(acts.device)] != 0).any(0)
+    return fired.nonzero()[:, 0].cpu().numpy().astype(np.int64)
+
+
+def decoder_directions(sae, features: torch.Tensor) -> torch.Tensor:
+    """What one unit of each feature adds to the SAE's output, ``[n_features, d_in]``."""
+    directions = sae.W_dec[features].detach()
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+        # Such TopK SAEs decode acts / |W_dec[f]| (sae_lens's act_times_W_dec).
+        directions = directions / sae.W_dec[features].detach().norm(dim=-1, keepdim=True)
+    return directions
+
+
+def ablated_values(acts: torch.Tensor, ablation: Ablation, means: torch.Tensor | None) -> torch.Tensor:
+    """What each activation becomes: 0, the feature's mean, or the activation scaled."""
+    if ablation == "zero":
+        return torch.zeros_like(acts)
+    if ablation == "mean":
+        return means.expand_as(acts).clone()
+    return acts * float(ablation)
+
+
+def copy_order(needed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt, feature index) of every pair that needs a forward, first copies of all prompts
+    first: then a batch holds few copies of any one prompt (see ``MetricRunner``)."""
+    prompt, feature = needed.nonzero(as_tuple=True)
+    prompt, feature = prompt.cpu().numpy(), feature.cpu().numpy()
+    counts = np.bincount(prompt, minlength=needed.shape[0])
+    rank = np.arange(len(prompt)) - np.repeat(np.cumsum(counts) - counts, counts)
+    order = np.lexsort((prompt, rank))
+    return torch.from_numpy(prompt[order]), torch.from_numpy(feature[order])
+
+
+@torch.no_grad()
+def exact_deltas(resume: Resume, runner: MetricRunner, baseline: Baseline, directions: torch.Tensor,
+                 change: torch.Tensor, batch_size: int, progress: bool) -> torch.Tensor:
+    """``[n_prompts, n_features]`` metric changes, one prompt copy per pair the ablation changes."""
+    n_prompts, _, n_features = change.shape
+    delta = torch.zeros((n_prompts, n_features), dtype=torch.float32)
+    prompts, feats = copy_order((change != 0).any(1))
+    device = baseline.hook_out.device
+    for start in tqdm(range(0, len(prompts), batch_size), desc="ablate", unit="batch", disable=not progress):
+        p, f = prompts[start:start + batch_size], feats[start:start + batch_size]
+        pd_, fd = p.to(device), f.to(device)
+        step = change[pd_, :, fd]  # [batch, seq]
+        hook_out = baseline.hook_out[pd_] + step[..., None] * directions[fd][:, None, :]
+        values = runner(resume(hook_out, pd_), pd_)
+        delta[p, f] = values.float().cpu() - baseline.values[pd_].float().cpu()
+    return delta
+
+
+def attribution_estimates(resume: Resume, runner: MetricRunner, baseline: Baseline, directions: torch.Tensor,
+                          change: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``[n_prompts, n_features]`` first-order estimates ``sum_pos change * d metric / d act``,
+    from one forward and one backward per batch of prompts."""
+    n_prompts, _, n_features = change.shape
+    estimate = torch.zeros((n_prompts, n_features), dtype=torch.float32)
+    device = baseline.hook_out.device
+    for start in range(0, n_prompts, batch_size):
+        p = torch.arange(start, min(n_prompts, start + batch_size), device=device)
+        zero = torch.zeros(change[p].shape, dtype=change.dtype, device=device, requires_grad=True)
+        with torch.enable_grad():
+            # Adds exactly zero, but makes the hook's output a function of each feature's activation.
+            hook_out = baseline.hook_out[p] + zero @ directions
+            values = runner(resume(hook_out, p), p)
+            (grad,) = torch.autograd.grad(values.sum(), zero)
+        estimate[p.cpu()] = (grad * change[p]).sum(1).float().cpu()
+    return estimate
+
+
+def heatmap(frame: pd.DataFrame, title: str | None = None):
+    """Prompt by feature heatmap of ``delta`` (notebook 000's ``imshow(causal_effects)``), in plotly."""
+    import plotly.express as px
+
+    grid = frame.pivot(index="prompt", columns="feature", values="delta")
+    limit = float(np.nanmax(np.abs(grid.to_numpy()))) if grid.size else 1.0
+    fig = px.imshow(grid.to_numpy(), x=[str(f) for f in grid.columns], y=[str(p) for p in grid.index],
+                    color_continuous_scale="RdBu", zmin=-limit, zmax=limit, aspect="auto",
+                    labels={"x": "feature", "y": "prompt", "color": "delta"},
+                    title=title or "Change in metric when ablating each feature")
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(type="category")
+    return fig
