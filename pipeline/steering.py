@@ -1,0 +1,56 @@
+"""Steering: generate with ``magnitude * W_dec[feature]`` added at the SAE's hook.
+
+As notebook 004 steers Gemma with a Gemma Scope decoder direction: the direction is added
+to the hook's activation at every position of every forward, the prompt's and each
+generated token's alike. The SAE itself is not spliced in; only its decoder row is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from store.errors import ConfigError, did_you_mean
+
+
+def steering_vector(sae, feature: int, magnitude: float) -> torch.Tensor:
+    """``magnitude * W_dec[feature]``, ``[d_in]``."""
+    d_sae = sae.cfg.d_sae
+    if not 0 <= feature < d_sae:
+        raise ConfigError(f"feature {feature} is not a feature of this SAE, which has ids 0..{d_sae - 1}.")
+    return magnitude * sae.W_dec[feature].detach()
+
+
+def steering_hook(model, sae, feature: int, magnitude: float) -> tuple[str, Callable]:
+    """``(hook name, hook function)`` adding the steering vector, for ``model.hooks`` or ``run_with_hooks``."""
+    hook = sae.cfg.metadata.get("hook_name")
+    if hook not in model.hook_dict:
+        raise ConfigError(f"the SAE reads hook {hook!r}, which this model does not have. "
+                          f"Its hooks include: {did_you_mean(str(hook), list(model.hook_dict))}")
+    vector = steering_vector(sae, feature, magnitude)
+
+    def add(activation: torch.Tensor, hook) -> torch.Tensor:
+        # hook_z activations are [batch, pos, n_heads, d_head]; the SAE sees them flattened.
+        return activation + vector.to(activation).reshape(activation.shape[2:])
+
+    return hook, add
+
+
+def steer(model, sae, prompt: str | torch.Tensor, feature: int, magnitude: float, *,
+          max_new_tokens: int = 50, do_sample: bool = False, temperature: float = 1.0,
+          seed: int | None = None, **generate_kwargs) -> str | torch.Tensor:
+    """``model.generate`` with the feature's decoder direction added at the SAE's hook.
+
+    Greedy by default, so that a run can be repeated; ``do_sample=True`` with ``seed`` samples
+    reproducibly. A string prompt gives a string back; token ids give token ids back.
+    """
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be positive, got {max_new_tokens}.")
+    if isinstance(prompt, str) and model.tokenizer is None:
+        raise ConfigError("a text prompt needs the model's tokenizer, and this model has none; pass token ids.")
+    if seed is not None:
+        torch.manual_seed(seed)
+    with model.hooks(fwd_hooks=[steering_hook(model, sae, feature, magnitude)]):
+        return model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                              temperature=temperature, verbose=False, **generate_kwargs)
