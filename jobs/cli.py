@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="replace a store that holds a different run (default: refuse)")
     run = extract.add_argument_group("resources")
     run.add_argument("--workers", type=_int, help="Ray workers: one per GPU by default, 1 on a CPU-only cluster")
+    device = run.add_mutually_exclusive_group()
+    device.add_argument("--gpu", dest="use_gpu", action="store_true", default=None,
+                        help="one GPU per worker, even if the cluster has none yet (it scales up; give --workers)")
+    device.add_argument("--cpu", dest="use_gpu", action="store_false",
+                        help="CPU workers, even on a cluster with GPUs (default: GPUs if the cluster has them)")
     run.add_argument("--cpus-per-worker", type=float, help="CPU cores per CPU worker (default: share them all)")
     run.add_argument("--batch-size", type=_int, default=32, help="windows per forward pass (default: %(default)s)")
     run.add_argument("--shard-rows", type=_int, default=64,
@@ -95,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Print what a store holds: model, SAEs, dataset, counts.")
     info.add_argument("store", help="the store's path or URL")
     info.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    from jobs import steer, sweep
+
+    sweep.add_commands(commands)
+    steer.add_commands(commands)
     return parser
 
 
@@ -138,6 +148,7 @@ def extract_config(args: argparse.Namespace):
         value_dtype=args.value_dtype,
         model_dtype=args.model_dtype,
         workers=args.workers,
+        use_gpu=args.use_gpu,
         cpus_per_worker=args.cpus_per_worker,
         address=args.address,
         overwrite=args.overwrite,
@@ -181,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
 
             info = FeatureStore.open(args.store).info()
             print(json.dumps(info, indent=2) if args.json else format_info(info))
+        else:  # commands registered by add_commands carry their handler
+            args.handler(args)
     except LatentStoreError as e:
         print(f"latentstore {args.command}: error: {e}", file=sys.stderr)
         for note in getattr(e, "__notes__", []):

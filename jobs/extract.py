@@ -42,7 +42,8 @@ class ExtractConfig:
     prepend_bos: bool | None = None  # None: follow the SAEs' prepend_bos
     value_dtype: str = "bfloat16"
     model_dtype: str | None = None  # None: the model's own dtype
-    workers: int | None = None  # None: one per GPU, or 1 on a CPU-only cluster
+    workers: int | None = None  # None: one per GPU in the cluster now, or 1 on a CPU-only cluster
+    use_gpu: bool | None = None  # None: GPU workers if the cluster has GPUs now (say True to scale from zero)
     cpus_per_worker: float | None = None  # CPU workers only; None: share the machine's cores
     address: str | None = None  # a Ray cluster to join; None: RAY_ADDRESS, else start one locally
     overwrite: bool = False
@@ -216,8 +217,12 @@ def connect_ray(address: str | None, n_cpus_wanted: float):
 def start_workers(ray, plan: Plan) -> list:
     cfg = plan.config
     n_gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = bool(n_gpus) if cfg.use_gpu is None else cfg.use_gpu
+    if use_gpu and not cfg.workers and not n_gpus:
+        raise ConfigError("--gpu with no GPU in the cluster yet: pass --workers N so the autoscaler knows how many "
+                          "GPU workers to start.")
     n_workers = cfg.workers or max(1, n_gpus)
-    if n_gpus:
+    if use_gpu:
         resources = {"num_gpus": 1, "num_cpus": cfg.cpus_per_worker or 1}
         n_threads = None
     else:
@@ -235,6 +240,7 @@ def start_workers(ray, plan: Plan) -> list:
         prepend_bos=plan.prepend_bos,
         value_dtype=cfg.value_dtype,
         model_dtype=cfg.model_dtype,
+        device=None if use_gpu else "cpu",
         n_threads=n_threads,
     )
     # Killed workers come back and their call is retried; writes are idempotent (stack.md).

@@ -67,7 +67,13 @@ def open_dataset(spec: DatasetSpec) -> Any:
     datasets.disable_progress_bars()
     path = Path(spec.name)
     if path.is_dir():
-        ds = datasets.load_from_disk(str(path))
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, IndexError, ValueError) as e:  # datasets fails so on empty or foreign folders
+            raise ConfigError(
+                f"--dataset {spec.name} is a folder that datasets.load_from_disk cannot read ({_root_cause(e)}); "
+                "is it empty? Give a folder written by Dataset.save_to_disk with at least one row, or a data file."
+            ) from e
         if isinstance(ds, datasets.DatasetDict):
             if spec.split not in ds:
                 raise ConfigError(
@@ -85,6 +91,8 @@ def open_dataset(spec: DatasetSpec) -> Any:
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         except (UnicodeDecodeError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
+            if "corresponds to no data" in _root_cause(e):  # how datasets says a file has no rows
+                raise ConfigError(f"--dataset {spec.name} is empty: there is nothing to extract.") from e
             raise ConfigError(
                 f"--dataset {spec.name} could not be read as {builder} ({_root_cause(e)}). "
                 "Check that the file is valid UTF-8 text in that format."

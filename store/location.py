@@ -38,19 +38,33 @@ def open_root(location: str, mode: str = "r") -> zarr.Group:
     return zarr.open_group(open_zarr_store(location, read_only=(mode == "r")), mode=mode)
 
 
+def has_content(location: str) -> bool:
+    """Whether anything at all lives at ``location``."""
+    location = normalize(location)
+    if is_url(location):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(location)
+        return fs.exists(path) and bool(fs.ls(path))
+    path = Path(location)
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
 def check_writable(location: str) -> None:
     """Fail now, not after the model ran, when the store cannot be written."""
     location = normalize(location)
     if is_url(location):
         return  # object stores say so on the first write; there is no cheap probe
     path = Path(location)
-    parent = path if path.exists() else path.parent
-    while not parent.exists():
-        parent = parent.parent
     if path.exists() and not path.is_dir():
         raise StoreWriteError(f"--store {location} is a file, not a store directory. Choose another path.")
-    if not os.access(parent, os.W_OK | os.X_OK):
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise StoreWriteError(f"--store {location} cannot be created: {ancestor} is a file. Choose another path.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
         raise StoreWriteError(
-            f"--store {location}: cannot write in {parent} (permission denied). "
+            f"--store {location}: cannot write in {ancestor} (permission denied). "
             "Choose a path you can write, or fix its permissions."
         )

@@ -19,7 +19,7 @@ import zarr
 
 from store import codecs, format as fmt
 from store.errors import StoreConflictError
-from store.location import check_writable, normalize, open_root
+from store.location import check_writable, has_content, normalize, open_root
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,8 @@ def diff_runs(stored: dict, wanted: dict, prefix: str = "", only_shared: bool = 
                 out.append(f"{name}: store has {stored.get(key)!r}, this run has {wanted.get(key)!r}")
             continue
         a, b = stored[key], wanted[key]
+        if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            a, b = dict(enumerate(a)), dict(enumerate(b))
         if isinstance(a, dict) and isinstance(b, dict):
             out.extend(diff_runs(a, b, f"{name}.", only_shared))
         elif a != b:
@@ -111,6 +113,11 @@ def check_conflict(location: str, run: dict, overwrite: bool, only_shared: bool 
         attrs = read_root_attrs(location)
     except FileNotFoundError:
         attrs = None
+    if attrs is None and has_content(location):
+        raise StoreConflictError(
+            f"--store {location} exists and is not a latentstore store. latentstore will not write over "
+            "it (not even with --overwrite): choose a new path."
+        )
     if attrs is None or overwrite:
         return attrs
     problems = diff_runs(attrs.get("run", {}), canonical(run), only_shared=only_shared)

@@ -1,0 +1,216 @@
+"""Ablation sweep results in a store, under ``sweeps/<name>/`` (spec: docs/SWEEPS.md).
+
+The driver creates a sweep's group with its spec and the features it covers; each worker
+writes whole parts (a block of prompts by a block of features) into groups of their own,
+each completion marker last, so a part without a marker is never read and a rerun redoes
+only the parts that lack one. The sweep's ``status`` becomes ``complete`` once every part is.
+
+A sweep can live in an extraction store (its prompts are rows of it) or in a zarr group
+holding only sweeps (prompts from a file). Needs numpy, zarr and pandas only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from store import codecs, format as fmt
+from store.errors import ConfigError, StoreConflictError, StoreIncompleteError, StoreNotFoundError, did_you_mean
+from store.location import normalize, open_root
+from store.writer import canonical, checksum, diff_runs, now, read_marker
+
+SWEEPS_GROUP = "sweeps"
+PARTS_GROUP = "parts"
+FEATURES = "features"
+PROMPT_ROWS = "prompt_rows"
+
+SWEEP_ENCODING = "latentstore.sweep"
+PART_ENCODING = "latentstore.sweep_part"
+PARTS_ENCODING = "latentstore.sweep_parts"
+COLUMN_ENCODING = "latentstore.sweep_column"
+
+METHODS = ("exact", "attribution")  # the codes of the ``method`` column
+COLUMNS = {"prompt": "<i8", "feature": "<i8", "delta": "<f4", "method": "|u1", "attribution": "<f4"}
+
+
+@dataclass(frozen=True)
+class SweepPart:
+    """The results of one part: one line per (prompt, feature) it covers."""
+
+    part_id: int
+    prompt: np.ndarray  # int64: the sweep's prompt index
+    feature: np.ndarray  # int64
+    delta: np.ndarray  # float32
+    method: np.ndarray  # uint8: index into METHODS
+    attribution: np.ndarray | None = None  # float32; sweeps with method "attribution" only
+
+    @classmethod
+    def from_frame(cls, part_id: int, frame: pd.DataFrame) -> SweepPart:
+        """From ``ablation_sweep``'s DataFrame (``prompt`` already the sweep's prompt index)."""
+        return cls(
+            part_id=part_id,
+            prompt=frame["prompt"].to_numpy(np.int64),
+            feature=frame["feature"].to_numpy(np.int64),
+            delta=frame["delta"].to_numpy(np.float32),
+            method=frame["method"].map(METHODS.index).to_numpy(np.uint8),
+            attribution=frame["attribution"].to_numpy(np.float32) if "attribution" in frame else None,
+        )
+
+
+def sweep_path(name: str) -> str:
+    return f"{SWEEPS_GROUP}/{name}"
+
+
+def part_name(part_id: int) -> str:
+    return f"{part_id:06d}"
+
+
+def check_name(name: str) -> str:
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise ConfigError(f"sweep name {name!r}: use letters, digits, '-', '_' and '.', e.g. 'l8-last-pos'.")
+    return name
+
+
+class SweepWriter:
+    """Writes one named sweep. The driver calls ``begin`` and ``finalize``; workers ``write_part``."""
+
+    def __init__(self, location: str, name: str):
+        self.location = normalize(location)
+        self.name = check_name(name)
+
+    def existing_spec(self) -> dict | None:
+        """The spec of a sweep of this name already in the store, or None."""
+        group = _sweep_group(self.location, self.name)
+        return None if group is None else _sweep_attrs(group, self.location, self.name)["spec"]
+
+    def begin(self, spec: dict, features: np.ndarray, prompt_rows: np.ndarray | None, n_parts: int,
+              overwrite: bool) -> dict[int, dict]:
+        """Create the sweep, or reopen a sweep with the same spec to resume it. Returns its complete parts."""
+        existing = self.existing_spec()
+        if existing is not None and not overwrite:
+            problems = diff_runs(existing, canonical(spec))
+            if problems:
+                raise StoreConflictError(
+                    f"store {self.location} already holds a different sweep {self.name!r}:\n  "
+                    + "\n  ".join(problems[:20])
+                    + "\nChoose another --name, or pass --overwrite to replace it."
+                )
+            return self.completed_parts()
+        root = open_root(self.location, mode="a")
+        sweeps = root.require_group(SWEEPS_GROUP)
+        if self.name in sweeps:
+            del sweeps[self.name]
+        group = sweeps.create_group(self.name, attributes={fmt.ATTRS_KEY: {
+            **fmt.encoding(SWEEP_ENCODING), "status": fmt.STATUS_WRITING, "created_at": now(),
+            "spec": canonical(spec), "n_parts": n_parts,
+        }})
+        _write_column(group, FEATURES, np.asarray(features, dtype=np.int64))
+        if prompt_rows is not None:
+            _write_column(group, PROMPT_ROWS, np.asarray(prompt_rows, dtype=np.int64))
+        group.create_group(PARTS_GROUP, attributes={fmt.ATTRS_KEY: fmt.encoding(PARTS_ENCODING)})
+        return {}
+
+    def features(self) -> np.ndarray:
+        return _sweep_group(self.location, self.name)[FEATURES][:]
+
+    def completed_parts(self) -> dict[int, dict]:
+        parts = _sweep_group(self.location, self.name)[PARTS_GROUP]
+        markers = {int(name): read_marker(parts[name]) for name in parts.group_keys()}
+        return {part_id: m for part_id, m in markers.items() if m is not None}
+
+    def write_part(self, part: SweepPart) -> dict:
+        """Write a part's columns, then its completion marker. Writing a part again replaces it."""
+        parts = open_root(self.location, mode="a")[f"{sweep_path(self.name)}/{PARTS_GROUP}"]
+        name = part_name(part.part_id)
+        if name in parts:
+            del parts[name]  # a retry, or what a crashed attempt left
+        group = parts.create_group(name, attributes={fmt.ATTRS_KEY: {**fmt.encoding(PART_ENCODING),
+                                                                     "part_id": part.part_id}})
+        columns = {"prompt": part.prompt, "feature": part.feature, "delta": part.delta, "method": part.method}
+        if part.attribution is not None:
+            columns["attribution"] = part.attribution
+        checksums = {key: _write_column(group, key, values) for key, values in columns.items()}
+        marker = {**fmt.encoding(fmt.MARKER_ENCODING), "part_id": part.part_id, "n_lines": len(part.prompt),
+                  "checksums": checksums, "written_at": now()}
+        group.create_group(fmt.MARKER_GROUP, attributes={fmt.ATTRS_KEY: marker})
+        return marker
+
+    def finalize(self, counts: dict) -> None:
+        """Mark the sweep complete. Written last."""
+        group = open_root(self.location, mode="a")[sweep_path(self.name)]
+        attrs = dict(group.attrs[fmt.ATTRS_KEY])
+        attrs.update(canonical({"status": fmt.STATUS_COMPLETE, "completed_at": now(), "counts": counts}))
+        group.attrs.update({fmt.ATTRS_KEY: attrs})
+
+
+def list_sweeps(location: str) -> list[str]:
+    """Names of the sweeps in a store."""
+    try:
+        root = open_root(normalize(location), mode="r")
+    except FileNotFoundError:
+        raise StoreNotFoundError(f"no store at {location}.") from None
+    return sorted(root[SWEEPS_GROUP].group_keys()) if SWEEPS_GROUP in root else []
+
+
+def read_sweep(location: str, name: str, allow_incomplete: bool = False) -> pd.DataFrame:
+    """A sweep's results as ``ablation_sweep`` returns them: ``prompt``, (``row``,) ``feature``,
+    ``delta``, ``method`` (and ``attribution``), sorted by prompt and feature. The sweep's
+    spec is in ``frame.attrs["sweep"]``."""
+    location = normalize(location)
+    group = _sweep_group(location, name)
+    if group is None:
+        names = list_sweeps(location)
+        raise StoreNotFoundError(f"store {location} has no sweep {name!r}; it has: {did_you_mean(name, names) or 'none'}.")
+    attrs = _sweep_attrs(group, location, name)
+    if attrs["status"] != fmt.STATUS_COMPLETE and not allow_incomplete:
+        raise StoreIncompleteError(
+            f"sweep {name!r} in {location} is not complete ({len(SweepWriter(location, name).completed_parts())} "
+            f"of {attrs['n_parts']} parts written). Run the same `latentstore sweep` command again to finish it, "
+            "or pass allow_incomplete=True to read the parts written so far."
+        )
+    parts = group[PARTS_GROUP]
+    pieces = []
+    for part in sorted(parts.group_keys()):
+        if read_marker(parts[part]) is None:
+            continue
+        columns = {key: parts[part][key][:] for key in COLUMNS if key in parts[part]}
+        pieces.append(pd.DataFrame(columns))
+    frame = pd.concat(pieces, ignore_index=True) if pieces else pd.DataFrame(
+        {key: np.zeros(0, dtype) for key, dtype in COLUMNS.items() if key != "attribution"})
+    frame["method"] = pd.Categorical.from_codes(frame["method"].astype(np.int64), categories=list(METHODS)).astype(str)
+    if PROMPT_ROWS in group:
+        frame.insert(1, "row", group[PROMPT_ROWS][:][frame["prompt"].to_numpy()])
+    frame = frame.sort_values(["prompt", "feature"], ignore_index=True)
+    frame.attrs["sweep"] = attrs["spec"]
+    return frame
+
+
+def _sweep_group(location: str, name: str) -> zarr.Group | None:
+    try:
+        root = open_root(location, mode="r")
+    except FileNotFoundError:
+        return None
+    path = sweep_path(name)
+    return root[path] if path in root else None
+
+
+def _sweep_attrs(group: zarr.Group, location: str, name: str) -> dict:
+    attrs = group.attrs.asdict().get(fmt.ATTRS_KEY, {})
+    fmt.check_version(attrs, SWEEP_ENCODING, f"sweep {name!r} in {location}")
+    return attrs
+
+
+def _write_column(group: zarr.Group, name: str, data: np.ndarray) -> str:
+    data = np.ascontiguousarray(data, dtype=COLUMNS.get(name, data.dtype))
+    encoding = codecs.VALUES if data.dtype.kind == "f" else codecs.TOKEN_LEVEL
+    array = group.create_array(
+        name, shape=data.shape, dtype=data.dtype, chunks=codecs.chunk_shape(len(data)),
+        filters=encoding.filters(data.dtype), compressors=encoding.compressors(), fill_value=0,
+        attributes={fmt.ATTRS_KEY: fmt.encoding(COLUMN_ENCODING)},
+    )
+    if len(data):
+        array[:] = data
+    return checksum(data)

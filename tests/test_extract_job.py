@@ -1,0 +1,277 @@
+"""The extraction job on a real local Ray cluster: worker counts, resuming, --max-tokens, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jobs.extract import ExtractConfig, run_extract, validate
+from pipeline.dataset import DatasetSpec
+from store import FeatureStore
+from store.errors import ConfigError, DataError, StoreConflictError
+from store.writer import StoreWriter
+from tests.conftest import make_sae
+
+pytestmark = pytest.mark.ray
+
+
+def config(assets, store, **changes) -> ExtractConfig:
+    base = ExtractConfig(
+        model=str(assets["model_dir"]),
+        saes=tuple(str(d) for d in assets["sae_dirs"].values()),
+        dataset=DatasetSpec(str(assets["jsonl"])),
+        store=str(store),
+        context_size=16,
+        batch_size=4,
+        shard_rows=5,
+        workers=1,
+        progress=False,
+    )
+    return replace(base, **changes)
+
+
+def assert_same_store(a: FeatureStore, b: FeatureStore) -> None:
+    assert a.n_tokens == b.n_tokens
+    assert a.run == b.run
+    np.testing.assert_array_equal(a.token_ids(), b.token_ids())
+    assert a.provenance().equals(b.provenance())
+    for hook in a.hooks:
+        x, y = a.csr(hook), b.csr(hook)
+        np.testing.assert_array_equal(x.indptr, y.indptr)
+        np.testing.assert_array_equal(x.indices, y.indices)
+        np.testing.assert_array_equal(x.data, y.data)
+
+
+@pytest.fixture(scope="module")
+def reference_store(assets, ray_cluster, tmp_path_factory):
+    """One uninterrupted single-worker run that the other runs must equal."""
+    cfg = config(assets, tmp_path_factory.mktemp("ref") / "ref.zarr")
+    run_extract(cfg)
+    return FeatureStore.open(cfg.store)
+
+
+def test_two_workers_equal_one(assets, reference_store, tmp_path):
+    cfg = config(assets, tmp_path / "two.zarr", workers=2)
+    run_extract(cfg)
+    assert_same_store(FeatureStore.open(cfg.store), reference_store)
+
+
+def test_max_tokens_is_exact_and_a_prefix(assets, reference_store, tmp_path):
+    for workers in (1, 3):
+        cfg = config(assets, tmp_path / f"cut{workers}.zarr", workers=workers, max_tokens=301)
+        counts = run_extract(cfg)
+        fs = FeatureStore.open(cfg.store)
+        assert counts["n_tokens"] == fs.n_tokens == 301
+        np.testing.assert_array_equal(fs.token_ids(), reference_store.token_ids(0, 301))
+        for hook in fs.hooks:
+            assert (fs.csr(hook) != reference_store.csr(hook, 0, 301)).nnz == 0
+        # shards past the cut are gone from the store, not just unlisted
+        assert StoreWriter(cfg.store).shard_ids() == {s.shard_id for s in fs.shards}
+
+
+def test_rerun_after_partial_run_resumes_to_identical_store(assets, reference_store, tmp_path, ray_cluster):
+    cfg = config(assets, tmp_path / "resume.zarr")
+    run_extract(cfg)
+    writer = StoreWriter(cfg.store)
+    # Make the store look like a crash: two shards gone, one half-written (no marker), root not final.
+    writer.delete_shard(1)
+    writer.delete_shard(4)
+    marker_dir = Path(cfg.store) / "shards" / "000006" / "complete"
+    for f in marker_dir.iterdir():
+        f.unlink()
+    marker_dir.rmdir()
+    writer._set_root(status="writing")
+    partial = FeatureStore.open(cfg.store)
+    assert not partial.complete and {s.shard_id for s in partial.shards}.isdisjoint({1, 4, 6})
+    run_extract(cfg)
+    assert_same_store(FeatureStore.open(cfg.store), reference_store)
+
+
+def test_killed_driver_then_rerun_gives_identical_store(assets, reference_store, tmp_path, ray_cluster):
+    """The driver dies part-way (SIGKILL); the same command, run again, finishes the same store."""
+    store = tmp_path / "killed.zarr"
+    address = ray_cluster.get_runtime_context().gcs_address
+    argv = [sys.executable, "-m", "jobs.cli", "extract", "--model", str(assets["model_dir"]),
+            *[a for d in assets["sae_dirs"].values() for a in ("--sae", str(d))],
+            "--dataset", str(assets["jsonl"]), "--store", str(store), "--context-size", "16",
+            "--batch-size", "1", "--shard-rows", "5", "--workers", "1", "--address", address, "--no-progress"]
+    proc = subprocess.Popen(argv, cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (store / "shards" / "000001" / "complete").exists():
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    interrupted = FeatureStore.open(str(store))
+    assert not interrupted.complete and 0 < len(interrupted.shards) < 8
+    run_extract(config(assets, store))
+    assert_same_store(FeatureStore.open(str(store)), reference_store)
+
+
+def test_failing_row_names_shard_and_row_and_keeps_completed_shards(assets, tmp_path, ray_cluster):
+    import datasets
+
+    # row 120 holds an id outside the vocabulary, past the driver's look at the first 100 rows
+    rows = [[1, 2, 3]] * 120 + [[1, 99, 2]] + [[4, 5]] * 9
+    path = tmp_path / "tokens"
+    datasets.Dataset.from_dict({"ids": rows}).save_to_disk(str(path))
+    cfg = config(assets, tmp_path / "bad.zarr", dataset=DatasetSpec(str(path), tokens_column="ids"), shard_rows=50)
+    with pytest.raises(DataError, match=r"dataset row 120: token id 99 is outside") as err:
+        run_extract(cfg)
+    assert "shard 2 (dataset rows 100-129)" in "".join(getattr(err.value, "__notes__", []))
+    fs = FeatureStore.open(cfg.store)
+    assert not fs.complete
+    assert {s.shard_id for s in fs.shards} == {0, 1}  # one worker, in order: both finished shards kept
+
+
+def test_pretokenized_rows_are_used_exactly(assets, tmp_path):
+    import datasets
+
+    rows = [[3, 4, 5, 6, 7, 8, 9], [2], [10, 11, 12, 13, 14, 15, 16, 2, 3, 4]]
+    path = tmp_path / "tokens.parquet"
+    datasets.Dataset.from_dict({"ids": rows}).to_parquet(str(path))
+    cfg = config(assets, tmp_path / "tok.zarr", dataset=DatasetSpec(str(path), tokens_column="ids"),
+                 context_size=4)
+    run_extract(cfg)
+    fs = FeatureStore.open(cfg.store)
+    np.testing.assert_array_equal(fs.token_ids(), np.concatenate(rows))  # no BOS added anywhere
+    prov = fs.provenance()
+    np.testing.assert_array_equal(prov["row"], np.repeat([0, 1, 2], [7, 1, 10]))
+    np.testing.assert_array_equal(prov["pos"], np.concatenate([np.arange(7), [0], np.arange(10)]))
+    assert fs.run["prepend_bos"] is False
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv", "txt", "folder"])
+def test_local_dataset_formats_give_the_same_tokens(assets, tmp_path, fmt):
+    import datasets
+
+    texts = [t for t in assets["texts"][:6] if t]
+    ds = datasets.Dataset.from_dict({"text": texts})
+    path = tmp_path / f"data.{fmt}"
+    if fmt == "json":
+        path.write_text(json.dumps([{"text": t} for t in texts]))
+    elif fmt == "csv":
+        ds.to_csv(str(path), index=False)
+    elif fmt == "txt":
+        path.write_text("\n".join(texts) + "\n")
+    else:
+        ds.save_to_disk(str(path))
+    cfg = config(assets, tmp_path / f"{fmt}.zarr", dataset=DatasetSpec(str(path)), shard_rows=100)
+    run_extract(cfg)
+    tok = assets["tokenizer"]
+    expected = [i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"]]
+    fs = FeatureStore.open(cfg.store)
+    body = fs.token_ids()[fs.provenance()["pos"].to_numpy() >= 0]
+    np.testing.assert_array_equal(body, expected)
+
+
+# -- bad input: refused before any model runs, and no store left looking complete -------------
+
+
+def _saved_sae(tmp_path, name, **kwargs):
+    path = tmp_path / name
+    make_sae("standard", **kwargs).save_model(path)
+    return str(path)
+
+
+BAD_INPUTS = {
+    "hook the model lacks": (
+        lambda a, t: {"saes": (_saved_sae(t, "s7", hook="blocks.7.hook_resid_post"),)},
+        ConfigError, r"hook 'blocks\.7\.hook_resid_post' is not a hook of model .*Hooks there include: blocks\.",
+    ),
+    "SAE width differs from the hook": (
+        lambda a, t: {"saes": (_saved_sae(t, "s16", hook="blocks.0.hook_resid_post", d_in=16),)},
+        ConfigError, r"d_in=16, but .* has width 32 at blocks\.0\.hook_resid_post",
+    ),
+    "two SAEs at one hook": (
+        lambda a, t: {"saes": (str(a["sae_dirs"]["blocks.0.hook_resid_post"]),
+                               _saved_sae(t, "dup", hook="blocks.0.hook_resid_post"))},
+        ConfigError, r"are both at blocks\.0\.hook_resid_post: one SAE per hook",
+    ),
+    "context longer than n_ctx": (
+        lambda a, t: {"context_size": 65}, ConfigError, r"--context-size 65 is longer than the model's context \(n_ctx=64\)",
+    ),
+    "missing text column": (
+        lambda a, t: {"dataset": DatasetSpec(str(a["jsonl"]), text_column="body")},
+        ConfigError, r"has no column 'body'; its columns are: text, label\. Pass --text-column",
+    ),
+    "empty dataset": (
+        lambda a, t: {"dataset": DatasetSpec(_empty_dataset(t))}, ConfigError, r"is empty: there is nothing to extract",
+    ),
+    "token ids outside the vocabulary": (
+        lambda a, t: {"dataset": DatasetSpec(_token_dataset(t, [[1, 2], [500]]), tokens_column="ids")},
+        ConfigError, r"dataset row 1: token id 500 is outside the model's vocabulary \[0, 17\)",
+    ),
+    "store path inside a file": (
+        lambda a, t: {"store": str(_file(t) / "s.zarr")}, ConfigError, r"is a file\. Choose another path",
+    ),
+    "store path is a non-store folder": (
+        lambda a, t: {"store": str(_folder_with_files(t))}, StoreConflictError, r"exists and is not a latentstore store",
+    ),
+    "several problems at once": (
+        lambda a, t: {"context_size": 65, "batch_size": 0}, ConfigError,
+        r"2 problems:\n  - --batch-size must be positive, got 0\.\n  - --context-size 65",
+    ),
+}
+
+
+def _empty_dataset(tmp_path):
+    import datasets
+
+    path = tmp_path / "empty.parquet"
+    datasets.Dataset.from_dict({"text": []}).to_parquet(str(path))
+    return str(path)
+
+
+def _token_dataset(tmp_path, rows):
+    import datasets
+
+    path = tmp_path / "ids"
+    datasets.Dataset.from_dict({"ids": rows}).save_to_disk(str(path))
+    return str(path)
+
+
+def _file(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    return tmp_path / "afile"
+
+
+def _folder_with_files(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    return tmp_path / "mine"
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_refused_before_work(assets, tmp_path, case):
+    changes, error, message = BAD_INPUTS[case]
+    cfg = config(assets, tmp_path / "store.zarr")
+    cfg = replace(cfg, **changes(assets, tmp_path))
+    with pytest.raises(error, match=message):
+        validate(cfg)
+    assert not (tmp_path / "store.zarr").exists()
+    if case == "store path is a non-store folder":
+        assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_conflicting_store_is_refused_unless_overwrite(assets, reference_store, tmp_path):
+    cfg = config(assets, tmp_path / "c.zarr", max_tokens=50)
+    run_extract(cfg)
+    other = replace(cfg, context_size=8)
+    with pytest.raises(StoreConflictError, match=r"(?s)context_size: store has 16, this run has 8.*--overwrite"):
+        run_extract(other)
+    assert FeatureStore.open(cfg.store).run["context_size"] == 16  # untouched
+    run_extract(replace(other, overwrite=True))
+    fs = FeatureStore.open(cfg.store)
+    assert fs.complete and fs.run["context_size"] == 8 and fs.n_tokens == 50
