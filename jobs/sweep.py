@@ -397,8 +397,9 @@ def add_commands(subparsers) -> None:
     sweep.add_argument("--hook", help="which of the store's SAEs (needed when it holds several)")
     sweep.add_argument("--metric", choices=METRICS, default="logit_diff",
                        help="logit_diff: answer minus wrong answer at the last position; loss: of the answer "
-                            "(file prompts) or next-token loss (store rows); kl: from the clean model at the last "
-                            "position (default: %(default)s)")
+                            "(file prompts) or the prompt's mean next-token loss (store rows: only positions after "
+                            "the ablated one can change it, so pair it with an early --position or 'all'); kl: from "
+                            "the clean model at the last position (default: %(default)s)")
     sweep.add_argument("--position", type=_position, default=-1,
                        help="the position ablated, negative from the end, or 'all' (default: %(default)s)")
     sweep.add_argument("--features", type=_features, help="comma-separated feature ids (default: every live feature)")

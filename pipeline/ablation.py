@@ -111,15 +111,16 @@ class StorePrompts:
         csr = self.store.csr(hook, lo, hi)[index - lo]
         return np.unique(csr.indices).astype(np.int64)
 
-    def means(self, hook: str) -> np.ndarray:
-        """Each feature's mean activation over every token of the store, zeros included: the
-        value that notebook-style mean ablation puts in."""
-        d_sae, n_tokens = self.store.d_sae(hook), self.store.n_tokens
-        sums = np.zeros(d_sae, dtype=np.float64)
-        for start in range(0, n_tokens, MEANS_CHUNK_TOKENS):
-            csr = self.store.csr(hook, start, min(n_tokens, start + MEANS_CHUNK_TOKENS))
-            sums += np.bincount(csr.indices, weights=csr.data, minlength=d_sae)
-        return (sums / max(1, n_tokens)).astype(np.float32)
+
+def mean_activations(store, hook: str) -> np.ndarray:
+    """Each feature's mean activation over every token of the store, zeros included: the value
+    that notebook-style mean ablation puts in."""
+    d_sae, n_tokens = store.d_sae(hook), store.n_tokens
+    sums = np.zeros(d_sae, dtype=np.float64)
+    for start in range(0, n_tokens, MEANS_CHUNK_TOKENS):
+        csr = store.csr(hook, start, min(n_tokens, start + MEANS_CHUNK_TOKENS))
+        sums += np.bincount(csr.indices, weights=csr.data, minlength=d_sae)
+    return (sums / max(1, n_tokens)).astype(np.float32)
 
 
 # -- running from the SAE's hook onward --------------------------------------------------------
@@ -380,7 +381,7 @@ def _means(ablation: Ablation, means: np.ndarray | None, store_prompts: StorePro
             "or prompts from a store (StorePrompts.from_store), whose tokens give the means."
         )
     if means is None:
-        return store_prompts.means(hook)
+        return mean_activations(store_prompts.store, hook)
     means = np.asarray(means, dtype=np.float32)
     if means.shape != (d_sae,):
         raise ConfigError(f"means has shape {means.shape}; expected one mean per feature, ({d_sae},).")

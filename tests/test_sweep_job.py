@@ -1,0 +1,141 @@
+"""`latentstore sweep` on Ray: parts written into the store, read back equal to ablation_sweep,
+resumable; the worker alone; the CLI for sweep and steer."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import WORDS
+from jobs.cli import main
+from jobs.extract import ExtractConfig, run_extract
+from jobs.sweep import SweepConfig, SweepWorker, run_sweep, validate
+from pipeline.ablation import StorePrompts, ablation_sweep
+from pipeline.dataset import DatasetSpec
+from pipeline.metrics import KLFromClean, LogitDiff
+from pipeline.models import load_model
+from pipeline.saes import SAESource, load_sae
+from store import FeatureStore
+from store.errors import ConfigError, StoreIncompleteError
+from store.format import MARKER_GROUP
+from store.location import open_root
+from store.sweeps import read_sweep
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def store(assets, ray_cluster, tmp_path_factory):
+    """A float32 store over 14 short rows, so that each row is one prompt."""
+    root = tmp_path_factory.mktemp("sweep")
+    rng = random.Random(1)
+    data = root / "short.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9)))}) + "\n"
+                            for _ in range(14)))
+    cfg = ExtractConfig(model=str(assets["model_dir"]), saes=(str(assets["sae_dirs"][HOOK]),),
+                        dataset=DatasetSpec(str(data)), store=str(root / "s.zarr"), context_size=16,
+                        shard_rows=5, value_dtype="float32", workers=1, progress=False)
+    run_extract(cfg)
+    return cfg.store
+
+
+@pytest.fixture(scope="module")
+def loaded(assets):
+    model = load_model(str(assets["model_dir"]))
+    return model, load_sae(SAESource.parse(str(assets["sae_dirs"][HOOK])))
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    rng = random.Random(2)
+    path = tmp_path_factory.mktemp("prompts") / "p.jsonl"
+    lines = [{"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 7))),
+              "answer": rng.choice(WORDS), "wrong_answer": rng.choice(WORDS)} for _ in range(9)]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path, lines
+
+
+def test_store_rows_sweep_equals_ablation_sweep_and_resumes(store, loaded, tmp_path):
+    model, sae = loaded
+    cfg = SweepConfig(name="rows-last", store=store, rows=(2, 12), metric="kl", prompts_per_part=5,
+                      features_per_part=30, workers=2, cpus_per_worker=1, progress=False)
+    counts = run_sweep(cfg)
+    stored = read_sweep(store, "rows-last")
+    assert stored.attrs["sweep"]["metric"] == "kl" and stored.attrs["sweep"]["position"] == -1
+    assert counts["n_parts"] > 3 and counts["n_lines"] == len(stored) == 10 * counts["n_features"]
+
+    prompts = StorePrompts.from_store(FeatureStore.open(store), range(2, 12))
+    metric = KLFromClean.from_model(model, prompts.tokens, attention_mask=prompts.attention_mask)
+    expected = ablation_sweep(model, sae, prompts, metric)
+    assert list(stored["row"]) == list(expected["row"])
+    np.testing.assert_array_equal(stored["feature"], expected["feature"])
+    scale = np.abs(expected["delta"]).max()
+    assert scale > 1e-3
+    np.testing.assert_allclose(stored["delta"], expected["delta"], rtol=1e-4, atol=1e-4 * scale)
+
+    # Lose one part as a crash would (its marker never written): the sweep is incomplete, and
+    # rerunning the command redoes that part only.
+    parts = open_root(store, mode="a")["sweeps/rows-last/parts"]
+    del parts["000002"][MARKER_GROUP]
+    root = open_root(store, mode="a")["sweeps/rows-last"]
+    root.attrs.update({"latentstore": {**root.attrs["latentstore"], "status": "writing"}})
+    with pytest.raises(StoreIncompleteError, match="Run the same `latentstore sweep` command"):
+        read_sweep(store, "rows-last")
+    before = {name: parts[name]["complete"].attrs["latentstore"]["written_at"]
+              for name in parts.group_keys() if name != "000002"}
+    run_sweep(SweepConfig(**{**cfg.__dict__, "workers": 1}))  # the spec is the same: it resumes
+    parts = open_root(store, mode="r")["sweeps/rows-last/parts"]
+    assert {name: parts[name]["complete"].attrs["latentstore"]["written_at"] for name in before} == before
+    again = read_sweep(store, "rows-last")
+    np.testing.assert_array_equal(again["delta"], stored["delta"])
+
+
+def test_worker_alone_on_a_prompt_file(assets, prompt_file, loaded, tmp_path):
+    path, lines = prompt_file
+    model, sae = loaded
+    cfg = SweepConfig(name="file", store=str(tmp_path / "out.zarr"), prompts=str(path),
+                      model=str(assets["model_dir"]), sae=str(assets["sae_dirs"][HOOK]), position=None)
+    worker = SweepWorker(validate(cfg))
+    live = worker.live_features()
+    tokens, mask = worker.tokens, worker.mask
+    metric = LogitDiff.from_strings(model, [l["answer"] for l in lines], [l["wrong_answer"] for l in lines])
+    expected = ablation_sweep(model, sae, tokens, metric, position=None, attention_mask=mask)
+    np.testing.assert_array_equal(live, np.unique(expected["feature"]))
+
+
+def test_cli_sweep_from_prompt_file_and_steer(assets, prompt_file, ray_cluster, tmp_path, capsys):
+    path, _ = prompt_file
+    out = str(tmp_path / "out.zarr")
+    args = ["sweep", "--name", "file-attr", "--store", out, "--prompts", str(path), "--model", str(assets["model_dir"]),
+            "--sae", str(assets["sae_dirs"][HOOK]), "--method", "attribution", "--verify-top", "2",
+            "--prompts-per-part", "5", "--workers", "1", "--no-progress"]
+    assert main(args) == 0
+    frame = read_sweep(out, "file-attr")
+    assert set(frame["method"]) == {"exact", "attribution"}
+    assert frame.loc[frame["method"] == "exact", "feature"].nunique() <= 4  # the top 2 of each prompt block
+    assert "attribution" in frame
+    capsys.readouterr()
+
+    assert main(["steer", "--model", str(assets["model_dir"]), "--sae", str(assets["sae_dirs"][HOOK]),
+                 "--feature", "3", "--magnitude", "20", "--prompt", "the cat", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip().startswith("the cat")
+
+
+def test_errors_name_the_problem(store, assets, tmp_path):
+    with pytest.raises(ConfigError, match="needs answers"):
+        validate(SweepConfig(name="x", store=store, rows=(0, 3)))
+    with pytest.raises(ConfigError, match="--hook 'blocks.5.hook_resid_post' is not in store"):
+        validate(SweepConfig(name="x", store=store, rows=(0, 3), metric="kl", hook="blocks.5.hook_resid_post"))
+    with pytest.raises(ConfigError, match="sweep name"):
+        validate(SweepConfig(name="a/b", store=store, rows=(0, 3), metric="kl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "the cat", "answer": "cat dog", "wrong_answer": "red"}) + "\n")
+    cfg = SweepConfig(name="bad", store=str(tmp_path / "o.zarr"), prompts=str(bad), model=str(assets["model_dir"]),
+                      sae=str(assets["sae_dirs"][HOOK]))
+    worker = SweepWorker(validate(cfg))
+    with pytest.raises(ConfigError, match="'cat dog' is 2 tokens"):
+        worker.prompts(0, 1)
