@@ -27,6 +27,7 @@ PARTS_GROUP = "parts"
 FEATURES = "features"
 PROMPT_ROWS = "prompt_rows"
 
+SWEEPS_ENCODING = "latentstore.sweeps"
 SWEEP_ENCODING = "latentstore.sweep"
 PART_ENCODING = "latentstore.sweep_part"
 PARTS_ENCODING = "latentstore.sweep_parts"
@@ -100,7 +101,9 @@ class SweepWriter:
                 )
             return self.completed_parts()
         root = open_root(self.location, mode="a")
-        sweeps = root.require_group(SWEEPS_GROUP)
+        if SWEEPS_GROUP not in root:
+            root.create_group(SWEEPS_GROUP, attributes={fmt.ATTRS_KEY: fmt.encoding(SWEEPS_ENCODING)})
+        sweeps = root[SWEEPS_GROUP]
         if self.name in sweeps:
             del sweeps[self.name]
         group = sweeps.create_group(self.name, attributes={fmt.ATTRS_KEY: {
