@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Print what a store holds: model, SAEs, dataset, counts.")
     info.add_argument("store", help="the store's path or URL")
     info.add_argument("--json", action="store_true", help="print the summary as JSON")
+    info.add_argument("--tree", action="store_true", help="also list every group and array (see docs/FORMAT.md)")
 
     from jobs import steer, sweep
 
@@ -190,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "info":
             from store import FeatureStore
 
-            info = FeatureStore.open(args.store).info()
-            print(json.dumps(info, indent=2) if args.json else format_info(info))
+            fs = FeatureStore.open(args.store)
+            print(json.dumps(fs.info(), indent=2) if args.json else format_info(fs.info()))
+            if args.tree:
+                print(fs.tree())
         else:  # commands registered by add_commands carry their handler
             args.handler(args)
     except LatentStoreError as e:

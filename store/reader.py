@@ -137,6 +137,25 @@ class FeatureStore:
             ],
         }
 
+    def tree(self) -> str:
+        """The store's zarr hierarchy, one node a line: arrays with dtype, shape and codecs."""
+        lines = []
+
+        def walk(group: zarr.Group, depth: int) -> None:
+            for name, node in sorted(group.members(), key=lambda m: m[0]):
+                indent = "  " * depth
+                if isinstance(node, zarr.Array):
+                    codecs = " -> ".join(c["name"] for c in node.metadata.to_dict()["codecs"])
+                    lines.append(f"{indent}{name}  {node.dtype} {list(node.shape)}  [{codecs}]")
+                else:
+                    kind = node.attrs.asdict().get(fmt.ATTRS_KEY, {}).get("encoding-type", "group")
+                    lines.append(f"{indent}{name}/  ({kind})")
+                    walk(node, depth + 1)
+
+        lines.append(f"/  ({self.attrs['encoding-type']} {self.attrs['encoding-version']})")
+        walk(self._root, 1)
+        return "\n".join(lines)
+
     def __repr__(self) -> str:
         state = "" if self.complete else ", incomplete"
         return f"FeatureStore({self.location!r}, {self.n_tokens:,} tokens, hooks={self.hooks}{state})"
