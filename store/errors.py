@@ -50,6 +50,11 @@ class StoreWriteError(LatentStoreError, PermissionError):
     """The store path cannot be written."""
 
 
+class StoreCorruptError(LatentStoreError, ValueError):
+    """Part of the store was damaged after it was written: unreadable metadata, a chunk that
+    does not decode, or data whose checksum differs from the one recorded at write time."""
+
+
 def did_you_mean(name: str, valid: Iterable[str], limit: int = 12) -> str:
     """A short list of valid names for an error message, closest ones first."""
     import difflib
