@@ -1,0 +1,425 @@
+"""Check every part of a store against what was recorded when it was written.
+
+``verify_store(location)`` reads the whole store once and returns a ``VerifyReport``
+listing each damaged part by its path inside the store:
+
+- every metadata file (``zarr.json``) parses, and every array's codecs are known;
+- every chunk of every array decodes, and none that holds data is missing;
+- every array listed in a completion marker has the crc32 recorded there at write time;
+- shapes agree: ``token_ids``/``row``/``pos`` have ``n_tokens`` entries, ``indptr`` has
+  ``n_tokens + 1`` and ends at the marker's ``nnz``, ``indices``/``values`` have ``nnz``;
+- pointer arrays start at 0 and never decrease; feature indices lie in ``[0, d_sae)`` and
+  ascend within a token; rows lie in the shard's row range;
+- a complete store's shard list and counts agree with the shards' markers, and its
+  feature-major index covers every feature exactly once, with token indices in range.
+
+Shards without a completion marker in a store that is still being written are not
+damage: they are listed as notes (a rerun of the extraction rewrites them).
+Needs numpy, zarr and fsspec only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import zarr
+
+from store import format as fmt
+from store.errors import StoreNotFoundError
+from store.location import is_url, normalize, open_zarr_store
+
+METADATA = "zarr.json"
+INDEX_GROUP = getattr(fmt, "INDEX_GROUP", "index")  # the feature-major index (format 1.1)
+PARTS_GROUP = getattr(fmt, "PARTS_GROUP", "parts")
+
+
+@dataclass(frozen=True)
+class Problem:
+    part: str  # path inside the store: an array, a group, or a metadata file
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.part}: {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    location: str
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    n_arrays: int = 0
+    n_checksums: int = 0
+    n_bytes: int = 0  # decoded bytes read
+    n_shards: int = 0
+    status: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def damaged_parts(self) -> list[str]:
+        return sorted({p.part for p in self.problems})
+
+    def add(self, part: str, message: str) -> None:
+        self.problems.append(Problem(part, message))
+
+    def format(self) -> str:
+        head = (f"store {self.location} ({self.status or 'unknown status'}): {self.n_shards} complete shards, "
+                f"{self.n_arrays} arrays ({self.n_bytes / 1e6:.1f} MB decoded), "
+                f"{self.n_checksums} checksums compared")
+        lines = [head]
+        lines += [f"note: {n}" for n in self.notes]
+        if self.ok:
+            lines.append("OK: every part is as it was written.")
+            return "\n".join(lines)
+        lines.append(f"DAMAGED: {len(self.problems)} problem(s) in {len(self.damaged_parts)} part(s):")
+        lines += [f"  {p}" for p in self.problems]
+        shards = sorted({p.part.split("/")[1] for p in self.problems
+                         if p.part.startswith(fmt.SHARDS_GROUP + "/") and p.part.count("/") >= 1})
+        if shards:
+            lines.append(
+                "fix: delete the damaged shard group(s) ("
+                + ", ".join(f"{fmt.SHARDS_GROUP}/{s}" for s in shards)
+                + ") and rerun the same `latentstore extract` command: it redoes only missing shards."
+            )
+        if any(p.part.startswith(INDEX_GROUP + "/") for p in self.problems):
+            lines.append(f"fix: delete {INDEX_GROUP}/ and run `latentstore index {self.location}` to rebuild it.")
+        if any(p.part.startswith("sweeps/") for p in self.problems):
+            lines.append("fix: delete the damaged sweep part(s) and rerun the same `latentstore sweep` command.")
+        return "\n".join(lines)
+
+
+def crc(data: np.ndarray) -> str:
+    """The checksum the writers record: crc32 of the array's little-endian bytes."""
+    return f"crc32:{zlib.crc32(np.ascontiguousarray(data).view(np.uint8)):08x}"
+
+
+class _Walker:
+    """Reads the store's files once: metadata first, then arrays on demand."""
+
+    def __init__(self, location: str, report: VerifyReport):
+        import fsspec
+
+        self.location = location
+        self.report = report
+        if is_url(location):
+            self.fs, self.base = fsspec.core.url_to_fs(location)
+        else:
+            self.fs, self.base = fsspec.filesystem("file"), location
+        self.base = self.base.rstrip("/")
+        self.files = {self._rel(p) for p in self.fs.find(self.base)}
+        self.metadata: dict[str, dict] = {}  # node path ("" for the root) -> parsed zarr.json
+        self.zstore = open_zarr_store(location, read_only=True)
+        self.read_arrays: set[str] = set()
+
+    def _rel(self, path: str) -> str:
+        return path[len(self.base):].lstrip("/") if path.startswith(self.base) else path
+
+    def parse_metadata(self) -> None:
+        for key in sorted(self.files):
+            if key.rsplit("/", 1)[-1] != METADATA:
+                continue
+            node = key[: -len(METADATA)].rstrip("/")
+            try:
+                doc = json.loads(self.fs.cat_file(f"{self.base}/{key}"))
+                if not isinstance(doc, dict) or doc.get("node_type") not in ("array", "group"):
+                    raise ValueError("not a zarr v3 node (no node_type array or group)")
+            except (ValueError, UnicodeDecodeError) as e:
+                self.report.add(key, f"metadata cannot be parsed ({type(e).__name__}: {e}); "
+                                     "the node and everything in it is unreadable")
+                continue
+            self.metadata[node] = doc
+
+    def attrs(self, node: str) -> dict | None:
+        """A node's latentstore attributes, or None if it has none or its metadata is damaged."""
+        doc = self.metadata.get(node)
+        return None if doc is None else doc.get("attributes", {}).get(fmt.ATTRS_KEY)
+
+    def children(self, node: str) -> list[str]:
+        prefix = f"{node}/" if node else ""
+        out = set()
+        for key in self.files:
+            if key.startswith(prefix):
+                name = key[len(prefix):].split("/", 1)[0]
+                if name and name != METADATA:
+                    out.add(name)
+        return sorted(out)
+
+    def is_array(self, node: str) -> bool:
+        return self.metadata.get(node, {}).get("node_type") == "array"
+
+    def damaged(self, node: str) -> bool:
+        """Whether the node's own metadata file exists but could not be parsed."""
+        key = f"{node}/{METADATA}" if node else METADATA
+        return key in self.files and node not in self.metadata
+
+    def read(self, path: str) -> np.ndarray | None:
+        """The whole array, decoded; None (with the problem recorded) if it cannot be read."""
+        self.read_arrays.add(path)
+        if path not in self.metadata:
+            if not self.damaged(path):
+                self.report.add(path, "array is missing")
+            return None
+        try:
+            array = zarr.open_array(self.zstore, path=path, mode="r")
+        except Exception as e:  # unknown codec, invalid metadata fields: zarr raises several types
+            self.report.add(f"{path}/{METADATA}", f"array metadata is not readable ({type(e).__name__}: {e})")
+            return None
+        out = np.empty(array.shape, dtype=array.dtype)
+        grid = [range(-(-s // c)) if s else range(0) for s, c in zip(array.shape, array.chunks)]
+        for coords in itertools.product(*grid):
+            key = array.metadata.encode_chunk_key(coords)
+            box = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(coords, array.chunks, array.shape))
+            if f"{path}/{key}" not in self.files and array.shape and all(b.stop > b.start for b in box):
+                self.report.add(path, f"chunk {key} is missing (reads would silently return the fill value)")
+                return None
+            try:
+                out[box] = array[box]
+            except Exception as e:  # codecs raise RuntimeError, ValueError, ...: all mean the bytes are bad
+                self.report.add(path, f"chunk {key} cannot be decoded ({type(e).__name__}: {e})")
+                return None
+        self.report.n_arrays += 1
+        self.report.n_bytes += out.nbytes
+        return out
+
+    def check_sum(self, path: str, data: np.ndarray | None, recorded: str | None) -> None:
+        if data is None or recorded is None:
+            return
+        self.report.n_checksums += 1
+        found = crc(data)
+        if found != recorded:
+            self.report.add(path, f"checksum mismatch: recorded {recorded} at write time, found {found} "
+                                  "(the data changed after it was written)")
+
+
+def verify_store(location: str) -> VerifyReport:
+    """Check every part of the store at ``location``; see the module docstring for what is checked."""
+    location = normalize(location)
+    report = VerifyReport(location)
+    walker = _Walker(location, report)
+    if not walker.files:
+        raise StoreNotFoundError(f"No latentstore store at {location}. Check the path.")
+    walker.parse_metadata()
+    root = walker.attrs("")
+    if root is not None:
+        fmt.check_version(root, fmt.STORE_ENCODING, f"store {location}")
+        report.status = root.get("status")
+    elif not walker.damaged(""):
+        raise StoreNotFoundError(f"{location} is not a latentstore store (its root has no latentstore attributes).")
+    markers = _verify_shards(walker, root or {})
+    if root is not None and root.get("status") == fmt.STATUS_COMPLETE:
+        _verify_root_lists(walker, root, markers)
+        _verify_index(walker, root, markers)
+    _verify_marked_groups(walker, "sweeps")
+    _verify_marked_groups(walker, INDEX_GROUP)
+    for node in sorted(walker.metadata):  # whatever else holds arrays (statistics, vocabulary) must decode
+        if walker.is_array(node) and node not in walker.read_arrays:
+            walker.read(node)
+    return report
+
+
+def _verify_shards(walker: _Walker, root: dict) -> dict[int, dict]:
+    report = walker.report
+    complete = root.get("status") == fmt.STATUS_COMPLETE
+    listed = {s["shard_id"] for s in root.get("shards", [])} if complete else set()
+    saes = {s["hook"]: s for s in root.get("run", {}).get("saes", [])}
+    value_dtype = root.get("run", {}).get("value_dtype")
+    markers = {}
+    for name in walker.children(fmt.SHARDS_GROUP):
+        node = f"{fmt.SHARDS_GROUP}/{name}"
+        if not (name.isdigit() and len(name) == 6):
+            report.add(node, "is not a shard (shard groups are named by six digits)")
+            continue
+        shard_id = int(name)
+        marker_node = f"{node}/{fmt.MARKER_GROUP}"
+        marker = walker.attrs(marker_node)
+        if marker is None:
+            if walker.damaged(marker_node) and (not complete or shard_id in listed):
+                continue  # the unparsable marker is already reported
+            if complete:
+                report.add(node, "has no completion marker, yet the store says it is complete")
+            else:
+                report.notes.append(f"{node} has no completion marker yet (in progress, or left by a crash; "
+                                    "rerunning the extraction rewrites it)")
+            continue
+        if complete and shard_id not in listed:
+            report.add(node, "is not in the store's shard list (a leftover the finalizer should have deleted)")
+        markers[shard_id] = marker
+        report.n_shards += 1
+        _verify_shard(walker, node, marker, saes, value_dtype)
+    return markers
+
+
+def _verify_shard(walker: _Walker, node: str, marker: dict, saes: dict, value_dtype: str | None) -> None:
+    report = walker.report
+    shard_attrs = walker.attrs(node)
+    for key in ("shard_id", "row_start", "row_stop"):
+        if shard_attrs is not None and shard_attrs.get(key) != marker.get(key):
+            report.add(node, f"{key} is {shard_attrs.get(key)} in the shard's attributes but "
+                             f"{marker.get(key)} in its completion marker")
+    checksums = dict(marker.get("checksums", {}))
+    n_tokens, row_start, row_stop = marker.get("n_tokens"), marker.get("row_start"), marker.get("row_stop")
+
+    def read(name: str) -> np.ndarray | None:
+        path = f"{node}/{name}"
+        data = walker.read(path)
+        walker.check_sum(path, data, checksums.pop(name, None))
+        return data
+
+    def expect_len(name: str, data: np.ndarray | None, n: int | None) -> bool:
+        if data is None:
+            return False
+        if n is not None and len(data) != n:
+            report.add(f"{node}/{name}", f"has {len(data)} entries, expected {n}")
+            return False
+        return True
+
+    expect_len(fmt.TOKEN_IDS, read(fmt.TOKEN_IDS), n_tokens)
+    rows = read(fmt.ROWS)
+    pos = read(fmt.POSITIONS)
+    expect_len(fmt.ROWS, rows, n_tokens)
+    if expect_len(fmt.POSITIONS, pos, n_tokens) and len(pos) and pos.min() < fmt.BOS_POSITION:
+        report.add(f"{node}/{fmt.POSITIONS}", f"holds position {int(pos.min())} (positions are >= -1)")
+    if rows is not None and len(rows) and row_start is not None:
+        if rows.min() < row_start or rows.max() >= row_stop:
+            report.add(f"{node}/{fmt.ROWS}", f"holds rows outside the shard's range [{row_start}, {row_stop})")
+        elif np.any(np.diff(rows) < 0):
+            report.add(f"{node}/{fmt.ROWS}", "rows are not in store order (they decrease)")
+    nnz = marker.get("nnz", {})
+    for hook in sorted(set(saes) | set(nnz)):
+        base = f"{fmt.SAES_GROUP}/{hook}"
+        if hook not in saes or hook not in nnz:
+            report.add(f"{node}/{base}", "the store's SAEs and the shard's marker disagree about this hook")
+            continue
+        d_sae = int(saes[hook]["d_sae"])
+        indptr = read(f"{base}/{fmt.INDPTR}")
+        indices = read(f"{base}/{fmt.INDICES}")
+        values = read(f"{base}/{fmt.VALUES}")
+        if expect_len(f"{base}/{fmt.INDPTR}", indptr, None if n_tokens is None else n_tokens + 1):
+            where = f"{node}/{base}/{fmt.INDPTR}"
+            if len(indptr) and indptr[0] != 0:
+                report.add(where, f"starts at {int(indptr[0])}, not 0")
+            elif np.any(np.diff(indptr) < 0):
+                report.add(where, "decreases somewhere (a pointer array never decreases)")
+            elif len(indptr) and indptr[-1] != nnz[hook]:
+                report.add(where, f"ends at {int(indptr[-1])}, but the marker records nnz={nnz[hook]}")
+        expect_len(f"{base}/{fmt.VALUES}", values, nnz[hook])
+        if expect_len(f"{base}/{fmt.INDICES}", indices, nnz[hook]) and len(indices):
+            where = f"{node}/{base}/{fmt.INDICES}"
+            if int(indices.max()) >= d_sae:
+                report.add(where, f"holds feature {int(indices.max())}, outside [0, {d_sae})")
+            elif indptr is not None and len(indptr) == (n_tokens or 0) + 1 and indptr[-1] == len(indices):
+                step = np.diff(indices.astype(np.int64))
+                starts = np.zeros(len(indices), bool)
+                starts[indptr[:-1][indptr[:-1] < len(indices)]] = True
+                if np.any(step[~starts[1:]] <= 0):
+                    report.add(where, "feature indices do not ascend within a token")
+        if values is not None and value_dtype in fmt.VALUE_DTYPES and values.dtype != fmt.storage_dtype(value_dtype):
+            report.add(f"{node}/{base}/{fmt.VALUES}", f"dtype {values.dtype}, expected "
+                                                      f"{fmt.storage_dtype(value_dtype)} for {value_dtype}")
+    for name, recorded in checksums.items():  # further arrays the marker vouches for (statistics, ...)
+        path = f"{node}/{name}"
+        walker.check_sum(path, walker.read(path), recorded)
+
+
+def _verify_root_lists(walker: _Walker, root: dict, markers: dict[int, dict]) -> None:
+    report = walker.report
+    listed = root.get("shards", [])
+    keys = ("row_start", "row_stop", "token_limit", "n_tokens", "nnz")
+    previous_stop = 0
+    for entry in listed:
+        shard_id = entry.get("shard_id")
+        node = fmt.shard_path(shard_id)
+        marker = markers.get(shard_id)
+        if marker is None:
+            if not walker.damaged(f"{node}/{fmt.MARKER_GROUP}") and f"{node}/{fmt.MARKER_GROUP}" not in walker.metadata:
+                report.add(node, "is in the store's shard list but missing from the store")
+            continue
+        for key in keys:
+            if entry.get(key) != marker.get(key):
+                report.add(METADATA, f"shard {shard_id}: the root lists {key}={entry.get(key)!r}, its marker "
+                                     f"says {marker.get(key)!r}")
+        if entry.get("row_start") != previous_stop:
+            report.add(METADATA, f"shard {shard_id} starts at row {entry.get('row_start')}, but the shard before "
+                                 f"it ends at row {previous_stop} (rows skipped or covered twice)")
+        previous_stop = entry.get("row_stop")
+    counts = root.get("counts", {})
+    n_tokens = sum(e.get("n_tokens", 0) for e in listed)
+    if counts.get("n_tokens") != n_tokens:
+        report.add(METADATA, f"counts.n_tokens is {counts.get('n_tokens')}, the shards hold {n_tokens}")
+    if counts.get("n_shards") != len(listed):
+        report.add(METADATA, f"counts.n_shards is {counts.get('n_shards')}, the root lists {len(listed)}")
+    for hook, total in counts.get("nnz", {}).items():
+        found = sum(e.get("nnz", {}).get(hook, 0) for e in listed)
+        if total != found:
+            report.add(METADATA, f"counts.nnz[{hook}] is {total}, the shards hold {found}")
+
+
+def _verify_index(walker: _Walker, root: dict, markers: dict[int, dict]) -> None:
+    """Each complete, current index: its pointer array and parts cover every feature once."""
+    report = walker.report
+    n_tokens = root.get("counts", {}).get("n_tokens", 0)
+    saes = {s["hook"]: s for s in root.get("run", {}).get("saes", [])}
+    for hook in walker.children(INDEX_GROUP):
+        node = f"{INDEX_GROUP}/{hook}"
+        attrs = walker.attrs(node)
+        if attrs is None or not attrs.get("complete") or hook not in saes:
+            continue
+        d_sae = int(saes[hook]["d_sae"])
+        indptr = walker.read(f"{node}/{fmt.INDPTR}")
+        if indptr is None:
+            continue
+        where = f"{node}/{fmt.INDPTR}"
+        nnz = root.get("counts", {}).get("nnz", {}).get(hook)
+        if len(indptr) != d_sae + 1:
+            report.add(where, f"has {len(indptr)} entries, expected d_sae + 1 = {d_sae + 1}")
+            continue
+        if indptr[0] != 0 or np.any(np.diff(indptr) < 0):
+            report.add(where, "does not start at 0 or decreases somewhere")
+            continue
+        if nnz is not None and indptr[-1] != nnz:
+            report.add(where, f"ends at {int(indptr[-1])}, but the store holds {nnz} entries for {hook}")
+        expected_start = 0
+        for part_id, start, stop in attrs.get("parts", []):
+            part = f"{node}/{PARTS_GROUP}/{part_id}"
+            if start != expected_start:
+                report.add(node, f"part {part_id} starts at feature {start}, expected {expected_start} "
+                                 "(features skipped or covered twice)")
+            expected_start = stop
+            marker = walker.attrs(f"{part}/{fmt.MARKER_GROUP}")
+            if marker is None:
+                if not walker.damaged(f"{part}/{fmt.MARKER_GROUP}"):
+                    report.add(part, "has no completion marker, yet the index says it is complete")
+                continue
+            token = walker.read(f"{part}/token")
+            walker.check_sum(f"{part}/token", token, marker.get("checksums", {}).get("token"))
+            values = walker.read(f"{part}/{fmt.VALUES}")
+            walker.check_sum(f"{part}/{fmt.VALUES}", values, marker.get("checksums", {}).get(fmt.VALUES))
+            want = int(indptr[stop] - indptr[start])
+            for name, data in (("token", token), (fmt.VALUES, values)):
+                if data is not None and len(data) != want:
+                    report.add(f"{part}/{name}", f"has {len(data)} entries, the index pointers say {want}")
+            if token is not None and len(token) and int(token.max()) >= n_tokens:
+                report.add(f"{part}/token", f"holds token index {int(token.max())}, outside the store's "
+                                            f"{n_tokens} tokens")
+        if expected_start != d_sae:
+            report.add(node, f"its parts end at feature {expected_start}, expected {d_sae}")
+
+
+def _verify_marked_groups(walker: _Walker, top: str) -> None:
+    """Any other group with a completion marker (sweep parts, ...): the arrays it vouches for."""
+    for node in sorted(walker.metadata):
+        if not node.startswith(top + "/") or not node.endswith("/" + fmt.MARKER_GROUP):
+            continue
+        parent = node[: -len(fmt.MARKER_GROUP) - 1]
+        marker = walker.attrs(node) or {}
+        for name, recorded in marker.get("checksums", {}).items():
+            path = f"{parent}/{name}"
+            if path in walker.read_arrays:
+                continue
+            walker.check_sum(path, walker.read(path), recorded)

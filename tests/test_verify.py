@@ -1,0 +1,181 @@
+"""`latentstore verify` and reads of damaged stores: each damaged part is named exactly, and
+queries that touch it raise StoreCorruptError instead of returning wrong numbers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jobs.cli import main
+from store import FeatureStore
+from store import format as fmt
+from store.errors import StoreCorruptError, StoreNotFoundError
+from store.verify import verify_store
+
+pytestmark = pytest.mark.ray
+
+HOOK = "blocks.0.hook_resid_post"
+OTHER = "blocks.1.hook_mlp_out"
+
+
+def store_config(assets, path):
+    from tests.test_extract_job import config
+
+    return config(assets, path, saes=(str(assets["sae_dirs"][HOOK]), str(assets["sae_dirs"][OTHER])),
+                  max_tokens=1200, shard_rows=3)
+
+
+@pytest.fixture(scope="module")
+def pristine(assets, ray_cluster, tmp_path_factory) -> Path:
+    """A complete store (with statistics and index, if this version writes them), several shards."""
+    from jobs.extract import run_extract
+
+    path = tmp_path_factory.mktemp("verify") / "v.zarr"
+    run_extract(store_config(assets, path))
+    return path
+
+
+@pytest.fixture
+def store(pristine, tmp_path) -> Path:
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(pristine, copy)
+    return copy
+
+
+def flip_byte(path: Path, at: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    i = min(len(data) - 1, int(len(data) * at))
+    data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def test_an_intact_store_verifies(store, capsys):
+    report = verify_store(str(store))
+    assert report.ok, report.format()
+    assert report.status == "complete" and report.n_shards >= 3
+    assert report.n_checksums >= report.n_shards * 9  # 3 token arrays + 3 arrays per SAE, per shard
+    assert main(["verify", str(store)]) == 0
+    assert "OK: every part is as it was written" in capsys.readouterr().out
+
+
+def test_corrupt_chunk_is_named_and_reads_refuse_it(store, capsys):
+    reference = FeatureStore.open(str(store))
+    good = {h: reference.csr(h) for h in reference.hooks}
+    shard = reference.shards[1]
+    part = f"{fmt.shard_path(shard.shard_id)}/{fmt.SAES_GROUP}/{HOOK}/{fmt.INDICES}"
+    flip_byte(store / part / "c" / "0")
+
+    report = verify_store(str(store))
+    assert report.damaged_parts == [part], report.format()
+    assert main(["verify", str(store)]) == 2
+    captured = capsys.readouterr()
+    out = captured.out
+    assert f"1 damaged part(s) in {store}: {part}" in captured.err
+    assert f"DAMAGED: 1 problem(s) in 1 part(s)" in out and part in out
+    assert f"delete the damaged shard group(s) ({fmt.shard_path(shard.shard_id)})" in out
+
+    fs = FeatureStore.open(str(store))
+    with pytest.raises(StoreCorruptError, match=rf"(?s){part}.*latentstore verify"):
+        fs.csr(HOOK)
+    with pytest.raises(StoreCorruptError):
+        fs.csr(HOOK, shard.token_start, shard.token_start + 1)  # a one-token read touches it too
+    # reads that do not touch the damaged part still work, and give the same numbers
+    first = reference.shards[0]
+    assert (fs.csr(HOOK, first.token_start, first.token_stop) != good[HOOK][first.token_start:first.token_stop]).nnz == 0
+    assert (fs.csr(OTHER) != good[OTHER]).nnz == 0
+
+
+def test_repair_as_the_report_advises_restores_the_store(assets, pristine, store):
+    """Delete the damaged shard, rerun the same extraction: the store is whole and equal again."""
+    from jobs.extract import run_extract
+    from tests.test_extract_job import assert_same_store
+
+    shard = FeatureStore.open(str(store)).shards[1]
+    flip_byte(store / fmt.shard_path(shard.shard_id) / fmt.SAES_GROUP / HOOK / fmt.VALUES / "c" / "0")
+    assert not verify_store(str(store)).ok
+    shutil.rmtree(store / fmt.shard_path(shard.shard_id))
+    run_extract(store_config(assets, store))
+    assert verify_store(str(store)).ok
+    assert_same_store(FeatureStore.open(str(store)), FeatureStore.open(str(pristine)))
+
+
+def test_bytes_that_still_decode_are_caught_by_the_checksum(store):
+    """Damage that a codec cannot notice: a chunk of another shard swapped in (same dtype and codecs)."""
+    fs = FeatureStore.open(str(store))
+    a, b = (f"{fmt.shard_path(s.shard_id)}/{fmt.TOKEN_IDS}" for s in fs.shards[:2])
+    shutil.copy(store / b / "c" / "0", store / a / "c" / "0")
+    meta_a, meta_b = (json.loads((store / p / "zarr.json").read_text()) for p in (a, b))
+    meta_a["shape"], meta_a["chunk_grid"] = meta_b["shape"], meta_b["chunk_grid"]
+    (store / a / "zarr.json").write_text(json.dumps(meta_a))
+    report = verify_store(str(store))
+    assert report.damaged_parts == [a], report.format()
+    assert "checksum mismatch" in report.problems[0].message or "expected" in report.problems[0].message
+    with pytest.raises(StoreCorruptError, match=rf"{a}.*checksum"):
+        FeatureStore.open(str(store)).token_ids()
+
+
+def test_missing_chunk_is_not_read_as_zeros(store):
+    fs = FeatureStore.open(str(store))
+    part = f"{fmt.shard_path(fs.shards[2].shard_id)}/{fmt.POSITIONS}"
+    (store / part / "c" / "0").unlink()
+    report = verify_store(str(store))
+    assert report.damaged_parts == [part] and "chunk c/0 is missing" in report.problems[0].message
+    with pytest.raises(StoreCorruptError, match=part):
+        FeatureStore.open(str(store)).provenance()
+
+
+def test_corrupt_metadata_file_is_named_and_reads_refuse_it(store, capsys):
+    fs = FeatureStore.open(str(store))
+    shard = fs.shards[0]
+    node = f"{fmt.shard_path(shard.shard_id)}/{fmt.SAES_GROUP}/{OTHER}/{fmt.VALUES}"
+    meta = store / node / "zarr.json"
+    meta.write_text(meta.read_text()[:-40])  # cut short, as a torn upload would leave it
+
+    report = verify_store(str(store))
+    assert report.damaged_parts == [f"{node}/zarr.json"], report.format()
+    assert "metadata cannot be parsed" in report.problems[0].message
+
+    fs = FeatureStore.open(str(store))
+    with pytest.raises(StoreCorruptError, match=rf"{node}.*latentstore verify"):
+        fs.csr(OTHER)
+    fs.csr(HOOK)  # the other SAE is intact
+
+
+def test_unknown_codec_is_named(store):
+    fs = FeatureStore.open(str(store))
+    node = f"{fmt.shard_path(fs.shards[0].shard_id)}/{fmt.ROWS}"
+    meta = store / node / "zarr.json"
+    meta.write_text(meta.read_text().replace('"blosc"', '"blosc-from-the-future"'))
+    report = verify_store(str(store))
+    assert report.damaged_parts == [f"{node}/zarr.json"], report.format()
+    assert "blosc-from-the-future" in report.problems[0].message
+    with pytest.raises(StoreCorruptError, match=rf"(?s){node}.*blosc-from-the-future"):
+        fs.provenance()
+
+
+def test_root_lists_that_disagree_with_markers_are_named(store):
+    meta = store / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"][fmt.ATTRS_KEY]["counts"]["n_tokens"] += 1
+    meta.write_text(json.dumps(doc))
+    report = verify_store(str(store))
+    assert report.damaged_parts == ["zarr.json"] and "counts.n_tokens" in report.problems[0].message
+
+
+def test_shard_without_marker_in_a_complete_store_is_damage(store):
+    fs = FeatureStore.open(str(store))
+    node = fmt.shard_path(fs.shards[1].shard_id)
+    shutil.rmtree(store / node / fmt.MARKER_GROUP)
+    report = verify_store(str(store))
+    assert node in report.damaged_parts and "no completion marker" in report.format()
+
+
+def test_verify_of_a_missing_store_says_so(tmp_path, capsys):
+    with pytest.raises(StoreNotFoundError):
+        verify_store(str(tmp_path / "nothing.zarr"))
+    assert main(["verify", str(tmp_path / "nothing.zarr")]) == 2
+    assert "No latentstore store at" in capsys.readouterr().err
