@@ -102,10 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print the summary as JSON")
     info.add_argument("--tree", action="store_true", help="also list every group and array (see docs/FORMAT.md)")
 
-    from jobs import steer, sweep
+    from jobs import steer, sweep, verify
 
     sweep.add_commands(commands)
     steer.add_commands(commands)
+    verify.add_commands(commands)
     return parser
 
 
