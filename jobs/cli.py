@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a local path or an fsspec URL such as s3://bucket/run.zarr (default: %(default)s)")
     out.add_argument("--value-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                      help="precision of stored activations (default: %(default)s)")
+    out.add_argument("--top-k", type=_int, default=100,
+                     help="top activations kept per feature in the store's statistics (default: %(default)s)")
+    out.add_argument("--no-index", dest="index", action="store_false",
+                     help="skip the feature-major index at the end (build it later with `latentstore index`)")
     out.add_argument("--overwrite", action="store_true",
                      help="replace a store that holds a different run (default: refuse)")
     run = extract.add_argument_group("resources")
@@ -102,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print the summary as JSON")
     info.add_argument("--tree", action="store_true", help="also list every group and array (see docs/FORMAT.md)")
 
-    from jobs import steer, sweep, verify
+    from jobs import index, steer, sweep, top, verify
 
+    index.add_commands(commands)
+    top.add_commands(commands)
     sweep.add_commands(commands)
     steer.add_commands(commands)
     verify.add_commands(commands)
@@ -148,6 +154,8 @@ def extract_config(args: argparse.Namespace):
         shard_rows=args.shard_rows,
         prepend_bos=args.prepend_bos,
         value_dtype=args.value_dtype,
+        top_k=args.top_k,
+        index=args.index,
         model_dtype=args.model_dtype,
         workers=args.workers,
         use_gpu=args.use_gpu,

@@ -19,8 +19,10 @@ from pipeline.dataset import DatasetSpec, Shard, check_dataset, describe_dataset
 from pipeline.models import hook_names, hook_width, is_local_model, load_model_config
 from pipeline.saes import SAESource, read_sae_config
 from pipeline.worker import ExtractJob, ExtractWorker
+from store import stats
 from store.errors import ConfigError, LatentStoreError, StoreWriteError, did_you_mean
 from store.format import VALUE_DTYPES
+from store.stats import DEFAULT_TOP_K
 from store.location import check_writable, normalize
 from store.writer import StoreWriter, check_conflict
 
@@ -41,6 +43,8 @@ class ExtractConfig:
     shard_rows: int = 64  # dataset rows per shard (one store part, one unit of work)
     prepend_bos: bool | None = None  # None: follow the SAEs' prepend_bos
     value_dtype: str = "bfloat16"
+    top_k: int = DEFAULT_TOP_K  # top activations kept per feature in the statistics
+    index: bool = True  # build the feature-major index at the end
     model_dtype: str | None = None  # None: the model's own dtype
     workers: int | None = None  # None: one per GPU in the cluster now, or 1 on a CPU-only cluster
     use_gpu: bool | None = None  # None: GPU workers if the cluster has GPUs now (say True to scale from zero)
@@ -86,6 +90,7 @@ class Plan:
             "max_tokens": cfg.max_tokens,
             "shard_rows": cfg.shard_rows,
             "value_dtype": cfg.value_dtype,
+            "top_k": cfg.top_k,
         }
         if described:
             run["tokenizer"] = described["tokenizer"]
@@ -107,7 +112,7 @@ def validate(cfg: ExtractConfig) -> Plan:
     problems: list[str] = []
     for name, value in [("--context-size", cfg.context_size), ("--batch-size", cfg.batch_size),
                         ("--shard-rows", cfg.shard_rows), ("--max-tokens", cfg.max_tokens),
-                        ("--workers", cfg.workers)]:
+                        ("--workers", cfg.workers), ("--top-k", cfg.top_k)]:
         if value is not None and value <= 0:
             problems.append(f"{name} must be positive, got {value}.")
     if cfg.value_dtype not in VALUE_DTYPES:
@@ -240,6 +245,7 @@ def start_workers(ray, plan: Plan) -> list:
         prepend_bos=plan.prepend_bos,
         value_dtype=cfg.value_dtype,
         model_dtype=cfg.model_dtype,
+        top_k=cfg.top_k,
         device=None if use_gpu else "cpu",
         n_threads=n_threads,
     )
@@ -257,12 +263,20 @@ def run_extract(cfg: ExtractConfig) -> dict:
         described = _call(ray, actors[0].describe.remote(), "loading the model and SAEs")
         writer = StoreWriter(cfg.store)
         plan_meta = {"n_shards": len(plan.shards), "n_rows": plan.dataset["n_rows"]}
+        vocab = described.pop("vocab")
         done = writer.begin(plan.run_metadata(described), plan_meta, cfg.overwrite)
+        if vocab is not None:
+            writer.write_vocab(vocab)
         done = _schedule(ray, actors, plan, done)
-        return _finalize(writer, plan, done)
     finally:
         for actor in actors:
             ray.kill(actor)
+    counts = _finalize(writer, plan, done)
+    if cfg.index:
+        from jobs.index import run_index
+
+        run_index(writer.location, workers=cfg.workers, progress=cfg.progress)
+    return counts
 
 
 def _call(ray, ref, what: str):
@@ -338,6 +352,9 @@ def _finalize(writer: StoreWriter, plan: Plan, done: dict[int, dict]) -> dict:
         "n_shards": len(markers),
         "nnz": {sae.hook: sum(m["nnz"][sae.hook] for m in markers) for sae in plan.saes},
     }
+    for sae in plan.saes:
+        merged = stats.merge_shards(writer.location, markers, sae.hook, sae.d_sae, plan.config.value_dtype)
+        stats.write_merged(writer.location, sae.hook, merged, counts["n_tokens"])
     writer.finalize([_shard_entry(m) for m in markers], counts)
     return counts
 

@@ -22,6 +22,7 @@ from pipeline.saes import SAESource, load_sae
 from store.errors import ConfigError
 from store.format import index_dtype, shard_path, storage_dtype
 from store.location import open_root
+from store.stats import DEFAULT_TOP_K
 from store.writer import ShardData, SparseActivations, StoreWriter, read_marker
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class ExtractJob:
     model_dtype: str | None = None
     device: str | None = None  # None: the GPU Ray gave this worker, else the CPU
     n_threads: int | None = None  # torch threads on a CPU worker
+    top_k: int = DEFAULT_TOP_K  # top activations kept per feature in the statistics
 
 
 def pick_device(requested: str | None) -> torch.device:
@@ -108,6 +110,7 @@ class ExtractWorker:
                 "pad_token_id": tokenizer.pad_token_id,
             },
             "device": str(self.device),
+            "vocab": None if tokenizer is None else tokenizer.batch_decode([[i] for i in range(self.model.cfg.d_vocab)]),
         }
 
     def run_shard(self, shard: Shard, token_limit: int | None = None) -> dict:
@@ -141,7 +144,8 @@ class ExtractWorker:
             positions=windows.positions,
             saes=saes,
         )
-        marker = self.writer.write_shard(data, self.job.value_dtype)
+        d_sae = {hook: sae.cfg.d_sae for hook, sae in self.saes.items()}
+        marker = self.writer.write_shard(data, self.job.value_dtype, d_sae, self.job.top_k)
         log.info("shard %d: %d tokens in %.1fs", shard.shard_id, data.n_tokens, time.perf_counter() - started)
         return marker
 

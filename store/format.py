@@ -10,17 +10,23 @@ import numpy as np
 
 from store.errors import FormatVersionError
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 ATTRS_KEY = "latentstore"  # every latentstore attribute lives under this key
 
 STORE_ENCODING = "latentstore.store"
 SHARD_ENCODING = "latentstore.shard"
 CSR_ENCODING = "latentstore.csr"
 MARKER_ENCODING = "latentstore.complete"
+STATS_ENCODING = "latentstore.stats"
+INDEX_ENCODING = "latentstore.index"
 
 SHARDS_GROUP = "shards"
 SAES_GROUP = "saes"
 MARKER_GROUP = "complete"
+STATS_GROUP = "stats"
+INDEX_GROUP = "index"
+PARTS_GROUP = "parts"
+VOCAB_GROUP = "vocab"
 
 TOKEN_IDS = "token_ids"
 ROWS = "row"

@@ -17,6 +17,9 @@ import zarr
 from store import format as fmt
 from store.errors import ConfigError, StoreCorruptError, StoreNotFoundError, did_you_mean
 from store.location import normalize, open_root
+from store import index as index_mod
+from store import stats as stats_mod
+from store.queries import Queries
 from store.writer import checksum, read_marker, read_root_attrs
 
 
@@ -34,7 +37,7 @@ class ShardInfo:
         return self.token_start + self.n_tokens
 
 
-class FeatureStore:
+class FeatureStore(Queries):
     """Sparse SAE activations over a dataset, in store order (dataset row, then position)."""
 
     def __init__(self, location: str, attrs: dict, shards: list[ShardInfo]):
@@ -43,6 +46,8 @@ class FeatureStore:
         self.shards = shards
         self._root = open_root(location, mode="r")
         self._arrays: dict[str, zarr.Array] = {}
+        self._stats: dict[str, stats_mod.FeatureStats] = {}
+        self._indexes: dict[str, index_mod.IndexReader | None] = {}
 
     @classmethod
     def open(cls, location: str) -> "FeatureStore":
@@ -159,6 +164,48 @@ class FeatureStore:
     def __repr__(self) -> str:
         state = "" if self.complete else ", incomplete"
         return f"FeatureStore({self.location!r}, {self.n_tokens:,} tokens, hooks={self.hooks}{state})"
+
+    # -- statistics, index, vocabulary --------------------------------------------------------
+
+    def stats(self, hook: str) -> stats_mod.FeatureStats:
+        """Per-feature statistics over the whole store (merged from the shards when still writing)."""
+        if hook not in self._stats:
+            self._sae(hook)
+            if self.complete:
+                self._stats[hook] = stats_mod.read_merged(self.location, hook)
+            else:
+                markers = [{"shard_id": s.shard_id, "n_tokens": s.n_tokens} for s in self.shards]
+                self._stats[hook] = stats_mod.merge_shards(self.location, markers, hook, self.d_sae(hook), self.value_dtype)
+        return self._stats[hook]
+
+    def index(self, hook: str) -> index_mod.IndexReader | None:
+        """The hook's feature-major index, or None when it is missing or stale (queries then scan)."""
+        if hook not in self._indexes:
+            self._sae(hook)
+            self._indexes[hook] = index_mod.open_index(self._root, hook, self.attrs["shards"]) if self.complete else None
+        return self._indexes[hook]
+
+    @cached_property
+    def vocab(self) -> list[str] | None:
+        """Each token id's text (as the tokenizer decodes it alone), or None without a tokenizer."""
+        try:
+            group = self._root[fmt.VOCAB_GROUP]
+        except KeyError:
+            return None
+        offsets, data = group["offsets"][:], group["utf8"][:].tobytes()
+        return [data[a:b].decode("utf-8", errors="replace") for a, b in zip(offsets[:-1], offsets[1:])]
+
+    @cached_property
+    def special_token_ids(self) -> set[int]:
+        """BOS, EOS and padding ids of the run's tokenizer."""
+        tokenizer = self.run.get("tokenizer") or {}
+        ids = (tokenizer.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id"))
+        return {int(i) for i in ids if i is not None}
+
+    @cached_property
+    def _token_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """token ids, rows and positions of every token, loaded once for fast context lookups."""
+        return self.token_ids(), self._concat(fmt.ROWS, 0, None, np.int64), self._concat(fmt.POSITIONS, 0, None, np.int32)
 
     # -- token-level arrays ------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import numpy as np
 import zarr
 
 from store import codecs, format as fmt
+from store import stats as stats_mod
 from store.errors import StoreConflictError
 from store.location import check_writable, has_content, normalize, open_root
 
@@ -158,6 +159,18 @@ class StoreWriter:
             self._set_root(status=fmt.STATUS_WRITING)  # it is about to change again
         return self.completed_shards()
 
+    def write_vocab(self, strings: list[str]) -> None:
+        """Each token id's text, so queries and dashboards need no tokenizer."""
+        encoded = [t.encode("utf-8", errors="replace") for t in strings]
+        offsets = np.concatenate([[0], np.cumsum([len(b) for b in encoded])]).astype(np.int64)
+        data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        root = open_root(self.location, mode="a")
+        if fmt.VOCAB_GROUP in root:
+            del root[fmt.VOCAB_GROUP]
+        group = root.create_group(fmt.VOCAB_GROUP)
+        _write_array(group, "offsets", offsets, codecs.TOKEN_LEVEL)
+        _write_array(group, "utf8", data if len(data) else np.zeros(0, np.uint8), codecs.VALUES)
+
     def completed_shards(self) -> dict[int, dict]:
         root = open_root(self.location, mode="r")
         shards = root[fmt.SHARDS_GROUP]
@@ -190,8 +203,9 @@ class StoreWriter:
 
     # -- worker side -------------------------------------------------------------------------
 
-    def write_shard(self, shard: ShardData, value_dtype: str) -> dict:
-        """Write a shard's arrays, then its completion marker. Returns the marker."""
+    def write_shard(self, shard: ShardData, value_dtype: str, d_sae: dict[str, int],
+                    top_k: int = stats_mod.DEFAULT_TOP_K) -> dict:
+        """Write a shard's arrays and per-feature statistics, then its completion marker."""
         shards = open_root(self.location, mode="a")[fmt.SHARDS_GROUP]
         name = fmt.shard_name(shard.shard_id)
         if name in shards:
@@ -220,6 +234,10 @@ class StoreWriter:
             checksums[prefix + fmt.INDPTR] = _write_array(sae, fmt.INDPTR, acts.indptr.astype("<i8"), codecs.TOKEN_LEVEL)
             checksums[prefix + fmt.INDICES] = _write_array(sae, fmt.INDICES, acts.indices, codecs.FEATURE_INDICES)
             checksums[prefix + fmt.VALUES] = _write_array(sae, fmt.VALUES, acts.values, codecs.VALUES)
+            values = fmt.decode_values(acts.values, value_dtype)
+            feature_stats = stats_mod.compute(acts.indptr, acts.indices, values, d_sae[hook], top_k)
+            for name, data in stats_mod.write(sae, feature_stats, value_dtype).items():
+                checksums[f"{prefix}{fmt.STATS_GROUP}/{name}"] = checksum(data)
         marker = {
             **fmt.encoding(fmt.MARKER_ENCODING),
             "shard_id": shard.shard_id,

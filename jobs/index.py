@@ -1,0 +1,74 @@
+"""`latentstore index`: build the feature-major index of a complete store, as a Ray job.
+
+The work is one task per (SAE, feature range); each task scans every shard for
+its range and writes its own part. Parts with a completion marker are skipped,
+so a rerun after a crash does only what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import numpy as np
+
+from store import FeatureStore, index as index_mod
+from store.errors import StoreIncompleteError
+
+log = logging.getLogger(__name__)
+
+
+def run_index(location: str, workers: int | None = None, address: str | None = None,
+              part_nnz: int = index_mod.DEFAULT_PART_NNZ, progress: bool = True) -> dict[str, int]:
+    """Build (or finish) every SAE's index. Returns the number of parts per hook."""
+    from tqdm.auto import tqdm
+
+    from jobs.extract import connect_ray
+
+    fs = FeatureStore.open(location)
+    if not fs.complete:
+        raise StoreIncompleteError(
+            f"{fs.location} is still being written (or its extraction stopped part-way); "
+            "finish it by rerunning the same `latentstore extract` command, then index it."
+        )
+    ray = connect_ray(address, workers or 1)
+    n_workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
+    shards = fs.attrs["shards"]
+    token_dtype = "<u4" if fs.n_tokens < 2**32 else "<u8"
+    build = ray.remote(num_cpus=1, max_retries=3)(index_mod.build_part)
+    todo, n_parts = [], {}
+    for hook in fs.hooks:
+        counts = fs.stats(hook).count
+        parts, done = index_mod.begin(fs.location, hook, counts, shards, fs.value_dtype,
+                                      min_parts=n_workers, part_nnz=part_nnz)
+        n_parts[hook] = len(parts)
+        todo += [(hook, part) for part in parts if part.part_id not in done]
+    pending = [build.remote(fs.location, hook, part, shards, token_dtype) for hook, part in todo]
+    with tqdm(total=len(pending), unit="part", desc="index", disable=not progress) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            ray.get(ready)
+            bar.update(1)
+    for hook in fs.hooks:
+        index_mod.finalize(fs.location, hook)
+    return n_parts
+
+
+def add_commands(commands) -> None:
+    parser = commands.add_parser(
+        "index", help="build the feature-major index of a store",
+        description="Write, for every SAE, its activations ordered by feature, highest first, so that one "
+                    "feature's examples are a short read. `latentstore extract` does this at the end unless "
+                    "--no-index. Rerun after a crash: finished parts are kept.",
+    )
+    parser.add_argument("store", help="the store's path or URL")
+    parser.add_argument("--workers", type=int, help="parallel tasks (default: the cluster's CPUs less one)")
+    parser.add_argument("--address", help="a Ray cluster to join (default: $RAY_ADDRESS, else start one here)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.set_defaults(handler=_handle)
+
+
+def _handle(args: argparse.Namespace) -> None:
+    parts = run_index(args.store, workers=args.workers, address=args.address, progress=args.progress)
+    total = int(np.sum(list(parts.values())))
+    print(f"indexed {len(parts)} SAEs in {total} parts: {args.store}")

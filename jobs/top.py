@@ -1,0 +1,52 @@
+"""`latentstore top`: a feature's top activations with their context, in the terminal."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from store import FeatureStore
+
+
+def add_commands(commands) -> None:
+    parser = commands.add_parser(
+        "top", help="print a feature's top activations with their context",
+        description="Print the highest activations of SAE features, each with the text around it and the "
+                    "active token marked «like this». Without --feature, shows a few features that fire often "
+                    "enough to be interesting.",
+        epilog="example: latentstore top demo.zarr --hook blocks.1.hook_resid_post --feature 12 -k 10",
+    )
+    parser.add_argument("store", help="the store's path or URL")
+    parser.add_argument("--hook", help="the SAE's hook (default: the store's first)")
+    parser.add_argument("--feature", type=int, action="append", dest="features",
+                        help="a feature index (repeat for several)")
+    parser.add_argument("-k", type=int, default=10, help="examples per feature (default: %(default)s)")
+    parser.add_argument("--context", type=int, nargs=2, default=(12, 4), metavar=("LEFT", "RIGHT"),
+                        help="tokens of context on each side (default: 12 4)")
+    parser.add_argument("--include-special-tokens", action="store_true", help="also show BOS/EOS/padding tokens")
+    parser.set_defaults(handler=_handle)
+
+
+def pick_features(fs: FeatureStore, hook: str, n: int = 3, seed: int = 0) -> list[int]:
+    """A few features that fire on between 0.1% and 5% of tokens, chosen reproducibly."""
+    density = fs.density(hook).to_numpy()
+    candidates = np.nonzero((density >= 1e-3) & (density <= 5e-2))[0]
+    if len(candidates) < n:
+        candidates = np.argsort(-density)[: max(n, 1)]
+    return sorted(np.random.default_rng(seed).choice(candidates, size=min(n, len(candidates)), replace=False).tolist())
+
+
+def _handle(args: argparse.Namespace) -> None:
+    fs = FeatureStore.open(args.store)
+    hook = args.hook or fs.hooks[0]
+    features = args.features or pick_features(fs, hook)
+    stats = fs.feature_stats(hook)
+    for feature in features:
+        s = stats.loc[feature]
+        print(f"\n{hook}  feature {feature}   fires on {s['density']:.3%} of tokens, max {s['max']:.3g}")
+        top = fs.top_activations(hook, feature, k=args.k, context=tuple(args.context),
+                                 exclude_special_tokens=not args.include_special_tokens)
+        for _, example in top.iterrows():
+            text = example["context"].replace("\n", "⏎")
+            print(f"  {example['activation']:8.3f}  row {example['row']:>6} pos {example['pos']:>5}  {text}")

@@ -1,0 +1,163 @@
+"""The feature-major index: each SAE's activations ordered by feature, highest first.
+
+``index/<hook>`` holds ``indptr`` (feature ``f``'s entries are ``[indptr[f], indptr[f+1])``
+in the index's global order) and one part per contiguous feature range, each part
+written by one worker with its own arrays and a completion marker, so no two
+workers ever write the same chunk and a crashed build resumes part by part. Within
+a feature, entries are sorted by activation, highest first, earlier token first on
+ties: one feature's top examples are one short contiguous read. Building a part
+scans every shard's CSR for the part's feature range; it holds only that range's
+entries in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+
+from store import codecs, format as fmt
+from store.location import open_root
+from store.stats import sort_by_feature_then_value
+from store.writer import checksum, now
+
+CHUNK = 1 << 16  # entries per chunk: a top-k read decodes one small chunk
+DEFAULT_PART_NNZ = 1 << 24  # entries per part: bounds a worker's memory (~200 MB)
+
+
+@dataclass(frozen=True)
+class Part:
+    part_id: int
+    start: int  # first feature
+    stop: int  # one past the last feature
+
+
+def plan_parts(counts: np.ndarray, min_parts: int = 1, part_nnz: int = DEFAULT_PART_NNZ) -> list[Part]:
+    """Contiguous feature ranges holding about equal numbers of entries."""
+    total = int(counts.sum())
+    n_parts = max(min_parts, -(-total // part_nnz), 1)
+    n_parts = min(n_parts, len(counts))
+    cum = np.concatenate([[0], np.cumsum(counts)])
+    bounds = np.searchsorted(cum, np.linspace(0, total, n_parts + 1)[1:-1], side="left")
+    edges = np.unique(np.concatenate([[0], bounds, [len(counts)]]))
+    return [Part(i, int(a), int(b)) for i, (a, b) in enumerate(zip(edges[:-1], edges[1:]))]
+
+
+def built_for(shards: list[dict]) -> dict:
+    """What an index was built from; an index whose record differs from the store's is stale."""
+    return {"n_shards": len(shards), "n_tokens": int(sum(s["n_tokens"] for s in shards)),
+            "shards": [[s["shard_id"], s["n_tokens"]] for s in shards]}
+
+
+def begin(location: str, hook: str, counts: np.ndarray, shards: list[dict], value_dtype: str,
+          min_parts: int = 1, part_nnz: int = DEFAULT_PART_NNZ) -> tuple[list[Part], set[int]]:
+    """Create (or reopen, to resume) a hook's index. Returns its parts and the ids already complete."""
+    root = open_root(location, mode="a")
+    parent = root.require_group(fmt.INDEX_GROUP)
+    record = built_for(shards)
+    if hook in parent:
+        attrs = parent[hook].attrs[fmt.ATTRS_KEY]
+        if attrs.get("built_for") == record:
+            parts = [Part(*p) for p in attrs["parts"]]
+            return parts, {p.part_id for p in parts if _marker(parent[hook], p.part_id) is not None}
+        del parent[hook]  # built for other contents of the store
+    parts = plan_parts(counts, min_parts, part_nnz)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    group = parent.create_group(hook, attributes={fmt.ATTRS_KEY: {
+        **fmt.encoding(fmt.INDEX_ENCODING), "complete": False, "value_dtype": value_dtype,
+        "built_for": record, "parts": [[p.part_id, p.start, p.stop] for p in parts]}})
+    group.create_array(fmt.INDPTR, data=indptr, chunks=(CHUNK,), compressors=codecs.TOKEN_LEVEL.compressors())
+    group.create_group(fmt.PARTS_GROUP)
+    return parts, set()
+
+
+def build_part(location: str, hook: str, part: Part, shards: list[dict], token_dtype: str) -> dict:
+    """Scan every shard for the part's features, sort, write the part and then its marker."""
+    root = open_root(location, mode="r")
+    tokens, features, stored = [], [], []
+    offset = 0
+    for shard in shards:
+        base = f"{fmt.shard_path(shard['shard_id'])}/{fmt.SAES_GROUP}/{hook}/"
+        indices = root[base + fmt.INDICES][:]
+        mask = (indices >= part.start) & (indices < part.stop)
+        if mask.any():
+            indptr = root[base + fmt.INDPTR][:]
+            local = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
+            tokens.append(local[mask] + offset)
+            features.append(indices[mask])
+            stored.append(root[base + fmt.VALUES][:][mask])
+        offset += shard["n_tokens"]
+    group = open_root(location, mode="a")[f"{fmt.INDEX_GROUP}/{hook}"]
+    value_dtype = group.attrs[fmt.ATTRS_KEY]["value_dtype"]
+    token = np.concatenate(tokens) if tokens else np.zeros(0, np.int64)
+    feature = np.concatenate(features) if features else np.zeros(0, np.int64)
+    values = np.concatenate(stored) if stored else np.zeros(0, fmt.storage_dtype(value_dtype))
+    order = sort_by_feature_then_value(feature, fmt.decode_values(values, value_dtype))
+    arrays = {"token": token[order].astype(token_dtype), fmt.VALUES: values[order]}
+    parts = group[fmt.PARTS_GROUP]
+    name = str(part.part_id)
+    if name in parts:
+        del parts[name]
+    sub = parts.create_group(name)
+    for key, data in arrays.items():
+        sub.create_array(key, shape=data.shape, dtype=data.dtype, chunks=(max(1, min(len(data), CHUNK)),),
+                         compressors=codecs.VALUES.compressors(), fill_value=0)
+        if len(data):
+            sub[key][:] = data
+    marker = {**fmt.encoding(fmt.MARKER_ENCODING), "part_id": part.part_id, "start": part.start,
+              "stop": part.stop, "nnz": int(len(token)), "written_at": now(),
+              "checksums": {key: checksum(data) for key, data in arrays.items()}}
+    sub.create_group(fmt.MARKER_GROUP, attributes={fmt.ATTRS_KEY: marker})
+    return marker
+
+
+def finalize(location: str, hook: str) -> None:
+    group = open_root(location, mode="a")[f"{fmt.INDEX_GROUP}/{hook}"]
+    attrs = dict(group.attrs[fmt.ATTRS_KEY], complete=True, completed_at=now())
+    group.attrs[fmt.ATTRS_KEY] = attrs
+
+
+def _marker(group: zarr.Group, part_id: int) -> dict | None:
+    try:
+        return group[f"{fmt.PARTS_GROUP}/{part_id}/{fmt.MARKER_GROUP}"].attrs.asdict().get(fmt.ATTRS_KEY)
+    except (KeyError, ValueError):
+        return None
+
+
+class IndexReader:
+    """Reads one hook's complete index."""
+
+    def __init__(self, group: zarr.Group):
+        attrs = group.attrs[fmt.ATTRS_KEY]
+        fmt.check_version(attrs, fmt.INDEX_ENCODING, f"index {group.path}")
+        self.value_dtype = attrs["value_dtype"]
+        self.indptr = group[fmt.INDPTR][:]
+        self._starts = np.array([p[1] for p in attrs["parts"]])
+        self._parts = [group[f"{fmt.PARTS_GROUP}/{p[0]}"] for p in attrs["parts"]]
+        self._arrays: dict = {}
+
+    def entries(self, feature: int, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(token indices, float32 values) of a feature's entries ``[start, stop)``, highest first."""
+        i = int(np.searchsorted(self._starts, feature, side="right") - 1)
+        base = self.indptr[self._starts[i]]
+        a, b = self.indptr[feature] - base, self.indptr[feature + 1] - base
+        lo, hi = a + start, b if stop is None else min(b, a + stop)
+        if hi <= lo:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        part = self._parts[i]
+        tokens = part["token"][lo:hi].astype(np.int64)
+        values = fmt.decode_values(part[fmt.VALUES][lo:hi], self.value_dtype)
+        return tokens, values
+
+
+def open_index(root: zarr.Group, hook: str, shards: list[dict]) -> IndexReader | None:
+    """The hook's index if it is complete and was built from exactly these shards, else None."""
+    try:
+        group = root[f"{fmt.INDEX_GROUP}/{hook}"]
+    except KeyError:
+        return None
+    attrs = group.attrs.asdict().get(fmt.ATTRS_KEY, {})
+    if not attrs.get("complete") or attrs.get("built_for") != built_for(shards):
+        return None
+    return IndexReader(group)

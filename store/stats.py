@@ -1,0 +1,237 @@
+"""Per-feature statistics: computed per shard by the workers, merged exactly by the driver.
+
+For every SAE and feature: the count of tokens where it fires, the sum and sum of
+squares of its activations, its maximum, its top-K activations with the token each
+came from, and a histogram over fixed bin edges that are the same for every
+shard, SAE and run. All are computed from the stored values (after rounding to the
+value dtype), so they agree exactly with what queries read back. Merging adds
+counts, sums and histograms, takes maxima, and keeps the K best of the union of
+top-K lists; the result equals one pass over the whole store (sums up to float64
+rounding). Ties in top-K are broken by the earlier token (lower token index).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+
+from store import codecs, format as fmt
+
+DEFAULT_TOP_K = 100
+# Log2-spaced edges, 4 bins per octave from 2^-12 to 2^12, with open ends: data-independent,
+# so histograms from different shards add exactly. Bin i holds edges[i] <= a < edges[i+1].
+HIST_EDGES = np.concatenate([[-np.inf], 2.0 ** (np.arange(-48, 49) / 4), [np.inf]])
+N_BINS = len(HIST_EDGES) - 1
+
+
+@dataclass
+class FeatureStats:
+    """Statistics of one SAE's features over some tokens. Token indices are relative to those tokens."""
+
+    count: np.ndarray  # int64 [d_sae]
+    sum: np.ndarray  # float64 [d_sae]
+    sum_sq: np.ndarray  # float64 [d_sae]
+    max: np.ndarray  # float32 [d_sae]; 0 where a feature never fires
+    top_value: np.ndarray  # float32 [d_sae, K], descending; NaN padding
+    top_token: np.ndarray  # int64 [d_sae, K]; -1 padding
+    hist: np.ndarray  # int64 [d_sae, N_BINS]
+
+    @property
+    def d_sae(self) -> int:
+        return len(self.count)
+
+    @property
+    def top_k(self) -> int:
+        return self.top_value.shape[1]
+
+
+def descending_key(values: np.ndarray) -> np.ndarray:
+    """uint32 keys whose ascending order is the values' descending order (floats of any sign)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    ascending = np.where(bits & 0x80000000, ~bits, bits | 0x80000000)
+    return ~ascending
+
+
+def sort_by_feature_then_value(features: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The order that groups entries by feature, highest value first, earlier entry first on ties."""
+    key = (features.astype(np.uint64) << np.uint64(32)) | descending_key(values).astype(np.uint64)
+    return np.argsort(key, kind="stable")
+
+
+def compute(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, d_sae: int,
+            top_k: int = DEFAULT_TOP_K) -> FeatureStats:
+    """Statistics of a CSR block (values as float32)."""
+    tokens = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
+    features = indices.astype(np.int64)
+    v64 = values.astype(np.float64)
+    count = np.bincount(features, minlength=d_sae).astype(np.int64)
+    stats = FeatureStats(
+        count=count,
+        sum=np.bincount(features, weights=v64, minlength=d_sae),
+        sum_sq=np.bincount(features, weights=v64 * v64, minlength=d_sae),
+        max=np.zeros(d_sae, np.float32),
+        top_value=np.full((d_sae, top_k), np.nan, np.float32),
+        top_token=np.full((d_sae, top_k), -1, np.int64),
+        hist=np.zeros((d_sae, N_BINS), np.int64),
+    )
+    order = sort_by_feature_then_value(features, values)
+    f_sorted = features[order]
+    starts = np.concatenate([[0], np.cumsum(count)[:-1]])
+    rank = np.arange(len(order)) - starts[f_sorted]  # position within the feature's run
+    keep = rank < top_k
+    stats.top_value[f_sorted[keep], rank[keep]] = values[order][keep]
+    stats.top_token[f_sorted[keep], rank[keep]] = tokens[order][keep]
+    fired = count > 0
+    stats.max[fired] = stats.top_value[fired, 0]
+    stats.hist[:] = _histogram(features, values, d_sae)
+    return stats
+
+
+def _histogram(features: np.ndarray, values: np.ndarray, d_sae: int) -> np.ndarray:
+    bins = np.searchsorted(HIST_EDGES, values, side="right") - 1
+    flat = np.bincount(features.astype(np.int64) * N_BINS + bins, minlength=d_sae * N_BINS)
+    return flat.reshape(d_sae, N_BINS)
+
+
+def empty(d_sae: int, top_k: int = DEFAULT_TOP_K) -> FeatureStats:
+    return compute(np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), d_sae, top_k)
+
+
+def merge(parts: list[tuple[FeatureStats, int]]) -> FeatureStats:
+    """Merge statistics of consecutive token ranges, given each with its first token's index."""
+    first, _ = parts[0]
+    d_sae, top_k = first.d_sae, first.top_k
+    merged = FeatureStats(
+        count=np.zeros(d_sae, np.int64), sum=np.zeros(d_sae), sum_sq=np.zeros(d_sae),
+        max=np.zeros(d_sae, np.float32), top_value=np.full((d_sae, top_k), np.nan, np.float32),
+        top_token=np.full((d_sae, top_k), -1, np.int64), hist=np.zeros((d_sae, N_BINS), np.int64),
+    )
+    candidates_v, candidates_t = [], []
+    for stats, offset in parts:
+        merged.count += stats.count
+        merged.sum += stats.sum
+        merged.sum_sq += stats.sum_sq
+        merged.hist += stats.hist
+        np.maximum(merged.max, stats.max, out=merged.max)
+        candidates_v.append(stats.top_value)
+        candidates_t.append(np.where(stats.top_token >= 0, stats.top_token + offset, -1))
+    values = np.concatenate(candidates_v, axis=1)  # [d_sae, K * n_parts]
+    tokens = np.concatenate(candidates_t, axis=1)
+    # Best first: by value descending, then token ascending; padding (token -1) last.
+    key_tok = np.where(tokens >= 0, tokens, np.iinfo(np.int64).max)
+    key_val = np.where(tokens >= 0, descending_key(np.nan_to_num(values)), np.iinfo(np.uint32).max)
+    order = np.lexsort((key_tok, key_val), axis=1)[:, :top_k]
+    merged.top_value = np.take_along_axis(values, order, axis=1)
+    merged.top_token = np.take_along_axis(tokens, order, axis=1)
+    return merged
+
+
+# -- on disk -----------------------------------------------------------------------------------
+
+DENSE = ("count", "sum", "sum_sq", "max")
+
+
+def write(group: zarr.Group, stats: FeatureStats, value_dtype: str) -> dict[str, np.ndarray]:
+    """Write statistics into a new ``stats`` subgroup. Returns the arrays written, by name.
+
+    Compact, since the shard's own arrays already hold every value: a feature's top-K list
+    (feature-major, best first, ``min(count, K)`` entries each) keeps shard-local token indices
+    and values in the value dtype; histogram counts are kept only for features with more than
+    K entries, the others being exactly the histogram of their complete top-K list."""
+    sub = group.create_group(
+        fmt.STATS_GROUP,
+        attributes={fmt.ATTRS_KEY: {**fmt.encoding(fmt.STATS_ENCODING), "top_k": stats.top_k,
+                                    "hist_edges_log2": [-12, 12, 4]}},
+    )
+    filled = stats.top_token >= 0
+    large = stats.count > stats.top_k
+    nz = np.nonzero(stats.hist * large[:, None])
+    arrays = {
+        **{name: getattr(stats, name) for name in DENSE},
+        "top_token": stats.top_token[filled].astype("<u4"),
+        "top_value": _encode(stats.top_value[filled], value_dtype),
+        "hist_feature": nz[0].astype("<u4"),
+        "hist_bin": nz[1].astype("u1"),
+        "hist_count": stats.hist[nz].astype("<u4"),
+    }
+    for name, data in arrays.items():
+        array = sub.create_array(name, shape=data.shape, dtype=data.dtype, chunks=codecs.chunk_shape(len(data)),
+                                 compressors=codecs.VALUES.compressors(), fill_value=0)
+        if len(data):
+            array[:] = data
+    return arrays
+
+
+def _encode(values: np.ndarray, value_dtype: str) -> np.ndarray:
+    """float32 values that are already rounded to ``value_dtype``, in its storage form (exact)."""
+    if value_dtype == "bfloat16":
+        return (values.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    return values.astype(fmt.storage_dtype(value_dtype))
+
+
+def read(group: zarr.Group, d_sae: int, value_dtype: str) -> FeatureStats:
+    sub = group[fmt.STATS_GROUP]
+    top_k = sub.attrs[fmt.ATTRS_KEY]["top_k"]
+    stats = FeatureStats(
+        **{name: sub[name][:] for name in DENSE},
+        top_value=np.full((d_sae, top_k), np.nan, np.float32),
+        top_token=np.full((d_sae, top_k), -1, np.int64),
+        hist=np.zeros((d_sae, N_BINS), np.int64),
+    )
+    kept = np.minimum(stats.count, top_k)
+    feature = np.repeat(np.arange(d_sae), kept)
+    rank = np.arange(len(feature)) - np.repeat(np.cumsum(kept) - kept, kept)
+    values = fmt.decode_values(sub["top_value"][:], value_dtype)
+    stats.top_value[feature, rank] = values
+    stats.top_token[feature, rank] = sub["top_token"][:]
+    small = stats.count[feature] <= top_k
+    stats.hist = _histogram(feature[small], values[small], d_sae)
+    stats.hist[sub["hist_feature"][:], sub["hist_bin"][:]] = sub["hist_count"][:]
+    return stats
+
+
+def merge_shards(location: str, shards: list[dict], hook: str, d_sae: int, value_dtype: str,
+                 batch: int = 8) -> FeatureStats:
+    """Merge the statistics of a store's shards (markers, in store order), a few shards at a time."""
+    from store.location import open_root
+
+    root = open_root(location, mode="r")
+    merged, offset, pending = None, 0, []
+    for marker in shards:
+        group = root[f"{fmt.shard_path(marker['shard_id'])}/{fmt.SAES_GROUP}/{hook}"]
+        pending.append((read(group, d_sae, value_dtype), offset))
+        offset += marker["n_tokens"]
+        if len(pending) == batch:
+            merged, pending = merge(([(merged, 0)] if merged is not None else []) + pending), []
+    if pending:
+        merged = merge(([(merged, 0)] if merged is not None else []) + pending)
+    return merged if merged is not None else empty(d_sae)
+
+
+def write_merged(location: str, hook: str, stats: FeatureStats, n_tokens: int) -> None:
+    """The store-wide statistics of one SAE, at ``stats/<hook>``."""
+    from store.location import open_root
+
+    root = open_root(location, mode="a")
+    parent = root.require_group(fmt.STATS_GROUP)
+    if hook in parent:
+        del parent[hook]
+    group = parent.create_group(hook, attributes={fmt.ATTRS_KEY: {
+        **fmt.encoding(fmt.STATS_ENCODING), "top_k": stats.top_k, "n_tokens": n_tokens,
+        "hist_edges_log2": [-12, 12, 4]}})
+    rows = 256  # features per chunk: one feature's top-K or histogram is one small read
+    for name in DENSE:
+        data = getattr(stats, name)
+        group.create_array(name, data=data, chunks=(1 << 16,), compressors=codecs.VALUES.compressors())
+    for name in ("top_value", "top_token", "hist"):
+        data = getattr(stats, name)
+        group.create_array(name, data=data, chunks=(rows, data.shape[1]), compressors=codecs.VALUES.compressors())
+
+
+def read_merged(location: str, hook: str) -> FeatureStats:
+    from store.location import open_root
+
+    group = open_root(location, mode="r")[f"{fmt.STATS_GROUP}/{hook}"]
+    return FeatureStats(**{name: group[name][:] for name in (*DENSE, "top_value", "top_token", "hist")})

@@ -1,0 +1,71 @@
+"""Per-feature statistics equal brute force, and merging pieces equals one pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from store import stats
+
+
+def random_csr(n_tokens: int, d_sae: int, seed: int) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    m = sp.random(n_tokens, d_sae, density=0.15, format="csr", random_state=seed, dtype=np.float32)
+    m.data = np.round(rng.exponential(2.0, m.nnz), 1).astype(np.float32)  # rounding makes ties
+    m.data[::7] = 2.0 ** rng.integers(-14, 14, len(m.data[::7]))  # values on bin edges and past both ends
+    return m
+
+
+def brute_force(m: sp.csr_matrix, top_k: int) -> dict:
+    csc = m.tocsc()
+    out = {"count": np.diff(csc.indptr), "sum": [], "sum_sq": [], "max": [], "top": [], "hist": []}
+    for f in range(m.shape[1]):
+        rows = csc.indices[csc.indptr[f]:csc.indptr[f + 1]]
+        vals = csc.data[csc.indptr[f]:csc.indptr[f + 1]].astype(np.float64)
+        out["sum"].append(vals.sum())
+        out["sum_sq"].append((vals ** 2).sum())
+        out["max"].append(vals.max() if len(vals) else 0)
+        ranked = sorted(zip(-vals, rows))[:top_k]  # value descending, then earlier token
+        out["top"].append([(-v, t) for v, t in ranked])
+        out["hist"].append(np.histogram(vals, bins=stats.HIST_EDGES)[0])
+    return out
+
+
+def assert_equal_to_brute_force(got: stats.FeatureStats, m: sp.csr_matrix, top_k: int) -> None:
+    ref = brute_force(m, top_k)
+    np.testing.assert_array_equal(got.count, ref["count"])
+    np.testing.assert_allclose(got.sum, ref["sum"], rtol=1e-12)
+    np.testing.assert_allclose(got.sum_sq, ref["sum_sq"], rtol=1e-12)
+    np.testing.assert_array_equal(got.max, np.array(ref["max"], np.float32))
+    np.testing.assert_array_equal(got.hist, np.array(ref["hist"]))
+    for f, top in enumerate(ref["top"]):
+        n = len(top)
+        np.testing.assert_array_equal(got.top_value[f, :n], [v for v, _ in top])
+        np.testing.assert_array_equal(got.top_token[f, :n], [t for _, t in top])
+        assert (got.top_token[f, n:] == -1).all() and np.isnan(got.top_value[f, n:]).all()
+
+
+def test_compute_equals_brute_force():
+    m = random_csr(300, 40, seed=0)
+    got = stats.compute(m.indptr, m.indices, m.data, 40, top_k=5)
+    assert_equal_to_brute_force(got, m, 5)
+
+
+def test_merging_pieces_equals_one_pass():
+    pieces = [random_csr(n, 40, seed=i) for i, n in enumerate([50, 0, 120, 7, 90])]
+    whole = sp.vstack(pieces).tocsr()
+    parts, offset = [], 0
+    for piece in pieces:
+        parts.append((stats.compute(piece.indptr, piece.indices, piece.data, 40, top_k=6), offset))
+        offset += piece.shape[0]
+    assert_equal_to_brute_force(stats.merge(parts), whole, 6)
+    # merging in two rounds (as the driver does, a few shards at a time) changes nothing
+    first = stats.merge(parts[:2])
+    twice = stats.merge([(first, 0), *parts[2:]])
+    assert_equal_to_brute_force(twice, whole, 6)
+
+
+def test_descending_key_orders_floats_of_any_sign():
+    values = np.array([3.5, -1.0, 0.0, 1e-30, -1e30, 7.0, 2.0], np.float32)
+    order = np.argsort(stats.descending_key(values), kind="stable")
+    np.testing.assert_array_equal(values[order], np.sort(values)[::-1])
