@@ -15,7 +15,7 @@ import os
 from collections import deque
 from dataclasses import dataclass, field
 
-from pipeline.dataset import DatasetSpec, Shard, check_dataset, describe_dataset, open_dataset, plan_shards
+from pipeline.dataset import DatasetSpec, Shard, check_dataset, describe_dataset, open_dataset, plan_shards, rows_digest
 from pipeline.models import hook_names, hook_width, is_local_model, load_model_config
 from pipeline.saes import SAESource, read_sae_config
 from pipeline.worker import ExtractJob, ExtractWorker
@@ -24,7 +24,7 @@ from store.errors import ConfigError, LatentStoreError, StoreWriteError, did_you
 from store.format import VALUE_DTYPES
 from store.stats import DEFAULT_TOP_K
 from store.location import check_writable, normalize
-from store.writer import StoreWriter, check_conflict
+from store.writer import DATA_KEYS, StoreWriter, check_conflict
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def validate(cfg: ExtractConfig) -> Plan:
         plan.shards = plan_shards(len(ds), cfg.shard_rows)
     if problems:
         raise ConfigError(problems)
-    check_conflict(cfg.store, plan.run_metadata(), cfg.overwrite, only_shared=True)
+    check_conflict(cfg.store, plan.run_metadata(), cfg.overwrite, only_shared=True, ignore=DATA_KEYS)
     return plan
 
 
@@ -264,7 +264,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
         writer = StoreWriter(cfg.store)
         plan_meta = {"n_shards": len(plan.shards), "n_rows": plan.dataset["n_rows"]}
         vocab = described.pop("vocab")
-        done = writer.begin(plan.run_metadata(described), plan_meta, cfg.overwrite)
+        done = writer.begin(plan.run_metadata(described), plan_meta, cfg.overwrite, keep_shard=_rows_unchanged(plan))
         if vocab is not None:
             writer.write_vocab(vocab)
         done = _schedule(ray, actors, plan, done)
@@ -277,6 +277,26 @@ def run_extract(cfg: ExtractConfig) -> dict:
 
         run_index(writer.location, workers=cfg.workers, progress=cfg.progress)
     return counts
+
+
+def _rows_unchanged(plan: Plan):
+    """For a rerun over edited data (a bad row fixed): whether a complete shard still holds exactly
+    what this run would write, i.e. it covers the same rows, uncut, and their content is unchanged."""
+    opened = []
+
+    def keep(marker: dict) -> bool:
+        shard_id = marker["shard_id"]
+        if shard_id >= len(plan.shards) or marker.get("token_limit") is not None or "rows_digest" not in marker:
+            return False
+        shard = plan.shards[shard_id]
+        if (shard.row_start, shard.row_stop) != (marker["row_start"], marker["row_stop"]):
+            return False
+        if not opened:
+            opened.append(open_dataset(plan.config.dataset))
+        rows = opened[0][shard.row_start : shard.row_stop][plan.config.dataset.column]
+        return rows_digest(rows) == marker["rows_digest"]
+
+    return keep
 
 
 def _call(ray, ref, what: str):

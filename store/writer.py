@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import zlib
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -21,6 +22,12 @@ from store import codecs, format as fmt
 from store import stats as stats_mod
 from store.errors import StoreConflictError
 from store.location import check_writable, has_content, normalize, open_root
+
+log = logging.getLogger(__name__)
+
+# What may differ when a run is resumed over edited data (a bad row fixed, rows appended): each
+# complete shard is then kept only if the rows it covers are unchanged (see StoreWriter.begin).
+DATA_KEYS = ("dataset.fingerprint", "dataset.n_rows")
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,7 @@ class ShardData:
     rows: np.ndarray  # int64 [n_tokens], dataset row of each token
     positions: np.ndarray  # int32 [n_tokens], position in the row's tokenization (-1: added BOS)
     saes: dict[str, SparseActivations] = field(default_factory=dict)
+    rows_digest: str | None = None  # of the dataset rows read (pipeline.dataset.rows_digest)
 
     @property
     def n_tokens(self) -> int:
@@ -106,7 +114,8 @@ def read_root_attrs(location: str) -> dict | None:
     return attrs
 
 
-def check_conflict(location: str, run: dict, overwrite: bool, only_shared: bool = False) -> dict | None:
+def check_conflict(location: str, run: dict, overwrite: bool, only_shared: bool = False,
+                   ignore: tuple[str, ...] = ()) -> dict | None:
     """Refuse to resume a store that holds another run. Returns the existing root attributes."""
     location = normalize(location)
     check_writable(location)
@@ -122,6 +131,7 @@ def check_conflict(location: str, run: dict, overwrite: bool, only_shared: bool 
     if attrs is None or overwrite:
         return attrs
     problems = diff_runs(attrs.get("run", {}), canonical(run), only_shared=only_shared)
+    problems = [p for p in problems if p.split(":", 1)[0] not in ignore]
     if problems:
         raise StoreConflictError(
             f"--store {location} already holds a different run:\n  "
@@ -139,9 +149,12 @@ class StoreWriter:
 
     # -- driver side -------------------------------------------------------------------------
 
-    def begin(self, run: dict, plan: dict, overwrite: bool) -> dict[int, dict]:
-        """Create the store (or reopen it to resume) and return its complete shards' markers."""
-        existing = check_conflict(self.location, run, overwrite)
+    def begin(self, run: dict, plan: dict, overwrite: bool, keep_shard=None) -> dict[int, dict]:
+        """Create the store (or reopen it to resume) and return its complete shards' markers.
+
+        ``keep_shard(marker) -> bool``, when given, allows resuming over edited data (``DATA_KEYS``
+        differ): complete shards it rejects (their rows changed) are deleted, so they are redone."""
+        existing = check_conflict(self.location, run, overwrite, ignore=DATA_KEYS if keep_shard else ())
         if existing is None or overwrite:
             root = zarr.open_group(open_root(self.location, mode="w").store, mode="w")
             root.create_group(fmt.SHARDS_GROUP)
@@ -157,7 +170,19 @@ class StoreWriter:
             return {}
         if existing.get("status") == fmt.STATUS_COMPLETE:
             self._set_root(status=fmt.STATUS_WRITING)  # it is about to change again
-        return self.completed_shards()
+        done = self.completed_shards()
+        changed = diff_runs(existing.get("run", {}).get("dataset", {}), canonical(run).get("dataset", {}), "dataset.")
+        if keep_shard is not None and changed:
+            kept = {shard_id: m for shard_id, m in done.items() if keep_shard(m)}
+            for shard_id in sorted(done.keys() - kept.keys()):
+                self.delete_shard(shard_id)
+            # Recorded only after the deletions: a crash before this point repeats the check on rerun.
+            self._set_root(run=run, plan=plan)
+            log.warning("%s: the dataset changed since this store was written (%s). Kept %d complete shards "
+                        "whose rows are unchanged; %d will be redone.", self.location, "; ".join(changed),
+                        len(kept), len(done) - len(kept))
+            done = kept
+        return done
 
     def write_vocab(self, strings: list[str]) -> None:
         """Each token id's text, so queries and dashboards need no tokenizer."""
@@ -249,6 +274,8 @@ class StoreWriter:
             "checksums": checksums,
             "written_at": now(),
         }
+        if shard.rows_digest is not None:
+            marker["rows_digest"] = shard.rows_digest
         group.create_group(fmt.MARKER_GROUP, attributes={fmt.ATTRS_KEY: marker})
         return marker
 

@@ -57,7 +57,7 @@ def write_synthetic(location, shards: list[sp.csr_matrix], value_dtype="float32"
         markers.append(writer.write_shard(ShardData(i, i, i + 1, None, np.arange(n), np.full(n, i), np.arange(n),
                                                     {"h": SparseActivations(m.indptr.astype(np.int64),
                                                                             m.indices.astype(np.uint16), values)}),
-                                          value_dtype))
+                                          value_dtype, {"h": m.shape[1]}))
     if complete:
         writer.finalize(markers, {})
     return writer
