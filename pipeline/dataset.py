@@ -9,6 +9,8 @@ is not part of the row (its provenance position is -1).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +138,47 @@ def check_dataset(ds: Any, spec: DatasetSpec) -> list[str]:
         )
     if len(ds) == 0:
         problems.append(f"--dataset {spec.name} (split {spec.split}) is empty: there is nothing to extract.")
+    elif spec.column in ds.column_names:
+        problems.extend(_check_utf8(ds, spec))
     return problems
+
+
+def _check_utf8(ds: Any, spec: DatasetSpec) -> list[str]:
+    """Text that is not UTF-8: Arrow's JSON reader lets it in, and it fails only when a worker reads
+    the row. One pass over the column's bytes here; on failure, find the first bad row to name it."""
+    import pyarrow as pa
+
+    table = getattr(getattr(ds, "data", None), "table", None)
+    if table is None or getattr(ds, "_indices", None) is not None:
+        return []
+    column = table.column(spec.column)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return []
+    offset = 0
+    for chunk in column.chunks:
+        try:
+            chunk.validate(full=True)
+        except pa.ArrowInvalid:
+            for i in range(len(chunk)):
+                try:
+                    chunk[i].as_py()
+                except UnicodeDecodeError as e:
+                    return [f"--dataset {spec.name}: row {offset + i} of column {spec.column!r} is not valid UTF-8 "
+                            f"({e.reason} at byte {e.start}). Re-encode the file as UTF-8 (for example "
+                            f"`iconv -f latin1 -t utf-8`), or fix that row."]
+        offset += len(chunk)
+    return []
+
+
+def rows_digest(rows: Sequence[Any]) -> str:
+    """A digest of a shard's rows as read from the dataset, recorded in the shard's marker, so that a
+    rerun over edited data (a bad row fixed) keeps the shards whose rows did not change."""
+    digest = hashlib.sha256()
+    for row in rows:
+        data = json.dumps(row, ensure_ascii=False, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+        encoded = data.encode("utf-8", "surrogatepass")
+        digest.update(len(encoded).to_bytes(8, "little") + encoded)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def plan_shards(n_rows: int, shard_rows: int) -> list[Shard]:

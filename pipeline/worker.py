@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.dataset import DatasetSpec, Shard, make_windows, open_dataset, tokenize_rows
+from pipeline.dataset import DatasetSpec, Shard, make_windows, open_dataset, rows_digest, tokenize_rows
 from pipeline.encode import SparseEncoder, concat_batches
 from pipeline.models import load_model, weights_hash
 from pipeline.saes import SAESource, load_sae
@@ -143,6 +143,7 @@ class ExtractWorker:
             rows=windows.rows,
             positions=windows.positions,
             saes=saes,
+            rows_digest=rows_digest(self.dataset[shard.row_start : shard.row_stop][self.job.dataset.column]),
         )
         d_sae = {hook: sae.cfg.d_sae for hook, sae in self.saes.items()}
         marker = self.writer.write_shard(data, self.job.value_dtype, d_sae, self.job.top_k)
