@@ -1,0 +1,306 @@
+"""Per-feature dashboard data, computed from a store and the weights, never from a forward pass.
+
+What SAEDashboard and sae_vis show for a feature, made from what the store already holds:
+top examples, example groups over the activation range, the activation histogram, the
+density, the features that fire on the same tokens, and the logit table and histogram of
+``W_dec[f] @ W_U`` (the only part that needs weights: the SAE's decoder and the model's
+unembedding, no forward pass).
+
+``DashboardBuilder`` works on blocks of features at once: it reads the SAE's activations
+from the store once, takes a block's columns as one sparse matrix, and computes every
+feature of the block from it, so that a whole SAE costs about one pass over the store.
+Its numbers are the store queries' numbers (``FeatureStore.top_activations``,
+``quantile_samples``, ``histogram``, ``cofiring``), with the same conventions: examples
+highest first, ties by earlier token; special tokens left out when asked; the same random
+draws for the groups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from store import FeatureStore
+from store.errors import ConfigError
+
+BLOCK_FEATURES = 512  # features computed together: bounds the block's co-firing matrix
+
+
+@dataclass(frozen=True)
+class DashboardSettings:
+    """What goes on a feature's dashboard. Defaults are SAEDashboard's."""
+
+    n_top: int = 20  # top examples
+    n_groups: int = 10  # example groups below the top examples
+    per_group: int = 5  # examples drawn from each group
+    group_method: Literal["interval", "rank"] = "interval"  # SAEDashboard's equal-width intervals, or true quantiles
+    n_bins: int = 50  # bins of the activation and logit histograms
+    n_logits: int = 10  # rows of each side of the logit table
+    n_cofiring: int = 10  # co-firing features listed
+    context: tuple[int, int] | None = None  # tokens left and right of the active one; None: its whole window
+    exclude_special_tokens: bool = True  # leave BOS, EOS and padding tokens out of examples and histograms
+    seed: int = 0  # of the group draws, as in FeatureStore.quantile_samples
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.group_method not in ("interval", "rank"):
+            problems.append(f"group_method {self.group_method!r} is not 'interval' or 'rank'.")
+        for name in ("n_top", "n_groups", "per_group", "n_bins", "n_logits", "n_cofiring"):
+            if getattr(self, name) < 0 or (name == "n_bins" and self.n_bins < 1):
+                problems.append(f"{name}={getattr(self, name)} must be a positive number.")
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass
+class Example:
+    """One activating token and the text around it, all from the store."""
+
+    token_index: int  # in store order
+    row: int  # dataset row
+    pos: int  # position in the row's tokenization (-1: a BOS latentstore added)
+    activation: float
+    token_ids: list[int]  # the context, within the token's window
+    values: list[float]  # the feature's activation at each context token
+    active: int  # which context token is this example's token
+
+
+@dataclass
+class ExampleGroup:
+    """Top examples (``kind="top"``) or examples drawn from one slice of the activations."""
+
+    kind: Literal["top", "interval", "rank"]
+    bin_min: float  # smallest activation in the slice (top: the smallest shown)
+    bin_max: float  # largest activation in the slice
+    bin_contains: float  # fraction of the feature's counted activations in the slice
+    examples: list[Example]
+
+
+@dataclass
+class LogitTable:
+    """``W_dec[f] @ W_U``: the tokens whose logits the feature raises and lowers most, and the histogram."""
+
+    top_ids: list[int]
+    top_values: list[float]
+    bottom_ids: list[int]  # most negative first
+    bottom_values: list[float]
+    hist_centers: list[float]
+    hist_counts: list[int]
+
+
+@dataclass
+class FeatureDashboard:
+    feature: int
+    n_fired: int  # counted activations (special tokens left out when the settings say so)
+    frac_nonzero: float  # n_fired / tokens in the store, at full precision
+    max: float
+    groups: list[ExampleGroup]
+    hist_centers: list[float]  # of the activation histogram, over [min, max] of counted activations
+    hist_counts: list[int]
+    cofiring: list[dict[str, Any]]  # feature, count, fraction, jaccard, as FeatureStore.cofiring
+    logits: LogitTable | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LogitWeights:
+    """The SAE's decoder and the model's effective unembedding, as float32 arrays."""
+
+    W_dec: np.ndarray  # [d_sae, d_model]
+    W_U: np.ndarray  # [d_model, d_vocab]
+
+
+def effective_unembed(model: Any) -> Any:
+    """``W_U`` as SAEDashboard sees it: with the final layer norm folded in and centred.
+
+    SAEDashboard multiplies by ``model.W_U`` of a model loaded with TransformerLens's
+    ``from_pretrained``, which folds ``ln_final``'s scale into ``W_U``, centres it over
+    ``d_model`` (an LN centres its input) and over the vocabulary. A local model may hold
+    its layer norm unfolded, so the same processing is applied here. Already processed
+    weights (``LNPre``/``RMSPre``, centred) come out unchanged."""
+    W_U = model.W_U.detach().float()
+    norm = model.cfg.normalization_type
+    if norm in ("LN", "RMS"):  # ln_final's scale is still a separate weight
+        W_U = model.ln_final.w.detach().float()[:, None] * W_U
+        if norm == "LN":
+            W_U = W_U - W_U.mean(0, keepdim=True)
+    return W_U - W_U.mean(-1, keepdim=True)
+
+
+def load_logit_weights(fs: FeatureStore, hook: str, device: str = "cpu") -> LogitWeights:
+    """Load the run's SAE (for ``W_dec``) and model (for ``W_U``) as recorded in the store."""
+    from pipeline.models import load_model
+    from pipeline.saes import SAESource, load_sae
+
+    fs.d_sae(hook)  # names the valid hooks when this one is not in the store
+    source = next(sae["source"] for sae in fs.run["saes"] if sae["hook"] == hook)
+    sae = load_sae(SAESource.parse(source), device=device)
+    model = load_model(fs.run["model"]["name"], device=device)
+    W_dec = sae.W_dec.detach().float()
+    if W_dec.shape[1] != model.cfg.d_model:
+        raise ConfigError(
+            f"{hook}: the SAE writes vectors of size {W_dec.shape[1]}, not the residual stream's "
+            f"{model.cfg.d_model}, so W_dec @ W_U has no meaning for it. Leave the logit tables out "
+            "(--no-logits)."
+        )
+    return LogitWeights(W_dec.cpu().numpy(), effective_unembed(model).cpu().numpy())
+
+
+def window_starts(rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """The token index where each window starts, as the store's queries draw windows: a window
+    starts at a new row, at a BOS (pos -1), or where positions do not follow on."""
+    starts = np.ones(len(rows), bool)
+    starts[1:] = ((rows[1:] != rows[:-1]) | (positions[1:] == -1)
+                  | ((positions[1:] != positions[:-1] + 1) & (positions[:-1] != -1)))
+    return np.flatnonzero(starts)
+
+
+def equal_width_histogram(values: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Counts over ``n_bins`` equal bins of [min, max], and the bins' centres (SAEDashboard's bars)."""
+    if not len(values):
+        return np.zeros(0), np.zeros(0, np.int64)
+    counts, edges = np.histogram(values, bins=n_bins, range=(float(values.min()), float(values.max())))
+    return (edges[:-1] + edges[1:]) / 2, counts
+
+
+class DashboardBuilder:
+    """Dashboard data for one SAE's features, from a store (and the weights for the logit tables)."""
+
+    def __init__(self, fs: FeatureStore, hook: str, weights: LogitWeights | None = None,
+                 settings: DashboardSettings = DashboardSettings()):
+        self.fs, self.hook, self.weights, self.settings = fs, hook, weights, settings
+        self.d_sae = fs.d_sae(hook)
+        if weights is not None and weights.W_dec.shape[0] != self.d_sae:
+            raise ConfigError(f"{hook}: the store has {self.d_sae} features but W_dec has "
+                              f"{weights.W_dec.shape[0]} rows: the weights are not this run's SAE.")
+        self.token_ids = fs.token_ids()
+        provenance = fs.provenance()
+        self.rows, self.positions = provenance["row"].to_numpy(), provenance["pos"].to_numpy()
+        self._window_starts = np.append(window_starts(self.rows, self.positions), len(self.rows))
+        counted = np.ones(len(self.token_ids), bool)
+        if settings.exclude_special_tokens and fs.special_token_ids:
+            counted = ~np.isin(self.token_ids, list(fs.special_token_ids))
+        # every activation, with the rows of uncounted tokens emptied: one matrix serves all blocks
+        activations = fs.csr(hook)
+        self._counted = (sp.diags(counted.astype(np.float32)) @ activations).tocsr()
+        self._counted.data[self._counted.data <= 0] = 0  # queries count activations strictly above 0
+        self._counted.eliminate_zeros()
+        self._fired = self._counted.copy()
+        self._fired.data[:] = 1.0
+        self._all_counts = fs.stats(hook).count
+
+    def build(self, features: range | None = None, progress: bool = False) -> Iterator[FeatureDashboard]:
+        """Each feature's dashboard data, in order."""
+        features = range(self.d_sae) if features is None else features
+        if features.start < 0 or features.stop > self.d_sae or features.step != 1:
+            raise ConfigError(f"features {features.start}:{features.stop} are not a range within "
+                              f"0:{self.d_sae} of {self.hook}.")
+        bar = tqdm(total=len(features), desc=f"dashboards {self.hook}", unit="feature", disable=not progress)
+        for start in range(features.start, features.stop, BLOCK_FEATURES):
+            block = range(start, min(features.stop, start + BLOCK_FEATURES))
+            yield from self._block(block)
+            bar.update(len(block))
+        bar.close()
+
+    # -- one block of features ------------------------------------------------------------------
+
+    def _block(self, block: range) -> Iterator[FeatureDashboard]:
+        columns = self._counted[:, block.start:block.stop].tocsc()
+        columns.sort_indices()
+        cofiring = (self._fired[:, block.start:block.stop].T @ self._fired).tocsr()
+        logits = self._logits(block)
+        for j, feature in enumerate(block):
+            a, b = columns.indptr[j], columns.indptr[j + 1]
+            tokens, values = columns.indices[a:b].astype(np.int64), columns.data[a:b]
+            yield self._feature(feature, tokens, values, cofiring[j], None if logits is None else logits[j])
+
+    def _feature(self, feature: int, tokens: np.ndarray, values: np.ndarray, cofiring_row: sp.csr_matrix,
+                 logits: LogitTable | None) -> FeatureDashboard:
+        """``tokens`` ascending, with ``values`` the feature's counted activations there."""
+        s = self.settings
+        order = np.lexsort((tokens, -values.astype(np.float64)))
+        ranked_tokens, ranked_values = tokens[order], values[order]
+        lookup = (tokens, values)
+        n = len(values)
+        top = ranked_tokens[: s.n_top]
+        groups = []
+        if n:
+            shown_min = float(ranked_values[len(top) - 1])
+            groups.append(ExampleGroup("top", shown_min, float(ranked_values[0]), len(top) / n,
+                                       [self._example(int(t), lookup) for t in top]))
+            groups += self._sampled_groups(ranked_tokens, ranked_values, lookup)
+        centers, counts = equal_width_histogram(values.astype(np.float64), s.n_bins)
+        return FeatureDashboard(
+            feature=feature, n_fired=n, frac_nonzero=n / max(1, len(self.token_ids)),
+            max=float(ranked_values[0]) if n else 0.0, groups=groups,
+            hist_centers=centers.tolist(), hist_counts=counts.tolist(),
+            cofiring=self._cofiring(feature, cofiring_row, n), logits=logits,
+        )
+
+    def _sampled_groups(self, tokens: np.ndarray, values: np.ndarray, lookup) -> list[ExampleGroup]:
+        """The same slices and the same draws as ``FeatureStore.quantile_samples``."""
+        s = self.settings
+        n = len(values)
+        if s.group_method == "rank":
+            bounds = np.linspace(0, n, s.n_groups + 1).round().astype(int)
+            members = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        else:
+            edges = np.linspace(float(values[0]), 0, s.n_groups + 1)
+            members = [np.nonzero((values <= hi) & ((values > lo) if g < s.n_groups - 1 else (values >= lo)))[0]
+                       for g, (hi, lo) in enumerate(zip(edges[:-1], edges[1:]))]
+        rng = np.random.default_rng(s.seed)
+        groups = []
+        for picked_from in members:
+            if not len(picked_from):
+                continue
+            picked = np.sort(rng.choice(picked_from, size=min(s.per_group, len(picked_from)), replace=False))
+            groups.append(ExampleGroup(
+                s.group_method, float(values[picked_from].min()), float(values[picked_from].max()),
+                len(picked_from) / n, [self._example(int(tokens[i]), lookup) for i in picked]))
+        return groups
+
+    def _example(self, token: int, lookup: tuple[np.ndarray, np.ndarray]) -> Example:
+        w = int(np.searchsorted(self._window_starts, token, side="right") - 1)
+        lo, hi = int(self._window_starts[w]), int(self._window_starts[w + 1])
+        if self.settings.context is not None:
+            left, right = self.settings.context
+            lo, hi = max(lo, token - left), min(hi, token + right + 1)
+        tokens, values = lookup
+        a, b = np.searchsorted(tokens, [lo, hi])
+        context_values = np.zeros(hi - lo, np.float32)
+        context_values[tokens[a:b] - lo] = values[a:b]
+        return Example(token, int(self.rows[token]), int(self.positions[token]), float(context_values[token - lo]),
+                       self.token_ids[lo:hi].tolist(), context_values.tolist(), token - lo)
+
+    def _cofiring(self, feature: int, row: sp.csr_matrix, n_fired: int) -> list[dict[str, Any]]:
+        others, counts = row.indices, row.data.astype(np.int64)
+        keep = (others != feature) & (counts > 0)
+        others, counts = others[keep], counts[keep]
+        order = np.lexsort((others, -counts))[: self.settings.n_cofiring]
+        own = self._all_counts
+        return [{"feature": int(others[i]), "count": int(counts[i]), "fraction": counts[i] / max(1, n_fired),
+                 "jaccard": counts[i] / max(1, n_fired + int(own[others[i]]) - counts[i])} for i in order]
+
+    def _logits(self, block: range) -> list[LogitTable] | None:
+        if self.weights is None:
+            return None
+        import torch
+
+        k, n_bins = self.settings.n_logits, self.settings.n_bins
+        effects = torch.from_numpy(self.weights.W_dec[block.start:block.stop]) @ torch.from_numpy(self.weights.W_U)
+        top = effects.topk(min(k, effects.shape[1]), dim=1)
+        bottom = (-effects).topk(min(k, effects.shape[1]), dim=1)
+        low, high = effects.min(1).values, effects.max(1).values
+        width = torch.where(high > low, (high - low) / n_bins, torch.ones_like(high))
+        # bin i holds low + i*width <= x < low + (i+1)*width, the last bin closed at high
+        bins = ((effects - low[:, None]) / width[:, None]).floor().clamp_(0, n_bins - 1).long()
+        counts = torch.zeros(len(block), n_bins, dtype=torch.long).scatter_add_(1, bins, torch.ones_like(bins))
+        centers = low[:, None] + (torch.arange(n_bins) + 0.5)[None, :] * width[:, None]
+        return [LogitTable(top.indices[j].tolist(), top.values[j].tolist(), bottom.indices[j].tolist(),
+                           (-bottom.values[j]).tolist(), centers[j].tolist(), counts[j].tolist())
+                for j in range(len(block))]
