@@ -250,8 +250,35 @@ def start_workers(ray, plan: Plan) -> list:
         n_threads=n_threads,
     )
     # Killed workers come back and their call is retried; writes are idempotent (stack.md).
-    actor = ray.remote(max_restarts=-1, max_task_retries=-1, **resources)(ExtractWorker)
+    actor = ray.remote(max_restarts=-1, max_task_retries=-1, **resources)(_init_errors_on_call(ExtractWorker))
     return [actor.remote(job) for _ in range(n_workers)]
+
+
+def _init_errors_on_call(worker_class: type) -> type:
+    """The worker class, with a LatentStoreError from ``__init__`` (truncated weights, say) kept and
+    raised by the first call. Ray reports an exception in an actor's ``__init__`` only as text inside
+    an ActorDiedError, so the user would get a Ray traceback instead of the error and its fix."""
+
+    class Worker(worker_class):
+        def __init__(self, *args, **kwargs):
+            self._init_error = None
+            try:
+                super().__init__(*args, **kwargs)
+            except LatentStoreError as e:
+                self._init_error = e
+
+        def describe(self):
+            if self._init_error is not None:
+                raise self._init_error
+            return super().describe()
+
+        def run_shard(self, *args, **kwargs):
+            if self._init_error is not None:
+                raise self._init_error
+            return super().run_shard(*args, **kwargs)
+
+    Worker.__name__ = Worker.__qualname__ = worker_class.__name__
+    return Worker
 
 
 def run_extract(cfg: ExtractConfig) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 import zarr
 from zarr.storage import FsspecStore, LocalStore
 
-from store.errors import StoreWriteError
+from store.errors import ConfigError, StoreWriteError
 
 
 def is_url(location: str) -> bool:
@@ -24,7 +24,25 @@ def normalize(location: str | os.PathLike) -> str:
     location = os.fspath(location)
     if location.startswith("file://"):
         location = location.removeprefix("file://")
-    return location if is_url(location) else str(Path(location).expanduser().resolve())
+    if is_url(location):
+        _refuse_credentials(location)
+        return location
+    return str(Path(location).expanduser().resolve())
+
+
+def _refuse_credentials(url: str) -> None:
+    """A URL with ``user:password@`` would carry credentials into messages and logs: refuse it,
+    without repeating it."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        host = parts.netloc.rsplit("@", 1)[1]
+        raise ConfigError(
+            f"the store URL {parts.scheme}://***@{host}{parts.path} holds credentials. Remove them from the URL "
+            "and give them the usual way instead: environment variables (AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, ...) or the provider's config files."
+        )
 
 
 def open_zarr_store(location: str, read_only: bool = False) -> zarr.abc.store.Store:

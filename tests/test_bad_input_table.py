@@ -1,0 +1,306 @@
+"""Bad input across the whole tool, as one table: each case, the error type and the message.
+
+Every case runs through the public entry points (`validate`/`run_extract`, `FeatureStore`,
+the sweep job's `validate`, `read_sweep`, the `latentstore` command). After each, no store
+that was not already complete looks complete: extraction refuses before writing anything,
+and a store that existed before is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from jobs.cli import main
+from pipeline.dataset import DatasetSpec
+from store import FeatureStore
+from store import format as fmt
+from store.errors import (ConfigError, FormatVersionError, StoreConflictError, StoreCorruptError,
+                          StoreIncompleteError, StoreNotFoundError)
+from tests.conftest import make_sae
+from tests.test_extract_job import config
+
+pytestmark = pytest.mark.ray
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def good_store(assets, ray_cluster, tmp_path_factory) -> str:
+    """A small complete store that query and sweep cases point at (copied before any damage)."""
+    from jobs.extract import run_extract
+
+    cfg = config(assets, tmp_path_factory.mktemp("good") / "good.zarr", saes=(str(assets["sae_dirs"][HOOK]),),
+                 max_tokens=300)
+    run_extract(cfg)
+    return cfg.store
+
+
+# -- how to make each bad input ---------------------------------------------------------------
+
+
+def _sae_dir(tmp: Path, name: str, **kwargs) -> str:
+    path = tmp / name
+    make_sae("standard", **kwargs).save_model(path)
+    return str(path)
+
+
+def _truncated_sae(assets, tmp: Path) -> str:
+    path = tmp / "truncated-sae"
+    shutil.copytree(assets["sae_dirs"][HOOK], path)
+    weights = path / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    return str(path)
+
+
+def _pickled_sae(assets, tmp: Path) -> str:
+    import torch
+
+    path = tmp / "pickled-sae"
+    shutil.copytree(assets["sae_dirs"][HOOK], path)
+    (path / "sae_weights.safetensors").unlink()
+    torch.save({"W_enc": torch.zeros(2, 2)}, path / "sae_weights.pt")
+    return str(path)
+
+
+def _pickle_as_model(assets, tmp: Path) -> str:
+    import torch
+
+    path = tmp / "pickled-model"
+    shutil.copytree(assets["model_dir"], path)
+    (path / "model.safetensors").unlink()
+    torch.save({"W_E": torch.zeros(2, 2)}, path / "pytorch_model.bin")
+    return str(path)
+
+
+def _file(tmp: Path, name: str, data: bytes) -> str:
+    (tmp / name).write_bytes(data)
+    return str(tmp / name)
+
+
+def _empty_parquet(tmp: Path) -> str:
+    import datasets
+
+    datasets.Dataset.from_dict({"text": []}).to_parquet(str(tmp / "empty.parquet"))
+    return str(tmp / "empty.parquet")
+
+
+def _store_of_another_model(assets, tmp: Path) -> str:
+    """A store begun by a run whose model differs (another config), at the path this run asks for."""
+    from jobs.extract import validate
+    from store.writer import StoreWriter
+
+    cfg = config(assets, tmp / "store.zarr")
+    run = validate(cfg).run_metadata()
+    run["model"]["name"] = "gpt2-small"
+    run["model"]["config"]["d_model"] = 768
+    StoreWriter(cfg.store).begin(run, {"n_shards": 8, "n_rows": 37}, overwrite=False)
+    return cfg.store
+
+
+def _newer_format_store(assets, tmp: Path, source: str | None = None) -> str:
+    path = tmp / ("store.zarr" if source is None else "newer.zarr")  # a copy of a complete store: not checked
+    if source is None:
+        from jobs.extract import validate
+        from store.writer import StoreWriter
+
+        cfg = config(assets, path)
+        StoreWriter(cfg.store).begin(validate(cfg).run_metadata(), {"n_shards": 8, "n_rows": 37}, overwrite=False)
+    else:
+        shutil.copytree(source, path)
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"][fmt.ATTRS_KEY]["encoding-version"] = "2.0"
+    (path / "zarr.json").write_text(json.dumps(meta))
+    return str(path)
+
+
+def _copy(store: str, tmp: Path) -> str:
+    shutil.copytree(store, tmp / "copy.zarr")
+    return str(tmp / "copy.zarr")
+
+
+def _unknown_codec(store: str, tmp: Path) -> str:
+    path = _copy(store, tmp)
+    meta = Path(path) / fmt.shard_path(0) / fmt.SAES_GROUP / HOOK / fmt.VALUES / "zarr.json"
+    meta.write_text(meta.read_text().replace('"blosc"', '"lz-future"'))
+    return path
+
+
+# -- the table --------------------------------------------------------------------------------
+# name: (what runs, given (assets, tmp, good_store) -> callable; error type; message pattern)
+
+
+def _extract(**changes):
+    def run(assets, tmp, store):
+        from jobs.extract import validate
+
+        made = {k: (v(assets, tmp) if callable(v) else v) for k, v in changes.items()}
+        validate(replace(config(assets, tmp / "store.zarr"), **made))
+
+    return run
+
+
+def _run_extract(**changes):
+    def run(assets, tmp, store):
+        from jobs.extract import run_extract
+
+        made = {k: (v(assets, tmp) if callable(v) else v) for k, v in changes.items()}
+        run_extract(replace(config(assets, tmp / "store.zarr"), **made))
+
+    return run
+
+
+def _query(action):
+    return lambda assets, tmp, store: action(FeatureStore.open(store))
+
+
+def _sweep(**fields):
+    def run(assets, tmp, store):
+        from jobs.sweep import SweepConfig, validate
+
+        made = {k: (v(tmp) if callable(v) else v) for k, v in fields.items()}
+        validate(SweepConfig(**{"name": "s", "store": store, "rows": (0, 4), "metric": "kl", **made}))
+
+    return run
+
+
+def _cli(*argv):
+    def run(assets, tmp, store):
+        args = [a.format(store=store, tmp=tmp, model=assets["model_dir"]) for a in argv]
+        code = main(args)
+        raise SystemExit(code)
+
+    return run
+
+
+BAD_INPUTS = {
+    # extract: refused before any model runs
+    "extract: hook the model lacks": (
+        _extract(saes=lambda a, t: (_sae_dir(t, "s7", hook="blocks.7.hook_resid_post"),)),
+        ConfigError, r"hook 'blocks\.7\.hook_resid_post' is not a hook of model .*Hooks there include"),
+    "extract: SAE width differs from the model's": (
+        _extract(saes=lambda a, t: (_sae_dir(t, "s16", hook=HOOK, d_in=16),)),
+        ConfigError, r"d_in=16, but .* has width 32 at blocks\.0\.hook_resid_post\. Is the SAE for another model"),
+    "extract: empty dataset": (
+        _extract(dataset=lambda a, t: DatasetSpec(_empty_parquet(t))), ConfigError, r"is empty: there is nothing"),
+    "extract: non-UTF-8 text file": (
+        _extract(dataset=lambda a, t: DatasetSpec(_file(t, "latin1.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n'))),
+        ConfigError, r"row 1 of column 'text' is not valid UTF-8 .*Re-encode the file as UTF-8"),
+    "extract: unknown dataset file type": (
+        _extract(dataset=lambda a, t: DatasetSpec(_file(t, "data.xlsx", b"PK\x03\x04"))),
+        ConfigError, r"unknown file type\. Use a \.jsonl"),
+    "extract: pickled SAE weights offered": (
+        _extract(saes=lambda a, t: (_pickled_sae(a, t),)),
+        ConfigError, r"found pickled weights \(sae_weights\.pt\).*Pickles are refused"),
+    "extract: truncated SAE safetensors": (
+        _run_extract(saes=lambda a, t: (_truncated_sae(a, t),)),
+        ConfigError, r"sae_weights\.safetensors is not a readable safetensors file .*truncated"),
+    "extract: pickle offered as the model's weights": (
+        _run_extract(model=lambda a, t: _pickle_as_model(a, t)),
+        ConfigError, r"no model\.safetensors in .* Found pytorch_model\.bin: pickled weights are refused"),
+    "extract: store made by another model": (
+        _extract(store=lambda a, t: _store_of_another_model(a, t)),
+        StoreConflictError, r"(?s)already holds a different run:.*model\.name: store has 'gpt2-small'.*--overwrite"),
+    "extract: store from a newer format version": (
+        _extract(store=lambda a, t: _newer_format_store(a, t)),
+        FormatVersionError, r"written in latentstore format 2\.0.*Upgrade latentstore"),
+    "extract: credentials inside the store URL": (
+        _extract(store="s3://AKIAEXAMPLE:hunter2@bucket/run.zarr"),
+        ConfigError, r"the store URL s3://\*\*\*@bucket/run\.zarr holds credentials"),
+    "extract: a column that does not exist": (
+        _extract(dataset=lambda a, t: DatasetSpec(str(a["jsonl"]), text_column="body")),
+        ConfigError, r"has no column 'body'; its columns are: text, label"),
+    "extract: several problems at once": (
+        _extract(context_size=65, batch_size=0, value_dtype="int8"),
+        ConfigError, r"3 problems:\n  - --batch-size must be positive.*\n  - --value-dtype 'int8'.*\n  - --context-size 65"),
+    # queries
+    "query: csr of a hook the store lacks": (
+        _query(lambda fs: fs.csr("blocks.2.hook_resid_post")),
+        ConfigError, r"hook 'blocks\.2\.hook_resid_post' is not in store .*; it holds: blocks\.0\.hook_resid_post"),
+    "query: token range past the end": (
+        _query(lambda fs: fs.csr(HOOK, 0, fs.n_tokens + 1)), IndexError, r"token range \[0, 301\) is outside the store's 300"),
+    "query: negative token range": (
+        _query(lambda fs: fs.token_ids(-5, 3)), IndexError, r"token range \[-5, 3\) is outside"),
+    "query: feature index out of range": (
+        _query(lambda fs: fs.top_activations(HOOK, 96)), ConfigError, r"feature 96 is out of range for .*features 0 to 95"),
+    "query: store path that holds no store": (
+        lambda a, t, s: FeatureStore.open(str(t)), StoreNotFoundError, r"No latentstore store at .*latentstore extract --store"),
+    "query: store from a newer format version": (
+        lambda a, t, s: FeatureStore.open(_newer_format_store(a, t, s)), FormatVersionError, r"Upgrade latentstore"),
+    "query: an array with an unknown codec": (
+        lambda a, t, s: FeatureStore.open(_unknown_codec(s, t)).csr(HOOK), StoreCorruptError,
+        r"(?s)shards/000000/saes/blocks\.0\.hook_resid_post/values is damaged.*lz-future.*latentstore verify"),
+    # sweeps
+    "sweep: empty row range": (_sweep(rows=(5, 5)), ConfigError, r"--rows 5:5 is empty"),
+    "sweep: hook the store lacks": (
+        _sweep(hook="blocks.1.hook_mlp_out"), ConfigError, r"--hook 'blocks\.1\.hook_mlp_out' is not in store"),
+    "sweep: name with a slash": (_sweep(name="a/b"), ConfigError, r"sweep name 'a/b': use letters, digits"),
+    "sweep: logit_diff without answers": (
+        _sweep(metric="logit_diff"), ConfigError, r"--metric logit_diff needs answers"),
+    "sweep: prompt file with a broken line": (
+        _sweep(rows=None, prompts=lambda t: _file(t, "p.jsonl", b'{"prompt": "a"}\n{not json\n'), model="m", sae="s"),
+        ConfigError, r"--prompts .*p\.jsonl: line 2 is not JSON"),
+    "sweep: reading a sweep that does not exist": (
+        lambda a, t, s: __import__("store.sweeps", fromlist=["read_sweep"]).read_sweep(s, "nope"),
+        StoreNotFoundError, r"has no sweep 'nope'; it has: none"),
+    # the command line: exit status 2 and a one-line message on stderr
+    "cli: info on a path with no store": (
+        _cli("info", "{tmp}/nothing.zarr"), SystemExit, r"2"),
+    "cli: verify on a path with no store": (
+        _cli("verify", "{tmp}/nothing.zarr"), SystemExit, r"2"),
+    "cli: index of an unfinished store": (
+        _cli("index", "{tmp}/unfinished.zarr"), SystemExit, r"2"),
+    "cli: extract with --model but no --sae": (
+        _cli("extract", "--model", "{model}", "--store", "{tmp}/x.zarr"), SystemExit,
+        r"latentstore extract: give --sae, --dataset as well"),
+    "cli: a --max-tokens that is not a whole number": (
+        _cli("extract", "--max-tokens", "1.5"), SystemExit, r"2"),
+}
+
+CLI_STDERR = {
+    "cli: info on a path with no store": "latentstore info: error: No latentstore store at",
+    "cli: verify on a path with no store": "latentstore verify: error: No latentstore store at",
+    "cli: index of an unfinished store": "latentstore index: error:",
+    "cli: a --max-tokens that is not a whole number": "'1.5' is not a whole number",
+}
+
+
+def test_the_table_is_big_enough():
+    areas = {name.split(":")[0] for name in BAD_INPUTS}
+    assert len(BAD_INPUTS) >= 20 and areas == {"extract", "query", "sweep", "cli"}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input(assets, good_store, tmp_path, capsys, case):
+    action, error, message = BAD_INPUTS[case]
+    if case == "cli: index of an unfinished store":
+        _unfinished(assets, tmp_path)
+    good_before = (Path(good_store) / "zarr.json").read_text()
+    with pytest.raises(error, match=message):
+        action(assets, tmp_path, good_store)
+    if case in CLI_STDERR:
+        assert CLI_STDERR[case] in capsys.readouterr().err
+    # nothing looks complete that was not: no new complete store, and the good store is unchanged
+    for candidate in (tmp_path / "store.zarr", tmp_path / "x.zarr"):
+        if (candidate / "zarr.json").exists():
+            attrs = json.loads((candidate / "zarr.json").read_text())["attributes"].get(fmt.ATTRS_KEY, {})
+            assert attrs.get("status") != fmt.STATUS_COMPLETE, candidate
+    assert (Path(good_store) / "zarr.json").read_text() == good_before
+
+
+def _unfinished(assets, tmp: Path) -> None:
+    from jobs.extract import validate
+    from store.writer import StoreWriter
+
+    cfg = config(assets, tmp / "unfinished.zarr")
+    StoreWriter(cfg.store).begin(validate(cfg).run_metadata(), {"n_shards": 8, "n_rows": 37}, overwrite=False)
+
+
+def test_stderr_of_a_store_error_names_the_command(good_store, tmp_path, capsys):
+    assert main(["info", str(tmp_path / "nothing.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("latentstore info: error: No latentstore store at") and "Traceback" not in err
