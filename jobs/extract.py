@@ -11,13 +11,13 @@ interruptions: a rerun skips complete shards and does the rest.
 from __future__ import annotations
 
 import logging
-import os
 from collections import deque
 from dataclasses import dataclass, field
 
 from pipeline.dataset import DatasetSpec, Shard, check_dataset, describe_dataset, open_dataset, plan_shards, rows_digest
 from pipeline.models import hook_names, hook_width, is_local_model, load_model_config
 from pipeline.saes import SAESource, read_sae_config
+from jobs.ray_session import call, connect, worker_resources
 from pipeline.worker import ExtractJob, ExtractWorker
 from store import stats
 from store.errors import ConfigError, LatentStoreError, StoreWriteError, did_you_mean
@@ -203,38 +203,11 @@ def _check_token_sample(ds, column: str, d_vocab: int, n: int = 100) -> list[str
 # -- running -----------------------------------------------------------------------------------
 
 
-def connect_ray(address: str | None, n_cpus_wanted: float):
-    """Join a cluster (``address`` or RAY_ADDRESS), reuse this process's, or start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return ray
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        # More logical CPUs than the actors take, so Ray's own tasks never starve (stack.md).
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(n_cpus_wanted) + 1), include_dashboard=False,
-                 logging_level=logging.WARNING)
-    return ray
 
 
 def start_workers(ray, plan: Plan) -> list:
     cfg = plan.config
-    n_gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = bool(n_gpus) if cfg.use_gpu is None else cfg.use_gpu
-    if use_gpu and not cfg.workers and not n_gpus:
-        raise ConfigError("--gpu with no GPU in the cluster yet: pass --workers N so the autoscaler knows how many "
-                          "GPU workers to start.")
-    n_workers = cfg.workers or max(1, n_gpus)
-    if use_gpu:
-        resources = {"num_gpus": 1, "num_cpus": cfg.cpus_per_worker or 1}
-        n_threads = None
-    else:
-        total = ray.cluster_resources().get("CPU", 1)
-        cpus = cfg.cpus_per_worker or max(1.0, (total - 1) / n_workers)
-        resources = {"num_cpus": cpus}
-        n_threads = max(1, int(cpus))
+    resources = worker_resources(ray, cfg.workers, cfg.cpus_per_worker, cfg.use_gpu)
     job = ExtractJob(
         model=cfg.model,
         saes=cfg.saes,
@@ -246,12 +219,12 @@ def start_workers(ray, plan: Plan) -> list:
         value_dtype=cfg.value_dtype,
         model_dtype=cfg.model_dtype,
         top_k=cfg.top_k,
-        device=None if use_gpu else "cpu",
-        n_threads=n_threads,
+        device=None if resources.use_gpu else "cpu",
+        n_threads=resources.n_threads,
     )
     # Killed workers come back and their call is retried; writes are idempotent (stack.md).
-    actor = ray.remote(max_restarts=-1, max_task_retries=-1, **resources)(_init_errors_on_call(ExtractWorker))
-    return [actor.remote(job) for _ in range(n_workers)]
+    actor = ray.remote(max_restarts=-1, max_task_retries=-1, **resources.options)(_init_errors_on_call(ExtractWorker))
+    return [actor.remote(job) for _ in range(resources.n_workers)]
 
 
 def _init_errors_on_call(worker_class: type) -> type:
@@ -284,10 +257,10 @@ def _init_errors_on_call(worker_class: type) -> type:
 def run_extract(cfg: ExtractConfig) -> dict:
     """Run an extraction end to end; returns the store's final counts."""
     plan = validate(cfg)
-    ray = connect_ray(cfg.address, (cfg.workers or 1) * (cfg.cpus_per_worker or 1))
+    ray = connect(cfg.address, (cfg.workers or 1) * (cfg.cpus_per_worker or 1))
     actors = start_workers(ray, plan)
     try:
-        described = _call(ray, actors[0].describe.remote(), "loading the model and SAEs")
+        described = call(ray, actors[0].describe.remote(), "loading the model and SAEs")
         writer = StoreWriter(cfg.store)
         plan_meta = {"n_shards": len(plan.shards), "n_rows": plan.dataset["n_rows"]}
         vocab = described.pop("vocab")
@@ -326,15 +299,6 @@ def _rows_unchanged(plan: Plan):
     return keep
 
 
-def _call(ray, ref, what: str):
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as e:
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, LatentStoreError):
-            cause.add_note(f"(while {what})")
-            raise cause from None
-        raise
 
 
 def prefix_cut(done: dict[int, dict], n_shards: int, max_tokens: int | None) -> tuple[int, int] | None:
@@ -369,7 +333,7 @@ def _schedule(ray, actors: list, plan: Plan, done: dict[int, dict]) -> dict[int,
         [ref], _ = ray.wait(list(in_flight), num_returns=1)
         actor, shard = in_flight.pop(ref)
         idle.append(actor)
-        marker = _call(ray, ref, f"writing shard {shard.shard_id} (dataset rows {shard.row_start}-{shard.row_stop - 1})")
+        marker = call(ray, ref, f"writing shard {shard.shard_id} (dataset rows {shard.row_start}-{shard.row_stop - 1})")
         done[shard.shard_id] = marker
         bar.update(min(marker["n_tokens"], (bar.total - bar.n) if bar.total else marker["n_tokens"]))
         bar.set_postfix_str(f"shards {len(done)}/{n_shards}")

@@ -23,7 +23,7 @@ def run_index(location: str, workers: int | None = None, address: str | None = N
     """Build (or finish) every SAE's index. Returns the number of parts per hook."""
     from tqdm.auto import tqdm
 
-    from jobs.extract import connect_ray
+    from jobs.ray_session import connect
 
     fs = FeatureStore.open(location)
     if not fs.complete:
@@ -31,7 +31,7 @@ def run_index(location: str, workers: int | None = None, address: str | None = N
             f"{fs.location} is still being written (or its extraction stopped part-way); "
             "finish it by rerunning the same `latentstore extract` command, then index it."
         )
-    ray = connect_ray(address, workers or 1)
+    ray = connect(address, workers or 1)
     n_workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
     shards = fs.attrs["shards"]
     token_dtype = "<u4" if fs.n_tokens < 2**32 else "<u8"

@@ -12,7 +12,6 @@ command skips complete parts.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from collections import deque
@@ -23,6 +22,7 @@ import torch
 
 from pipeline.ablation import StorePrompts, ablation_sweep, mean_activations, resolve_positions
 from pipeline.metrics import KLFromClean, LogitDiff, NextTokenLoss, TargetLoss
+from jobs.ray_session import call, connect, worker_resources
 from jobs.sweep_cli import METRICS
 from store.errors import ConfigError, DataError, did_you_mean
 
@@ -297,14 +297,13 @@ def plan_parts(n_prompts: int, features: np.ndarray, prompts_per_part: int, feat
 
 def run_sweep(cfg: SweepConfig) -> dict:
     """Run a sweep end to end (or finish one); returns its counts."""
-    from jobs.extract import _call, connect_ray
     from store.sweeps import SweepWriter
 
     job = validate(cfg)
-    ray = connect_ray(cfg.address, (cfg.workers or 1) * (cfg.cpus_per_worker or 1))
+    ray = connect(cfg.address, (cfg.workers or 1) * (cfg.cpus_per_worker or 1))
     actors = _start_workers(ray, job)
     try:
-        n_prompts = _call(ray, actors[0].n_prompts.remote(), "loading the model, the SAE and the prompts")
+        n_prompts = call(ray, actors[0].n_prompts.remote(), "loading the model, the SAE and the prompts")
         spec = cfg.spec(job.model, job.sae, job.hook, n_prompts)
         writer = SweepWriter(cfg.store, cfg.name)
         same = writer.existing_spec() is not None and not cfg.overwrite
@@ -313,7 +312,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
         elif cfg.features is not None:
             features = np.unique(np.asarray(cfg.features, dtype=np.int64))
         else:
-            features = _call(ray, actors[0].live_features.remote(), "finding the live features")
+            features = call(ray, actors[0].live_features.remote(), "finding the live features")
         parts = plan_parts(n_prompts, features, cfg.prompts_per_part, cfg.features_per_part)
         prompt_rows = np.arange(*cfg.rows) if cfg.rows is not None else None
         done = writer.begin(spec, features, prompt_rows, len(parts), cfg.overwrite)
@@ -329,24 +328,17 @@ def run_sweep(cfg: SweepConfig) -> dict:
 
 def _start_workers(ray, job: SweepJob) -> list:
     cfg = job.config
-    n_gpus = int(ray.cluster_resources().get("GPU", 0))
-    n_workers = cfg.workers or max(1, n_gpus)
-    if n_gpus:
-        resources, n_threads = {"num_gpus": 1, "num_cpus": cfg.cpus_per_worker or 1}, None
-    else:
-        cpus = cfg.cpus_per_worker or max(1.0, (ray.cluster_resources().get("CPU", 1) - 1) / n_workers)
-        resources, n_threads = {"num_cpus": cpus}, max(1, int(cpus))
-    job = SweepJob(job.model, job.sae, job.hook, job.config, n_threads)
+    resources = worker_resources(ray, cfg.workers, cfg.cpus_per_worker)
+    job = SweepJob(job.model, job.sae, job.hook, job.config, resources.n_threads)
     # Killed workers come back and their call is retried; part writes are idempotent.
-    actor = ray.remote(max_restarts=-1, max_task_retries=-1, **resources)(SweepWorker)
-    return [actor.remote(job) for _ in range(n_workers)]
+    actor = ray.remote(max_restarts=-1, max_task_retries=-1, **resources.options)(SweepWorker)
+    return [actor.remote(job) for _ in range(resources.n_workers)]
 
 
 def _schedule(ray, actors: list, pending: list[Part], done: dict[int, dict], n_parts: int,
               progress: bool) -> dict[int, dict]:
     from tqdm.auto import tqdm
 
-    from jobs.extract import _call
 
     queue, idle, in_flight = deque(pending), list(actors), {}
     with tqdm(total=n_parts, initial=len(done), unit="part", desc="sweep", disable=not progress) as bar:
@@ -357,7 +349,7 @@ def _schedule(ray, actors: list, pending: list[Part], done: dict[int, dict], n_p
             [ref], _ = ray.wait(list(in_flight), num_returns=1)
             actor, part = in_flight.pop(ref)
             idle.append(actor)
-            done[part.part_id] = _call(ray, ref, f"computing sweep part {part.part_id} "
+            done[part.part_id] = call(ray, ref, f"computing sweep part {part.part_id} "
                                                  f"(prompts {part.prompt_start}-{part.prompt_stop - 1})")
             bar.update(1)
     return done

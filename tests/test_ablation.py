@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import make_model, make_sae
-from pipeline.ablation import StorePrompts, ablation_sweep, heatmap
+from pipeline.ablation import ablation_sweep, heatmap
 from pipeline.metrics import KLFromClean, LogitDiff, TargetLoss
 from store.errors import ConfigError
 

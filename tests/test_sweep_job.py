@@ -8,7 +8,7 @@ import random
 
 import numpy as np
 import pytest
-import torch
+
 
 from conftest import WORDS
 from jobs.cli import main
