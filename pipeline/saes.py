@@ -69,6 +69,9 @@ class SAESource:
             return cls("npz", path, hook=hook)
         if text.endswith(".npz"):
             raise ConfigError(_npz_needs_hook(text, text))
+        if text.startswith(("/", "./", "../", "~")):
+            raise ConfigError(f"--sae {text}: no such directory. A disk SAE is a directory written by "
+                              "sae_lens's SAE.save_model (cfg.json + sae_weights.safetensors).")
         release, slash, sae_id = text.partition("/")
         if slash and release:
             _check_pretrained(text, release, sae_id)
