@@ -71,3 +71,36 @@ def test_store_equals_run_with_cache_with_saes(assets, ray_cluster, tmp_path, va
 
     expected = reference(assets["model_dir"], assets["sae_dirs"].values(), windows.tokens, windows.lengths)
     assert_matches_reference(fs, expected, rtol)
+
+
+@pytest.mark.ray
+def test_gemma_scope_npz_sae_equals_reference(assets, ray_cluster, tmp_path):
+    """A JumpReLU SAE given as params.npz@HOOK, next to a disk SAE, in one forward."""
+    from tests.conftest import make_sae
+
+    sae = make_sae("jumprelu", "blocks.2.hook_resid_pre", seed=5)
+    params = {name: p.detach().numpy() for name, p in sae.state_dict().items()}
+    npz = tmp_path / "params.npz"
+    np.savez(npz, **{k: params[k] for k in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")})
+    texts = [t for t in assets["texts"][:10] if t]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(f'{{"text": "{t}"}}\n' for t in texts))
+    disk = str(assets["sae_dirs"]["blocks.0.hook_resid_post"])
+    cfg = ExtractConfig(model=str(assets["model_dir"]), saes=(f"{npz}@blocks.2.hook_resid_pre", disk),
+                        dataset=DatasetSpec(str(data)), store=str(tmp_path / "npz.zarr"), context_size=16,
+                        value_dtype="float32", workers=1, index=False, progress=False)
+    run_extract(cfg)
+    fs = FeatureStore.open(cfg.store)
+    assert {s["source"] for s in fs.run["saes"]} == {f"{npz}@blocks.2.hook_resid_pre", disk}
+    tok = assets["tokenizer"]
+    windows = make_windows([np.array(tok(t, add_special_tokens=False)["input_ids"]) for t in texts],
+                           range(len(texts)), 16, tok.bos_token_id)
+    model = load_model(str(assets["model_dir"]))
+    saes = [load_sae(SAESource.parse(s)) for s in cfg.saes]
+    expected = {s.cfg.metadata.hook_name: [] for s in saes}
+    for tokens, n in zip(windows.tokens, windows.lengths):
+        _, cache = model.run_with_cache_with_saes(torch.from_numpy(tokens[:n])[None], saes=saes, use_error_term=True)
+        for hook in expected:
+            expected[hook].append(cache[f"{hook}.hook_sae_acts_post"][0].numpy())
+    assert_matches_reference(fs, {h: np.concatenate(v) for h, v in expected.items()}, 1e-5)
+    assert fs.csr("blocks.2.hook_resid_pre").nnz > 0
