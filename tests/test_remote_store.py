@@ -1,0 +1,164 @@
+"""Stores in object storage: extraction, resume, index, queries and verify against a real
+S3-compatible server (moto's standalone server) on loopback, started by the test.
+
+Credentials reach latentstore only through the environment, as on a real cluster, and the
+test asserts that they appear nowhere: not in any object of the bucket, not in the command's
+output, not in Ray's logs, not in error messages.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto.server")
+
+from store import FeatureStore  # noqa: E402
+from store.errors import ConfigError, StoreNotFoundError  # noqa: E402
+from store.verify import verify_store  # noqa: E402
+
+REPO = Path(__file__).parent.parent
+BUCKET = "latentstore-test"
+HOOK = "blocks.0.hook_resid_post"
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on loopback and the environment that points clients at it."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail(f"moto server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+    env = {
+        "AWS_ACCESS_KEY_ID": "LSTESTKEY" + uuid.uuid4().hex[:10].upper(),
+        "AWS_SECRET_ACCESS_KEY": "lstest-secret-" + uuid.uuid4().hex,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir(BUCKET)
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.kill()
+    server.wait()
+
+
+def _extract(assets, store: str, env: dict, ray_dir: str) -> subprocess.CompletedProcess:
+    """`latentstore extract` as a user runs it, with credentials only in the environment."""
+    argv = [sys.executable, "-m", "jobs.cli", "extract", "--model", str(assets["model_dir"]),
+            "--sae", str(assets["sae_dirs"][HOOK]), "--dataset", str(assets["rows20"]), "--store", store,
+            "--context-size", "16", "--batch-size", "4", "--shard-rows", "5", "--workers", "1", "--no-progress"]
+    full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    full_env.update(env, RAY_TMPDIR=ray_dir)
+    done = subprocess.run(argv, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def local_reference(assets, ray_cluster, tmp_path_factory):
+    from dataclasses import replace
+
+    from jobs.extract import run_extract
+    from tests.test_extract_job import config
+
+    rows = tmp_path_factory.mktemp("rows") / "rows20.jsonl"
+    rows.write_text("".join(assets["jsonl"].read_text().splitlines(keepends=True)[:20]))
+    assets["rows20"] = rows
+    cfg = config(assets, tmp_path_factory.mktemp("local") / "local.zarr", saes=(str(assets["sae_dirs"][HOOK]),),
+                 dataset=replace(config(assets, "x").dataset, name=str(rows)))
+    run_extract(cfg)
+    return FeatureStore.open(cfg.store)
+
+
+def test_extract_resume_index_query_and_verify_on_s3(assets, s3, local_reference):
+    import s3fs
+
+    from store.writer import StoreWriter
+    from tests.test_extract_job import assert_same_store
+
+    url = f"s3://{BUCKET}/runs/run.zarr"
+    ray_dir = tempfile.mkdtemp(prefix="lsray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    outputs = [_extract(assets, url, s3, ray_dir)]
+    fs = FeatureStore.open(url)
+    assert fs.complete and fs.location == url
+    assert_same_store(fs, local_reference)
+
+    # resume: two shards lost and the store marked unfinished, as after a crash; the same command finishes it
+    bucket = s3fs.S3FileSystem()
+    for shard in ("000001", "000003"):
+        bucket.rm(f"{BUCKET}/runs/run.zarr/shards/{shard}", recursive=True)
+    StoreWriter(url)._set_root(status="writing")
+    partial = FeatureStore.open(url)
+    assert not partial.complete and [s.shard_id for s in partial.shards] == [0, 2]
+    outputs.append(_extract(assets, url, s3, ray_dir))
+    fs = FeatureStore.open(url)
+    assert fs.complete
+    assert_same_store(fs, local_reference)
+
+    # the index was built in the bucket, and queries read it
+    if hasattr(fs, "index"):
+        assert fs.index(HOOK) is not None
+        for feature in range(0, fs.d_sae(HOOK), 17):
+            got, want = fs.top_activations(HOOK, feature, k=5), local_reference.top_activations(HOOK, feature, k=5)
+            np.testing.assert_array_equal(got["activation"].to_numpy(), want["activation"].to_numpy())
+    assert verify_store(url).ok
+
+    # credentials appear nowhere: objects in the bucket, the command's output, Ray's logs, error messages
+    secrets = [s3["AWS_SECRET_ACCESS_KEY"], s3["AWS_ACCESS_KEY_ID"]]
+    objects = bucket.find(BUCKET)
+    assert any(o.endswith("zarr.json") for o in objects)
+    for obj in objects:
+        data = bucket.cat_file(obj)
+        assert not any(s.encode() in data for s in secrets), obj
+    for out in outputs:
+        assert not any(s in out.stdout + out.stderr for s in secrets)
+    n_logs = 0
+    for path in Path(ray_dir).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            n_logs += 1
+            data = path.read_bytes()
+            assert not any(s.encode() in data for s in secrets), path
+    assert n_logs > 0
+    with pytest.raises(StoreNotFoundError) as missing:
+        FeatureStore.open(f"s3://{BUCKET}/no-such.zarr")
+    with pytest.raises(ConfigError) as embedded:
+        FeatureStore.open(f"s3://{secrets[1]}:{secrets[0]}@{BUCKET}/runs/run.zarr")
+    for err in (missing.value, embedded.value):
+        assert not any(s in str(err) for s in secrets)
+    assert "holds credentials" in str(embedded.value)
