@@ -106,10 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print the summary as JSON")
     info.add_argument("--tree", action="store_true", help="also list every group and array (see docs/FORMAT.md)")
 
-    from jobs import export, index, steer, sweep_cli, top, verify
+    from jobs import dashboard, export, index, steer, sweep_cli, top, verify
 
     index.add_commands(commands)
     export.add_commands(commands)
+    dashboard.add_commands(commands)
     top.add_commands(commands)
     sweep_cli.add_commands(commands)
     steer.add_commands(commands)

@@ -28,14 +28,19 @@ ACTIVATION_KEYS = {"bin_min", "bin_max", "bin_contains", "tokens", "values", "qu
                    "dataset_row", "dataset_pos", "token_index"}
 
 
+def small_store(assets, tmp_path_factory) -> FeatureStore:
+    """One small store for the session, shared with the dashboard's browser tests."""
+    path = tmp_path_factory.getbasetemp() / "dashboards.zarr"
+    if not path.exists():
+        run_extract(ExtractConfig(model=str(assets["model_dir"]), saes=(str(assets["sae_dirs"][HOOK]),),
+                                  dataset=DatasetSpec(str(assets["jsonl"])), store=str(path),
+                                  context_size=16, shard_rows=8, workers=2, progress=False))
+    return FeatureStore.open(str(path))
+
+
 @pytest.fixture(scope="module")
 def store(assets, ray_cluster, tmp_path_factory) -> FeatureStore:
-    root = tmp_path_factory.mktemp("export")
-    cfg = ExtractConfig(model=str(assets["model_dir"]), saes=(str(assets["sae_dirs"][HOOK]),),
-                        dataset=DatasetSpec(str(assets["jsonl"])), store=str(root / "s.zarr"),
-                        context_size=16, shard_rows=8, workers=2, progress=False)
-    run_extract(cfg)
-    return FeatureStore.open(cfg.store)
+    return small_store(assets, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

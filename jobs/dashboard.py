@@ -1,0 +1,150 @@
+"""`latentstore dashboard`: a static site of feature and prompt pages, made from a store.
+
+The site works offline and from ``file://``: its pages, script and style are copied from
+``jobs/dashboard_site/``, and its data are small JavaScript files that hand one object to the
+page (``LS.receive(key, data)``), loaded on demand by adding a ``<script>`` element, since
+browsers refuse ``fetch`` on ``file://``. Each feature and each dataset row is its own file,
+so a page reads one small file whatever the SAE's width. The pages only ever put token text
+into the document as text (``textContent``), never as HTML.
+
+Layout of ``--out``::
+
+    index.html  feature.html  prompt.html  site.css  site.js
+    data/meta.js                      the run, the hook, the busiest features, the rows
+    data/features/<f // 1000>/<f>.js  one feature's dashboard
+    data/rows/<r // 1000>/<r>.js      one dataset row's tokens and top features at each
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from jobs.export import feature_range
+from pipeline.dashboard_data import DashboardBuilder, DashboardSettings, FeatureDashboard, load_logit_weights
+from store import FeatureStore
+from store.errors import ConfigError
+
+SITE = Path(__file__).parent / "dashboard_site"
+PAGES = ("index.html", "feature.html", "prompt.html", "site.css", "site.js")
+FILES_PER_FOLDER = 1000  # keeps folders small for an SAE of 131,072 features
+SETTINGS = DashboardSettings(group_method="rank", context=(24, 8))  # true quantiles; text around the token
+BUSIEST = 200  # features listed on the front page
+
+
+def add_commands(commands) -> None:
+    parser = commands.add_parser(
+        "dashboard", help="write a static site of feature and prompt pages",
+        description="Write a static site (no server, no network needed to view it: open index.html) with a page "
+                    "per feature (top examples, quantile groups, histogram, density, logit table, co-firing "
+                    "features, each example's dataset row and position) and a page per dataset row (the top "
+                    "features at each token).",
+        epilog="example: latentstore dashboard demo.zarr --hook blocks.1.hook_resid_post --out site/",
+    )
+    parser.add_argument("store", help="the store's path or URL")
+    parser.add_argument("--hook", required=True, help="the SAE's hook")
+    parser.add_argument("--out", required=True, help="the folder to write the site into")
+    parser.add_argument("--features", type=feature_range, help="START:STOP (default: every feature)")
+    parser.add_argument("--max-rows", type=int, default=500,
+                        help="dataset rows given a prompt page, the first ones in the store (default: %(default)s)")
+    parser.add_argument("--no-logits", dest="logits", action="store_false",
+                        help="no logit tables (no weights are loaded)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.set_defaults(handler=_handle)
+
+
+def write_dashboard(fs: FeatureStore, hook: str, out: str | Path, features: range | None = None,
+                    max_rows: int = 500, logits: bool = True, progress: bool = False) -> Path:
+    """Write the site into ``out`` and return the path of its ``index.html``."""
+    d_sae = fs.d_sae(hook)
+    features = features or range(d_sae)
+    if features.stop > d_sae:
+        raise ConfigError(f"--features {features.start}:{features.stop} goes past {hook}'s {d_sae} features; "
+                          f"give a STOP of at most {d_sae}.")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in PAGES:
+        shutil.copyfile(SITE / name, out / name)
+    weights = load_logit_weights(fs, hook) if logits else None
+    vocab = fs.vocab
+    for d in DashboardBuilder(fs, hook, weights, SETTINGS).build(features, progress=progress):
+        write_data(out, "features", d.feature, feature_json(d, hook, vocab))
+    token_rows = fs.provenance()["row"].to_numpy()
+    rows = np.unique(token_rows)[:max_rows].tolist()
+    for row in tqdm(rows, desc="prompt pages", unit="row", disable=not progress):
+        lo, hi = np.searchsorted(token_rows, [row, row + 1])
+        write_data(out, "rows", row, row_json(fs, hook, row, range(int(lo), int(hi)), vocab))
+    write_script(out / "data" / "meta.js", "meta", meta_json(fs, hook, features, rows))
+    return out / "index.html"
+
+
+def write_data(out: Path, kind: str, number: int, data: dict[str, Any]) -> None:
+    folder = out / "data" / kind / str(number // FILES_PER_FOLDER)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_script(folder / f"{number}.js", f"{kind}/{number}", data)
+
+
+def write_script(path: Path, key: str, data: dict[str, Any]) -> None:
+    """A script that hands ``data`` to the page. JSON is valid JavaScript; ``<`` is escaped as well
+    so that no token text can close a script element, wherever the file ends up included."""
+    text = json.dumps(data, allow_nan=False, separators=(",", ":")).replace("<", "\\u003c")
+    path.write_text(f"LS.receive({json.dumps(key)},{text});\n", encoding="utf-8")
+
+
+def token_text(vocab: list[str] | None, ids: list[int]) -> list[str]:
+    return [vocab[i] if vocab else str(i) for i in ids]
+
+
+def feature_json(d: FeatureDashboard, hook: str, vocab: list[str] | None) -> dict[str, Any]:
+    logits = None
+    if d.logits is not None:
+        t = d.logits
+        logits = {"pos": [token_text(vocab, t.top_ids), t.top_values],
+                  "neg": [token_text(vocab, t.bottom_ids), t.bottom_values],
+                  "hist": [t.hist_centers, t.hist_counts]}
+    return {
+        "feature": d.feature, "hook": hook, "n_fired": d.n_fired, "frac_nonzero": d.frac_nonzero, "max": d.max,
+        "hist": [d.hist_centers, d.hist_counts], "logits": logits, "cofiring": d.cofiring,
+        "groups": [{"kind": g.kind, "bin_min": g.bin_min, "bin_max": g.bin_max, "bin_contains": g.bin_contains,
+                    "examples": [{"token_index": e.token_index, "row": e.row, "pos": e.pos,
+                                  "activation": e.activation, "active": e.active,
+                                  "tokens": token_text(vocab, e.token_ids), "values": e.values}
+                                 for e in g.examples]}
+                   for g in d.groups],
+    }
+
+
+def row_json(fs: FeatureStore, hook: str, row: int, span: range, vocab: list[str] | None,
+             k: int = 5) -> dict[str, Any]:
+    """A dataset row's tokens (store tokens ``span``), and the k strongest features at each."""
+    top = fs.prompt_features(row, hook, k=k)
+    tokens = fs.token_ids(span.start, span.stop).tolist()
+    features: list[list[list[float]]] = [[] for _ in tokens]
+    for token_index, feature, activation in zip(top["token_index"], top["feature"], top["activation"]):
+        features[int(token_index) - span.start].append([int(feature), float(activation)])
+    return {"row": row, "token_start": span.start, "tokens": token_text(vocab, tokens),
+            "pos": fs.provenance(span.start, span.stop)["pos"].tolist(), "features": features}
+
+
+def meta_json(fs: FeatureStore, hook: str, features: range, rows: list[int]) -> dict[str, Any]:
+    counts = fs.stats(hook).count
+    inside = np.arange(features.start, features.stop)
+    busiest = inside[np.argsort(-counts[inside], kind="stable")][:BUSIEST]
+    return {
+        "hook": hook, "model": fs.run["model"]["name"], "dataset": fs.run["dataset"]["name"],
+        "n_tokens": fs.n_tokens, "d_sae": fs.d_sae(hook), "features": [features.start, features.stop],
+        "busiest": [[int(f), int(counts[f]) / max(1, fs.n_tokens), float(fs.stats(hook).max[f])] for f in busiest],
+        "rows": rows,
+    }
+
+
+def _handle(args: argparse.Namespace) -> None:
+    fs = FeatureStore.open(args.store)
+    index = write_dashboard(fs, args.hook, args.out, args.features, args.max_rows, args.logits, args.progress)
+    print(f"wrote the dashboard to {args.out}; open {index} in a browser")
