@@ -75,18 +75,18 @@ def batched_loss(run: Any, tokens: torch.Tensor, batch_size: int) -> float:
 
 def evaluate_sae(model: Any, sae: SAE, tokens: torch.Tensor, batch_size: int) -> dict[str, float]:
     hook = sae.cfg.metadata.hook_name
-    sse = sst = l0_sum = 0.0
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
-    acts_all = []
+    sse = l0_sum = 0.0
+    body_acts = []
     for i in range(0, len(tokens), batch_size):
         _, cache = model.run_with_cache(tokens[i: i + batch_size], names_filter=hook, return_type=None)
-        acts_all.append(cache[hook][:, 1:].reshape(-1, sae.cfg.d_in))  # BOS position left out
         features = sae.encode(cache[hook])
         fired |= (features > 0).flatten(0, 1).any(0)
+        body = cache[hook][:, 1:]  # the BOS position is left out of EV and L0
+        sse += (sae.decode(features[:, 1:]) - body).pow(2).sum().item()
         l0_sum += (features[:, 1:] > 0).sum().item()
-    acts = torch.cat(acts_all)
-    for chunk in acts.split(4096):
-        sse += (sae.decode(sae.encode(chunk)) - chunk).pow(2).sum().item()
+        body_acts.append(body.reshape(-1, sae.cfg.d_in))
+    acts = torch.cat(body_acts)
     sst = (acts - acts.mean(0)).pow(2).sum().item()
 
     def zero(activation: torch.Tensor, hook: Any) -> torch.Tensor:
