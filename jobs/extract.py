@@ -329,6 +329,13 @@ def _schedule(ray, actors: list, plan: Plan, done: dict[int, dict]) -> dict[int,
         actor = idle.pop()
         in_flight[actor.run_shard.remote(shard, token_limit)] = (actor, shard)
 
+    def bound(shard: Shard) -> int | None:
+        """The most tokens this shard can contribute: max_tokens less those known to come before it.
+        Only the shard where the cut falls can reach it, so no other shard's contents change."""
+        if cfg.max_tokens is None:
+            return None
+        return cfg.max_tokens - sum(m["n_tokens"] for i, m in done.items() if i < shard.shard_id)
+
     def collect() -> None:
         [ref], _ = ray.wait(list(in_flight), num_returns=1)
         actor, shard = in_flight.pop(ref)
@@ -341,7 +348,11 @@ def _schedule(ray, actors: list, plan: Plan, done: dict[int, dict]) -> dict[int,
     try:
         while (cut := prefix_cut(done, n_shards, cfg.max_tokens)) is None:
             while idle and pending:
-                submit(pending.popleft())
+                shard = pending.popleft()
+                if (limit := bound(shard)) is None or limit > 0:
+                    submit(shard, limit)
+            if not in_flight:  # cannot happen: the shards before a skipped one decide the cut first
+                raise RuntimeError("extract: no shard left to run, yet the --max-tokens cut is undecided")
             collect()
         while in_flight:  # shards past the cut finish but are dropped at finalize
             collect()
