@@ -114,7 +114,7 @@ def feature_json(d: FeatureDashboard, hook: str, vocab: list[str] | None) -> dic
         "groups": [{"kind": g.kind, "bin_min": g.bin_min, "bin_max": g.bin_max, "bin_contains": g.bin_contains,
                     "examples": [{"token_index": e.token_index, "row": e.row, "pos": e.pos,
                                   "activation": e.activation, "active": e.active,
-                                  "tokens": token_text(vocab, e.token_ids), "values": e.values}
+                                  "tokens": token_text(vocab, e.token_ids.tolist()), "values": e.values.tolist()}
                                  for e in g.examples]}
                    for g in d.groups],
     }

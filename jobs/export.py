@@ -132,7 +132,7 @@ def neuronpedia_feature(d: FeatureDashboard, vocab: list[str] | None) -> dict[st
 
 def example_json(e: Example, text, bin_min: float, bin_max: float, bin_contains: float) -> dict[str, Any]:
     return {"bin_min": bin_min, "bin_max": bin_max, "bin_contains": bin_contains,
-            "tokens": text(e.token_ids), "values": e.values, "qualifying_token_index": e.active,
+            "tokens": text(e.token_ids.tolist()), "values": e.values.tolist(), "qualifying_token_index": e.active,
             "dataset_row": e.row, "dataset_pos": e.pos, "token_index": e.token_index}
 
 

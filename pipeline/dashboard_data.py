@@ -41,7 +41,7 @@ class DashboardSettings:
     group_method: Literal["interval", "rank"] = "interval"  # SAEDashboard's equal-width intervals, or true quantiles
     n_bins: int = 50  # bins of the activation and logit histograms
     n_logits: int = 10  # rows of each side of the logit table
-    n_cofiring: int = 10  # co-firing features listed
+    n_cofiring: int = 10  # co-firing features listed; 0 skips them (their sparse product grows as L0 squared)
     context: tuple[int, int] | None = None  # tokens left and right of the active one; None: its whole window
     exclude_special_tokens: bool = True  # leave BOS, EOS and padding tokens out of examples and histograms
     seed: int = 0  # of the group draws, as in FeatureStore.quantile_samples
@@ -65,8 +65,8 @@ class Example:
     row: int  # dataset row
     pos: int  # position in the row's tokenization (-1: a BOS latentstore added)
     activation: float
-    token_ids: list[int]  # the context, within the token's window
-    values: list[float]  # the feature's activation at each context token
+    token_ids: np.ndarray  # the context, within the token's window
+    values: np.ndarray  # float32: the feature's activation at each context token
     active: int  # which context token is this example's token
 
 
@@ -115,7 +115,7 @@ class LogitWeights:
     W_U: np.ndarray  # [d_model, d_vocab]
 
 
-def effective_unembed(model: Any) -> Any:
+def effective_unembed(W_U: Any, ln_final_w: Any | None, normalization_type: str | None) -> Any:
     """``W_U`` as SAEDashboard sees it: with the final layer norm folded in and centred.
 
     SAEDashboard multiplies by ``model.W_U`` of a model loaded with TransformerLens's
@@ -123,32 +123,47 @@ def effective_unembed(model: Any) -> Any:
     ``d_model`` (an LN centres its input) and over the vocabulary. A local model may hold
     its layer norm unfolded, so the same processing is applied here. Already processed
     weights (``LNPre``/``RMSPre``, centred) come out unchanged."""
-    W_U = model.W_U.detach().float()
-    norm = model.cfg.normalization_type
-    if norm in ("LN", "RMS"):  # ln_final's scale is still a separate weight
-        W_U = model.ln_final.w.detach().float()[:, None] * W_U
-        if norm == "LN":
+    W_U = W_U.detach().float()
+    if normalization_type in ("LN", "RMS"):  # ln_final's scale is still a separate weight
+        W_U = ln_final_w.detach().float()[:, None] * W_U
+        if normalization_type == "LN":
             W_U = W_U - W_U.mean(0, keepdim=True)
     return W_U - W_U.mean(-1, keepdim=True)
 
 
+def model_unembed(name: str, device: str = "cpu") -> Any:
+    """The effective ``W_U`` of a model: read from a local model's weights file (two tensors, no
+    model built), or from a hub model loaded as TransformerLens loads it."""
+    from pathlib import Path
+
+    from pipeline.models import WEIGHTS_FILE, is_local_model, load_model, load_model_config
+
+    if is_local_model(name):
+        from safetensors import safe_open
+
+        cfg = load_model_config(name)
+        with safe_open(str(Path(name) / WEIGHTS_FILE), framework="pt") as weights:
+            ln_w = weights.get_tensor("ln_final.w") if "ln_final.w" in weights.keys() else None
+            return effective_unembed(weights.get_tensor("unembed.W_U"), ln_w, cfg.normalization_type)
+    model = load_model(name, device=device)
+    return effective_unembed(model.W_U, getattr(model.ln_final, "w", None), model.cfg.normalization_type)
+
+
 def load_logit_weights(fs: FeatureStore, hook: str, device: str = "cpu") -> LogitWeights:
-    """Load the run's SAE (for ``W_dec``) and model (for ``W_U``) as recorded in the store."""
-    from pipeline.models import load_model
+    """Load the run's SAE (for ``W_dec``) and the model's unembedding, as recorded in the store."""
     from pipeline.saes import SAESource, load_sae
 
     fs.d_sae(hook)  # names the valid hooks when this one is not in the store
     source = next(sae["source"] for sae in fs.run["saes"] if sae["hook"] == hook)
-    sae = load_sae(SAESource.parse(source), device=device)
-    model = load_model(fs.run["model"]["name"], device=device)
-    W_dec = sae.W_dec.detach().float()
-    if W_dec.shape[1] != model.cfg.d_model:
+    W_dec = load_sae(SAESource.parse(source), device=device).W_dec.detach().float()
+    W_U = model_unembed(fs.run["model"]["name"], device)
+    if W_dec.shape[1] != W_U.shape[0]:
         raise ConfigError(
             f"{hook}: the SAE writes vectors of size {W_dec.shape[1]}, not the residual stream's "
-            f"{model.cfg.d_model}, so W_dec @ W_U has no meaning for it. Leave the logit tables out "
+            f"{W_U.shape[0]}, so W_dec @ W_U has no meaning for it. Leave the logit tables out "
             "(--no-logits)."
         )
-    return LogitWeights(W_dec.cpu().numpy(), effective_unembed(model).cpu().numpy())
+    return LogitWeights(W_dec.cpu().numpy(), W_U.cpu().numpy())
 
 
 def window_starts(rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -212,34 +227,36 @@ class DashboardBuilder:
     def _block(self, block: range) -> Iterator[FeatureDashboard]:
         columns = self._counted[:, block.start:block.stop].tocsc()
         columns.sort_indices()
-        cofiring = (self._fired[:, block.start:block.stop].T @ self._fired).tocsr()
+        cofiring = (self._fired[:, block.start:block.stop].T @ self._fired).tocsr() if self.settings.n_cofiring else None
         logits = self._logits(block)
         for j, feature in enumerate(block):
             a, b = columns.indptr[j], columns.indptr[j + 1]
             tokens, values = columns.indices[a:b].astype(np.int64), columns.data[a:b]
-            yield self._feature(feature, tokens, values, cofiring[j], None if logits is None else logits[j])
+            yield self._feature(feature, tokens, values, None if cofiring is None else cofiring[j],
+                                None if logits is None else logits[j])
 
-    def _feature(self, feature: int, tokens: np.ndarray, values: np.ndarray, cofiring_row: sp.csr_matrix,
+    def _feature(self, feature: int, tokens: np.ndarray, values: np.ndarray, cofiring_row: sp.csr_matrix | None,
                  logits: LogitTable | None) -> FeatureDashboard:
         """``tokens`` ascending, with ``values`` the feature's counted activations there."""
         s = self.settings
-        order = np.lexsort((tokens, -values.astype(np.float64)))
+        order = np.argsort(-values, kind="stable")  # tokens ascend, so ties keep the earlier token first
         ranked_tokens, ranked_values = tokens[order], values[order]
         lookup = (tokens, values)
         n = len(values)
         top = ranked_tokens[: s.n_top]
         groups = []
-        if n:
+        if n and len(top):
             shown_min = float(ranked_values[len(top) - 1])
             groups.append(ExampleGroup("top", shown_min, float(ranked_values[0]), len(top) / n,
-                                       [self._example(int(t), lookup) for t in top]))
+                                       self._examples(top, lookup)))
+        if n and s.n_groups:
             groups += self._sampled_groups(ranked_tokens, ranked_values, lookup)
         centers, counts = equal_width_histogram(values.astype(np.float64), s.n_bins)
         return FeatureDashboard(
             feature=feature, n_fired=n, frac_nonzero=n / max(1, len(self.token_ids)),
             max=float(ranked_values[0]) if n else 0.0, groups=groups,
             hist_centers=centers.tolist(), hist_counts=counts.tolist(),
-            cofiring=self._cofiring(feature, cofiring_row, n), logits=logits,
+            cofiring=[] if cofiring_row is None else self._cofiring(feature, cofiring_row, n), logits=logits,
         )
 
     def _sampled_groups(self, tokens: np.ndarray, values: np.ndarray, lookup) -> list[ExampleGroup]:
@@ -248,34 +265,40 @@ class DashboardBuilder:
         n = len(values)
         if s.group_method == "rank":
             bounds = np.linspace(0, n, s.n_groups + 1).round().astype(int)
-            members = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-        else:
+            first, past = bounds[:-1], bounds[1:]
+        else:  # the interval (lo, hi] is a run of ranks, as values are ranked highest first
             edges = np.linspace(float(values[0]), 0, s.n_groups + 1)
-            members = [np.nonzero((values <= hi) & ((values > lo) if g < s.n_groups - 1 else (values >= lo)))[0]
-                       for g, (hi, lo) in enumerate(zip(edges[:-1], edges[1:]))]
+            ascending = values[::-1].astype(np.float64)  # compared as the store's queries compare
+            first = n - np.searchsorted(ascending, edges[:-1], side="right")  # first rank with value <= hi
+            past = n - np.searchsorted(ascending, edges[1:], side="right")  # first rank with value <= lo
+            past[-1] = n  # the last interval is closed at 0
         rng = np.random.default_rng(s.seed)
         groups = []
-        for picked_from in members:
-            if not len(picked_from):
+        for a, b in zip(first.tolist(), past.tolist()):
+            if b <= a:
                 continue
-            picked = np.sort(rng.choice(picked_from, size=min(s.per_group, len(picked_from)), replace=False))
-            groups.append(ExampleGroup(
-                s.group_method, float(values[picked_from].min()), float(values[picked_from].max()),
-                len(picked_from) / n, [self._example(int(tokens[i]), lookup) for i in picked]))
+            # drawing from range(b - a) and shifting draws what rng.choice(np.arange(a, b), ...) draws
+            picked = a + np.sort(rng.choice(b - a, size=min(s.per_group, b - a), replace=False))
+            groups.append(ExampleGroup(s.group_method, float(values[b - 1]), float(values[a]), (b - a) / n,
+                                       self._examples(tokens[picked], lookup)))
         return groups
 
-    def _example(self, token: int, lookup: tuple[np.ndarray, np.ndarray]) -> Example:
-        w = int(np.searchsorted(self._window_starts, token, side="right") - 1)
-        lo, hi = int(self._window_starts[w]), int(self._window_starts[w + 1])
+    def _examples(self, tokens: np.ndarray, lookup: tuple[np.ndarray, np.ndarray]) -> list[Example]:
+        """Examples for these tokens; ``lookup`` is the feature's (tokens ascending, values)."""
+        window = np.searchsorted(self._window_starts, tokens, side="right") - 1
+        lo, hi = self._window_starts[window], self._window_starts[window + 1]
         if self.settings.context is not None:
             left, right = self.settings.context
-            lo, hi = max(lo, token - left), min(hi, token + right + 1)
-        tokens, values = lookup
-        a, b = np.searchsorted(tokens, [lo, hi])
-        context_values = np.zeros(hi - lo, np.float32)
-        context_values[tokens[a:b] - lo] = values[a:b]
-        return Example(token, int(self.rows[token]), int(self.positions[token]), float(context_values[token - lo]),
-                       self.token_ids[lo:hi].tolist(), context_values.tolist(), token - lo)
+            lo, hi = np.maximum(lo, tokens - left), np.minimum(hi, tokens + right + 1)
+        fired, values = lookup
+        first, past = np.searchsorted(fired, lo), np.searchsorted(fired, hi)
+        examples = []
+        for t, a, b, i, j in zip(tokens.tolist(), lo.tolist(), hi.tolist(), first.tolist(), past.tolist()):
+            context = np.zeros(b - a, np.float32)
+            context[fired[i:j] - a] = values[i:j]
+            examples.append(Example(t, int(self.rows[t]), int(self.positions[t]), float(context[t - a]),
+                                    self.token_ids[a:b], context, t - a))
+        return examples
 
     def _cofiring(self, feature: int, row: sp.csr_matrix, n_fired: int) -> list[dict[str, Any]]:
         others, counts = row.indices, row.data.astype(np.int64)

@@ -11,7 +11,8 @@ import torch
 from jobs.cli import main
 from jobs.export import export_neuronpedia
 from jobs.extract import ExtractConfig, run_extract
-from pipeline.dashboard_data import DashboardBuilder, DashboardSettings, effective_unembed, load_logit_weights
+from pipeline.dashboard_data import (DashboardBuilder, DashboardSettings, effective_unembed, load_logit_weights,
+                                     model_unembed)
 from pipeline.dataset import DatasetSpec
 from pipeline.models import load_model
 from pipeline.saes import SAESource, load_sae
@@ -116,7 +117,8 @@ def test_logit_tables_are_w_dec_times_the_folded_unembedding(store, assets, expo
     features = [f for b in exported for f in b["features"]]
     sae = load_sae(SAESource.parse(str(assets["sae_dirs"][HOOK])))
     model = load_model(str(assets["model_dir"]))
-    unfolded = effective_unembed(model)
+    unfolded = effective_unembed(model.W_U, model.ln_final.w, model.cfg.normalization_type)
+    torch.testing.assert_close(model_unembed(str(assets["model_dir"])), unfolded)  # from the file alone
     # what TransformerLens's from_pretrained gives, and SAEDashboard multiplies by
     model.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
     torch.testing.assert_close(unfolded, model.W_U.detach(), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,203 @@
+"""Benchmark: dashboard data for every feature of an SAE, from the store against recomputing it.
+
+    python -m bench.dashboard                       # the embedded default, 50,000 tokens
+    python -m bench.dashboard --tokens 200_000 --baseline-batches 0     # time every baseline batch
+
+Both sides produce, for every feature, what SAEDashboard and sae_vis show: the top 20
+activations with their windows, 10 equal-width interval groups of 5 examples, a 50-bin
+activation histogram, the density, and the top/bottom 10 logits of ``W_dec[f] @ W_U`` with
+their histogram.
+
+- **store**: ``pipeline.dashboard_data.DashboardBuilder`` over a store extracted here first
+  (the extraction is timed and printed too, as the one-time cost every later query shares);
+  the weights are loaded, never run.
+- **recompute**: as SAEDashboard and sae_vis do it, written here with sae_lens: for each batch
+  of ``--batch-features`` features, run the model over every prompt (the store's windows)
+  up to the SAE's layer, encode with the SAE, keep the batch's columns and compute the same
+  data from them. With ``--baseline-batches N`` only the first N batches are run and the
+  total is extrapolated from their mean (printed as such); 0 runs them all.
+
+The script prints both timings, the speedup, and the largest difference between the two
+sides' top activations (the store keeps bfloat16 values, so about 1e-2 relative).
+
+Measured on a shared 2-core CPU (other jobs running), embedded default, 50,000 tokens, 2,048
+features, every recompute batch run: store 7.9 s, recompute 114.1 s (14.5x; its batches took
+3.8 to 21.6 s as the load varied), top activations within 3.8e-3. Co-firing counts over the
+whole store, which the recompute side does not make, took 23.5 s more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def extract(args, folder: Path) -> tuple[str, float]:
+    from jobs.extract import ExtractConfig, run_extract
+    from pipeline import default
+    from pipeline.dataset import DatasetSpec
+
+    sae = args.sae or str(next(p for p in default.default_sae_dirs() if p.is_dir()))
+    store = args.store or str(folder / "bench.zarr")
+    start = time.perf_counter()
+    run_extract(ExtractConfig(model=str(default.MODEL_DIR), saes=(sae,), dataset=DatasetSpec(str(default.TRAIN_CORPUS)),
+                              store=store, context_size=args.context_size, max_tokens=args.tokens,
+                              workers=args.workers, progress=False))
+    return store, time.perf_counter() - start
+
+
+def from_store(fs, hook: str) -> tuple[dict[int, np.ndarray], float]:
+    """Every feature's dashboard data from the store; returns the top activations and the seconds."""
+    from pipeline.dashboard_data import DashboardBuilder, DashboardSettings, load_logit_weights
+
+    start = time.perf_counter()
+    weights = load_logit_weights(fs, hook)
+    # without co-firing counts, which the recompute side does not make either (timed on their own below)
+    builder = DashboardBuilder(fs, hook, weights, DashboardSettings(n_cofiring=0))
+    top = {d.feature: np.array([e.activation for e in d.groups[0].examples]) if d.groups else np.zeros(0)
+           for d in builder.build(progress=True)}
+    return top, time.perf_counter() - start
+
+
+def cofiring_only(fs, hook: str) -> float:
+    """Seconds for every feature's co-firing counts over the whole store (the dashboard's extra)."""
+    from pipeline.dashboard_data import DashboardBuilder, DashboardSettings
+
+    start = time.perf_counter()
+    settings = DashboardSettings(n_top=0, n_groups=0, n_bins=1)
+    for _ in DashboardBuilder(fs, hook, None, settings).build():
+        pass
+    return time.perf_counter() - start
+
+
+def prompts(fs) -> list[torch.Tensor]:
+    """The store's windows as token batches of equal length, the prompts both sides describe."""
+    from pipeline.dashboard_data import window_starts
+
+    ids, prov = fs.token_ids(), fs.provenance()
+    bounds = np.append(window_starts(prov["row"].to_numpy(), prov["pos"].to_numpy()), len(ids))
+    by_length: dict[int, list[np.ndarray]] = {}
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        by_length.setdefault(int(b - a), []).append(ids[a:b])
+    return [torch.from_numpy(np.stack(windows)).long() for windows in by_length.values()]
+
+
+@torch.inference_mode()
+def recompute_batch(model, sae, hook: str, batches: list[torch.Tensor], features: list[int], W_U: torch.Tensor,
+                    minibatch: int, special: torch.Tensor, rng: np.random.Generator) -> dict[int, dict]:
+    """One feature batch, SAEDashboard's way: a forward over every prompt, then the batch's data."""
+    layer = int(re.match(r"blocks\.(\d+)\.", hook).group(1))
+    acts, windows = [], []
+    for prompts_of_a_length in batches:
+        for chunk in prompts_of_a_length.split(minibatch):
+            _, cache = model.run_with_cache(chunk, names_filter=[hook], stop_at_layer=layer + 1)
+            acts.append(sae.encode(cache[hook])[..., features].flatten(0, 1))
+            windows += list(chunk)
+    acts = torch.cat(acts)  # [every token, the batch's features]
+    token_ids = torch.cat(windows)
+    starts = np.cumsum([0] + [len(w) for w in windows])
+    counted = ~torch.isin(token_ids, special)
+    logits = sae.W_dec[features] @ W_U
+    data = {}
+    for j, feature in enumerate(features):
+        column = torch.where(counted, acts[:, j], 0.0)
+        nonzero = column[column > 0]
+        values, where = column.topk(20)
+        shown = where[values > 0].numpy()
+        examples = [windows[int(np.searchsorted(starts, t, side="right") - 1)] for t in shown]
+        edges = torch.linspace(float(values[0]), 0, 11)
+        groups = []
+        for hi, lo in zip(edges[:-1], edges[1:]):
+            members = ((column <= hi) & (column > lo)).nonzero()[:, 0].numpy()
+            if len(members):
+                picked = rng.choice(members, size=min(5, len(members)), replace=False)
+                groups.append([windows[int(np.searchsorted(starts, t, side="right") - 1)] for t in picked])
+        data[feature] = {
+            "top": values[values > 0].numpy(), "examples": examples, "groups": groups,
+            "frac_nonzero": len(nonzero) / len(column),
+            "hist": torch.histc(nonzero, bins=50, min=float(nonzero.min()), max=float(nonzero.max()))
+            if len(nonzero) else None,
+            "logits": (logits[j].topk(10), (-logits[j]).topk(10), torch.histc(logits[j], bins=50)),
+        }
+    return data
+
+
+def recompute(fs, hook: str, args) -> tuple[dict[int, np.ndarray], float, int, int]:
+    """SAEDashboard's loop over feature batches; returns top activations, seconds (extrapolated when
+    only some batches ran), batches run, batches in all."""
+    from pipeline.dashboard_data import effective_unembed
+    from pipeline.models import load_model
+    from pipeline.saes import SAESource, load_sae
+
+    start = time.perf_counter()
+    source = next(s["source"] for s in fs.run["saes"] if s["hook"] == hook)
+    sae = load_sae(SAESource.parse(source))
+    model = load_model(fs.run["model"]["name"])
+    W_U = effective_unembed(model.W_U, model.ln_final.w, model.cfg.normalization_type)
+    batches = prompts(fs)
+    special = torch.tensor(sorted(fs.special_token_ids), dtype=torch.long)
+    setup = time.perf_counter() - start
+    recompute_batch(model, sae, hook, [b[:1] for b in batches], [0], W_U, args.minibatch, special,
+                    np.random.default_rng(0))  # warm-up, untimed: the first forward pays one-off costs
+    feature_batches = [list(range(a, min(a + args.batch_features, fs.d_sae(hook))))
+                       for a in range(0, fs.d_sae(hook), args.batch_features)]
+    run = feature_batches if args.baseline_batches == 0 else feature_batches[: args.baseline_batches]
+    rng = np.random.default_rng(0)
+    top, times = {}, []
+    for i, features in enumerate(run):
+        t = time.perf_counter()
+        data = recompute_batch(model, sae, hook, batches, features, W_U, args.minibatch, special, rng)
+        top.update({feature: d["top"] for feature, d in data.items()})
+        times.append(time.perf_counter() - t)
+        print(f"  recompute batch {i + 1}/{len(run)}: {times[-1]:.1f} s", flush=True)
+    total = setup + float(np.mean(times)) * len(feature_batches)
+    return top, total, len(run), len(feature_batches)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=50_000, help="tokens extracted (default: %(default)s)")
+    parser.add_argument("--context-size", type=int, default=128, help="tokens per prompt (default: %(default)s)")
+    parser.add_argument("--sae", help="an SAE directory (default: the embedded default's first SAE)")
+    parser.add_argument("--batch-features", type=int, default=128,
+                        help="features per recompute batch, as Neuronpedia runs use (default: %(default)s)")
+    parser.add_argument("--minibatch", type=int, default=64, help="prompts per forward (default: %(default)s)")
+    parser.add_argument("--baseline-batches", type=int, default=4,
+                        help="recompute batches to time, the rest extrapolated; 0: all (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=1, help="extraction workers (default: %(default)s)")
+    parser.add_argument("--store", help="keep the extracted store here; an existing one is resumed, not redone "
+                        "(default: a temporary folder)")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+
+    from store import FeatureStore
+    import pipeline.models, pipeline.saes  # noqa: F401  imported before either side is timed
+
+    with tempfile.TemporaryDirectory() as folder:
+        store, extract_s = extract(args, Path(folder))
+        fs = FeatureStore.open(store)
+        hook = fs.hooks[0]
+        print(f"{fs.n_tokens:,} tokens, {hook}, {fs.d_sae(hook):,} features; extraction (once) {extract_s:.1f} s")
+        ours, store_s = from_store(fs, hook)
+        cofiring_s = cofiring_only(fs, hook)
+        theirs, recompute_s, ran, n_batches = recompute(fs, hook, args)
+    compared = [f for f in theirs if len(theirs[f]) and len(ours[f]) == len(theirs[f])]
+    diff = max((np.max(np.abs(ours[f] - theirs[f]) / np.abs(theirs[f]).max()) for f in compared), default=0.0)
+    how = "measured" if ran == n_batches else f"extrapolated from {ran} of {n_batches} batches"
+    print(f"dashboard data for all {fs.d_sae(hook):,} features")
+    print(f"  from the store      {store_s:8.1f} s")
+    print(f"  recompute (model)   {recompute_s:8.1f} s  ({how})")
+    print(f"  speedup             {recompute_s / store_s:8.1f}x")
+    print(f"  co-firing counts for every feature, over the whole store (the dashboard's extra): {cofiring_s:.1f} s")
+    print(f"  top activations: largest relative difference {diff:.2e} over {len(compared)} features (bfloat16 store)")
+
+
+if __name__ == "__main__":
+    main()
