@@ -49,7 +49,6 @@ Features = Literal["live"] | Sequence[int]
 PositionSpec = int | Sequence[int] | None
 
 LINEAR_DECODE_NORMALIZATIONS = ("none", "expected_average_only_in")
-MEANS_CHUNK_TOKENS = 1 << 20
 
 
 # -- prompts that are rows of a store ----------------------------------------------------------
@@ -114,13 +113,8 @@ class StorePrompts:
 
 def mean_activations(store, hook: str) -> np.ndarray:
     """Each feature's mean activation over every token of the store, zeros included: the value
-    that notebook-style mean ablation puts in."""
-    d_sae, n_tokens = store.d_sae(hook), store.n_tokens
-    sums = np.zeros(d_sae, dtype=np.float64)
-    for start in range(0, n_tokens, MEANS_CHUNK_TOKENS):
-        csr = store.csr(hook, start, min(n_tokens, start + MEANS_CHUNK_TOKENS))
-        sums += np.bincount(csr.indices, weights=csr.data, minlength=d_sae)
-    return (sums / max(1, n_tokens)).astype(np.float32)
+    that notebook-style mean ablation puts in. Read from the store's per-feature statistics."""
+    return store.feature_stats(hook)["mean_all"].to_numpy(np.float32)
 
 
 # -- running from the SAE's hook onward --------------------------------------------------------
