@@ -113,6 +113,9 @@ def test_histogram_density_and_feature_stats(stores):
     fired = np.maximum(count, 1)
     np.testing.assert_allclose(st["mean"], np.where(count > 0, dense.sum(0) / fired, 0), rtol=1e-12)
     np.testing.assert_allclose(st["mean_all"], dense.sum(0) / fs.n_tokens, rtol=1e-12)
+    from pipeline.ablation import mean_activations  # mean ablation's values come from these statistics
+
+    np.testing.assert_allclose(mean_activations(fs, HOOK), dense.mean(0), rtol=1e-6)
     feature = busy_features(fs, HOOK)[0]
     values = dense[:, feature][dense[:, feature] != 0]
     h = fs.histogram(HOOK, feature, bins=10)
