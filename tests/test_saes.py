@@ -277,7 +277,13 @@ def test_bad_dtype(tmp_path):
         load_sae(SAESource.parse(str(tmp_path / "sae")), dtype="float8")
 
 
-@pytest.mark.parametrize("text", ["", "garbage", "/no/such/dir"])
+@pytest.mark.parametrize("text", ["", "garbage"])
 def test_garbage(text):
     with pytest.raises(ConfigError, match=r"is not an SAE this tool can load. Accepted forms:\n  DIR.*\n  PATH\.npz@HOOK.*\n  RELEASE/SAE_ID"):
+        SAESource.parse(text)
+
+
+@pytest.mark.parametrize("text", ["/no/such/dir", "./no/such/dir"])
+def test_missing_directory_says_so(text):
+    with pytest.raises(ConfigError, match=rf"--sae {text}: no such directory\. A disk SAE is a directory"):
         SAESource.parse(text)
