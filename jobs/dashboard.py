@@ -27,9 +27,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jobs.export import feature_range
-from pipeline.dashboard_data import DashboardBuilder, DashboardSettings, FeatureDashboard, load_logit_weights
+from pipeline.dashboard_data import DashboardBuilder, DashboardSettings, FeatureDashboard, checked_features, load_logit_weights
 from store import FeatureStore
-from store.errors import ConfigError
 
 SITE = Path(__file__).parent / "dashboard_site"
 PAGES = ("index.html", "feature.html", "prompt.html", "site.css", "site.js")
@@ -62,11 +61,7 @@ def add_commands(commands) -> None:
 def write_dashboard(fs: FeatureStore, hook: str, out: str | Path, features: range | None = None,
                     max_rows: int = 500, logits: bool = True, progress: bool = False) -> Path:
     """Write the site into ``out`` and return the path of its ``index.html``."""
-    d_sae = fs.d_sae(hook)
-    features = features or range(d_sae)
-    if features.stop > d_sae:
-        raise ConfigError(f"--features {features.start}:{features.stop} goes past {hook}'s {d_sae} features; "
-                          f"give a STOP of at most {d_sae}.")
+    features = checked_features(fs, hook, features)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name in PAGES:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pipeline.dashboard_data import (DashboardBuilder, DashboardSettings, Example, FeatureDashboard, load_logit_weights,
+from pipeline.dashboard_data import (DashboardBuilder, checked_features, DashboardSettings, Example, FeatureDashboard, load_logit_weights,
                                      window_starts)
 from store import FeatureStore
 from store.errors import ConfigError
@@ -66,11 +66,7 @@ def export_neuronpedia(fs: FeatureStore, hook: str, out: str | Path, features: r
     """Write ``batch-N.json`` files (N counts batches from 0) and return their paths."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: give at least 1 feature per batch.")
-    d_sae = fs.d_sae(hook)
-    features = features or range(d_sae)
-    if features.stop > d_sae:
-        raise ConfigError(f"--features {features.start}:{features.stop} goes past {hook}'s {d_sae} features; "
-                          f"give a STOP of at most {d_sae}.")
+    features = checked_features(fs, hook, features)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weights = load_logit_weights(fs, hook) if logits else None

@@ -166,6 +166,16 @@ def load_logit_weights(fs: FeatureStore, hook: str, device: str = "cpu") -> Logi
     return LogitWeights(W_dec.cpu().numpy(), W_U.cpu().numpy())
 
 
+def checked_features(fs: FeatureStore, hook: str, features: range | None) -> range:
+    """The features to build (all of the SAE's by default), refused if they run past its width."""
+    d_sae = fs.d_sae(hook)
+    features = features or range(d_sae)
+    if features.stop > d_sae:
+        raise ConfigError(f"--features {features.start}:{features.stop} goes past {hook}'s {d_sae} features; "
+                          f"give a STOP of at most {d_sae}.")
+    return features
+
+
 def window_starts(rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """The token index where each window starts, as the store's queries draw windows: a window
     starts at a new row, at a BOS (pos -1), or where positions do not follow on."""
