@@ -68,14 +68,16 @@ def write_dashboard(fs: FeatureStore, hook: str, out: str | Path, features: rang
         shutil.copyfile(SITE / name, out / name)
     weights = load_logit_weights(fs, hook) if logits else None
     vocab = fs.vocab
+    summary = []  # (feature, density, max) as each feature page shows them, for the front page
     for d in DashboardBuilder(fs, hook, weights, SETTINGS).build(features, progress=progress):
         write_data(out, "features", d.feature, feature_json(d, hook, vocab))
+        summary.append((d.feature, d.frac_nonzero, d.max))
     token_rows = fs.provenance()["row"].to_numpy()
     rows = np.unique(token_rows)[:max_rows].tolist()
     for row in tqdm(rows, desc="prompt pages", unit="row", disable=not progress):
         lo, hi = np.searchsorted(token_rows, [row, row + 1])
         write_data(out, "rows", row, row_json(fs, hook, row, range(int(lo), int(hi)), vocab))
-    write_script(out / "data" / "meta.js", "meta", meta_json(fs, hook, features, rows))
+    write_script(out / "data" / "meta.js", "meta", meta_json(fs, hook, features, rows, summary))
     return out / "index.html"
 
 
@@ -127,14 +129,14 @@ def row_json(fs: FeatureStore, hook: str, row: int, span: range, vocab: list[str
             "pos": fs.provenance(span.start, span.stop)["pos"].tolist(), "features": features}
 
 
-def meta_json(fs: FeatureStore, hook: str, features: range, rows: list[int]) -> dict[str, Any]:
-    counts = fs.stats(hook).count
-    inside = np.arange(features.start, features.stop)
-    busiest = inside[np.argsort(-counts[inside], kind="stable")][:BUSIEST]
+def meta_json(fs: FeatureStore, hook: str, features: range, rows: list[int],
+              summary: list[tuple[int, float, float]]) -> dict[str, Any]:
+    """The front page's data; ``summary`` holds each built feature's (feature, density, max)."""
+    busiest = sorted(summary, key=lambda s: -s[1])[:BUSIEST]  # stable: ties keep the lower feature
     return {
         "hook": hook, "model": fs.run["model"]["name"], "dataset": fs.run["dataset"]["name"],
         "n_tokens": fs.n_tokens, "d_sae": fs.d_sae(hook), "features": [features.start, features.stop],
-        "busiest": [[int(f), int(counts[f]) / max(1, fs.n_tokens), float(fs.stats(hook).max[f])] for f in busiest],
+        "busiest": [[f, density, top] for f, density, top in busiest],
         "rows": rows,
     }
 

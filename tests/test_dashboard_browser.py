@@ -112,8 +112,14 @@ def console_errors(browser) -> list[str]:
 FEATURE_SHOWN = "!document.getElementById('feature').hidden && document.querySelector('#groups .example')"
 
 
+def counted_counts(fs: FeatureStore) -> np.ndarray:
+    """Each feature's activations on tokens other than special ones, as the pages count them."""
+    counted = ~np.isin(fs.token_ids(), list(fs.special_token_ids))
+    return np.asarray((fs.csr(HOOK)[counted] > 0).sum(0)).ravel()
+
+
 def busiest(fs: FeatureStore) -> int:
-    return int(np.argmax(fs.stats(HOOK).count))
+    return int(np.argmax(counted_counts(fs)))
 
 
 def test_feature_page_shows_the_stores_top_examples_and_numbers(site, server, browser, shots):
@@ -160,8 +166,12 @@ def test_navigation_search_and_prompt_page(site, server, browser, shots):
     browser.save_screenshot(str(shots / "index.png"))
     first = browser.find_element("css selector", "#busiest .feature-link")
     assert first.text == f"#{feature}"
+    density = browser.find_element("css selector", "#busiest tbody tr td:nth-child(2)").text
     click(browser, first)
     wait_for(browser, FEATURE_SHOWN)
+    # the front page's density is the feature page's: special tokens are counted on neither
+    n = int(counted_counts(fs)[feature])
+    assert f"(density {density}, {n / fs.n_tokens!r})" in browser.find_element("id", "stats").text
     assert browser.find_element("id", "title").text == f"{HOOK} · feature {feature}"
     click(browser, browser.find_element("id", "next"))
     wait_for(browser, f"document.getElementById('title').textContent.endsWith('feature {feature + 1}')")
