@@ -185,12 +185,23 @@ def window_starts(rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return np.flatnonzero(starts)
 
 
-def equal_width_histogram(values: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """Counts over ``n_bins`` equal bins of [min, max], and the bins' centres (SAEDashboard's bars)."""
-    if not len(values):
+def equal_width_histogram(ascending: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.histogram(values, n_bins, range=(min, max))`` of sorted values, as bin centres and
+    counts (SAEDashboard's bars). Counted by bisecting the edges, which gives numpy's bins
+    [e_i, e_i+1), the last one closed, without numpy's pass over every value."""
+    if not len(ascending):
         return np.zeros(0), np.zeros(0, np.int64)
-    counts, edges = np.histogram(values, bins=n_bins, range=(float(values.min()), float(values.max())))
-    return (edges[:-1] + edges[1:]) / 2, counts
+    edges = np.histogram_bin_edges(ascending[:1], n_bins, range=(ascending[0], ascending[-1]))
+    at = np.searchsorted(ascending, edges, side="left")
+    at[-1] = len(ascending)
+    return (edges[:-1] + edges[1:]) / 2, np.diff(at)
+
+
+def concatenated_ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """``np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)])`` without the loop."""
+    lengths = stops - starts
+    offsets = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
+    return offsets + np.arange(int(lengths.sum()))
 
 
 class DashboardBuilder:
@@ -235,42 +246,52 @@ class DashboardBuilder:
     # -- one block of features ------------------------------------------------------------------
 
     def _block(self, block: range) -> Iterator[FeatureDashboard]:
+        """Every feature of the block from one sort of its activations and one pass for all its examples."""
+        s = self.settings
         columns = self._counted[:, block.start:block.stop].tocsc()
         columns.sort_indices()
-        cofiring = (self._fired[:, block.start:block.stop].T @ self._fired).tocsr() if self.settings.n_cofiring else None
+        bounds = columns.indptr.astype(np.int64)
+        # each column highest first, by one stable sort of (column, value descending) keys: tokens ascend
+        # within a column, so ties keep the earlier token first. Counted activations are above 0, and
+        # positive floats order as their bits do.
+        owner = np.repeat(np.arange(len(block), dtype=np.uint64), np.diff(bounds))
+        descending = np.uint64(0xFFFFFFFF) - columns.data.view(np.uint32).astype(np.uint64)
+        order = np.argsort((owner << np.uint64(32)) | descending, kind="stable")
+        ranked_tokens, ranked_values = columns.indices[order].astype(np.int64), columns.data[order]
+
+        # the ranks each feature shows: its top ranks, then the draws of each group below them
+        features = []
+        for j in range(len(block)):
+            values = ranked_values[bounds[j]:bounds[j + 1]]
+            ascending = values[::-1].astype(np.float64)  # compared as the store's queries compare
+            groups = self._groups(values, ascending) if len(values) and s.n_groups else []
+            features.append((values, ascending, np.arange(min(s.n_top, len(values))), groups))
+        shown = [[top] + [drawn for _, _, drawn in groups] for _, _, top, groups in features]
+        block_column = np.repeat(np.arange(len(block)), [sum(map(len, ranks)) for ranks in shown])
+        ranks = np.concatenate([r for ranks in shown for r in ranks]).astype(np.int64)
+        examples = iter(self._examples(block_column, ranked_tokens[bounds[block_column] + ranks], columns))
+
+        cofiring = (self._fired[:, block.start:block.stop].T @ self._fired).tocsr() if s.n_cofiring else None
         logits = self._logits(block)
-        for j, feature in enumerate(block):
-            a, b = columns.indptr[j], columns.indptr[j + 1]
-            tokens, values = columns.indices[a:b].astype(np.int64), columns.data[a:b]
-            yield self._feature(feature, tokens, values, None if cofiring is None else cofiring[j],
-                                None if logits is None else logits[j])
+        for j, (feature, (values, ascending, top, groups)) in enumerate(zip(block, features)):
+            n, made = len(values), []
+            if len(top):
+                made.append(ExampleGroup("top", float(values[len(top) - 1]), float(values[0]), len(top) / n,
+                                         [next(examples) for _ in top]))
+            for a, b, drawn in groups:
+                made.append(ExampleGroup(s.group_method, float(values[b - 1]), float(values[a]), (b - a) / n,
+                                         [next(examples) for _ in drawn]))
+            centers, counts = equal_width_histogram(ascending, s.n_bins)
+            yield FeatureDashboard(
+                feature=feature, n_fired=n, frac_nonzero=n / max(1, len(self.token_ids)),
+                max=float(values[0]) if n else 0.0, groups=made, hist_centers=centers.tolist(),
+                hist_counts=counts.tolist(), cofiring=[] if cofiring is None else self._cofiring(feature, cofiring[j], n),
+                logits=None if logits is None else logits[j],
+            )
 
-    def _feature(self, feature: int, tokens: np.ndarray, values: np.ndarray, cofiring_row: sp.csr_matrix | None,
-                 logits: LogitTable | None) -> FeatureDashboard:
-        """``tokens`` ascending, with ``values`` the feature's counted activations there."""
-        s = self.settings
-        order = np.argsort(-values, kind="stable")  # tokens ascend, so ties keep the earlier token first
-        ranked_tokens, ranked_values = tokens[order], values[order]
-        lookup = (tokens, values)
-        n = len(values)
-        top = ranked_tokens[: s.n_top]
-        groups = []
-        if n and len(top):
-            shown_min = float(ranked_values[len(top) - 1])
-            groups.append(ExampleGroup("top", shown_min, float(ranked_values[0]), len(top) / n,
-                                       self._examples(top, lookup)))
-        if n and s.n_groups:
-            groups += self._sampled_groups(ranked_tokens, ranked_values, lookup)
-        centers, counts = equal_width_histogram(values.astype(np.float64), s.n_bins)
-        return FeatureDashboard(
-            feature=feature, n_fired=n, frac_nonzero=n / max(1, len(self.token_ids)),
-            max=float(ranked_values[0]) if n else 0.0, groups=groups,
-            hist_centers=centers.tolist(), hist_counts=counts.tolist(),
-            cofiring=[] if cofiring_row is None else self._cofiring(feature, cofiring_row, n), logits=logits,
-        )
-
-    def _sampled_groups(self, tokens: np.ndarray, values: np.ndarray, lookup) -> list[ExampleGroup]:
-        """The same slices and the same draws as ``FeatureStore.quantile_samples``."""
+    def _groups(self, values: np.ndarray, ascending: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+        """The groups below the top examples, as the ranks [a, b) each covers and the ranks drawn from
+        it: the same slices and the same draws as ``FeatureStore.quantile_samples``."""
         s = self.settings
         n = len(values)
         if s.group_method == "rank":
@@ -278,37 +299,36 @@ class DashboardBuilder:
             first, past = bounds[:-1], bounds[1:]
         else:  # the interval (lo, hi] is a run of ranks, as values are ranked highest first
             edges = np.linspace(float(values[0]), 0, s.n_groups + 1)
-            ascending = values[::-1].astype(np.float64)  # compared as the store's queries compare
             first = n - np.searchsorted(ascending, edges[:-1], side="right")  # first rank with value <= hi
             past = n - np.searchsorted(ascending, edges[1:], side="right")  # first rank with value <= lo
             past[-1] = n  # the last interval is closed at 0
         rng = np.random.default_rng(s.seed)
-        groups = []
-        for a, b in zip(first.tolist(), past.tolist()):
-            if b <= a:
-                continue
-            # drawing from range(b - a) and shifting draws what rng.choice(np.arange(a, b), ...) draws
-            picked = a + np.sort(rng.choice(b - a, size=min(s.per_group, b - a), replace=False))
-            groups.append(ExampleGroup(s.group_method, float(values[b - 1]), float(values[a]), (b - a) / n,
-                                       self._examples(tokens[picked], lookup)))
-        return groups
+        # drawing from range(b - a) and shifting draws what rng.choice(np.arange(a, b), ...) draws
+        return [(a, b, a + np.sort(rng.choice(b - a, size=min(s.per_group, b - a), replace=False)))
+                for a, b in zip(first.tolist(), past.tolist()) if b > a]
 
-    def _examples(self, tokens: np.ndarray, lookup: tuple[np.ndarray, np.ndarray]) -> list[Example]:
-        """Examples for these tokens; ``lookup`` is the feature's (tokens ascending, values)."""
+    def _examples(self, block_column: np.ndarray, tokens: np.ndarray, columns: sp.csc_matrix) -> list[Example]:
+        """The example at each token, for that column of ``columns`` (the block's, tokens ascending)."""
         window = np.searchsorted(self._window_starts, tokens, side="right") - 1
         lo, hi = self._window_starts[window], self._window_starts[window + 1]
         if self.settings.context is not None:
             left, right = self.settings.context
             lo, hi = np.maximum(lo, tokens - left), np.minimum(hi, tokens + right + 1)
-        fired, values = lookup
-        first, past = np.searchsorted(fired, lo), np.searchsorted(fired, hi)
-        examples = []
-        for t, a, b, i, j in zip(tokens.tolist(), lo.tolist(), hi.tolist(), first.tolist(), past.tolist()):
-            context = np.zeros(b - a, np.float32)
-            context[fired[i:j] - a] = values[i:j]
-            examples.append(Example(t, int(self.rows[t]), int(self.positions[t]), float(context[t - a]),
-                                    self.token_ids[a:b], context, t - a))
-        return examples
+        # the column's activations inside [lo, hi), found by bisecting (column, token) keys
+        n_tokens = len(self.token_ids)
+        key = np.repeat(np.arange(columns.shape[1], dtype=np.int64), np.diff(columns.indptr)) * n_tokens + columns.indices
+        first = np.searchsorted(key, block_column * n_tokens + lo)
+        past = np.searchsorted(key, block_column * n_tokens + hi)
+        # every example's context in one array: example i holds [starts[i], starts[i] + hi[i] - lo[i])
+        starts = np.cumsum(hi - lo) - (hi - lo)
+        context = np.zeros(int((hi - lo).sum()), np.float32)
+        inside = concatenated_ranges(first, past)
+        context[np.repeat(starts - lo, past - first) + columns.indices[inside]] = columns.data[inside]
+        activation = context[starts + tokens - lo].tolist()
+        return [Example(t, row, pos, value, self.token_ids[a:b], context[c:c + b - a], t - a)
+                for t, row, pos, value, a, b, c in zip(tokens.tolist(), self.rows[tokens].tolist(),
+                                                       self.positions[tokens].tolist(), activation, lo.tolist(),
+                                                       hi.tolist(), starts.tolist())]
 
     def _cofiring(self, feature: int, row: sp.csr_matrix, n_fired: int) -> list[dict[str, Any]]:
         others, counts = row.indices, row.data.astype(np.int64)

@@ -140,7 +140,20 @@ def test_cofiring_and_rank_groups_equal_the_store(store):
     settings = DashboardSettings(group_method="rank", context=(3, 2))
     weights = load_logit_weights(store, HOOK)
     busy = np.argsort(-store.stats(HOOK).count, kind="stable")[:5].tolist()
+    built = 0
     for d in DashboardBuilder(store, HOOK, weights, settings).build(range(0, store.d_sae(HOOK))):
+        built += 1
+        # every feature, however few its activations, has numpy's histogram and the store's top examples
+        tokens, values = counted(store, d.feature)
+        assert d.n_fired == len(tokens)
+        if len(values):
+            x = values.astype(np.float64)
+            heights, edges = np.histogram(x, bins=50, range=(x.min(), x.max()))
+            assert d.hist_counts == heights.tolist() and d.hist_centers == ((edges[:-1] + edges[1:]) / 2).tolist()
+            assert [e.token_index for e in d.groups[0].examples] == \
+                store.top_activations(HOOK, d.feature, k=20)["token_index"].tolist()
+        else:
+            assert d.groups == [] and d.hist_counts == [] and d.max == 0.0
         if d.feature not in busy:
             continue
         expected = store.cofiring(HOOK, d.feature, k=10)
@@ -151,6 +164,7 @@ def test_cofiring_and_rank_groups_equal_the_store(store):
         sampled = [e for g in d.groups[1:] for e in g.examples]
         assert [e.token_index for e in sampled] == groups["token_index"].tolist()
         assert all(len(e.token_ids) <= 6 for e in sampled)
+    assert built == store.d_sae(HOOK)
 
 
 def test_command_line_and_bad_input(store, tmp_path, capsys):
