@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from store import FeatureStore
 from store.errors import ConfigError
+from store.sampling import METHODS, draw_ranks, group_slices
 
 BLOCK_FEATURES = 512  # features computed together: bounds the block's co-firing matrix
 
@@ -48,7 +49,7 @@ class DashboardSettings:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.group_method not in ("interval", "rank"):
+        if self.group_method not in METHODS:
             problems.append(f"group_method {self.group_method!r} is not 'interval' or 'rank'.")
         for name in ("n_top", "n_groups", "per_group", "n_bins", "n_logits", "n_cofiring"):
             if getattr(self, name) < 0 or (name == "n_bins" and self.n_bins < 1):
@@ -263,17 +264,15 @@ class DashboardBuilder:
         features = []
         for j in range(len(block)):
             values = ranked_values[bounds[j]:bounds[j + 1]]
-            ascending = values[::-1].astype(np.float64)  # compared as the store's queries compare
-            groups = self._groups(values, ascending) if len(values) and s.n_groups else []
-            features.append((values, ascending, np.arange(min(s.n_top, len(values))), groups))
-        shown = [[top] + [drawn for _, _, drawn in groups] for _, _, top, groups in features]
+            features.append((values, np.arange(min(s.n_top, len(values))), self._groups(values)))
+        shown = [[top] + [drawn for _, _, drawn in groups] for _, top, groups in features]
         block_column = np.repeat(np.arange(len(block)), [sum(map(len, ranks)) for ranks in shown])
         ranks = np.concatenate([r for ranks in shown for r in ranks]).astype(np.int64)
         examples = iter(self._examples(block_column, ranked_tokens[bounds[block_column] + ranks], columns))
 
         cofiring = (self._fired[:, block.start:block.stop].T @ self._fired).tocsr() if s.n_cofiring else None
         logits = self._logits(block)
-        for j, (feature, (values, ascending, top, groups)) in enumerate(zip(block, features)):
+        for j, (feature, (values, top, groups)) in enumerate(zip(block, features)):
             n, made = len(values), []
             if len(top):
                 made.append(ExampleGroup("top", float(values[len(top) - 1]), float(values[0]), len(top) / n,
@@ -281,7 +280,7 @@ class DashboardBuilder:
             for a, b, drawn in groups:
                 made.append(ExampleGroup(s.group_method, float(values[b - 1]), float(values[a]), (b - a) / n,
                                          [next(examples) for _ in drawn]))
-            centers, counts = equal_width_histogram(ascending, s.n_bins)
+            centers, counts = equal_width_histogram(values[::-1].astype(np.float64), s.n_bins)
             yield FeatureDashboard(
                 feature=feature, n_fired=n, frac_nonzero=n / max(1, len(self.token_ids)),
                 max=float(values[0]) if n else 0.0, groups=made, hist_centers=centers.tolist(),
@@ -289,23 +288,12 @@ class DashboardBuilder:
                 logits=None if logits is None else logits[j],
             )
 
-    def _groups(self, values: np.ndarray, ascending: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
-        """The groups below the top examples, as the ranks [a, b) each covers and the ranks drawn from
-        it: the same slices and the same draws as ``FeatureStore.quantile_samples``."""
+    def _groups(self, values: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+        """The non-empty groups below the top examples, as the ranks [a, b) each covers and the ranks
+        drawn from it: ``FeatureStore.quantile_samples``'s slices and draws."""
         s = self.settings
-        n = len(values)
-        if s.group_method == "rank":
-            bounds = np.linspace(0, n, s.n_groups + 1).round().astype(int)
-            first, past = bounds[:-1], bounds[1:]
-        else:  # the interval (lo, hi] is a run of ranks, as values are ranked highest first
-            edges = np.linspace(float(values[0]), 0, s.n_groups + 1)
-            first = n - np.searchsorted(ascending, edges[:-1], side="right")  # first rank with value <= hi
-            past = n - np.searchsorted(ascending, edges[1:], side="right")  # first rank with value <= lo
-            past[-1] = n  # the last interval is closed at 0
-        rng = np.random.default_rng(s.seed)
-        # drawing from range(b - a) and shifting draws what rng.choice(np.arange(a, b), ...) draws
-        return [(a, b, a + np.sort(rng.choice(b - a, size=min(s.per_group, b - a), replace=False)))
-                for a, b in zip(first.tolist(), past.tolist()) if b > a]
+        slices = group_slices(values, s.n_groups, s.group_method)
+        return [(a, b, drawn) for (a, b), drawn in zip(slices, draw_ranks(slices, s.per_group, s.seed)) if b > a]
 
     def _examples(self, block_column: np.ndarray, tokens: np.ndarray, columns: sp.csc_matrix) -> list[Example]:
         """The example at each token, for that column of ``columns`` (the block's, tokens ascending)."""

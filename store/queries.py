@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from store.errors import ConfigError
+from store.sampling import METHODS, draw_ranks, group_slices
 
 DEFAULT_CONTEXT = (8, 4)
 ACTIVE_MARK = ("«", "»")
@@ -100,30 +101,21 @@ class Queries:
         ``method="interval"``: SAEDashboard's equal-width intervals of [0, max] (group 0 the highest).
         """
         feature = self._check_feature(hook, feature)
-        if method not in ("rank", "interval"):
+        if method not in METHODS:
             raise ConfigError(f"method {method!r} is not 'rank' or 'interval'.")
         tokens, values = self._entries(hook, feature)
         keep = self._keep(tokens, values, exclude_special_tokens, min_activation)
         tokens, values = tokens[keep], values[keep]
-        if method == "rank":
-            bounds = np.linspace(0, len(values), n_groups + 1).round().astype(int)
-            groups = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-        else:
-            top = float(values[0]) if len(values) else 0.0
-            edges = np.linspace(top, 0, n_groups + 1)
-            groups = [np.nonzero((values <= hi) & ((values > lo) if g < n_groups - 1 else (values >= lo)))[0]
-                      for g, (hi, lo) in enumerate(zip(edges[:-1], edges[1:]))]
-        rng = np.random.default_rng(seed)
+        slices = group_slices(values, n_groups, method)
         frames = []
-        for g, members in enumerate(groups):
-            if not len(members):
+        for g, ((a, b), picked) in enumerate(zip(slices, draw_ranks(slices, per_group, seed))):
+            if b == a:
                 continue
-            picked = np.sort(rng.choice(members, size=min(per_group, len(members)), replace=False))
             frame = self._examples(tokens[picked], values[picked], context)
             frame.insert(0, "group", g)
-            frame.insert(1, "group_min", float(values[members].min()))
-            frame.insert(2, "group_max", float(values[members].max()))
-            frame.insert(3, "group_size", len(members))
+            frame.insert(1, "group_min", float(values[b - 1]))
+            frame.insert(2, "group_max", float(values[a]))
+            frame.insert(3, "group_size", b - a)
             frames.append(frame)
         return pd.concat(frames, ignore_index=True) if frames else self._examples(tokens[:0], values[:0], context)
 
