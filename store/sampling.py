@@ -55,6 +55,7 @@ def draw_ranks(slices: list[tuple[int, int]], per_group: int, seed: int) -> list
         for s in range(k):
             seen = (taken[:, :s] == t[:, s, None]).any(1)
             taken[:, s] = np.where(seen, j[:, s], t[:, s])
-        for row, g in enumerate(big.tolist()):
-            drawn[g] = np.sort(taken[row]) + firsts[g]
+        taken = np.sort(taken, axis=1) + firsts[big, None]
+        for g, ranks in zip(big.tolist(), taken):
+            drawn[g] = ranks
     return drawn
