@@ -10,6 +10,7 @@ into the document as text (``textContent``), never as HTML.
 Layout of ``--out``::
 
     index.html  feature.html  prompt.html  site.css  site.js
+    server.js                         says "no model here" (``--serve`` answers it with what is loaded)
     data/meta.js                      the run, the hook, the busiest features, the rows
     data/features/<f // 1000>/<f>.js  one feature's dashboard
     data/rows/<r // 1000>/<r>.js      one dataset row's tokens and top features at each
@@ -29,12 +30,25 @@ from tqdm.auto import tqdm
 from jobs.export import feature_range
 from pipeline.dashboard_data import DashboardBuilder, DashboardSettings, FeatureDashboard, checked_features, load_logit_weights
 from store import FeatureStore
+from store.errors import ConfigError
 
 SITE = Path(__file__).parent / "dashboard_site"
-PAGES = ("index.html", "feature.html", "prompt.html", "site.css", "site.js")
+PAGES = ("index.html", "feature.html", "prompt.html", "site.css", "site.js", "server.js")
 FILES_PER_FOLDER = 1000  # keeps folders small for an SAE of 131,072 features
 SETTINGS = DashboardSettings(group_method="rank", context=(24, 8))  # true quantiles; text around the token
 BUSIEST = 200  # features listed on the front page
+SERVE_EPILOG = """\
+examples:
+  latentstore dashboard demo.zarr --hook blocks.1.hook_resid_post --out site/
+      then open site/index.html: no server and no network needed
+
+  latentstore dashboard demo.zarr --hook blocks.1.hook_resid_post --out site/ --serve
+      writes the same site, loads the model and SAE recorded in the store, and serves the site
+      at http://127.0.0.1:8000; its prompt page (prompt.html) then also shows the top features
+      at each token of text you type, computed as the extraction computes them. Prompts may be
+      as long as one of the run's windows (--context-size, less one for BOS). Programs can POST
+      {"text": "..."} to /api/prompt; GET /api/info says what is loaded.
+"""
 
 
 def add_commands(commands) -> None:
@@ -44,7 +58,7 @@ def add_commands(commands) -> None:
                     "per feature (top examples, quantile groups, histogram, density, logit table, co-firing "
                     "features, each example's dataset row and position) and a page per dataset row (the top "
                     "features at each token).",
-        epilog="example: latentstore dashboard demo.zarr --hook blocks.1.hook_resid_post --out site/",
+        epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("store", help="the store's path or URL")
     parser.add_argument("--hook", required=True, help="the SAE's hook")
@@ -55,6 +69,12 @@ def add_commands(commands) -> None:
     parser.add_argument("--no-logits", dest="logits", action="store_false",
                         help="no logit tables (no weights are loaded)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    serving = parser.add_argument_group("typing prompts (needs the run's model)")
+    serving.add_argument("--serve", action="store_true",
+                         help="after writing the site, load the run's model and SAE and serve the site over HTTP, "
+                              "so that the prompt page also takes typed text (Ctrl-C stops)")
+    serving.add_argument("--port", type=int, help="the port to serve on (default: 8000; 0: any free port)")
+    serving.add_argument("--host", help="the address to listen on (default: 127.0.0.1, this machine only)")
     parser.set_defaults(handler=_handle)
 
 
@@ -142,6 +162,16 @@ def meta_json(fs: FeatureStore, hook: str, features: range, rows: list[int],
 
 
 def _handle(args: argparse.Namespace) -> None:
+    if not args.serve and (args.port is not None or args.host is not None):
+        raise ConfigError("--port and --host say where to serve: give --serve with them.")
     fs = FeatureStore.open(args.store)
+    server = None
+    if args.serve:  # load the model and open the port first, so that a failure costs no site writing
+        from jobs.dashboard_serve import open_server, serve
+
+        server = open_server(fs, args.hook, Path(args.out), args.host or "127.0.0.1",
+                             8000 if args.port is None else args.port)
     index = write_dashboard(fs, args.hook, args.out, args.features, args.max_rows, args.logits, args.progress)
     print(f"wrote the dashboard to {args.out}; open {index} in a browser")
+    if server is not None:
+        serve(server)

@@ -234,17 +234,23 @@ const LS = (() => {
     return /^\d+$/.test(text) ? Number(text) : NaN;
   }
 
+  let promptShown = 0; // counts what the prompt page was asked to show, so a late answer is dropped
+
   async function promptPage(meta) {
     const select = document.getElementById("row-select");
     if (!select.options.length) {
       for (const row of meta.rows) select.append(el("option", { value: String(row), text: `row ${row}` }));
-      select.addEventListener("change", () => { window.location.hash = `#${select.value}`; });
+      select.addEventListener("change", () => {
+        // after a typed prompt the hash may already name the row picked, and then no hashchange comes
+        if (window.location.hash === `#${select.value}`) promptPage(meta);
+        else window.location.hash = `#${select.value}`;
+      });
     }
     const row = rowNumber(meta);
     const message = document.getElementById("message");
-    const prompt = clear(document.getElementById("prompt"));
-    const body = clear(document.querySelector("#per-token tbody"));
+    const shown = ++promptShown;
     if (Number.isNaN(row) || !meta.rows.includes(row)) {
+      renderPrompt({ tokens: [], pos: [], features: [] });
       message.textContent = "Pick a dataset row: this dashboard has prompt pages for the rows listed.";
       return;
     }
@@ -252,7 +258,49 @@ const LS = (() => {
     document.getElementById("title").textContent = `${meta.hook} · dataset row ${row}`;
     message.textContent = "loading…";
     const data = await LS.load("rows", row);
+    if (shown !== promptShown) return;
     message.textContent = "";
+    renderPrompt(data);
+  }
+
+  // A prompt typed into the box, sent to `latentstore dashboard --serve`. The box shows only when
+  // server.js says a model is loaded; the site's own server.js says none, so from file:// or a
+  // plain static server the page makes no request.
+  function typedPrompts(meta) {
+    const server = received.get("server");
+    const form = document.getElementById("typed");
+    if (!server || !form) return;
+    document.getElementById("typed-limit").textContent =
+      `up to ${server.max_tokens} tokens; the ${server.k} strongest features at each, from ${server.model}`;
+    form.hidden = false;
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const message = document.getElementById("message");
+      const shown = ++promptShown;
+      document.getElementById("title").textContent = `${meta.hook} · typed prompt`;
+      document.getElementById("row-select").value = "";
+      message.textContent = "running the model…";
+      let answer;
+      try {
+        const response = await fetch("api/prompt", {
+          method: "POST", headers: { "Content-Type": "application/json" },
+          body: JSON.stringify({ text: document.getElementById("typed-text").value }),
+        });
+        answer = await response.json();
+      } catch (error) {
+        answer = { error: "The server gave no answer: is `latentstore dashboard --serve` still running? " +
+                          "Its output says more." };
+      }
+      if (shown !== promptShown) return;
+      renderPrompt(answer.error ? { tokens: [], pos: [], features: [] } : answer);
+      message.textContent = answer.error ?? "";
+    });
+  }
+
+  // tokens and the strongest features at each: a dataset row's data file, or the server's answer
+  function renderPrompt(data) {
+    const prompt = clear(document.getElementById("prompt"));
+    const body = clear(document.querySelector("#per-token tbody"));
     const peak = Math.max(1e-9, ...data.features.map((f) => (f.length ? f[0][1] : 0)));
     data.tokens.forEach((text, i) => {
       const strongest = data.features[i].length ? data.features[i][0][1] : 0;
@@ -261,7 +309,8 @@ const LS = (() => {
       if (strongest > 0) span.style.backgroundColor = `rgba(0, 120, 255, ${0.1 + 0.5 * strongest / peak})`;
       prompt.append(span);
       const links = data.features[i].map(([feature, value]) =>
-        el("span", { class: "chip" }, [featureLink(feature), el("span", { text: ` ${num(value, 2)}` })]));
+        el("span", { class: "chip" }, [featureLink(feature),
+                                       el("span", { text: ` ${num(value, 2)}`, title: String(value) })]));
       body.append(el("tr", {}, [el("td", { class: "num", text: data.pos[i] }),
                                 el("td", { class: "tok", text: visible(text) }), el("td", {}, links)]));
     });
@@ -277,6 +326,7 @@ const LS = (() => {
       window.addEventListener("hashchange", () => featurePage(meta));
     }
     if (page === "prompt") {
+      typedPrompts(meta);
       promptPage(meta);
       window.addEventListener("hashchange", () => promptPage(meta));
     }
