@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
-from store import codecs, format as fmt
+from store import checked, codecs, format as fmt
 from store.location import open_root
 from store.stats import sort_by_feature_then_value
-from store.writer import checksum, now
+from store.checked import block_checksums, checksum
+from store.writer import now
 
 CHUNK = 1 << 16  # entries per chunk: a top-k read decodes one small chunk
 DEFAULT_PART_NNZ = 1 << 24  # entries per part: bounds a worker's memory (~200 MB)
@@ -66,7 +67,8 @@ def begin(location: str, hook: str, counts: np.ndarray, shards: list[dict], valu
     indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     group = parent.create_group(hook, attributes={fmt.ATTRS_KEY: {
         **fmt.encoding(fmt.INDEX_ENCODING), "complete": False, "value_dtype": value_dtype,
-        "built_for": record, "parts": [[p.part_id, p.start, p.stop] for p in parts]}})
+        "built_for": record, "parts": [[p.part_id, p.start, p.stop] for p in parts],
+        "checksums": {fmt.INDPTR: checksum(indptr)}}})
     group.create_array(fmt.INDPTR, data=indptr, chunks=(CHUNK,), compressors=codecs.TOKEN_LEVEL.compressors())
     group.create_group(fmt.PARTS_GROUP)
     return parts, set()
@@ -107,7 +109,9 @@ def build_part(location: str, hook: str, part: Part, shards: list[dict], token_d
             sub[key][:] = data
     marker = {**fmt.encoding(fmt.MARKER_ENCODING), "part_id": part.part_id, "start": part.start,
               "stop": part.stop, "nnz": int(len(token)), "written_at": now(),
-              "checksums": {key: checksum(data) for key, data in arrays.items()}}
+              "checksums": {key: checksum(data) for key, data in arrays.items()},
+              "checksum_block": CHUNK,
+              "chunk_checksums": {key: block_checksums(data, CHUNK) for key, data in arrays.items()}}
     sub.create_group(fmt.MARKER_GROUP, attributes={fmt.ATTRS_KEY: marker})
     return marker
 
@@ -126,16 +130,19 @@ def _marker(group: zarr.Group, part_id: int) -> dict | None:
 
 
 class IndexReader:
-    """Reads one hook's complete index."""
+    """Reads one hook's complete index. Every read is checked against the checksums recorded when
+    the index was written: the pointers whole, at open; a part's entries block by block."""
 
-    def __init__(self, group: zarr.Group):
-        attrs = group.attrs[fmt.ATTRS_KEY]
-        fmt.check_version(attrs, fmt.INDEX_ENCODING, f"index {group.path}")
+    def __init__(self, root: zarr.Group, hook: str, location: str):
+        self.root, self.location, self.path = root, location, f"{fmt.INDEX_GROUP}/{hook}"
+        attrs = root[self.path].attrs[fmt.ATTRS_KEY]
+        fmt.check_version(attrs, fmt.INDEX_ENCODING, f"index {self.path}")
         self.value_dtype = attrs["value_dtype"]
-        self.indptr = group[fmt.INDPTR][:]
+        self.indptr = checked.read_whole(root, f"{self.path}/{fmt.INDPTR}", location,
+                                         attrs.get("checksums", {}).get(fmt.INDPTR))
         self._starts = np.array([p[1] for p in attrs["parts"]])
-        self._parts = [group[f"{fmt.PARTS_GROUP}/{p[0]}"] for p in attrs["parts"]]
-        self._arrays: dict = {}
+        self._part_ids = [p[0] for p in attrs["parts"]]
+        self._arrays: dict[tuple[int, str], checked.CheckedArray] = {}
 
     def entries(self, feature: int, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(token indices, float32 values) of a feature's entries ``[start, stop)``, highest first."""
@@ -145,19 +152,37 @@ class IndexReader:
         lo, hi = a + start, b if stop is None else min(b, a + stop)
         if hi <= lo:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        part = self._parts[i]
-        tokens = part["token"][lo:hi].astype(np.int64)
-        values = fmt.decode_values(part[fmt.VALUES][lo:hi], self.value_dtype)
+        part = self._part_ids[i]
+        tokens = self._array(part, "token")[lo:hi].astype(np.int64)
+        values = fmt.decode_values(self._array(part, fmt.VALUES)[lo:hi], self.value_dtype)
         return tokens, values
 
+    def _array(self, part_id: int, name: str) -> checked.CheckedArray:
+        """A part's array, checked against its marker: per block of entries (format 1.2), or whole
+        (1.1, whose markers record one checksum per array)."""
+        if (part_id, name) not in self._arrays:
+            part = f"{self.path}/{fmt.PARTS_GROUP}/{part_id}"
+            marker = _marker(self.root[self.path], part_id)
+            if marker is None:
+                raise checked.corrupt(self.location, f"{part}/{fmt.MARKER_GROUP}", "the index says it is complete, "
+                                      "but this part's completion marker is missing or unreadable")
+            if "chunk_checksums" in marker:
+                sums, block = marker["chunk_checksums"].get(name), marker["checksum_block"]
+            else:
+                whole = marker.get("checksums", {}).get(name)
+                sums, block = (None if whole is None else [whole]), None
+            self._arrays[part_id, name] = checked.open_array(self.root, f"{part}/{name}", self.location, sums, block)
+        return self._arrays[part_id, name]
 
-def open_index(root: zarr.Group, hook: str, shards: list[dict]) -> IndexReader | None:
+
+def open_index(root: zarr.Group, hook: str, shards: list[dict], location: str) -> IndexReader | None:
     """The hook's index if it is complete and was built from exactly these shards, else None."""
+    path = f"{fmt.INDEX_GROUP}/{hook}"
     try:
-        group = root[f"{fmt.INDEX_GROUP}/{hook}"]
+        group = checked.open_node(root, path, location)
     except KeyError:
         return None
     attrs = group.attrs.asdict().get(fmt.ATTRS_KEY, {})
     if not attrs.get("complete") or attrs.get("built_for") != built_for(shards):
         return None
-    return IndexReader(group)
+    return IndexReader(root, hook, location)

@@ -15,12 +15,13 @@ import scipy.sparse as sp
 import zarr
 
 from store import format as fmt
-from store.errors import ConfigError, StoreCorruptError, StoreNotFoundError, did_you_mean
+from store.checked import CheckedArray, corrupt, open_array
+from store.errors import ConfigError, StoreNotFoundError, did_you_mean
 from store.location import normalize, open_root
 from store import index as index_mod
 from store import stats as stats_mod
 from store.queries import Queries
-from store.writer import checksum, read_marker, read_root_attrs
+from store.writer import read_marker, read_root_attrs
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class FeatureStore(Queries):
         self.attrs = attrs
         self.shards = shards
         self._root = open_root(location, mode="r")
-        self._arrays: dict[str, zarr.Array] = {}
+        self._arrays: dict[str, CheckedArray] = {}
         self._stats: dict[str, stats_mod.FeatureStats] = {}
         self._indexes: dict[str, index_mod.IndexReader | None] = {}
 
@@ -174,7 +175,7 @@ class FeatureStore(Queries):
             if self.complete:
                 self._stats[hook] = stats_mod.read_merged(self.location, hook)
             else:
-                markers = [{"shard_id": s.shard_id, "n_tokens": s.n_tokens} for s in self.shards]
+                markers = [self._marker(s.shard_id) for s in self.shards]
                 self._stats[hook] = stats_mod.merge_shards(self.location, markers, hook, self.d_sae(hook), self.value_dtype)
         return self._stats[hook]
 
@@ -182,7 +183,8 @@ class FeatureStore(Queries):
         """The hook's feature-major index, or None when it is missing or stale (queries then scan)."""
         if hook not in self._indexes:
             self._sae(hook)
-            self._indexes[hook] = index_mod.open_index(self._root, hook, self.attrs["shards"]) if self.complete else None
+            self._indexes[hook] = (index_mod.open_index(self._root, hook, self.attrs["shards"], self.location)
+                                   if self.complete else None)
         return self._indexes[hook]
 
     @cached_property
@@ -269,62 +271,24 @@ class FeatureStore(Queries):
         parts = [self._array(s, name)[lo:hi] for s, lo, hi in self._pieces(start, stop)]
         return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
 
-    def _array(self, shard: ShardInfo, name: str) -> "_CheckedArray":
+    def _array(self, shard: ShardInfo, name: str) -> CheckedArray:
         """A shard's array; its first read is checked against the crc32 in the shard's marker."""
         key = f"{fmt.shard_path(shard.shard_id)}/{name}"
         if key not in self._arrays:
-            try:
-                array = self._root[key]
-            except KeyError:
-                raise _corrupt(self.location, key, "the array is missing") from None
-            except (ValueError, UnicodeDecodeError) as e:  # unparsable zarr.json, unknown codec
-                raise _corrupt(self.location, key, f"its metadata cannot be read ({type(e).__name__}: {e})") from e
-            markers = self.__dict__.setdefault("_markers", {})
-            if shard.shard_id not in markers:
-                try:
-                    markers[shard.shard_id] = read_marker(self._root[fmt.shard_path(shard.shard_id)])
-                except (KeyError, ValueError) as e:
-                    raise _corrupt(self.location, fmt.shard_path(shard.shard_id), f"the shard cannot be opened ({e})")
-                if markers[shard.shard_id] is None:
-                    raise _corrupt(self.location, f"{fmt.shard_path(shard.shard_id)}/{fmt.MARKER_GROUP}",
-                                   "the store lists this shard as complete but its completion marker is unreadable")
-            recorded = markers[shard.shard_id].get("checksums", {}).get(name)
-            self._arrays[key] = _CheckedArray(array, key, recorded, self.location)
+            recorded = self._marker(shard.shard_id).get("checksums", {}).get(name)
+            self._arrays[key] = open_array(self._root, key, self.location, None if recorded is None else [recorded])
         return self._arrays[key]
 
-
-def _corrupt(location: str, part: str, what: str) -> StoreCorruptError:
-    shard = "/".join(part.split("/")[:2])
-    return StoreCorruptError(
-        f"{location}: {part} is damaged: {what}. Reads that touch it are refused rather than return wrong "
-        f"numbers. Run `latentstore verify {location}` to list every damaged part; to repair, delete {shard} "
-        "and rerun the same `latentstore extract` command (it rewrites missing shards)."
-    )
-
-
-class _CheckedArray:
-    """A zarr array whose first read decodes it whole and compares it with its recorded checksum.
-
-    Shard arrays are one chunk or a few, so the whole-array read costs about what a slice does;
-    later reads go straight to zarr. Decoding errors become ``StoreCorruptError``."""
-
-    def __init__(self, array: zarr.Array, key: str, recorded: str | None, location: str):
-        self.array, self.key, self.recorded, self.location = array, key, recorded, location
-        self.verified = recorded is None
-
-    def __getitem__(self, selection):
-        try:
-            if self.verified:
-                return self.array[selection]
-            data = self.array[:]
-        except (RuntimeError, ValueError, KeyError) as e:  # blosc/zstd/delta failures on damaged bytes
-            raise _corrupt(self.location, self.key, f"a chunk cannot be decoded ({type(e).__name__}: {e})") from e
-        found = checksum(data)
-        if found != self.recorded:
-            raise _corrupt(self.location, self.key, f"its checksum is {found}, but {self.recorded} was recorded "
-                                                    "when it was written")
-        self.verified = True
-        return data[selection]
-
-    def __getattr__(self, name):
-        return getattr(self.array, name)
+    def _marker(self, shard_id: int) -> dict:
+        """A listed shard's completion marker, which holds the checksums its arrays are checked against."""
+        markers = self.__dict__.setdefault("_markers", {})
+        if shard_id not in markers:
+            path = fmt.shard_path(shard_id)
+            try:
+                markers[shard_id] = read_marker(self._root[path])
+            except (KeyError, ValueError) as e:
+                raise corrupt(self.location, path, f"the shard cannot be opened ({e})") from None
+            if markers[shard_id] is None:
+                raise corrupt(self.location, f"{path}/{fmt.MARKER_GROUP}",
+                              "the store lists this shard as complete but its completion marker is unreadable")
+        return markers[shard_id]

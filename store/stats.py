@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
-from store import codecs, format as fmt
+from store import checked, codecs, format as fmt
 
 DEFAULT_TOP_K = 100
 # Log2-spaced edges, 4 bins per octave from 2^-12 to 2^12, with open ends: data-independent,
@@ -131,6 +131,7 @@ def merge(parts: list[tuple[FeatureStats, int]]) -> FeatureStats:
 # -- on disk -----------------------------------------------------------------------------------
 
 DENSE = ("count", "sum", "sum_sq", "max")
+MERGED = (*DENSE, "top_value", "top_token", "hist")  # the arrays of stats/<hook>
 
 
 def write(group: zarr.Group, stats: FeatureStats, value_dtype: str) -> dict[str, np.ndarray]:
@@ -171,11 +172,21 @@ def _encode(values: np.ndarray, value_dtype: str) -> np.ndarray:
     return values.astype(fmt.storage_dtype(value_dtype))
 
 
-def read(group: zarr.Group, d_sae: int, value_dtype: str) -> FeatureStats:
-    sub = group[fmt.STATS_GROUP]
-    top_k = sub.attrs[fmt.ATTRS_KEY]["top_k"]
+def read(root: zarr.Group, shard: dict, hook: str, d_sae: int, value_dtype: str, location: str) -> FeatureStats:
+    """One shard's statistics of one SAE; ``shard`` is its completion marker, whose checksums (when
+    it has them) every array is checked against, so damage is not merged into the store's."""
+    within = f"{fmt.SAES_GROUP}/{hook}/{fmt.STATS_GROUP}"  # the marker's checksums are keyed by path in the shard
+    base, sums = f"{fmt.shard_path(shard['shard_id'])}/{within}", shard.get("checksums", {})
+
+    def array(name: str) -> np.ndarray:
+        return checked.read_whole(root, f"{base}/{name}", location, sums.get(f"{within}/{name}"))
+
+    try:
+        top_k = checked.open_node(root, base, location).attrs[fmt.ATTRS_KEY]["top_k"]
+    except KeyError:
+        raise checked.corrupt(location, base, "the shard's statistics are missing") from None
     stats = FeatureStats(
-        **{name: sub[name][:] for name in DENSE},
+        **{name: array(name) for name in DENSE},
         top_value=np.full((d_sae, top_k), np.nan, np.float32),
         top_token=np.full((d_sae, top_k), -1, np.int64),
         hist=np.zeros((d_sae, N_BINS), np.int64),
@@ -183,12 +194,12 @@ def read(group: zarr.Group, d_sae: int, value_dtype: str) -> FeatureStats:
     kept = np.minimum(stats.count, top_k)
     feature = np.repeat(np.arange(d_sae), kept)
     rank = np.arange(len(feature)) - np.repeat(np.cumsum(kept) - kept, kept)
-    values = fmt.decode_values(sub["top_value"][:], value_dtype)
+    values = fmt.decode_values(array("top_value"), value_dtype)
     stats.top_value[feature, rank] = values
-    stats.top_token[feature, rank] = sub["top_token"][:]
+    stats.top_token[feature, rank] = array("top_token")
     small = stats.count[feature] <= top_k
     stats.hist = _histogram(feature[small], values[small], d_sae)
-    stats.hist[sub["hist_feature"][:], sub["hist_bin"][:]] = sub["hist_count"][:]
+    stats.hist[array("hist_feature"), array("hist_bin")] = array("hist_count")
     return stats
 
 
@@ -200,8 +211,7 @@ def merge_shards(location: str, shards: list[dict], hook: str, d_sae: int, value
     root = open_root(location, mode="r")
     merged, offset, pending = None, 0, []
     for marker in shards:
-        group = root[f"{fmt.shard_path(marker['shard_id'])}/{fmt.SAES_GROUP}/{hook}"]
-        pending.append((read(group, d_sae, value_dtype), offset))
+        pending.append((read(root, marker, hook, d_sae, value_dtype, location), offset))
         offset += marker["n_tokens"]
         if len(pending) == batch:
             merged, pending = merge(([(merged, 0)] if merged is not None else []) + pending), []
@@ -218,20 +228,27 @@ def write_merged(location: str, hook: str, stats: FeatureStats, n_tokens: int) -
     parent = root.require_group(fmt.STATS_GROUP)
     if hook in parent:
         del parent[hook]
+    arrays = {name: np.ascontiguousarray(getattr(stats, name)) for name in MERGED}
     group = parent.create_group(hook, attributes={fmt.ATTRS_KEY: {
         **fmt.encoding(fmt.STATS_ENCODING), "top_k": stats.top_k, "n_tokens": n_tokens,
-        "hist_edges_log2": [-12, 12, 4]}})
+        "hist_edges_log2": [-12, 12, 4], "checksums": {name: checked.checksum(a) for name, a in arrays.items()}}})
     rows = 256  # features per chunk: one feature's top-K or histogram is one small read
-    for name in DENSE:
-        data = getattr(stats, name)
-        group.create_array(name, data=data, chunks=(1 << 16,), compressors=codecs.VALUES.compressors())
-    for name in ("top_value", "top_token", "hist"):
-        data = getattr(stats, name)
-        group.create_array(name, data=data, chunks=(rows, data.shape[1]), compressors=codecs.VALUES.compressors())
+    for name, data in arrays.items():
+        chunks = (1 << 16,) if data.ndim == 1 else (rows, data.shape[1])
+        group.create_array(name, data=data, chunks=chunks, compressors=codecs.VALUES.compressors())
 
 
 def read_merged(location: str, hook: str) -> FeatureStats:
+    """The store-wide statistics of one SAE, each array checked against the checksum recorded with
+    it (stores of format 1.1 recorded none: read as they are)."""
     from store.location import open_root
 
-    group = open_root(location, mode="r")[f"{fmt.STATS_GROUP}/{hook}"]
-    return FeatureStats(**{name: group[name][:] for name in (*DENSE, "top_value", "top_token", "hist")})
+    root = open_root(location, mode="r")
+    path = f"{fmt.STATS_GROUP}/{hook}"
+    try:
+        attrs = checked.open_node(root, path, location).attrs.asdict().get(fmt.ATTRS_KEY, {})
+    except KeyError:
+        raise checked.corrupt(location, path, "the merged statistics are missing from a complete store") from None
+    sums = attrs.get("checksums", {})
+    return FeatureStats(**{name: checked.read_whole(root, f"{path}/{name}", location, sums.get(name))
+                           for name in MERGED})

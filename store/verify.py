@@ -5,7 +5,8 @@ listing each damaged part by its path inside the store:
 
 - every metadata file (``zarr.json``) parses, and every array's codecs are known;
 - every chunk of every array decodes, and none that holds data is missing;
-- every array listed in a completion marker has the crc32 recorded there at write time;
+- every array listed in a completion marker has the crc32 recorded there at write time, and
+  so do the merged statistics and the index's pointers, whose crc32s their group records;
 - shapes agree: ``token_ids``/``row``/``pos`` have ``n_tokens`` entries, ``indptr`` has
   ``n_tokens + 1`` and ends at the marker's ``nnz``, ``indices``/``values`` have ``nnz``;
 - pointer arrays start at 0 and never decrease; feature indices lie in ``[0, d_sae)`` and
@@ -22,13 +23,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import zarr
 
 from store import format as fmt
+from store.checked import checksum, repair
 from store.errors import StoreNotFoundError
 from store.location import is_url, normalize, open_zarr_store
 
@@ -87,16 +88,12 @@ class VerifyReport:
                 + ", ".join(f"{fmt.SHARDS_GROUP}/{s}" for s in shards)
                 + ") and rerun the same `latentstore extract` command: it redoes only missing shards."
             )
-        if any(p.part.startswith(INDEX_GROUP + "/") for p in self.problems):
-            lines.append(f"fix: delete {INDEX_GROUP}/ and run `latentstore index {self.location}` to rebuild it.")
+        for top in (INDEX_GROUP, fmt.STATS_GROUP):
+            if any(p.part.startswith(top + "/") for p in self.problems):
+                lines.append(f"fix: {repair(self.location, top)}.")
         if any(p.part.startswith("sweeps/") for p in self.problems):
             lines.append("fix: delete the damaged sweep part(s) and rerun the same `latentstore sweep` command.")
         return "\n".join(lines)
-
-
-def crc(data: np.ndarray) -> str:
-    """The checksum the writers record: crc32 of the array's little-endian bytes."""
-    return f"crc32:{zlib.crc32(np.ascontiguousarray(data).view(np.uint8)):08x}"
 
 
 class _Walker:
@@ -191,7 +188,7 @@ class _Walker:
         if data is None or recorded is None:
             return
         self.report.n_checksums += 1
-        found = crc(data)
+        found = checksum(data)
         if found != recorded:
             self.report.add(path, f"checksum mismatch: recorded {recorded} at write time, found {found} "
                                   "(the data changed after it was written)")
@@ -215,6 +212,7 @@ def verify_store(location: str) -> VerifyReport:
     if root is not None and root.get("status") == fmt.STATUS_COMPLETE:
         _verify_root_lists(walker, root, markers)
         _verify_index(walker, root, markers)
+    _verify_merged_stats(walker)
     _verify_marked_groups(walker, "sweeps")
     _verify_marked_groups(walker, INDEX_GROUP)
     for node in sorted(walker.metadata):  # whatever else holds arrays (statistics, vocabulary) must decode
@@ -372,6 +370,7 @@ def _verify_index(walker: _Walker, root: dict, markers: dict[int, dict]) -> None
             continue
         d_sae = int(saes[hook]["d_sae"])
         indptr = walker.read(f"{node}/{fmt.INDPTR}")
+        walker.check_sum(f"{node}/{fmt.INDPTR}", indptr, attrs.get("checksums", {}).get(fmt.INDPTR))
         if indptr is None:
             continue
         where = f"{node}/{fmt.INDPTR}"
@@ -409,6 +408,14 @@ def _verify_index(walker: _Walker, root: dict, markers: dict[int, dict]) -> None
                                             f"{n_tokens} tokens")
         if expected_start != d_sae:
             report.add(node, f"its parts end at feature {expected_start}, expected {d_sae}")
+
+
+def _verify_merged_stats(walker: _Walker) -> None:
+    """The store-wide statistics of each SAE, against the checksums recorded with them (format 1.2)."""
+    for hook in walker.children(fmt.STATS_GROUP):
+        node = f"{fmt.STATS_GROUP}/{hook}"
+        for name, recorded in ((walker.attrs(node) or {}).get("checksums") or {}).items():
+            walker.check_sum(f"{node}/{name}", walker.read(f"{node}/{name}"), recorded)
 
 
 def _verify_marked_groups(walker: _Walker, top: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import zlib
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
@@ -20,6 +19,7 @@ import zarr
 
 from store import codecs, format as fmt
 from store import stats as stats_mod
+from store.checked import checksum
 from store.errors import StoreConflictError
 from store.location import check_writable, has_content, normalize, open_root
 
@@ -293,10 +293,6 @@ def _write_array(group: zarr.Group, name: str, data: np.ndarray, encoding: codec
     if len(data):
         array[:] = data
     return checksum(data)
-
-
-def checksum(data: np.ndarray) -> str:
-    return f"crc32:{zlib.crc32(np.ascontiguousarray(data).view(np.uint8)):08x}"
 
 
 def read_marker(shard_group: zarr.Group) -> dict | None:

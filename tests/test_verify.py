@@ -179,3 +179,111 @@ def test_verify_of_a_missing_store_says_so(tmp_path, capsys):
         verify_store(str(tmp_path / "nothing.zarr"))
     assert main(["verify", str(tmp_path / "nothing.zarr")]) == 2
     assert "No latentstore store at" in capsys.readouterr().err
+
+
+# -- statistics and index: checked on read as shard arrays are (format 1.2) ----------------------
+
+
+def rewrite_entry(array_path: Path, at: int, value) -> None:
+    """Damage that decodes cleanly (a chunk rewritten with one entry changed): only a checksum can tell."""
+    import zarr
+
+    array = zarr.open_array(str(array_path), mode="r+")
+    old = array[at]
+    array[at] = value if value != old else value + 1
+
+
+def test_damaged_merged_statistics_are_named_and_queries_refuse_them(store, capsys):
+    flipped, rewritten = f"{fmt.STATS_GROUP}/{HOOK}/count", f"{fmt.STATS_GROUP}/{OTHER}/hist"
+    flip_byte(store / flipped / "c" / "0")
+    rewrite_entry(store / rewritten, (3, 40), 7)
+
+    report = verify_store(str(store))
+    assert report.damaged_parts == sorted([flipped, rewritten]), report.format()
+    assert main(["verify", str(store)]) == 2
+    captured = capsys.readouterr()
+    assert f"2 damaged part(s) in {store}: {', '.join(sorted([flipped, rewritten]))}" in captured.err
+    assert "fix: rerun the same `latentstore extract` command: it keeps the shards and rewrites the merged " \
+           "statistics from them." in captured.out
+
+    fs = FeatureStore.open(str(store))
+    with pytest.raises(StoreCorruptError, match=rf"(?s){flipped} is damaged.*latentstore verify.*rewrites the merged"):
+        fs.feature_stats(HOOK)
+    with pytest.raises(StoreCorruptError, match=rf"{rewritten} is damaged: its checksum is crc32:\w+, but crc32:\w+ "
+                                                 "was recorded"):
+        fs.histogram(OTHER, 3, bins="stored")
+
+
+def busy_feature(fs: FeatureStore, hook: str) -> int:
+    """The feature with the most entries among those in the first checksummed block of the index."""
+    indptr = fs.index(hook).indptr
+    counts = fs.stats(hook).count * (indptr[1:] <= 1 << 16)
+    return int(counts.argmax())
+
+
+def test_damaged_index_parts_are_named_and_queries_refuse_them(store, capsys):
+    from jobs.index import run_index
+
+    fs = FeatureStore.open(str(store))
+    assert fs.index(HOOK) is not None and fs.index(OTHER) is not None
+    good = {hook: fs.feature_activations(hook, busy_feature(fs, hook)) for hook in (HOOK, OTHER)}
+    flipped = f"{fmt.INDEX_GROUP}/{HOOK}/{fmt.PARTS_GROUP}/0/token"
+    rewritten = f"{fmt.INDEX_GROUP}/{OTHER}/{fmt.PARTS_GROUP}/0/{fmt.VALUES}"
+    flip_byte(store / flipped / "c" / "0")
+    rewrite_entry(store / rewritten, 5, 1234)
+
+    report = verify_store(str(store))
+    assert report.damaged_parts == sorted([flipped, rewritten]), report.format()
+    assert main(["verify", str(store)]) == 2
+    assert f"fix: delete index/ and run `latentstore index {store}` to rebuild it." in capsys.readouterr().out
+
+    fs = FeatureStore.open(str(store))
+    with pytest.raises(StoreCorruptError, match=rf"(?s){flipped} is damaged.*delete index/ and run `latentstore index"):
+        fs.feature_activations(HOOK, busy_feature(fs, HOOK))
+    with pytest.raises(StoreCorruptError, match=rf"{rewritten} is damaged: the checksum of its entries 0 to \d+ is"):
+        fs.feature_activations(OTHER, busy_feature(fs, OTHER))
+
+    shutil.rmtree(store / fmt.INDEX_GROUP)  # the repair the message gives
+    run_index(str(store), workers=1, progress=False)
+    assert verify_store(str(store)).ok
+    fs = FeatureStore.open(str(store))
+    for hook, frame in good.items():
+        assert fs.feature_activations(hook, busy_feature(fs, hook)).equals(frame)
+
+
+def edit_attrs(node: Path, edit) -> None:
+    meta = node / "zarr.json"
+    doc = json.loads(meta.read_text())
+    edit(doc["attributes"][fmt.ATTRS_KEY])
+    meta.write_text(json.dumps(doc))
+
+
+def test_a_format_1_1_store_reads_as_before(store):
+    """Format 1.1 recorded no checksums for merged statistics and index pointers, and one per index
+    part array instead of one per block. Such a store reads with the same answers, and a damaged
+    index part is still refused (checked against its whole-array checksum)."""
+    fs = FeatureStore.open(str(store))
+    feature = busy_feature(fs, HOOK)
+    expected = fs.feature_stats(HOOK), fs.feature_activations(HOOK, feature)
+
+    def as_1_1(attrs, drop=("checksums",)):
+        attrs["encoding-version"] = "1.1"
+        for key in drop:
+            attrs.pop(key)
+
+    edit_attrs(store, lambda a: a.update({"encoding-version": "1.1"}))
+    for hook in (HOOK, OTHER):
+        edit_attrs(store / fmt.STATS_GROUP / hook, as_1_1)
+        edit_attrs(store / fmt.INDEX_GROUP / hook, as_1_1)
+        edit_attrs(store / fmt.INDEX_GROUP / hook / fmt.PARTS_GROUP / "0" / fmt.MARKER_GROUP,
+                   lambda a: as_1_1(a, drop=("chunk_checksums", "checksum_block")))
+    assert verify_store(str(store)).ok
+    fs = FeatureStore.open(str(store))
+    assert fs.info()["format_version"] == "1.1" and fs.index(HOOK) is not None
+    assert fs.feature_stats(HOOK).equals(expected[0])
+    assert fs.feature_activations(HOOK, feature).equals(expected[1])
+
+    part = f"{fmt.INDEX_GROUP}/{HOOK}/{fmt.PARTS_GROUP}/0/{fmt.VALUES}"
+    rewrite_entry(store / part, 0, 999)
+    with pytest.raises(StoreCorruptError, match=rf"{part} is damaged: its checksum is"):
+        FeatureStore.open(str(store)).feature_activations(HOOK, feature)
