@@ -98,3 +98,11 @@ def ray_cluster():
     ray.init(num_cpus=6, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def reference_store(assets, ray_cluster, tmp_path_factory):
+    """The session's one complete store of ``tests.stores.config`` (read-only: copy it to change it)."""
+    from tests.stores import shared_store
+
+    return shared_store(assets, tmp_path_factory)

@@ -10,14 +10,13 @@ import torch
 
 from jobs.cli import main
 from jobs.export import export_neuronpedia
-from jobs.extract import ExtractConfig, run_extract
 from pipeline.dashboard_data import (DashboardBuilder, DashboardSettings, effective_unembed, load_logit_weights,
                                      model_unembed)
-from pipeline.dataset import DatasetSpec
 from pipeline.models import load_model
 from pipeline.saes import SAESource, load_sae
 from store import FeatureStore
 from store.errors import ConfigError
+from tests.stores import shared_store
 
 pytestmark = pytest.mark.ray
 HOOK = "blocks.0.hook_resid_post"
@@ -30,13 +29,8 @@ ACTIVATION_KEYS = {"bin_min", "bin_max", "bin_contains", "tokens", "values", "qu
 
 
 def small_store(assets, tmp_path_factory) -> FeatureStore:
-    """One small store for the session, shared with the dashboard's browser tests."""
-    path = tmp_path_factory.getbasetemp() / "dashboards.zarr"
-    if not path.exists():
-        run_extract(ExtractConfig(model=str(assets["model_dir"]), saes=(str(assets["sae_dirs"][HOOK]),),
-                                  dataset=DatasetSpec(str(assets["jsonl"])), store=str(path),
-                                  context_size=16, shard_rows=8, workers=2, progress=False))
-    return FeatureStore.open(str(path))
+    """The session's shared store (extracted once), which the dashboard tests use too."""
+    return shared_store(assets, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

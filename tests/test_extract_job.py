@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,49 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.extract import ExtractConfig, run_extract, validate
+from jobs.extract import run_extract, validate
 from pipeline.dataset import DatasetSpec
 from store import FeatureStore
 from store.errors import ConfigError, DataError, StoreConflictError
 from store.writer import StoreWriter
 from tests.conftest import make_sae
+from tests.stores import assert_same_store, config
 
 pytestmark = pytest.mark.ray
-
-
-def config(assets, store, **changes) -> ExtractConfig:
-    base = ExtractConfig(
-        model=str(assets["model_dir"]),
-        saes=tuple(str(d) for d in assets["sae_dirs"].values()),
-        dataset=DatasetSpec(str(assets["jsonl"])),
-        store=str(store),
-        context_size=16,
-        batch_size=4,
-        shard_rows=5,
-        workers=1,
-        progress=False,
-    )
-    return replace(base, **changes)
-
-
-def assert_same_store(a: FeatureStore, b: FeatureStore) -> None:
-    assert a.n_tokens == b.n_tokens
-    assert a.run == b.run
-    np.testing.assert_array_equal(a.token_ids(), b.token_ids())
-    assert a.provenance().equals(b.provenance())
-    for hook in a.hooks:
-        x, y = a.csr(hook), b.csr(hook)
-        np.testing.assert_array_equal(x.indptr, y.indptr)
-        np.testing.assert_array_equal(x.indices, y.indices)
-        np.testing.assert_array_equal(x.data, y.data)
-
-
-@pytest.fixture(scope="module")
-def reference_store(assets, ray_cluster, tmp_path_factory):
-    """One uninterrupted single-worker run that the other runs must equal."""
-    cfg = config(assets, tmp_path_factory.mktemp("ref") / "ref.zarr")
-    run_extract(cfg)
-    return FeatureStore.open(cfg.store)
 
 
 def test_two_workers_equal_one(assets, reference_store, tmp_path):
@@ -103,7 +70,8 @@ def test_killed_driver_then_rerun_gives_identical_store(assets, reference_store,
     argv = [sys.executable, "-m", "jobs.cli", "extract", "--model", str(assets["model_dir"]),
             *[a for d in assets["sae_dirs"].values() for a in ("--sae", str(d))],
             "--dataset", str(assets["jsonl"]), "--store", str(store), "--context-size", "16",
-            "--batch-size", "1", "--shard-rows", "5", "--workers", "1", "--address", address, "--no-progress"]
+            "--batch-size", "1", "--shard-rows", "5", "--top-k", "7", "--workers", "1", "--address", address,
+            "--no-progress"]
     proc = subprocess.Popen(argv, cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -153,8 +121,12 @@ def test_pretokenized_rows_are_used_exactly(assets, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["json", "csv", "txt", "folder"])
-def test_local_dataset_formats_give_the_same_tokens(assets, tmp_path, fmt):
+def test_local_dataset_formats_give_the_same_rows_and_tokens(assets, tmp_path, fmt):
+    """Each local format reads as the same rows, which the workers tokenize the same way (the jsonl
+    that every other test extracts is the reference)."""
     import datasets
+
+    from pipeline.dataset import open_dataset, tokenize_rows
 
     texts = [t for t in assets["texts"][:6] if t]
     ds = datasets.Dataset.from_dict({"text": texts})
@@ -167,13 +139,12 @@ def test_local_dataset_formats_give_the_same_tokens(assets, tmp_path, fmt):
         path.write_text("\n".join(texts) + "\n")
     else:
         ds.save_to_disk(str(path))
-    cfg = config(assets, tmp_path / f"{fmt}.zarr", dataset=DatasetSpec(str(path)), shard_rows=100)
-    run_extract(cfg)
+    spec = DatasetSpec(str(path))
+    rows = open_dataset(spec)[0:len(texts) + 1][spec.column]  # one past the end: no extra row appears
+    assert rows == texts
     tok = assets["tokenizer"]
-    expected = [i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"]]
-    fs = FeatureStore.open(cfg.store)
-    body = fs.token_ids()[fs.provenance()["pos"].to_numpy() >= 0]
-    np.testing.assert_array_equal(body, expected)
+    tokens = tokenize_rows(rows, range(len(rows)), tok, pretokenized=False, d_vocab=len(tok))
+    assert [t.tolist() for t in tokens] == [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
 # -- bad input: refused before any model runs, and no store left looking complete -------------
@@ -266,12 +237,12 @@ def test_bad_input_is_refused_before_work(assets, tmp_path, case):
 
 
 def test_conflicting_store_is_refused_unless_overwrite(assets, reference_store, tmp_path):
-    cfg = config(assets, tmp_path / "c.zarr", max_tokens=50)
-    run_extract(cfg)
-    other = replace(cfg, context_size=8)
+    shutil.copytree(reference_store.location, tmp_path / "c.zarr")
+    cfg = config(assets, tmp_path / "c.zarr")
+    other = replace(cfg, context_size=8, max_tokens=50)
     with pytest.raises(StoreConflictError, match=r"(?s)context_size: store has 16, this run has 8.*--overwrite"):
         run_extract(other)
-    assert FeatureStore.open(cfg.store).run["context_size"] == 16  # untouched
+    assert_same_store(FeatureStore.open(cfg.store), reference_store)  # untouched
     run_extract(replace(other, overwrite=True))
     fs = FeatureStore.open(cfg.store)
     assert fs.complete and fs.run["context_size"] == 8 and fs.n_tokens == 50

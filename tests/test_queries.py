@@ -7,9 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from jobs.extract import ExtractConfig, run_extract
 from jobs.index import run_index
-from pipeline.dataset import DatasetSpec
 from store import FeatureStore
 from store.errors import ConfigError
 
@@ -18,17 +16,15 @@ HOOK = "blocks.0.hook_resid_post"
 
 
 @pytest.fixture(scope="module")
-def stores(assets, ray_cluster, tmp_path_factory):
-    """The same extraction twice: with its index, and with none (queries must scan)."""
-    root = tmp_path_factory.mktemp("queries")
-    cfg = ExtractConfig(model=str(assets["model_dir"]), saes=tuple(str(d) for d in assets["sae_dirs"].values()),
-                        dataset=DatasetSpec(str(assets["jsonl"])), store=str(root / "indexed.zarr"),
-                        context_size=16, shard_rows=6, workers=2, top_k=7, progress=False)
-    run_extract(cfg)
-    shutil.copytree(cfg.store, root / "plain.zarr")
-    shutil.rmtree(root / "plain.zarr" / "index")
-    indexed, plain = FeatureStore.open(cfg.store), FeatureStore.open(str(root / "plain.zarr"))
+def stores(reference_store, tmp_path_factory):
+    """The session's store with its index, and a copy with none (queries must scan). Its top-K is
+    small (7), so queries past it read the index or the shards."""
+    plain = tmp_path_factory.mktemp("queries") / "plain.zarr"
+    shutil.copytree(reference_store.location, plain)
+    shutil.rmtree(plain / "index")
+    indexed, plain = FeatureStore.open(reference_store.location), FeatureStore.open(str(plain))
     assert indexed.index(HOOK) is not None and plain.index(HOOK) is None
+    assert indexed.run["top_k"] == 7
     return indexed, plain
 
 
@@ -167,6 +163,8 @@ def test_index_rebuild_resumes_and_equals_a_fresh_transpose(stores, tmp_path):
     fs = stores[0]
     copy = tmp_path / "copy.zarr"
     shutil.copytree(fs.location, copy)
+    shutil.rmtree(copy / "index")
+    run_index(str(copy), workers=2, progress=False)  # in two parts per SAE, at least
     # a crash part-way: one part's marker gone, the index not marked complete
     hook_dirs = [d for d in (copy / "index").iterdir() if d.is_dir()]
     untouched = {d: (d / "parts" / "1" / "token" / "zarr.json").stat().st_mtime_ns for d in hook_dirs}
