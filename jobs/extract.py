@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pipeline.dataset import DatasetSpec, Shard, check_dataset, describe_dataset, open_dataset, plan_shards, rows_digest
 from pipeline.models import hook_names, hook_width, is_local_model, load_model_config
 from pipeline.saes import SAESource, read_sae_config
-from jobs.ray_session import call, connect, worker_resources
+from jobs.ray_session import call, connect, init_errors_on_call, worker_resources
 from pipeline.worker import ExtractJob, ExtractWorker
 from store import stats
-from store.errors import ConfigError, LatentStoreError, StoreWriteError, did_you_mean
+from store.errors import ConfigError, StoreWriteError, did_you_mean
 from store.format import VALUE_DTYPES
 from store.stats import DEFAULT_TOP_K
 from store.location import check_writable, normalize
@@ -223,35 +223,8 @@ def start_workers(ray, plan: Plan) -> list:
         n_threads=resources.n_threads,
     )
     # Killed workers come back and their call is retried; writes are idempotent (stack.md).
-    actor = ray.remote(max_restarts=-1, max_task_retries=-1, **resources.options)(_init_errors_on_call(ExtractWorker))
+    actor = ray.remote(max_restarts=-1, max_task_retries=-1, **resources.options)(init_errors_on_call(ExtractWorker))
     return [actor.remote(job) for _ in range(resources.n_workers)]
-
-
-def _init_errors_on_call(worker_class: type) -> type:
-    """The worker class, with a LatentStoreError from ``__init__`` (truncated weights, say) kept and
-    raised by the first call. Ray reports an exception in an actor's ``__init__`` only as text inside
-    an ActorDiedError, so the user would get a Ray traceback instead of the error and its fix."""
-
-    class Worker(worker_class):
-        def __init__(self, *args, **kwargs):
-            self._init_error = None
-            try:
-                super().__init__(*args, **kwargs)
-            except LatentStoreError as e:
-                self._init_error = e
-
-        def describe(self):
-            if self._init_error is not None:
-                raise self._init_error
-            return super().describe()
-
-        def run_shard(self, *args, **kwargs):
-            if self._init_error is not None:
-                raise self._init_error
-            return super().run_shard(*args, **kwargs)
-
-    Worker.__name__ = Worker.__qualname__ = worker_class.__name__
-    return Worker
 
 
 def run_extract(cfg: ExtractConfig) -> dict:

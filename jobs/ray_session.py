@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -58,3 +60,31 @@ def call(ray, ref, what: str):
             cause.add_note(f"(while {what})")
             raise cause from None
         raise
+
+
+def init_errors_on_call(worker_class: type) -> type:
+    """The worker class, with a LatentStoreError from ``__init__`` (truncated weights, say) kept and
+    raised by every public method. Ray reports an exception in an actor's ``__init__`` only as text
+    inside an ActorDiedError, so the user would get a Ray traceback instead of the error and its fix;
+    raised by a call, it reaches the driver as itself (see ``call``)."""
+
+    def __init__(self, *args, **kwargs):
+        self._init_error = None
+        try:
+            worker_class.__init__(self, *args, **kwargs)
+        except LatentStoreError as e:
+            self._init_error = e
+
+    def guarded(method):
+        @functools.wraps(method)
+        def call_unless_init_failed(self, *args, **kwargs):
+            if self._init_error is not None:
+                raise self._init_error
+            return method(self, *args, **kwargs)
+
+        return call_unless_init_failed
+
+    methods = {name: guarded(method) for name, method in inspect.getmembers(worker_class, inspect.isfunction)
+               if not name.startswith("_")}
+    return type(worker_class.__name__, (worker_class,), {"__init__": __init__, **methods,
+                                                          "__qualname__": worker_class.__qualname__})

@@ -22,7 +22,7 @@ import torch
 
 from pipeline.ablation import StorePrompts, ablation_sweep, mean_activations, resolve_positions
 from pipeline.metrics import KLFromClean, LogitDiff, NextTokenLoss, TargetLoss
-from jobs.ray_session import call, connect, worker_resources
+from jobs.ray_session import call, connect, init_errors_on_call, worker_resources
 from jobs.sweep_cli import METRICS
 from store.errors import ConfigError, DataError, did_you_mean
 
@@ -331,7 +331,7 @@ def _start_workers(ray, job: SweepJob) -> list:
     resources = worker_resources(ray, cfg.workers, cfg.cpus_per_worker)
     job = SweepJob(job.model, job.sae, job.hook, job.config, resources.n_threads)
     # Killed workers come back and their call is retried; part writes are idempotent.
-    actor = ray.remote(max_restarts=-1, max_task_retries=-1, **resources.options)(SweepWorker)
+    actor = ray.remote(max_restarts=-1, max_task_retries=-1, **resources.options)(init_errors_on_call(SweepWorker))
     return [actor.remote(job) for _ in range(resources.n_workers)]
 
 

@@ -139,3 +139,20 @@ def test_errors_name_the_problem(store, assets, tmp_path):
     worker = SweepWorker(validate(cfg))
     with pytest.raises(ConfigError, match="'cat dog' is 2 tokens"):
         worker.prompts(0, 1)
+
+
+def test_a_worker_that_cannot_load_its_sae_reports_the_real_error(assets, prompt_file, ray_cluster, tmp_path):
+    """A truncated SAE weights file fails in the sweep workers' constructor: the user gets its
+    ConfigError, with what was under way, and not Ray's ActorDiedError."""
+    import shutil
+
+    sae = tmp_path / "truncated-sae"
+    shutil.copytree(assets["sae_dirs"][HOOK], sae)
+    weights = sae / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    cfg = SweepConfig(name="bad-sae", store=str(tmp_path / "out.zarr"), prompts=str(prompt_file[0]),
+                      model=str(assets["model_dir"]), sae=str(sae), workers=1, progress=False)
+    with pytest.raises(ConfigError, match=r"sae_weights\.safetensors is not a readable safetensors file") as err:
+        run_sweep(cfg)
+    assert "(while loading the model, the SAE and the prompts)" in err.value.__notes__
+
