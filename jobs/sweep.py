@@ -268,9 +268,12 @@ class SweepWorker:
         return live_features(cache[name], positions, mask)
 
     def run_part(self, part: Part) -> dict:
-        """Compute and write one part; returns its completion marker."""
+        """Compute and write one part; returns its completion marker. Safe to call again."""
         from store.sweeps import SweepPart
 
+        existing = self.writer.completed_part(part.part_id)
+        if existing is not None:  # a retried call whose first attempt finished
+            return existing
         cfg = self.job.config
         prompts, mask, metric = self.prompts(part.prompt_start, part.prompt_stop)
         frame = ablation_sweep(

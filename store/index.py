@@ -75,8 +75,12 @@ def begin(location: str, hook: str, counts: np.ndarray, shards: list[dict], valu
 
 
 def build_part(location: str, hook: str, part: Part, shards: list[dict], token_dtype: str) -> dict:
-    """Scan every shard for the part's features, sort, write the part and then its marker."""
+    """Scan every shard for the part's features, sort, write the part and then its marker.
+    Safe to call again: a part that is already complete is kept as it is."""
     root = open_root(location, mode="r")
+    existing = _marker(root[f"{fmt.INDEX_GROUP}/{hook}"], part.part_id)
+    if existing is not None:  # a retried call whose first attempt finished (its worker died returning)
+        return existing
     tokens, features, stored = [], [], []
     offset = 0
     for shard in shards:

@@ -21,7 +21,7 @@ from store.location import normalize, open_root
 from store import index as index_mod
 from store import stats as stats_mod
 from store.queries import Queries
-from store.writer import read_marker, read_root_attrs
+from store.writer import complete_markers, read_marker, read_root_attrs
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,7 @@ class FeatureStore(Queries):
         if attrs.get("status") == fmt.STATUS_COMPLETE:
             listed = attrs["shards"]
         else:  # being written: whatever is complete so far, in store order
-            root = open_root(location, mode="r")
-            shards = root[fmt.SHARDS_GROUP]
-            markers = (read_marker(shards[name]) for name in sorted(shards.group_keys()))
-            listed = [m for m in markers if m is not None]
+            listed = list(complete_markers(open_root(location, mode="r")[fmt.SHARDS_GROUP]).values())
         infos, offset = [], 0
         for m in sorted(listed, key=lambda m: m["shard_id"]):
             infos.append(ShardInfo(m["shard_id"], offset, m["n_tokens"], m["row_start"], m["row_stop"], m["nnz"]))

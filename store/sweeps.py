@@ -20,7 +20,8 @@ import zarr
 from store import codecs, format as fmt
 from store.errors import ConfigError, StoreConflictError, StoreIncompleteError, StoreNotFoundError, did_you_mean
 from store.location import normalize, open_root
-from store.writer import canonical, checksum, diff_runs, now, read_marker
+from store.checked import checksum
+from store.writer import canonical, complete_markers, diff_runs, now, read_marker
 
 SWEEPS_GROUP = "sweeps"
 PARTS_GROUP = "parts"
@@ -83,9 +84,10 @@ class SweepWriter:
         self.name = check_name(name)
 
     def existing_spec(self) -> dict | None:
-        """The spec of a sweep of this name already in the store, or None."""
+        """The spec of a sweep of this name already in the store, or None. A sweep whose ``begin``
+        was cut short has no spec yet (it is written last): it counts as absent and is made anew."""
         group = _sweep_group(self.location, self.name)
-        return None if group is None else _sweep_attrs(group, self.location, self.name)["spec"]
+        return None if group is None else _sweep_attrs(group, self.location, self.name).get("spec")
 
     def begin(self, spec: dict, features: np.ndarray, prompt_rows: np.ndarray | None, n_parts: int,
               overwrite: bool) -> dict[int, dict]:
@@ -106,23 +108,33 @@ class SweepWriter:
         sweeps = root[SWEEPS_GROUP]
         if self.name in sweeps:
             del sweeps[self.name]
-        group = sweeps.create_group(self.name, attributes={fmt.ATTRS_KEY: {
-            **fmt.encoding(SWEEP_ENCODING), "status": fmt.STATUS_WRITING, "created_at": now(),
-            "spec": canonical(spec), "n_parts": n_parts,
-        }})
+        attrs = {**fmt.encoding(SWEEP_ENCODING), "status": fmt.STATUS_WRITING, "created_at": now(), "n_parts": n_parts}
+        group = sweeps.create_group(self.name, attributes={fmt.ATTRS_KEY: attrs})
         _write_column(group, FEATURES, np.asarray(features, dtype=np.int64))
         if prompt_rows is not None:
             _write_column(group, PROMPT_ROWS, np.asarray(prompt_rows, dtype=np.int64))
         group.create_group(PARTS_GROUP, attributes={fmt.ATTRS_KEY: fmt.encoding(PARTS_ENCODING)})
+        # The spec last: a driver killed before this point leaves a sweep that a rerun makes anew,
+        # never one that it would resume without its features.
+        group.attrs.update({fmt.ATTRS_KEY: {**attrs, "spec": canonical(spec)}})
         return {}
 
     def features(self) -> np.ndarray:
         return _sweep_group(self.location, self.name)[FEATURES][:]
 
     def completed_parts(self) -> dict[int, dict]:
-        parts = _sweep_group(self.location, self.name)[PARTS_GROUP]
-        markers = {int(name): read_marker(parts[name]) for name in parts.group_keys()}
-        return {part_id: m for part_id, m in markers.items() if m is not None}
+        group = _sweep_group(self.location, self.name)
+        if group is None or PARTS_GROUP not in group:
+            return {}
+        return {int(name): marker for name, marker in complete_markers(group[PARTS_GROUP]).items()}
+
+    def completed_part(self, part_id: int) -> dict | None:
+        """The part's completion marker, or None while it is not complete."""
+        path = f"{sweep_path(self.name)}/{PARTS_GROUP}/{part_name(part_id)}"
+        try:
+            return read_marker(open_root(self.location, mode="r")[path])
+        except KeyError:
+            return None
 
     def write_part(self, part: SweepPart) -> dict:
         """Write a part's columns, then its completion marker. Writing a part again replaces it."""
@@ -174,20 +186,16 @@ def read_sweep(location: str, name: str, allow_incomplete: bool = False) -> pd.D
             f"of {attrs['n_parts']} parts written). Run the same `latentstore sweep` command again to finish it, "
             "or pass allow_incomplete=True to read the parts written so far."
         )
-    parts = group[PARTS_GROUP]
-    pieces = []
-    for part in sorted(parts.group_keys()):
-        if read_marker(parts[part]) is None:
-            continue
-        columns = {key: parts[part][key][:] for key in COLUMNS if key in parts[part]}
-        pieces.append(pd.DataFrame(columns))
+    parts = group[PARTS_GROUP] if PARTS_GROUP in group else None  # absent until ``begin`` is done
+    complete = complete_markers(parts) if parts is not None else {}
+    pieces = [pd.DataFrame({key: parts[name][key][:] for key in COLUMNS if key in parts[name]}) for name in complete]
     frame = pd.concat(pieces, ignore_index=True) if pieces else pd.DataFrame(
         {key: np.zeros(0, dtype) for key, dtype in COLUMNS.items() if key != "attribution"})
     frame["method"] = pd.Categorical.from_codes(frame["method"].astype(np.int64), categories=list(METHODS)).astype(str)
     if PROMPT_ROWS in group:
         frame.insert(1, "row", group[PROMPT_ROWS][:][frame["prompt"].to_numpy()])
     frame = frame.sort_values(["prompt", "feature"], ignore_index=True)
-    frame.attrs["sweep"] = attrs["spec"]
+    frame.attrs["sweep"] = attrs.get("spec")
     return frame
 
 

@@ -197,14 +197,8 @@ class StoreWriter:
         _write_array(group, "utf8", data if len(data) else np.zeros(0, np.uint8), codecs.VALUES)
 
     def completed_shards(self) -> dict[int, dict]:
-        root = open_root(self.location, mode="r")
-        shards = root[fmt.SHARDS_GROUP]
-        out = {}
-        for name in shards.group_keys():
-            marker = read_marker(shards[name])
-            if marker is not None:
-                out[int(name)] = marker
-        return out
+        shards = open_root(self.location, mode="r")[fmt.SHARDS_GROUP]
+        return {int(name): marker for name, marker in complete_markers(shards).items()}
 
     def shard_ids(self) -> set[int]:
         """Every shard with a group in the store, complete or not."""
@@ -308,3 +302,18 @@ def read_marker(shard_group: zarr.Group) -> dict | None:
         return None
     fmt.check_version(marker, fmt.MARKER_ENCODING, f"shard {shard_group.path}")
     return marker
+
+
+def complete_markers(parent: zarr.Group) -> dict[str, dict]:
+    """The completion markers of ``parent``'s subgroups, by name; incomplete subgroups are left out.
+    A subgroup can vanish between the listing and the read (a retry replacing what a crashed
+    attempt left): it was not complete either."""
+    out = {}
+    for name in sorted(parent.group_keys()):
+        try:
+            marker = read_marker(parent[name])
+        except KeyError:
+            continue
+        if marker is not None:
+            out[name] = marker
+    return out

@@ -156,3 +156,24 @@ def test_a_worker_that_cannot_load_its_sae_reports_the_real_error(assets, prompt
         run_sweep(cfg)
     assert "(while loading the model, the SAE and the prompts)" in err.value.__notes__
 
+
+def test_a_part_given_again_after_it_was_finished_is_kept(assets, prompt_file, tmp_path):
+    """A worker that dies after a part's completion marker but before returning it gets the part
+    again (Ray retries the call): it returns the marker and leaves the part as it is, since
+    readers may be reading it (tests/test_index_sweep_faults.py kills workers on Ray)."""
+    from jobs.sweep import plan_parts
+    from store.sweeps import SweepWriter
+
+    cfg = SweepConfig(name="again", store=str(tmp_path / "out.zarr"), prompts=str(prompt_file[0]),
+                      model=str(assets["model_dir"]), sae=str(assets["sae_dirs"][HOOK]), features=(1, 2, 3))
+    job = validate(cfg)
+    worker = SweepWorker(job)
+    parts = plan_parts(worker.n_prompts(), np.array(cfg.features), cfg.prompts_per_part, cfg.features_per_part)
+    SweepWriter(cfg.store, cfg.name).begin(cfg.spec(job.model, job.sae, job.hook, worker.n_prompts()),
+                                           np.array(cfg.features), None, len(parts), overwrite=False)
+    first = worker.run_part(parts[0])
+    marker = tmp_path / "out.zarr" / "sweeps" / "again" / "parts" / "000000" / MARKER_GROUP / "zarr.json"
+    written = marker.stat().st_mtime_ns
+    assert worker.run_part(parts[0]) == first
+    assert marker.stat().st_mtime_ns == written
+    assert len(read_sweep(cfg.store, "again", allow_incomplete=True)) == 9 * 3
