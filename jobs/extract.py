@@ -356,4 +356,7 @@ def _finalize(writer: StoreWriter, plan: Plan, done: dict[int, dict]) -> dict:
 
 def _shard_entry(marker: dict) -> dict:
     keys = ("shard_id", "row_start", "row_stop", "token_limit", "n_tokens", "nnz")
-    return {k: marker[k] for k in keys}
+    entry = {k: marker[k] for k in keys}
+    if "rows_digest" in marker:  # which rows the shard holds: an index built from other rows is stale
+        entry["rows_digest"] = marker["rows_digest"]
+    return entry

@@ -46,9 +46,12 @@ def plan_parts(counts: np.ndarray, min_parts: int = 1, part_nnz: int = DEFAULT_P
 
 
 def built_for(shards: list[dict]) -> dict:
-    """What an index was built from; an index whose record differs from the store's is stale."""
+    """What an index was built from; an index whose record differs from the store's is stale. The
+    rows' digest (which shards record since format 1.2) tells apart a shard redone over edited
+    rows of as many tokens."""
     return {"n_shards": len(shards), "n_tokens": int(sum(s["n_tokens"] for s in shards)),
-            "shards": [[s["shard_id"], s["n_tokens"]] for s in shards]}
+            "shards": [[s["shard_id"], s["n_tokens"], *([s["rows_digest"]] if "rows_digest" in s else [])]
+                       for s in shards]}
 
 
 def begin(location: str, hook: str, counts: np.ndarray, shards: list[dict], value_dtype: str,

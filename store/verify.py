@@ -328,7 +328,7 @@ def _verify_shard(walker: _Walker, node: str, marker: dict, saes: dict, value_dt
 def _verify_root_lists(walker: _Walker, root: dict, markers: dict[int, dict]) -> None:
     report = walker.report
     listed = root.get("shards", [])
-    keys = ("row_start", "row_stop", "token_limit", "n_tokens", "nnz")
+    keys = ("row_start", "row_stop", "token_limit", "n_tokens", "nnz", "rows_digest")
     previous_stop = 0
     for entry in listed:
         shard_id = entry.get("shard_id")
