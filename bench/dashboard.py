@@ -1,7 +1,7 @@
 """Benchmark: dashboard data for every feature of an SAE, from the store against recomputing it.
 
     python -m bench.dashboard                       # the embedded default, 50,000 tokens
-    python -m bench.dashboard --tokens 200_000 --baseline-batches 0     # time every baseline batch
+    python -m bench.dashboard --tokens 200_000 --store big.zarr          # keep the store for another run
 
 Both sides produce, for every feature, what SAEDashboard and sae_vis show: the top 20
 activations with their windows, 10 equal-width interval groups of 5 examples, a 50-bin
@@ -14,11 +14,14 @@ their histogram.
 - **recompute**: as SAEDashboard and sae_vis do it, written here with sae_lens: for each batch
   of ``--batch-features`` features, run the model over every prompt (the store's windows)
   up to the SAE's layer, encode with the SAE, keep the batch's columns and compute the same
-  data from them. With ``--baseline-batches N`` only the first N batches are run and the
-  total is extrapolated from their mean (printed as such); 0 runs them all.
+  data from them.
 
-The script prints both timings, the speedup, and the largest difference between the two
-sides' top activations (the store keeps bfloat16 values, so about 1e-2 relative).
+The two sides take turns over the same blocks of 512 features (the store's block, then the
+recompute batches of those features), so that a load that comes and goes on a shared machine
+slows both alike; each side's set-up (loading weights, the store's activations, the prompts)
+counts on its side. The script prints each block's timings, both totals, the speedup, and the
+largest difference between the two sides' top activations (the store keeps bfloat16 values,
+so about 1e-2 relative).
 
 Measured on a shared 2-core CPU (other jobs running), embedded default, 50,000 tokens, 2,048
 features, every recompute batch run: store 7.9 s, recompute 114.1 s (14.5x; its batches took
@@ -51,19 +54,6 @@ def extract(args, folder: Path) -> tuple[str, float]:
                               store=store, context_size=args.context_size, max_tokens=args.tokens,
                               workers=args.workers, progress=False))
     return store, time.perf_counter() - start
-
-
-def from_store(fs, hook: str) -> tuple[dict[int, np.ndarray], float]:
-    """Every feature's dashboard data from the store; returns the top activations and the seconds."""
-    from pipeline.dashboard_data import DashboardBuilder, DashboardSettings, load_logit_weights
-
-    start = time.perf_counter()
-    weights = load_logit_weights(fs, hook)
-    # without co-firing counts, which the recompute side does not make either (timed on their own below)
-    builder = DashboardBuilder(fs, hook, weights, DashboardSettings(n_cofiring=0))
-    top = {d.feature: np.array([e.activation for e in d.groups[0].examples]) if d.groups else np.zeros(0)
-           for d in builder.build(progress=True)}
-    return top, time.perf_counter() - start
 
 
 def cofiring_only(fs, hook: str) -> float:
@@ -129,36 +119,59 @@ def recompute_batch(model, sae, hook: str, batches: list[torch.Tensor], features
     return data
 
 
-def recompute(fs, hook: str, args) -> tuple[dict[int, np.ndarray], float, int, int]:
-    """SAEDashboard's loop over feature batches; returns top activations, seconds (extrapolated when
-    only some batches ran), batches run, batches in all."""
-    from pipeline.dashboard_data import effective_unembed
-    from pipeline.models import load_model
-    from pipeline.saes import SAESource, load_sae
+class Recompute:
+    """SAEDashboard's side: the model, the SAE and the prompts, loaded once; then a forward over
+    every prompt for each batch of features."""
 
-    start = time.perf_counter()
-    source = next(s["source"] for s in fs.run["saes"] if s["hook"] == hook)
-    sae = load_sae(SAESource.parse(source))
-    model = load_model(fs.run["model"]["name"])
-    W_U = effective_unembed(model.W_U, model.ln_final.w, model.cfg.normalization_type)
-    batches = prompts(fs)
-    special = torch.tensor(sorted(fs.special_token_ids), dtype=torch.long)
-    setup = time.perf_counter() - start
-    recompute_batch(model, sae, hook, [b[:1] for b in batches], [0], W_U, args.minibatch, special,
-                    np.random.default_rng(0))  # warm-up, untimed: the first forward pays one-off costs
-    feature_batches = [list(range(a, min(a + args.batch_features, fs.d_sae(hook))))
-                       for a in range(0, fs.d_sae(hook), args.batch_features)]
-    run = feature_batches if args.baseline_batches == 0 else feature_batches[: args.baseline_batches]
-    rng = np.random.default_rng(0)
-    top, times = {}, []
-    for i, features in enumerate(run):
+    def __init__(self, fs, hook: str, args):
+        from pipeline.dashboard_data import effective_unembed
+        from pipeline.models import load_model
+        from pipeline.saes import SAESource, load_sae
+
+        source = next(s["source"] for s in fs.run["saes"] if s["hook"] == hook)
+        self.hook, self.args = hook, args
+        self.sae = load_sae(SAESource.parse(source))
+        self.model = load_model(fs.run["model"]["name"])
+        self.W_U = effective_unembed(self.model.W_U, self.model.ln_final.w, self.model.cfg.normalization_type)
+        self.batches = prompts(fs)
+        self.special = torch.tensor(sorted(fs.special_token_ids), dtype=torch.long)
+        self.rng = np.random.default_rng(0)
+
+    def __call__(self, features: list[int], batches: list[torch.Tensor] | None = None) -> dict[int, dict]:
+        return recompute_batch(self.model, self.sae, self.hook, batches or self.batches, features, self.W_U,
+                               self.args.minibatch, self.special, self.rng)
+
+
+def side_by_side(fs, hook: str, args) -> dict:
+    """Both sides over the same blocks of features, in turn (store block, then the recompute batches
+    of the same features), so that load on a shared machine slows both alike."""
+    from pipeline.dashboard_data import BLOCK_FEATURES, DashboardBuilder, DashboardSettings, load_logit_weights
+
+    t = time.perf_counter()
+    # without co-firing counts, which the recompute side does not make either (timed on their own)
+    builder = DashboardBuilder(fs, hook, load_logit_weights(fs, hook), DashboardSettings(n_cofiring=0))
+    store_s = time.perf_counter() - t
+    t = time.perf_counter()
+    theirs = Recompute(fs, hook, args)
+    recompute_s = time.perf_counter() - t
+    theirs([0], [b[:1] for b in theirs.batches])  # warm-up, untimed: the first forward pays one-off costs
+    d_sae, ours, top, blocks = fs.d_sae(hook), {}, {}, []
+    for start in range(0, d_sae, BLOCK_FEATURES):
+        block = range(start, min(d_sae, start + BLOCK_FEATURES))
         t = time.perf_counter()
-        data = recompute_batch(model, sae, hook, batches, features, W_U, args.minibatch, special, rng)
-        top.update({feature: d["top"] for feature, d in data.items()})
-        times.append(time.perf_counter() - t)
-        print(f"  recompute batch {i + 1}/{len(run)}: {times[-1]:.1f} s", flush=True)
-    total = setup + float(np.mean(times)) * len(feature_batches)
-    return top, total, len(run), len(feature_batches)
+        for d in builder.build(block):
+            ours[d.feature] = np.array([e.activation for e in d.groups[0].examples]) if d.groups else np.zeros(0)
+        ours_s = time.perf_counter() - t
+        t = time.perf_counter()
+        for a in range(block.start, block.stop, args.batch_features):
+            data = theirs(list(range(a, min(block.stop, a + args.batch_features))))
+            top.update({feature: d["top"] for feature, d in data.items()})
+        theirs_s = time.perf_counter() - t
+        store_s, recompute_s = store_s + ours_s, recompute_s + theirs_s
+        blocks.append(theirs_s / ours_s)
+        print(f"  features {block.start}:{block.stop}: store {ours_s:.2f} s, recompute {theirs_s:.1f} s "
+              f"({theirs_s / ours_s:.1f}x)", flush=True)
+    return {"store_s": store_s, "recompute_s": recompute_s, "ours": ours, "theirs": top, "blocks": blocks}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,8 +182,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-features", type=int, default=128,
                         help="features per recompute batch, as Neuronpedia runs use (default: %(default)s)")
     parser.add_argument("--minibatch", type=int, default=64, help="prompts per forward (default: %(default)s)")
-    parser.add_argument("--baseline-batches", type=int, default=4,
-                        help="recompute batches to time, the rest extrapolated; 0: all (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="extraction workers (default: %(default)s)")
     parser.add_argument("--store", help="keep the extracted store here; an existing one is resumed, not redone "
                         "(default: a temporary folder)")
@@ -185,16 +196,16 @@ def main(argv: list[str] | None = None) -> None:
         fs = FeatureStore.open(store)
         hook = fs.hooks[0]
         print(f"{fs.n_tokens:,} tokens, {hook}, {fs.d_sae(hook):,} features; extraction (once) {extract_s:.1f} s")
-        ours, store_s = from_store(fs, hook)
+        run = side_by_side(fs, hook, args)
         cofiring_s = cofiring_only(fs, hook)
-        theirs, recompute_s, ran, n_batches = recompute(fs, hook, args)
+    ours, theirs = run["ours"], run["theirs"]
     compared = [f for f in theirs if len(theirs[f]) and len(ours[f]) == len(theirs[f])]
     diff = max((np.max(np.abs(ours[f] - theirs[f]) / np.abs(theirs[f]).max()) for f in compared), default=0.0)
-    how = "measured" if ran == n_batches else f"extrapolated from {ran} of {n_batches} batches"
-    print(f"dashboard data for all {fs.d_sae(hook):,} features")
-    print(f"  from the store      {store_s:8.1f} s")
-    print(f"  recompute (model)   {recompute_s:8.1f} s  ({how})")
-    print(f"  speedup             {recompute_s / store_s:8.1f}x")
+    print(f"dashboard data for all {fs.d_sae(hook):,} features (each side's set-up included)")
+    print(f"  from the store      {run['store_s']:8.1f} s")
+    print(f"  recompute (model)   {run['recompute_s']:8.1f} s")
+    print(f"  speedup             {run['recompute_s'] / run['store_s']:8.1f}x  "
+          f"(blocks: {min(run['blocks']):.1f}x to {max(run['blocks']):.1f}x)")
     print(f"  co-firing counts for every feature, over the whole store (the dashboard's extra): {cofiring_s:.1f} s")
     print(f"  top activations: largest relative difference {diff:.2e} over {len(compared)} features (bfloat16 store)")
 

@@ -222,13 +222,15 @@ class DashboardBuilder:
         counted = np.ones(len(self.token_ids), bool)
         if settings.exclude_special_tokens and fs.special_token_ids:
             counted = ~np.isin(self.token_ids, list(fs.special_token_ids))
-        # every activation, with the rows of uncounted tokens emptied: one matrix serves all blocks
-        activations = fs.csr(hook)
-        self._counted = (sp.diags(counted.astype(np.float32)) @ activations).tocsr()
-        self._counted.data[self._counted.data <= 0] = 0  # queries count activations strictly above 0
-        self._counted.eliminate_zeros()
-        self._fired = self._counted.copy()
-        self._fired.data[:] = 1.0
+        # every counted activation (uncounted tokens' rows emptied), feature-major once for all blocks
+        counted_rows = (sp.diags(counted.astype(np.float32)) @ fs.csr(hook)).tocsr()
+        counted_rows.data[counted_rows.data <= 0] = 0  # queries count activations strictly above 0
+        counted_rows.eliminate_zeros()
+        self._columns = counted_rows.tocsc()  # tokens ascend within each feature
+        self._fired = None
+        if settings.n_cofiring:  # which features fire on each token, for the co-firing counts
+            self._fired = counted_rows
+            self._fired.data[:] = 1.0
         self._all_counts = fs.stats(hook).count
 
     def build(self, features: range | None = None, progress: bool = False) -> Iterator[FeatureDashboard]:
@@ -249,8 +251,7 @@ class DashboardBuilder:
     def _block(self, block: range) -> Iterator[FeatureDashboard]:
         """Every feature of the block from one sort of its activations and one pass for all its examples."""
         s = self.settings
-        columns = self._counted[:, block.start:block.stop].tocsc()
-        columns.sort_indices()
+        columns = self._columns[:, block.start:block.stop]
         bounds = columns.indptr.astype(np.int64)
         # each column highest first, by one stable sort of (column, value descending) keys: tokens ascend
         # within a column, so ties keep the earlier token first. Counted activations are above 0, and
@@ -270,7 +271,7 @@ class DashboardBuilder:
         ranks = np.concatenate([r for ranks in shown for r in ranks]).astype(np.int64)
         examples = iter(self._examples(block_column, ranked_tokens[bounds[block_column] + ranks], columns))
 
-        cofiring = (self._fired[:, block.start:block.stop].T @ self._fired).tocsr() if s.n_cofiring else None
+        cofiring = None if self._fired is None else (self._fired[:, block.start:block.stop].T @ self._fired).tocsr()
         logits = self._logits(block)
         for j, (feature, (values, top, groups)) in enumerate(zip(block, features)):
             n, made = len(values), []
