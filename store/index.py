@@ -20,7 +20,6 @@ import zarr
 from store import checked, codecs, format as fmt
 from store.location import open_root
 from store.stats import sort_by_feature_then_value
-from store.checked import block_checksums, checksum
 from store.writer import now
 
 CHUNK = 1 << 16  # entries per chunk: a top-k read decodes one small chunk
@@ -71,7 +70,7 @@ def begin(location: str, hook: str, counts: np.ndarray, shards: list[dict], valu
     group = parent.create_group(hook, attributes={fmt.ATTRS_KEY: {
         **fmt.encoding(fmt.INDEX_ENCODING), "complete": False, "value_dtype": value_dtype,
         "built_for": record, "parts": [[p.part_id, p.start, p.stop] for p in parts],
-        "checksums": {fmt.INDPTR: checksum(indptr)}}})
+        "checksums": {fmt.INDPTR: checked.checksum(indptr)}}})
     group.create_array(fmt.INDPTR, data=indptr, chunks=(CHUNK,), compressors=codecs.TOKEN_LEVEL.compressors())
     group.create_group(fmt.PARTS_GROUP)
     return parts, set()
@@ -116,9 +115,9 @@ def build_part(location: str, hook: str, part: Part, shards: list[dict], token_d
             sub[key][:] = data
     marker = {**fmt.encoding(fmt.MARKER_ENCODING), "part_id": part.part_id, "start": part.start,
               "stop": part.stop, "nnz": int(len(token)), "written_at": now(),
-              "checksums": {key: checksum(data) for key, data in arrays.items()},
+              "checksums": {key: checked.checksum(data) for key, data in arrays.items()},
               "checksum_block": CHUNK,
-              "chunk_checksums": {key: block_checksums(data, CHUNK) for key, data in arrays.items()}}
+              "chunk_checksums": {key: checked.block_checksums(data, CHUNK) for key, data in arrays.items()}}
     sub.create_group(fmt.MARKER_GROUP, attributes={fmt.ATTRS_KEY: marker})
     return marker
 

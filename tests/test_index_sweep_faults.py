@@ -138,21 +138,22 @@ class Background:
 class Driver:
     """A driver in its own process, joined to the session's cluster, for the test to kill."""
 
-    def __init__(self, ray_cluster, *args: str):
+    def __init__(self, ray_cluster, log: Path, *args: str):
         env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.fault_injection", *args], cwd=REPO, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.log = log
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "tests.fault_injection", *args], cwd=REPO, env=env,
+                                         stdout=out, stderr=subprocess.STDOUT)
 
     def running(self) -> None:
         if self.proc.poll() is not None:
-            raise AssertionError(f"the driver exited early:\n{self.proc.stdout.read()[-4000:]}")
+            raise AssertionError(f"the driver exited early:\n{self.log.read_text()[-4000:]}")
 
     def kill(self, stalled: dict[str, int]) -> None:
         """SIGKILL, then wait until Ray has ended the dead driver's workers, the stalled ones too:
         none of them may write beside the rerun."""
         self.proc.kill()
         self.proc.wait()
-        self.proc.stdout.close()
         wait_for(lambda: not any(alive(pid) for pid in stalled.values()), 60, "Ray to end the dead driver's workers")
 
 
@@ -257,7 +258,7 @@ def test_index_driver_killed_then_rerun_resumes(plain, fresh_index, ray_cluster,
     builds only the torn part, keeps the others, and the index equals a fresh build."""
     path = copy_store(plain, tmp_path / "driver.zarr")
     faults = plan(fault_dir(str(path), "index"), before=["h/0"], after=["h/1"])
-    driver = Driver(ray_cluster, "index", str(path), str(INDEX_WORKERS))
+    driver = Driver(ray_cluster, tmp_path / "driver.log", "index", str(path), str(INDEX_WORKERS))
     stalled = wait_for_stalls(faults, ["h/0", "h/1"], 120, running=driver.running)
     markers = {i: part_dir(path, i) / fmt.MARKER_GROUP / "zarr.json" for i in (1, 2)}
     wait_for(lambda: all(m.exists() for m in markers.values()), 60, "the other parts", running=driver.running)
@@ -385,7 +386,7 @@ def test_sweep_driver_killed_then_rerun_resumes(sweep_spec, sweep_reference, ray
     faults = plan(fault_dir(str(path), "sweep-faults"), before=["1"], after=[])
     (tmp_path / "sweep.json").write_text(json.dumps(asdict(cfg)))
     views = SweepViews(path, sweep_reference, sweep_spec)
-    driver = Driver(ray_cluster, "sweep", str(tmp_path / "sweep.json"))
+    driver = Driver(ray_cluster, tmp_path / "driver.log", "sweep", str(tmp_path / "sweep.json"))
     stalled = wait_for_stalls(faults, ["1"], 120, views, driver.running)
     kept_marker = sweep_part_dir(path, 0) / fmt.MARKER_GROUP / "zarr.json"
     written = kept_marker.stat().st_mtime_ns
