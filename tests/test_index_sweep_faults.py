@@ -157,6 +157,42 @@ class Driver:
         wait_for(lambda: not any(alive(pid) for pid in stalled.values()), 60, "Ray to end the dead driver's workers")
 
 
+@pytest.fixture
+def start_driver(ray_cluster, tmp_path):
+    """Starts drivers; one that a failing test left running is killed, and so is any worker still
+    stalled, rather than hold the session's cluster."""
+    drivers = []
+
+    def start(*args: str) -> Driver:
+        drivers.append(Driver(ray_cluster, tmp_path / f"driver-{len(drivers)}.log", *args))
+        return drivers[-1]
+
+    yield start
+    for driver in drivers:
+        if driver.proc.poll() is None:
+            driver.proc.kill()
+            driver.proc.wait()
+    stalled_workers(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def no_stalled_worker_outlives_its_test(tmp_path):
+    yield
+    stalled_workers(tmp_path)
+
+
+def stalled_workers(tmp_path: Path) -> None:
+    """SIGKILL the Ray workers that this test's faults stalled, if any is still there."""
+    for flag in tmp_path.glob("*.faults/*/stalled-*.json"):
+        pid = json.loads(flag.read_text())["pid"]
+        try:
+            ours = Path(f"/proc/{pid}/cmdline").read_text().startswith("ray::")  # a Ray worker, not a reused pid
+        except FileNotFoundError:
+            continue
+        if ours and alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 # -- the index ----------------------------------------------------------------------------------
 
 
@@ -253,12 +289,12 @@ def test_index_worker_killed_mid_part(plain, fresh_index, tmp_path, monkeypatch)
     assert retry["pid"] != stalled["h/1"]
 
 
-def test_index_driver_killed_then_rerun_resumes(plain, fresh_index, ray_cluster, tmp_path, monkeypatch):
+def test_index_driver_killed_then_rerun_resumes(plain, fresh_index, start_driver, tmp_path, monkeypatch):
     """`latentstore index` killed with one part torn and one finished but unreported: the rerun
     builds only the torn part, keeps the others, and the index equals a fresh build."""
     path = copy_store(plain, tmp_path / "driver.zarr")
     faults = plan(fault_dir(str(path), "index"), before=["h/0"], after=["h/1"])
-    driver = Driver(ray_cluster, tmp_path / "driver.log", "index", str(path), str(INDEX_WORKERS))
+    driver = start_driver("index", str(path), str(INDEX_WORKERS))
     stalled = wait_for_stalls(faults, ["h/0", "h/1"], 120, running=driver.running)
     markers = {i: part_dir(path, i) / fmt.MARKER_GROUP / "zarr.json" for i in (1, 2)}
     wait_for(lambda: all(m.exists() for m in markers.values()), 60, "the other parts", running=driver.running)
@@ -378,7 +414,7 @@ def test_sweep_worker_killed_mid_part(sweep_spec, sweep_reference, tmp_path, mon
     assert log[2]["pid"] != stalled["1"]  # redone by the restarted worker
 
 
-def test_sweep_driver_killed_then_rerun_resumes(sweep_spec, sweep_reference, ray_cluster, tmp_path, monkeypatch):
+def test_sweep_driver_killed_then_rerun_resumes(sweep_spec, sweep_reference, start_driver, tmp_path, monkeypatch):
     """`latentstore sweep` killed with its second part torn: the sweep stays incomplete; the same
     command run again computes only the missing parts and equals an uninterrupted sweep."""
     path = tmp_path / "sweeps.zarr"
@@ -386,7 +422,7 @@ def test_sweep_driver_killed_then_rerun_resumes(sweep_spec, sweep_reference, ray
     faults = plan(fault_dir(str(path), "sweep-faults"), before=["1"], after=[])
     (tmp_path / "sweep.json").write_text(json.dumps(asdict(cfg)))
     views = SweepViews(path, sweep_reference, sweep_spec)
-    driver = Driver(ray_cluster, tmp_path / "driver.log", "sweep", str(tmp_path / "sweep.json"))
+    driver = start_driver("sweep", str(tmp_path / "sweep.json"))
     stalled = wait_for_stalls(faults, ["1"], 120, views, driver.running)
     kept_marker = sweep_part_dir(path, 0) / fmt.MARKER_GROUP / "zarr.json"
     written = kept_marker.stat().st_mtime_ns
