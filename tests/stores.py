@@ -53,3 +53,13 @@ def assert_same_store(a: FeatureStore, b: FeatureStore) -> None:
         np.testing.assert_array_equal(x.indptr, y.indptr)
         np.testing.assert_array_equal(x.indices, y.indices)
         np.testing.assert_array_equal(x.data, y.data)
+
+
+def assert_prefix_of(fs: FeatureStore, reference: FeatureStore) -> None:
+    """``fs`` holds the first of ``reference``'s tokens (the same rows and windows) and its activations."""
+    n = fs.n_tokens
+    assert 0 < n < reference.n_tokens
+    np.testing.assert_array_equal(fs.token_ids(), reference.token_ids(0, n))
+    assert fs.provenance().equals(reference.provenance(0, n))
+    for hook in fs.hooks:
+        assert (fs.csr(hook) != reference.csr(hook, 0, n)).nnz == 0

@@ -22,7 +22,7 @@ from store import format as fmt
 from store.errors import (ConfigError, FormatVersionError, StoreConflictError, StoreCorruptError,
                           StoreIncompleteError, StoreNotFoundError)
 from tests.conftest import make_sae
-from tests.test_extract_job import config
+from tests.stores import config
 
 pytestmark = pytest.mark.ray
 

@@ -140,7 +140,7 @@ from pipeline.dataset import DatasetSpec  # noqa: E402
 from store import FeatureStore  # noqa: E402
 from store import format as fmt  # noqa: E402
 from store.errors import DataError  # noqa: E402
-from tests.test_extract_job import assert_same_store, config  # noqa: E402
+from tests.stores import assert_prefix_of, assert_same_store, config  # noqa: E402
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float, poll=None) -> None:
@@ -183,12 +183,12 @@ class ConsistentReader:
 
 
 @pytest.mark.slow
-def test_killed_worker_and_removed_node_on_a_real_cluster(assets, tmp_path):
-    """One cluster, three runs over 4 shards: uninterrupted (the reference); a worker SIGKILLed in the middle of
-    writing a shard; the node under a worker removed in the middle of a shard. Both faulty runs
-    finish by themselves with a store equal to the reference: no token lost or written twice."""
+def test_killed_worker_and_removed_node_on_a_real_cluster(assets, reference_store, tmp_path):
+    """One cluster, two runs over the first 20 rows (4 shards): a worker SIGKILLed in the middle of
+    writing a shard; the node under a worker removed in the middle of a shard. Both finish by
+    themselves with the tokens and activations of an uninterrupted run (the session's store, whose
+    first 4 shards hold the same rows): no token lost or written twice."""
     scenarios = [
-        {"name": "reference", "store": str(tmp_path / "ref.zarr"), "fault_dir": str(tmp_path / "f-ref")},
         {"name": "kill", "store": str(tmp_path / "kill.zarr"), "fault_dir": str(tmp_path / "f-kill"),
          "target_shard": 2},
         {"name": "node", "store": str(tmp_path / "node.zarr"), "fault_dir": str(tmp_path / "f-node"),
@@ -205,15 +205,12 @@ def test_killed_worker_and_removed_node_on_a_real_cluster(assets, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_dir}
     proc = subprocess.Popen([sys.executable, "-m", "tests.test_faults", str(tmp_path / "spec.json")], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reference = reference_store
     try:
-        _wait_for(tmp_path / "f-ref" / "finished.json", proc, 240)
-        reference = FeatureStore.open(scenarios[0]["store"])
-        assert reference.complete and len(reference.shards) == 4
-
         # a worker killed in the middle of writing shard 2
         kill_dir, kill_store = tmp_path / "f-kill", tmp_path / "kill.zarr"
         reader = ConsistentReader(kill_store, reference)
-        _wait_for(kill_dir / "stopped.json", proc, 180, poll=reader)
+        _wait_for(kill_dir / "stopped.json", proc, 300, poll=reader)  # the cluster starts first
         stopped = json.loads((kill_dir / "stopped.json").read_text())
         torn = kill_store / fmt.shard_path(2)
         assert (torn / fmt.TOKEN_IDS).exists() and not (torn / fmt.MARKER_GROUP).exists()
@@ -222,7 +219,9 @@ def test_killed_worker_and_removed_node_on_a_real_cluster(assets, tmp_path):
         os.kill(stopped["pid"], signal.SIGKILL)
         _wait_for(kill_dir / "finished.json", proc, 180, poll=reader)
         assert reader.views > 0
-        assert_same_store(FeatureStore.open(str(kill_store)), reference)
+        killed = FeatureStore.open(str(kill_store))
+        assert killed.complete and len(killed.shards) == 4
+        assert_prefix_of(killed, reference)
         completed = [json.loads(line) for line in (kill_dir / "completed.jsonl").read_text().splitlines()]
         redo = [c for c in completed if c["shard_id"] == 2]
         assert len(redo) == 1 and redo[0]["pid"] != stopped["pid"]  # done once more, by the restarted actor
@@ -235,7 +234,7 @@ def test_killed_worker_and_removed_node_on_a_real_cluster(assets, tmp_path):
         (node_dir / "remove-node").write_text("now")
         _wait_for(node_dir / "finished.json", proc, 240, poll=reader)
         removed = (node_dir / "node-removed").read_text()
-        assert_same_store(FeatureStore.open(str(node_store)), reference)
+        assert_prefix_of(FeatureStore.open(str(node_store)), reference)
         completed = [json.loads(line) for line in (node_dir / "completed.jsonl").read_text().splitlines()]
         redo = [c for c in completed if c["shard_id"] == 1]
         assert len(redo) == 1 and redo[0]["node_id"] != removed  # redone elsewhere

@@ -90,22 +90,13 @@ def _extract(assets, store: str, env: dict, ray_dir: str) -> subprocess.Complete
     return done
 
 
-def assert_prefix_of(fs: FeatureStore, reference: FeatureStore) -> None:
-    """``fs`` holds the first of ``reference``'s tokens (the same rows and windows) and its activations."""
-    n = fs.n_tokens
-    assert 0 < n < reference.n_tokens
-    np.testing.assert_array_equal(fs.token_ids(), reference.token_ids(0, n))
-    assert fs.provenance().equals(reference.provenance(0, n))
-    for hook in fs.hooks:
-        assert (fs.csr(hook) != reference.csr(hook, 0, n)).nnz == 0
-
-
 def test_extract_resume_index_query_and_verify_on_s3(assets, s3, reference_store, tmp_path):
     """The first 20 rows of the test extraction (``tests.stores.config``), one SAE, into a bucket:
     the store holds the session's local store's first tokens exactly."""
     import s3fs
 
     from store.writer import StoreWriter
+    from tests.stores import assert_prefix_of
 
     assets = dict(assets, rows20=tmp_path / "rows20.jsonl")
     assets["rows20"].write_text("".join(assets["jsonl"].read_text().splitlines(keepends=True)[:20]))
