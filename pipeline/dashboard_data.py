@@ -17,7 +17,10 @@ draws for the groups.
 
 from __future__ import annotations
 
+import gc
+import itertools
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,7 +30,7 @@ from tqdm.auto import tqdm
 
 from store import FeatureStore
 from store.errors import ConfigError
-from store.sampling import METHODS, draw_ranks, group_slices
+from store.sampling import METHODS, concatenated_ranges, draw_ranks, group_slices
 
 BLOCK_FEATURES = 512  # features computed together: bounds the block's co-firing matrix
 
@@ -58,7 +61,7 @@ class DashboardSettings:
             raise ConfigError(problems)
 
 
-@dataclass
+@dataclass(slots=True)
 class Example:
     """One activating token and the text around it, all from the store."""
 
@@ -71,7 +74,7 @@ class Example:
     active: int  # which context token is this example's token
 
 
-@dataclass
+@dataclass(slots=True)
 class ExampleGroup:
     """Top examples (``kind="top"``) or examples drawn from one slice of the activations."""
 
@@ -186,23 +189,53 @@ def window_starts(rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return np.flatnonzero(starts)
 
 
-def equal_width_histogram(ascending: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """``np.histogram(values, n_bins, range=(min, max))`` of sorted values, as bin centres and
-    counts (SAEDashboard's bars). Counted by bisecting the edges, which gives numpy's bins
-    [e_i, e_i+1), the last one closed, without numpy's pass over every value."""
-    if not len(ascending):
-        return np.zeros(0), np.zeros(0, np.int64)
-    edges = np.histogram_bin_edges(ascending[:1], n_bins, range=(ascending[0], ascending[-1]))
-    at = np.searchsorted(ascending, edges, side="left")
-    at[-1] = len(ascending)
-    return (edges[:-1] + edges[1:]) / 2, np.diff(at)
+def rank_order(column: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The order that ranks each column's values highest first, keeping the given order among ties
+    (tokens ascend within a column, so ties go to the earlier token). ``column`` ascends; values
+    are above 0, so they order as their float32 bits do.
+
+    Values that are bfloat16 (the store's default) have 16-bit keys, which numpy sorts by radix:
+    by value, then stably by column. Others sort on one 64-bit (column, value) key."""
+    bits = values.view(np.uint32)
+    if not (bits & 0xFFFF).any() and column.max(initial=0) < 2**16:
+        by_value = np.argsort((0xFFFF - (bits >> 16)).astype(np.uint16), kind="stable")
+        return by_value[np.argsort(column.astype(np.uint16)[by_value], kind="stable")]
+    key = (column.astype(np.uint64) << np.uint64(32)) | (np.uint64(0xFFFFFFFF) - bits.astype(np.uint64))
+    return np.argsort(key, kind="stable")
 
 
-def concatenated_ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
-    """``np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)])`` without the loop."""
-    lengths = stops - starts
-    offsets = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
-    return offsets + np.arange(int(lengths.sum()))
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while making many small objects that hold no cycles,
+    which it would otherwise scan again and again as they accumulate."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def histogram_edges(lows: np.ndarray, highs: np.ndarray, n_bins: int) -> np.ndarray:
+    """``np.histogram(v, n_bins, range=(low, high))``'s bin edges for many ranges at once,
+    ``[ranges, n_bins + 1]``: ``np.linspace``'s arithmetic, an empty range widened to
+    [x - 0.5, x + 0.5] as numpy widens it."""
+    first, last = lows.astype(np.float64), highs.astype(np.float64)
+    flat = first == last
+    first, last = np.where(flat, first - 0.5, first), np.where(flat, last + 0.5, last)
+    edges = np.arange(n_bins + 1)[None, :] * ((last - first) / n_bins)[:, None] + first[:, None]
+    edges[:, -1] = last
+    return edges
+
+
+def histogram_counts(descending: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """``np.histogram``'s counts of values sorted highest first, all inside [edges[0], edges[-1]]:
+    bins [e_i, e_i+1), the last one closed, which numpy's edge corrections make its bins. Counted
+    by bisecting the negated values (ascending) instead of numpy's pass over every value."""
+    below = len(descending) - np.searchsorted(-descending.astype(np.float64), -edges, side="right")
+    below[-1] = len(descending)  # the last bin holds the maximum
+    return np.diff(below)
 
 
 class DashboardBuilder:
@@ -222,9 +255,10 @@ class DashboardBuilder:
         counted = np.ones(len(self.token_ids), bool)
         if settings.exclude_special_tokens and fs.special_token_ids:
             counted = ~np.isin(self.token_ids, list(fs.special_token_ids))
-        # every counted activation (uncounted tokens' rows emptied), feature-major once for all blocks
-        counted_rows = (sp.diags(counted.astype(np.float32)) @ fs.csr(hook)).tocsr()
-        counted_rows.data[counted_rows.data <= 0] = 0  # queries count activations strictly above 0
+        # every counted activation (queries count those above 0), feature-major once for all blocks
+        counted_rows = fs.csr(hook)
+        entry_counted = np.repeat(counted, np.diff(counted_rows.indptr)) & (counted_rows.data > 0)
+        counted_rows.data[~entry_counted] = 0
         counted_rows.eliminate_zeros()
         self._columns = counted_rows.tocsc()  # tokens ascend within each feature
         self._fired = None
@@ -242,59 +276,67 @@ class DashboardBuilder:
         bar = tqdm(total=len(features), desc=f"dashboards {self.hook}", unit="feature", disable=not progress)
         for start in range(features.start, features.stop, BLOCK_FEATURES):
             block = range(start, min(features.stop, start + BLOCK_FEATURES))
-            yield from self._block(block)
+            with collector_paused():  # a block makes tens of thousands of small objects, none in a cycle
+                dashboards = self._block(block)
+            yield from dashboards
             bar.update(len(block))
         bar.close()
 
     # -- one block of features ------------------------------------------------------------------
 
-    def _block(self, block: range) -> Iterator[FeatureDashboard]:
+    def _block(self, block: range) -> list[FeatureDashboard]:
         """Every feature of the block from one sort of its activations and one pass for all its examples."""
         s = self.settings
         columns = self._columns[:, block.start:block.stop]
         bounds = columns.indptr.astype(np.int64)
-        # each column highest first, by one stable sort of (column, value descending) keys: tokens ascend
-        # within a column, so ties keep the earlier token first. Counted activations are above 0, and
-        # positive floats order as their bits do.
-        owner = np.repeat(np.arange(len(block), dtype=np.uint64), np.diff(bounds))
-        descending = np.uint64(0xFFFFFFFF) - columns.data.view(np.uint32).astype(np.uint64)
-        order = np.argsort((owner << np.uint64(32)) | descending, kind="stable")
+        order = rank_order(np.repeat(np.arange(len(block)), np.diff(bounds)), columns.data)
         ranked_tokens, ranked_values = columns.indices[order].astype(np.int64), columns.data[order]
 
-        # the ranks each feature shows: its top ranks, then the draws of each group below them
-        features = []
-        for j in range(len(block)):
-            values = ranked_values[bounds[j]:bounds[j + 1]]
-            features.append((values, np.arange(min(s.n_top, len(values))), self._groups(values)))
-        shown = [[top] + [drawn for _, _, drawn in groups] for _, top, groups in features]
-        block_column = np.repeat(np.arange(len(block)), [sum(map(len, ranks)) for ranks in shown])
-        ranks = np.concatenate([r for ranks in shown for r in ranks]).astype(np.int64)
-        examples = iter(self._examples(block_column, ranked_tokens[bounds[block_column] + ranks], columns))
+        # the ranks each feature shows: its top ranks, then the draws of each non-empty group below them
+        n_fired = np.diff(bounds)
+        n_top = np.minimum(n_fired, s.n_top)
+        slices = [group_slices(ranked_values[bounds[j]:bounds[j + 1]], s.n_groups, s.group_method)
+                  for j in range(len(block))]
+        first = np.concatenate([f for f, _ in slices] + [np.zeros(0, np.int64)])
+        past = np.concatenate([p for _, p in slices] + [np.zeros(0, np.int64)])
+        column = np.repeat(np.arange(len(block)), [len(f) for f, _ in slices])
+        group = np.concatenate([np.arange(len(f)) for f, _ in slices] + [np.zeros(0, np.int64)])
+        drawn = draw_ranks(first, past, s.per_group, s.seed, block.start + column, group)
+        n_drawn = np.minimum(past - first, s.per_group)
+        # every example of the block, feature after feature: the top ones, then each group's
+        who = np.concatenate([np.repeat(np.arange(len(block)), n_top), np.repeat(column, n_drawn)])
+        ranks = np.concatenate([concatenated_ranges(np.zeros_like(n_top), n_top), drawn])
+        order = np.argsort(who, kind="stable")
+        examples = iter(self._examples(who[order], ranked_tokens[bounds[who[order]] + ranks[order]], columns))
 
+        # the activation histograms' bins, over [min, max] of each feature's counted activations
+        live = n_fired > 0
+        lows, highs = np.zeros(len(block), np.float32), np.zeros(len(block), np.float32)
+        lows[live], highs[live] = ranked_values[bounds[1:][live] - 1], ranked_values[bounds[:-1][live]]
+        edges = histogram_edges(lows, highs, s.n_bins)
+        centers_of = (edges[:, :-1] + edges[:, 1:]) / 2
         cofiring = None if self._fired is None else (self._fired[:, block.start:block.stop].T @ self._fired).tocsr()
         logits = self._logits(block)
-        for j, (feature, (values, top, groups)) in enumerate(zip(block, features)):
+        groups = iter(zip(first.tolist(), past.tolist(), n_drawn.tolist()))  # the block's, feature after feature
+        dashboards = []
+        for j, feature in enumerate(block):
+            values = ranked_values[bounds[j]:bounds[j + 1]]
             n, made = len(values), []
-            if len(top):
-                made.append(ExampleGroup("top", float(values[len(top) - 1]), float(values[0]), len(top) / n,
-                                         [next(examples) for _ in top]))
-            for a, b, drawn in groups:
-                made.append(ExampleGroup(s.group_method, float(values[b - 1]), float(values[a]), (b - a) / n,
-                                         [next(examples) for _ in drawn]))
-            centers, counts = equal_width_histogram(values[::-1].astype(np.float64), s.n_bins)
-            yield FeatureDashboard(
+            if n_top[j]:
+                made.append(ExampleGroup("top", float(values[n_top[j] - 1]), float(values[0]), int(n_top[j]) / n,
+                                         [next(examples) for _ in range(n_top[j])]))
+            for a, b, m in itertools.islice(groups, len(slices[j][0])):
+                if b > a:
+                    made.append(ExampleGroup(s.group_method, float(values[b - 1]), float(values[a]), (b - a) / n,
+                                             [next(examples) for _ in range(m)]))
+            centers, counts = (centers_of[j].tolist(), histogram_counts(values, edges[j]).tolist()) if n else ([], [])
+            dashboards.append(FeatureDashboard(
                 feature=feature, n_fired=n, frac_nonzero=n / max(1, len(self.token_ids)),
-                max=float(values[0]) if n else 0.0, groups=made, hist_centers=centers.tolist(),
-                hist_counts=counts.tolist(), cofiring=[] if cofiring is None else self._cofiring(feature, cofiring[j], n),
+                max=float(values[0]) if n else 0.0, groups=made, hist_centers=centers, hist_counts=counts,
+                cofiring=[] if cofiring is None else self._cofiring(feature, cofiring[j], n),
                 logits=None if logits is None else logits[j],
-            )
-
-    def _groups(self, values: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
-        """The non-empty groups below the top examples, as the ranks [a, b) each covers and the ranks
-        drawn from it: ``FeatureStore.quantile_samples``'s slices and draws."""
-        s = self.settings
-        slices = group_slices(values, s.n_groups, s.group_method)
-        return [(a, b, drawn) for (a, b), drawn in zip(slices, draw_ranks(slices, s.per_group, s.seed)) if b > a]
+            ))
+        return dashboards
 
     def _examples(self, block_column: np.ndarray, tokens: np.ndarray, columns: sp.csc_matrix) -> list[Example]:
         """The example at each token, for that column of ``columns`` (the block's, tokens ascending)."""
@@ -343,6 +385,5 @@ class DashboardBuilder:
         bins = ((effects - low[:, None]) / width[:, None]).floor().clamp_(0, n_bins - 1).long()
         counts = torch.zeros(len(block), n_bins, dtype=torch.long).scatter_add_(1, bins, torch.ones_like(bins))
         centers = low[:, None] + (torch.arange(n_bins) + 0.5)[None, :] * width[:, None]
-        return [LogitTable(top.indices[j].tolist(), top.values[j].tolist(), bottom.indices[j].tolist(),
-                           (-bottom.values[j]).tolist(), centers[j].tolist(), counts[j].tolist())
-                for j in range(len(block))]
+        columns = (top.indices, top.values, bottom.indices, -bottom.values, centers, counts)
+        return [LogitTable(*row) for row in zip(*(c.tolist() for c in columns))]

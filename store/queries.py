@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from store.errors import ConfigError
-from store.sampling import METHODS, draw_ranks, group_slices
+from store.sampling import check_method, draw_ranks, group_slices
 
 DEFAULT_CONTEXT = (8, 4)
 ACTIVE_MARK = ("«", "»")
@@ -101,18 +101,20 @@ class Queries:
         ``method="interval"``: SAEDashboard's equal-width intervals of [0, max] (group 0 the highest).
         """
         feature = self._check_feature(hook, feature)
-        if method not in METHODS:
-            raise ConfigError(f"method {method!r} is not 'rank' or 'interval'.")
+        check_method(method)  # before any work
         tokens, values = self._entries(hook, feature)
         keep = self._keep(tokens, values, exclude_special_tokens, min_activation)
         tokens, values = tokens[keep], values[keep]
-        slices = group_slices(values, n_groups, method)
+        first, past = group_slices(values, n_groups, method)
+        groups = np.arange(len(first))
+        drawn = draw_ranks(first, past, per_group, seed, np.full(len(first), feature), groups)
         frames = []
-        for g, ((a, b), picked) in enumerate(zip(slices, draw_ranks(slices, per_group, seed))):
+        for g, picked in zip(groups, np.split(drawn, np.cumsum(np.minimum(past - first, per_group))[:-1])):
+            a, b = int(first[g]), int(past[g])
             if b == a:
                 continue
             frame = self._examples(tokens[picked], values[picked], context)
-            frame.insert(0, "group", g)
+            frame.insert(0, "group", int(g))
             frame.insert(1, "group_min", float(values[b - 1]))
             frame.insert(2, "group_max", float(values[a]))
             frame.insert(3, "group_size", b - a)
