@@ -289,11 +289,12 @@ class DashboardBuilder:
         s = self.settings
         columns = self._columns[:, block.start:block.stop]
         bounds = columns.indptr.astype(np.int64)
-        order = rank_order(np.repeat(np.arange(len(block)), np.diff(bounds)), columns.data)
+        n_fired = np.diff(bounds)
+        owner = np.repeat(np.arange(len(block)), n_fired)  # the block column of each activation
+        order = rank_order(owner, columns.data)
         ranked_tokens, ranked_values = columns.indices[order].astype(np.int64), columns.data[order]
 
         # the ranks each feature shows: its top ranks, then the draws of each non-empty group below them
-        n_fired = np.diff(bounds)
         n_top = np.minimum(n_fired, s.n_top)
         slices = [group_slices(ranked_values[bounds[j]:bounds[j + 1]], s.n_groups, s.group_method)
                   for j in range(len(block))]
@@ -307,7 +308,7 @@ class DashboardBuilder:
         who = np.concatenate([np.repeat(np.arange(len(block)), n_top), np.repeat(column, n_drawn)])
         ranks = np.concatenate([concatenated_ranges(np.zeros_like(n_top), n_top), drawn])
         order = np.argsort(who, kind="stable")
-        examples = iter(self._examples(who[order], ranked_tokens[bounds[who[order]] + ranks[order]], columns))
+        examples = iter(self._examples(who[order], ranked_tokens[bounds[who[order]] + ranks[order]], columns, owner))
 
         # the activation histograms' bins, over [min, max] of each feature's counted activations
         live = n_fired > 0
@@ -338,8 +339,10 @@ class DashboardBuilder:
             ))
         return dashboards
 
-    def _examples(self, block_column: np.ndarray, tokens: np.ndarray, columns: sp.csc_matrix) -> list[Example]:
-        """The example at each token, for that column of ``columns`` (the block's, tokens ascending)."""
+    def _examples(self, block_column: np.ndarray, tokens: np.ndarray, columns: sp.csc_matrix,
+                  owner: np.ndarray) -> list[Example]:
+        """The example at each token, for that column of ``columns`` (the block's, tokens ascending;
+        ``owner`` is the column of each of its entries)."""
         window = np.searchsorted(self._window_starts, tokens, side="right") - 1
         lo, hi = self._window_starts[window], self._window_starts[window + 1]
         if self.settings.context is not None:
@@ -347,7 +350,7 @@ class DashboardBuilder:
             lo, hi = np.maximum(lo, tokens - left), np.minimum(hi, tokens + right + 1)
         # the column's activations inside [lo, hi), found by bisecting (column, token) keys
         n_tokens = len(self.token_ids)
-        key = np.repeat(np.arange(columns.shape[1], dtype=np.int64), np.diff(columns.indptr)) * n_tokens + columns.indices
+        key = owner.astype(np.int64) * n_tokens + columns.indices
         first = np.searchsorted(key, block_column * n_tokens + lo)
         past = np.searchsorted(key, block_column * n_tokens + hi)
         # every example's context in one array: example i holds [starts[i], starts[i] + hi[i] - lo[i])
