@@ -8,7 +8,9 @@ unembedding, no forward pass).
 
 ``DashboardBuilder`` works on blocks of features at once: it reads the SAE's activations
 from the store once, takes a block's columns as one sparse matrix, and computes every
-feature of the block from it, so that a whole SAE costs about one pass over the store.
+feature of the block from it, so that a whole SAE costs about one pass over the store. A
+block's numbers are arrays made on worker threads (numpy's sorts and bisections let go of the
+GIL), two blocks at a time, while the block before them becomes Python objects.
 Its numbers are the store queries' numbers (``FeatureStore.top_activations``,
 ``quantile_samples``, ``histogram``, ``cofiring``), with the same conventions: examples
 highest first, ties by earlier token; special tokens left out when asked; the same random
@@ -17,9 +19,11 @@ draws for the groups.
 
 from __future__ import annotations
 
+import collections
 import gc
-import itertools
+import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -30,9 +34,10 @@ from tqdm.auto import tqdm
 
 from store import FeatureStore
 from store.errors import ConfigError
-from store.sampling import METHODS, concatenated_ranges, draw_ranks, group_slices
+from store.sampling import METHODS, concatenated_ranges, count_leading, draw_ranks, linspace_rows, many_group_slices
 
-BLOCK_FEATURES = 512  # features computed together: bounds the block's co-firing matrix
+BLOCK_FEATURES = 256  # features computed together: bounds the block's co-firing matrix
+AHEAD = 2  # blocks whose numbers are made at once, on as many threads
 
 
 @dataclass(frozen=True)
@@ -189,19 +194,29 @@ def window_starts(rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return np.flatnonzero(starts)
 
 
-def rank_order(column: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """The order that ranks each column's values highest first, keeping the given order among ties
-    (tokens ascend within a column, so ties go to the earlier token). ``column`` ascends; values
-    are above 0, so they order as their float32 bits do.
+def ranked(column: np.ndarray, tokens: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (tokens, values) of each column ranked highest first, earlier token first on ties.
+    ``column`` ascends; values are above 0, so they order as their float32 bits do.
 
-    Values that are bfloat16 (the store's default) have 16-bit keys, which numpy sorts by radix:
-    by value, then stably by column. Others sort on one 64-bit (column, value) key."""
+    Values that are bfloat16 (the store's default) have 16-bit keys, so each entry packs into one
+    64-bit (column, value, token) key and one plain sort ranks them all. Others sort a (column,
+    value) key stably, the tokens ascending within a column."""
     bits = values.view(np.uint32)
-    if not (bits & 0xFFFF).any() and column.max(initial=0) < 2**16:
-        by_value = np.argsort((0xFFFF - (bits >> 16)).astype(np.uint16), kind="stable")
-        return by_value[np.argsort(column.astype(np.uint16)[by_value], kind="stable")]
+    if (not (bits & 0xFFFF).any() and column.max(initial=0) < 2**16 and tokens.max(initial=0) < 2**32
+            and sys.byteorder == "little"):
+        key = column.astype(np.uint64)
+        key <<= np.uint64(16)
+        key |= np.uint64(0xFFFF) - (bits >> 16)
+        key <<= np.uint64(32)
+        np.bitwise_or(key, tokens, out=key, dtype=np.uint64, casting="unsafe")  # token indices are not negative
+        key.sort()
+        halves = key.view(np.uint16).reshape(-1, 4)  # little-endian: the token's two halves, the value's, the column
+        out = np.zeros(len(key), np.uint32)
+        np.subtract(0xFFFF, halves[:, 2], out=out.view(np.uint16)[1::2])
+        return key.view(np.uint32)[::2].astype(np.int64), out.view(np.float32)
     key = (column.astype(np.uint64) << np.uint64(32)) | (np.uint64(0xFFFFFFFF) - bits.astype(np.uint64))
-    return np.argsort(key, kind="stable")
+    order = np.argsort(key, kind="stable")
+    return tokens[order].astype(np.int64), values[order]
 
 
 @contextmanager
@@ -219,23 +234,45 @@ def collector_paused() -> Iterator[None]:
 
 def histogram_edges(lows: np.ndarray, highs: np.ndarray, n_bins: int) -> np.ndarray:
     """``np.histogram(v, n_bins, range=(low, high))``'s bin edges for many ranges at once,
-    ``[ranges, n_bins + 1]``: ``np.linspace``'s arithmetic, an empty range widened to
-    [x - 0.5, x + 0.5] as numpy widens it."""
+    ``[ranges, n_bins + 1]``: ``np.linspace``'s, an empty range widened to [x - 0.5, x + 0.5] as
+    numpy widens it."""
     first, last = lows.astype(np.float64), highs.astype(np.float64)
     flat = first == last
-    first, last = np.where(flat, first - 0.5, first), np.where(flat, last + 0.5, last)
-    edges = np.arange(n_bins + 1)[None, :] * ((last - first) / n_bins)[:, None] + first[:, None]
-    edges[:, -1] = last
-    return edges
+    return linspace_rows(np.where(flat, first - 0.5, first), np.where(flat, last + 0.5, last), n_bins + 1)
 
 
-def histogram_counts(descending: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """``np.histogram``'s counts of values sorted highest first, all inside [edges[0], edges[-1]]:
-    bins [e_i, e_i+1), the last one closed, which numpy's edge corrections make its bins. Counted
-    by bisecting the negated values (ascending) instead of numpy's pass over every value."""
-    below = len(descending) - np.searchsorted(-descending.astype(np.float64), -edges, side="right")
-    below[-1] = len(descending)  # the last bin holds the maximum
-    return np.diff(below)
+def histogram_counts(descending: np.ndarray, bounds: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """``np.histogram``'s counts for many features at once: feature ``i``'s values (highest first)
+    are ``descending[bounds[i]:bounds[i + 1]]``, all inside [edges[i, 0], edges[i, -1]]. Bins are
+    [e_j, e_j+1), the last one closed, which numpy's edge corrections make its bins. Counted by
+    bisecting for each edge instead of numpy's pass over every value."""
+    n, per_row = np.diff(bounds), edges.shape[1]
+    at_least = count_leading(descending, np.repeat(bounds[:-1], per_row), np.repeat(bounds[1:], per_row),
+                             edges.ravel(), strict=False).reshape(edges.shape)
+    below = n[:, None] - at_least
+    below[:, -1] = n  # the last bin holds the maximum
+    return np.diff(below, axis=1)
+
+
+@dataclass
+class _BlockNumbers:
+    """A block's dashboards as arrays, made off the main thread; ``[features, ...]`` unless noted."""
+
+    block: range
+    n_fired: np.ndarray
+    maxes: np.ndarray
+    n_top: np.ndarray
+    top_min: np.ndarray
+    first: np.ndarray  # [features, n_groups]: each group's ranks [first, past)
+    past: np.ndarray
+    n_drawn: np.ndarray  # [features, n_groups]
+    group_min: np.ndarray  # [features, n_groups]
+    group_max: np.ndarray
+    examples: dict[str, np.ndarray]  # per example, feature after feature: its top ones, then each group's
+    centers: np.ndarray  # [features, n_bins]
+    counts: np.ndarray
+    cofiring: sp.csr_matrix | None
+    logits: list[LogitTable] | None
 
 
 class DashboardBuilder:
@@ -252,14 +289,15 @@ class DashboardBuilder:
         provenance = fs.provenance()
         self.rows, self.positions = provenance["row"].to_numpy(), provenance["pos"].to_numpy()
         self._window_starts = np.append(window_starts(self.rows, self.positions), len(self.rows))
-        counted = np.ones(len(self.token_ids), bool)
-        if settings.exclude_special_tokens and fs.special_token_ids:
-            counted = ~np.isin(self.token_ids, list(fs.special_token_ids))
         # every counted activation (queries count those above 0), feature-major once for all blocks
         counted_rows = fs.csr(hook)
-        entry_counted = np.repeat(counted, np.diff(counted_rows.indptr)) & (counted_rows.data > 0)
-        counted_rows.data[~entry_counted] = 0
-        counted_rows.eliminate_zeros()
+        if settings.exclude_special_tokens and fs.special_token_ids:
+            special = np.flatnonzero(np.isin(self.token_ids, list(fs.special_token_ids)))
+            counted_rows.data[concatenated_ranges(counted_rows.indptr[special], counted_rows.indptr[special + 1])] = 0
+        fired = counted_rows.data > 0
+        if not fired.all():
+            counted_rows.data[~fired] = 0
+            counted_rows.eliminate_zeros()
         self._columns = counted_rows.tocsc()  # tokens ascend within each feature
         self._fired = None
         if settings.n_cofiring:  # which features fire on each token, for the co-firing counts
@@ -273,76 +311,70 @@ class DashboardBuilder:
         if features.start < 0 or features.stop > self.d_sae or features.step != 1:
             raise ConfigError(f"features {features.start}:{features.stop} are not a range within "
                               f"0:{self.d_sae} of {self.hook}.")
+        blocks = [range(a, min(features.stop, a + BLOCK_FEATURES))
+                  for a in range(features.start, features.stop, BLOCK_FEATURES)]
         bar = tqdm(total=len(features), desc=f"dashboards {self.hook}", unit="feature", disable=not progress)
-        for start in range(features.start, features.stop, BLOCK_FEATURES):
-            block = range(start, min(features.stop, start + BLOCK_FEATURES))
-            with collector_paused():  # a block makes tens of thousands of small objects, none in a cycle
-                dashboards = self._block(block)
-            yield from dashboards
-            bar.update(len(block))
+        # blocks' numbers (sorts, bisections, products: numpy and torch let go of the GIL) are made on
+        # other threads, AHEAD blocks at a time, while the one before them becomes Python objects and is used
+        with ThreadPoolExecutor(AHEAD, thread_name_prefix="dashboard-numbers") as pool:
+            ahead = collections.deque(pool.submit(self._numbers, block) for block in blocks[:AHEAD])
+            for i, block in enumerate(blocks):
+                numbers = ahead.popleft().result()
+                if i + AHEAD < len(blocks):
+                    ahead.append(pool.submit(self._numbers, blocks[i + AHEAD]))
+                with collector_paused():  # a block makes tens of thousands of small objects, none in a cycle
+                    dashboards = self._dashboards(numbers)
+                yield from dashboards
+                bar.update(len(block))
         bar.close()
 
     # -- one block of features ------------------------------------------------------------------
 
-    def _block(self, block: range) -> list[FeatureDashboard]:
-        """Every feature of the block from one sort of its activations and one pass for all its examples."""
+    def _numbers(self, block: range) -> _BlockNumbers:
+        """Every number of the block's dashboards, from one sort of its activations and one pass for
+        all its examples."""
         s = self.settings
-        columns = self._columns[:, block.start:block.stop]
-        bounds = columns.indptr.astype(np.int64)
+        everything = self._columns  # the block's columns are one run of its arrays: views, not a copy
+        lo, hi = everything.indptr[block.start], everything.indptr[block.stop]
+        bounds = everything.indptr[block.start:block.stop + 1].astype(np.int64) - lo
+        columns = sp.csc_matrix((everything.data[lo:hi], everything.indices[lo:hi], bounds),
+                                shape=(everything.shape[0], len(block)), copy=False)
         n_fired = np.diff(bounds)
         owner = np.repeat(np.arange(len(block)), n_fired)  # the block column of each activation
-        order = rank_order(owner, columns.data)
-        ranked_tokens, ranked_values = columns.indices[order].astype(np.int64), columns.data[order]
+        ranked_tokens, values = ranked(owner, columns.indices, columns.data)
+
+        def value_at(ranks: np.ndarray) -> np.ndarray:  # 0 where a feature or group is empty
+            return values[np.clip(ranks, 0, len(values) - 1)] if len(values) else np.zeros(ranks.shape, np.float32)
 
         # the ranks each feature shows: its top ranks, then the draws of each non-empty group below them
         n_top = np.minimum(n_fired, s.n_top)
-        slices = [group_slices(ranked_values[bounds[j]:bounds[j + 1]], s.n_groups, s.group_method)
-                  for j in range(len(block))]
-        first = np.concatenate([f for f, _ in slices] + [np.zeros(0, np.int64)])
-        past = np.concatenate([p for _, p in slices] + [np.zeros(0, np.int64)])
-        column = np.repeat(np.arange(len(block)), [len(f) for f, _ in slices])
-        group = np.concatenate([np.arange(len(f)) for f, _ in slices] + [np.zeros(0, np.int64)])
-        drawn = draw_ranks(first, past, s.per_group, s.seed, block.start + column, group)
+        first, past = many_group_slices(values, bounds, s.n_groups, s.group_method)
+        column, group = np.indices(first.shape).reshape(2, -1)
+        drawn = draw_ranks(first.ravel(), past.ravel(), s.per_group, s.seed, block.start + column, group)
         n_drawn = np.minimum(past - first, s.per_group)
-        # every example of the block, feature after feature: the top ones, then each group's
-        who = np.concatenate([np.repeat(np.arange(len(block)), n_top), np.repeat(column, n_drawn)])
+        who = np.concatenate([np.repeat(np.arange(len(block)), n_top), np.repeat(column, n_drawn.ravel())])
         ranks = np.concatenate([concatenated_ranges(np.zeros_like(n_top), n_top), drawn])
         order = np.argsort(who, kind="stable")
-        examples = iter(self._examples(who[order], ranked_tokens[bounds[who[order]] + ranks[order]], columns, owner))
+        examples = self._example_arrays(who[order], ranked_tokens[bounds[who[order]] + ranks[order]], columns, owner)
 
         # the activation histograms' bins, over [min, max] of each feature's counted activations
-        live = n_fired > 0
-        lows, highs = np.zeros(len(block), np.float32), np.zeros(len(block), np.float32)
-        lows[live], highs[live] = ranked_values[bounds[1:][live] - 1], ranked_values[bounds[:-1][live]]
-        edges = histogram_edges(lows, highs, s.n_bins)
-        centers_of = (edges[:, :-1] + edges[:, 1:]) / 2
-        cofiring = None if self._fired is None else (self._fired[:, block.start:block.stop].T @ self._fired).tocsr()
-        logits = self._logits(block)
-        groups = iter(zip(first.tolist(), past.tolist(), n_drawn.tolist()))  # the block's, feature after feature
-        dashboards = []
-        for j, feature in enumerate(block):
-            values = ranked_values[bounds[j]:bounds[j + 1]]
-            n, made = len(values), []
-            if n_top[j]:
-                made.append(ExampleGroup("top", float(values[n_top[j] - 1]), float(values[0]), int(n_top[j]) / n,
-                                         [next(examples) for _ in range(n_top[j])]))
-            for a, b, m in itertools.islice(groups, len(slices[j][0])):
-                if b > a:
-                    made.append(ExampleGroup(s.group_method, float(values[b - 1]), float(values[a]), (b - a) / n,
-                                             [next(examples) for _ in range(m)]))
-            centers, counts = (centers_of[j].tolist(), histogram_counts(values, edges[j]).tolist()) if n else ([], [])
-            dashboards.append(FeatureDashboard(
-                feature=feature, n_fired=n, frac_nonzero=n / max(1, len(self.token_ids)),
-                max=float(values[0]) if n else 0.0, groups=made, hist_centers=centers, hist_counts=counts,
-                cofiring=[] if cofiring is None else self._cofiring(feature, cofiring[j], n),
-                logits=None if logits is None else logits[j],
-            ))
-        return dashboards
+        maxes, mins = value_at(bounds[:-1]), value_at(bounds[1:] - 1)
+        edges = histogram_edges(np.where(n_fired > 0, mins, 0), np.where(n_fired > 0, maxes, 0), s.n_bins)
+        return _BlockNumbers(
+            block=block, n_fired=n_fired, maxes=np.where(n_fired > 0, maxes, 0), n_top=n_top,
+            top_min=value_at(bounds[:-1] + n_top - 1), first=first, past=past, n_drawn=n_drawn,
+            group_min=value_at(bounds[:-1, None] + past - 1), group_max=value_at(bounds[:-1, None] + first),
+            examples=examples, centers=(edges[:, :-1] + edges[:, 1:]) / 2,
+            counts=histogram_counts(values, bounds, edges),
+            cofiring=None if self._fired is None else (self._fired[:, block.start:block.stop].T @ self._fired).tocsr(),
+            logits=self._logits(block),
+        )
 
-    def _examples(self, block_column: np.ndarray, tokens: np.ndarray, columns: sp.csc_matrix,
-                  owner: np.ndarray) -> list[Example]:
+    def _example_arrays(self, block_column: np.ndarray, tokens: np.ndarray, columns: sp.csc_matrix,
+                        owner: np.ndarray) -> dict[str, np.ndarray]:
         """The example at each token, for that column of ``columns`` (the block's, tokens ascending;
-        ``owner`` is the column of each of its entries)."""
+        ``owner`` is the column of each of its entries): its window ``[lo, hi)`` and the column's
+        activations over it, ``context[start:start + hi - lo]``."""
         window = np.searchsorted(self._window_starts, tokens, side="right") - 1
         lo, hi = self._window_starts[window], self._window_starts[window + 1]
         if self.settings.context is not None:
@@ -353,16 +385,39 @@ class DashboardBuilder:
         key = owner.astype(np.int64) * n_tokens + columns.indices
         first = np.searchsorted(key, block_column * n_tokens + lo)
         past = np.searchsorted(key, block_column * n_tokens + hi)
-        # every example's context in one array: example i holds [starts[i], starts[i] + hi[i] - lo[i])
         starts = np.cumsum(hi - lo) - (hi - lo)
         context = np.zeros(int((hi - lo).sum()), np.float32)
         inside = concatenated_ranges(first, past)
         context[np.repeat(starts - lo, past - first) + columns.indices[inside]] = columns.data[inside]
-        activation = context[starts + tokens - lo].tolist()
-        return [Example(t, row, pos, value, self.token_ids[a:b], context[c:c + b - a], t - a)
-                for t, row, pos, value, a, b, c in zip(tokens.tolist(), self.rows[tokens].tolist(),
-                                                       self.positions[tokens].tolist(), activation, lo.tolist(),
-                                                       hi.tolist(), starts.tolist())]
+        return {"token": tokens, "row": self.rows[tokens], "pos": self.positions[tokens],
+                "activation": context[starts + tokens - lo], "lo": lo, "hi": hi, "start": starts, "context": context}
+
+    def _dashboards(self, numbers: _BlockNumbers) -> list[FeatureDashboard]:
+        """The block's dashboards as Python objects, from its numbers."""
+        s, d = self.settings, numbers
+        e, context = d.examples, d.examples["context"]
+        examples = iter([
+            Example(t, row, pos, value, self.token_ids[a:b], context[c:c + b - a], t - a)
+            for t, row, pos, value, a, b, c in zip(*(e[k].tolist() for k in
+                                                     ("token", "row", "pos", "activation", "lo", "hi", "start")))])
+        n_tokens, dashboards = max(1, len(self.token_ids)), []
+        per_feature = zip(d.block, d.n_fired.tolist(), d.maxes.tolist(), d.n_top.tolist(), d.top_min.tolist(),
+                          d.first.tolist(), d.past.tolist(), d.n_drawn.tolist(), d.group_min.tolist(),
+                          d.group_max.tolist(), d.centers.tolist(), d.counts.tolist())
+        for j, (feature, n, top, n_top, top_min, first, past, n_drawn, lows, highs, centers, counts) in enumerate(per_feature):
+            made = []
+            if n_top:
+                made.append(ExampleGroup("top", top_min, top, n_top / n, [next(examples) for _ in range(n_top)]))
+            for a, b, m, low, high in zip(first, past, n_drawn, lows, highs):
+                if b > a:
+                    made.append(ExampleGroup(s.group_method, low, high, (b - a) / n, [next(examples) for _ in range(m)]))
+            dashboards.append(FeatureDashboard(
+                feature=feature, n_fired=n, frac_nonzero=n / n_tokens, max=top, groups=made,
+                hist_centers=centers if n else [], hist_counts=counts if n else [],
+                cofiring=[] if d.cofiring is None else self._cofiring(feature, d.cofiring[j], n),
+                logits=None if d.logits is None else d.logits[j],
+            ))
+        return dashboards
 
     def _cofiring(self, feature: int, row: sp.csr_matrix, n_fired: int) -> list[dict[str, Any]]:
         others, counts = row.indices, row.data.astype(np.int64)

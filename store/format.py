@@ -82,11 +82,16 @@ def storage_dtype(value_dtype: str) -> np.dtype:
     return np.dtype({"bfloat16": "<u2", "float16": "<f2", "float32": "<f4"}[value_dtype])
 
 
-def decode_values(stored: np.ndarray, value_dtype: str) -> np.ndarray:
-    """Stored values as float32."""
-    if value_dtype == "bfloat16":
-        return (stored.astype(np.uint32) << 16).view(np.float32)
-    return stored.astype(np.float32)
+def decode_values(stored: np.ndarray, value_dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored values as float32, written into ``out`` (a float32 array of their shape) when given."""
+    out = np.empty(stored.shape, np.float32) if out is None else out
+    if value_dtype == "bfloat16":  # a bfloat16 is the high half of the float32 of the same value
+        bits = out.view(np.uint32)
+        bits[...] = stored
+        bits <<= 16
+    else:
+        out[...] = stored
+    return out
 
 
 def index_dtype(d_sae: int) -> np.dtype:

@@ -227,26 +227,21 @@ class FeatureStore(Queries):
         d_sae = self.d_sae(hook)
         start, stop = self._range(start, stop)
         base = f"{fmt.SAES_GROUP}/{hook}/"
-        indptrs, indices, values, offset = [np.zeros(1, np.int64)], [], [], 0
-        for shard, lo, hi in self._pieces(start, stop):
-            ptr = self._array(shard, base + fmt.INDPTR)[lo : hi + 1]
+        pieces = [(shard, self._array(shard, base + fmt.INDPTR)[lo : hi + 1])
+                  for shard, lo, hi in self._pieces(start, stop)]
+        nnz = sum(int(ptr[-1] - ptr[0]) for _, ptr in pieces)
+        # decoded straight into the matrix's arrays: no per-shard copies to concatenate
+        indptr, indices, values = np.zeros(stop - start + 1, np.int64), np.empty(nnz, np.int32), np.empty(nnz, np.float32)
+        row = offset = 0
+        for shard, ptr in pieces:
             a, b = int(ptr[0]), int(ptr[-1])
-            indices.append(self._array(shard, base + fmt.INDICES)[a:b] if b > a else np.zeros(0, np.uint32))
-            values.append(
-                fmt.decode_values(self._array(shard, base + fmt.VALUES)[a:b], self.value_dtype)
-                if b > a
-                else np.zeros(0, np.float32)
-            )
-            indptrs.append(ptr[1:] - a + offset)
-            offset += b - a
-        return sp.csr_matrix(
-            (
-                np.concatenate(values) if values else np.zeros(0, np.float32),
-                np.concatenate(indices).astype(np.int32) if indices else np.zeros(0, np.int32),
-                np.concatenate(indptrs),
-            ),
-            shape=(stop - start, d_sae),
-        )
+            if b > a:
+                indices[offset : offset + b - a] = self._array(shard, base + fmt.INDICES)[a:b]
+                fmt.decode_values(self._array(shard, base + fmt.VALUES)[a:b], self.value_dtype,
+                                  out=values[offset : offset + b - a])
+            indptr[row + 1 : row + len(ptr)] = ptr[1:] - a + offset
+            row, offset = row + len(ptr) - 1, offset + b - a
+        return sp.csr_matrix((values, indices, indptr), shape=(stop - start, d_sae))
 
     # -- plumbing ----------------------------------------------------------------------------
 

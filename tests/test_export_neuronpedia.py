@@ -10,6 +10,7 @@ import torch
 
 from jobs.cli import main
 from jobs.export import export_neuronpedia
+from pipeline import dashboard_data
 from pipeline.dashboard_data import (DashboardBuilder, DashboardSettings, effective_unembed, load_logit_weights,
                                      model_unembed)
 from pipeline.models import load_model
@@ -130,7 +131,9 @@ def test_logit_tables_are_w_dec_times_the_folded_unembedding(store, assets, expo
         np.testing.assert_allclose(f["logits_hist_data_bar_values"], (edges[:-1] + edges[1:]) / 2, atol=1e-5)
 
 
-def test_cofiring_and_rank_groups_equal_the_store(store):
+def test_cofiring_and_rank_groups_equal_the_store(store, monkeypatch):
+    # blocks of 7 features: several blocks, made two at a time on other threads, each a view of the columns
+    monkeypatch.setattr(dashboard_data, "BLOCK_FEATURES", 7)
     settings = DashboardSettings(group_method="rank", context=(3, 2))
     weights = load_logit_weights(store, HOOK)
     busy = np.argsort(-store.stats(HOOK).count, kind="stable")[:5].tolist()
@@ -159,6 +162,9 @@ def test_cofiring_and_rank_groups_equal_the_store(store):
         assert [e.token_index for e in sampled] == groups["token_index"].tolist()
         assert all(len(e.token_ids) <= 6 for e in sampled)
     assert built == store.d_sae(HOOK)
+    first_few = DashboardBuilder(store, HOOK, None, settings).build()  # left after one feature: nothing waits on it
+    assert next(first_few).feature == 0
+    first_few.close()
 
 
 def test_command_line_and_bad_input(store, tmp_path, capsys):

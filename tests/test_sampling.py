@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from store.errors import ConfigError
-from store.sampling import draw_ranks, group_slices
+from store.sampling import count_leading, draw_ranks, group_slices, linspace_rows, many_group_slices
 
 
 def draw(first, past, per_group, seed, feature=0):
@@ -31,6 +31,32 @@ def test_interval_slices_are_saedashboards_intervals_and_rank_slices_equal_count
     assert len(group_slices(values[:0], 7, "rank")[0]) == 0
     with pytest.raises(ConfigError, match="'median' is not 'rank' or 'interval'"):
         group_slices(values, 7, "median")
+
+
+@pytest.mark.parametrize("method", ["interval", "rank"])
+def test_many_features_slice_as_each_alone(method):
+    rng = np.random.default_rng(3)
+    ranked = [np.sort(rng.gamma(0.5, size=n).astype(np.float32))[::-1] for n in (0, 1, 5, 997, 0, 40)]
+    ranked[3][100:130] = ranked[3][100]
+    bounds = np.cumsum([0] + [len(v) for v in ranked])
+    first, past = many_group_slices(np.concatenate(ranked), bounds, 7, method)
+    for v, f, p in zip(ranked, first, past):
+        alone = group_slices(v, 7, method)
+        assert (f.tolist(), p.tolist()) == ((alone[0].tolist(), alone[1].tolist()) if len(v) else ([0] * 7, [0] * 7))
+    assert many_group_slices(np.concatenate(ranked), bounds, 0, method)[0].shape == (6, 0)
+
+
+def test_bisection_and_linspace_equal_numpys():
+    rng = np.random.default_rng(4)
+    descending = np.sort(rng.integers(0, 50, 3_000).astype(np.float32))[::-1]
+    first, past = np.sort(rng.integers(0, 3_000, (2, 500)), axis=0)
+    thresholds = rng.integers(-2, 52, 500).astype(np.float64)
+    for strict, side in ((True, "left"), (False, "right")):
+        expected = [np.searchsorted(-descending[a:b], -t, side=side) for a, b, t in zip(first, past, thresholds)]
+        assert count_leading(descending, first, past, thresholds, strict).tolist() == expected
+    starts, stops = rng.normal(size=(2, 50))
+    assert all(row.tolist() == np.linspace(a, b, 11).tolist()
+               for a, b, row in zip(starts, stops, linspace_rows(starts, stops, 11)))
 
 
 def test_draws_are_distinct_ascending_inside_their_slice_and_all_of_a_small_one():
