@@ -61,7 +61,8 @@ class FeatureStore(Queries):
         if attrs.get("status") == fmt.STATUS_COMPLETE:
             listed = attrs["shards"]
         else:  # being written: whatever is complete so far, in store order
-            listed = list(complete_markers(open_root(location, mode="r")[fmt.SHARDS_GROUP]).values())
+            root = open_root(location, mode="r")
+            listed = list(complete_markers(root[fmt.SHARDS_GROUP]).values()) if fmt.SHARDS_GROUP in root else []
         infos, offset = [], 0
         for m in sorted(listed, key=lambda m: m["shard_id"]):
             infos.append(ShardInfo(m["shard_id"], offset, m["n_tokens"], m["row_start"], m["row_stop"], m["nnz"]))

@@ -156,8 +156,6 @@ class StoreWriter:
         differ): complete shards it rejects (their rows changed) are deleted, so they are redone."""
         existing = check_conflict(self.location, run, overwrite, ignore=DATA_KEYS if keep_shard else ())
         if existing is None or overwrite:
-            root = zarr.open_group(open_root(self.location, mode="w").store, mode="w")
-            root.create_group(fmt.SHARDS_GROUP)
             attrs = {
                 **fmt.encoding(fmt.STORE_ENCODING),
                 "latentstore_version": latentstore_version(),
@@ -166,7 +164,11 @@ class StoreWriter:
                 "run": canonical(run),
                 "plan": canonical(plan),
             }
-            root.attrs.update({fmt.ATTRS_KEY: attrs})
+            # the root's metadata is written once, with its attributes: a reader never finds a root that
+            # is not yet a store (readers take a missing shards group for no shards yet)
+            root = zarr.open_group(open_root(self.location, mode="w").store, mode="w",
+                                   attributes={fmt.ATTRS_KEY: attrs})
+            root.create_group(fmt.SHARDS_GROUP)
             return {}
         if existing.get("status") == fmt.STATUS_COMPLETE:
             self._set_root(status=fmt.STATUS_WRITING)  # it is about to change again

@@ -103,6 +103,21 @@ def test_reader_sees_only_complete_shards_while_writing(tmp_path):
     assert writer.completed_shards().keys() == {0, 2}
 
 
+def test_a_store_being_created_reads_as_empty_at_every_step(tmp_path, monkeypatch):
+    import zarr
+
+    seen, create_group = [], zarr.Group.create_group
+
+    def open_first(group, name, **kwargs):  # a reader opens the store just before each group is made
+        fs = FeatureStore.open(str(tmp_path / "c.zarr"))
+        seen.append((name, fs.complete, fs.n_tokens, fs.shards))
+        return create_group(group, name, **kwargs)
+
+    monkeypatch.setattr(zarr.Group, "create_group", open_first)
+    write_synthetic(tmp_path / "c.zarr", [sp.random(4, 10, density=0.5, format="csr", dtype=np.float32)], complete=False)
+    assert seen[0] == (fmt.SHARDS_GROUP, False, 0, [])
+
+
 def test_newer_major_version_is_refused_with_upgrade_hint(tmp_path):
     m = sp.random(3, 10, density=0.5, format="csr", random_state=0, dtype=np.float32)
     write_synthetic(tmp_path / "v.zarr", [m])
