@@ -16,20 +16,21 @@ their histogram.
   up to the SAE's layer, encode with the SAE, keep the batch's columns and compute the same
   data from them.
 
-The two sides take turns over the same blocks of 512 features (the store's block, then the
+The two sides take turns over the same 512 features at a time (the store's turn, then the
 recompute batches of those features), so that a load that comes and goes on a shared machine
 slows both alike; each side's set-up (loading weights, the store's activations, the prompts)
-counts on its side. The script prints each block's timings, both totals, the speedup, and the
+counts on its side. The script prints each turn's timings, both totals, the speedup, and the
 largest difference between the two sides' top activations (the store keeps bfloat16 values,
 so about 1e-2 relative).
 
 Measured on a quiet 2-core CPU, embedded default, 50,000 tokens, 2,048 features:
-- resid_post_1_standard (L0 about 200): store 3.0 s, recompute 56.0 s, **18.7x** (blocks 23.7x
-  to 36.9x; the store's set-up, reading 10.4M activations and making them feature-major, is 1.0 s);
+- resid_post_1_standard (L0 about 200, 10.4M stored activations): store 1.6 s, recompute 61.7 s,
+  **39.6x** (turns 42.0x to 60.9x); with ``--store`` over a store extracted by an earlier run, so
+  that the set-up reads it cold (0.8 s), 2.0 s against 61.5 s, **31.0x**;
 - resid_post_2_topk (``--sae pipeline/default/saes/resid_post_2_topk``, L0 32): store 0.6 s,
-  recompute 66.0 s, **101.7x**.
+  recompute 86.5 s, **139.8x**.
 Top activations agree within 3.8e-3 (bfloat16). Co-firing counts over the whole store, which the
-recompute side does not make, took 20.4 s and 1.0 s more.
+recompute side does not make, took 10.7 s and 0.7 s more.
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
           "activations read and made feature-major)")
     print(f"  recompute (model)   {run['recompute_s']:8.1f} s")
     print(f"  speedup             {run['recompute_s'] / run['store_s']:8.1f}x  "
-          f"(blocks: {min(run['blocks']):.1f}x to {max(run['blocks']):.1f}x)")
+          f"(turns: {min(run['blocks']):.1f}x to {max(run['blocks']):.1f}x)")
     print(f"  co-firing counts for every feature, over the whole store (the dashboard's extra): {cofiring_s:.1f} s")
     print(f"  top activations: largest relative difference {diff:.2e} over {len(compared)} features (bfloat16 store)")
 
