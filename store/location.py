@@ -7,9 +7,11 @@ fsspec; they are never passed in here, so they cannot reach store metadata.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import zarr
+from zarr.errors import ZarrUserWarning
 from zarr.storage import FsspecStore, LocalStore
 
 from store.errors import ConfigError, StoreWriteError
@@ -86,3 +88,15 @@ def check_writable(location: str) -> None:
             f"--store {location}: cannot write in {ancestor} (permission denied). "
             "Choose a path you can write, or fix its permissions."
         )
+
+
+def subgroup_names(group: zarr.Group) -> list[str]:
+    """The names of a group's subgroups, sorted.
+
+    zarr's local store writes each file through a temporary ``<name>.<uuid>.partial`` beside it;
+    a listing that meets one (readers may read while writers write) warns that it is no part of
+    the hierarchy, which is so and no concern of the reader's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Object at .*\.partial is not recognized as a component",
+                                category=ZarrUserWarning)
+        return sorted(group.group_keys())

@@ -19,7 +19,7 @@ import zarr
 
 from store import codecs, format as fmt
 from store.errors import ConfigError, StoreConflictError, StoreIncompleteError, StoreNotFoundError, did_you_mean
-from store.location import normalize, open_root
+from store.location import normalize, open_root, subgroup_names
 from store.checked import checksum
 from store.writer import canonical, complete_markers, diff_runs, now, read_marker
 
@@ -167,7 +167,7 @@ def list_sweeps(location: str) -> list[str]:
         root = open_root(normalize(location), mode="r")
     except FileNotFoundError:
         raise StoreNotFoundError(f"no store at {location}.") from None
-    return sorted(root[SWEEPS_GROUP].group_keys()) if SWEEPS_GROUP in root else []
+    return subgroup_names(root[SWEEPS_GROUP]) if SWEEPS_GROUP in root else []
 
 
 def read_sweep(location: str, name: str, allow_incomplete: bool = False) -> pd.DataFrame:

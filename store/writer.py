@@ -21,7 +21,7 @@ from store import codecs, format as fmt
 from store import stats as stats_mod
 from store.checked import checksum
 from store.errors import StoreConflictError
-from store.location import check_writable, has_content, normalize, open_root
+from store.location import check_writable, has_content, normalize, open_root, subgroup_names
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ class StoreWriter:
 
     def shard_ids(self) -> set[int]:
         """Every shard with a group in the store, complete or not."""
-        return {int(name) for name in open_root(self.location, mode="r")[fmt.SHARDS_GROUP].group_keys()}
+        return {int(name) for name in subgroup_names(open_root(self.location, mode="r")[fmt.SHARDS_GROUP])}
 
     def delete_shard(self, shard_id: int) -> None:
         shards = open_root(self.location, mode="a")[fmt.SHARDS_GROUP]
@@ -311,7 +311,7 @@ def complete_markers(parent: zarr.Group) -> dict[str, dict]:
     A subgroup can vanish between the listing and the read (a retry replacing what a crashed
     attempt left): it was not complete either."""
     out = {}
-    for name in sorted(parent.group_keys()):
+    for name in subgroup_names(parent):
         try:
             marker = read_marker(parent[name])
         except KeyError:

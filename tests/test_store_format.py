@@ -118,6 +118,19 @@ def test_a_store_being_created_reads_as_empty_at_every_step(tmp_path, monkeypatc
     assert seen[0] == (fmt.SHARDS_GROUP, False, 0, [])
 
 
+def test_a_reader_is_quiet_about_files_mid_write(tmp_path):
+    import warnings
+
+    from zarr.errors import ZarrUserWarning
+
+    mats = [sp.random(4, 10, density=0.5, format="csr", random_state=i, dtype=np.float32) for i in range(2)]
+    write_synthetic(tmp_path / "p.zarr", mats, complete=False)
+    (tmp_path / "p.zarr" / "shards" / "zarr.0a1b2c.partial").write_text("{")  # zarr's temporary, mid-write
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=ZarrUserWarning, append=True)
+        assert [s.shard_id for s in FeatureStore.open(str(tmp_path / "p.zarr")).shards] == [0, 1]
+
+
 def test_newer_major_version_is_refused_with_upgrade_hint(tmp_path):
     m = sp.random(3, 10, density=0.5, format="csr", random_state=0, dtype=np.float32)
     write_synthetic(tmp_path / "v.zarr", [m])
