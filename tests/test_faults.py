@@ -267,16 +267,19 @@ def _save_rows(path: Path, rows: list) -> None:
 
 @pytest.mark.ray
 def test_rerun_after_fixing_a_bad_row_keeps_the_shards_before_it(assets, tmp_path, ray_cluster, caplog):
-    """A worker fails on one bad row; the user fixes that row and reruns the same command. The
-    shards completed before the failure are kept (not recomputed), the rest is done, and the store
+    """A worker fails on one bad row, and the error names its shard and row; the user fixes that
+    row and reruns the same command. The shards completed before the failure are kept (not recomputed), the rest is done, and the store
     equals a fresh run over the fixed data. Editing a row of a complete shard later redoes only it,
     and rebuilds the index, though the store holds as many tokens as before."""
     rows = [[1, 2, 3]] * 120 + [[1, 99, 2]] + [[4, 5]] * 9  # row 120: outside the vocabulary
     data, store = tmp_path / "rows", tmp_path / "s.zarr"
     _save_rows(data, rows)
     cfg = config(assets, store, dataset=DatasetSpec(str(data), tokens_column="ids"), shard_rows=50)
-    with pytest.raises(DataError, match=r"dataset row 120: token id 99 is outside"):
-        run_extract(cfg)
+    with pytest.raises(DataError, match=r"dataset row 120: token id 99 is outside") as err:
+        run_extract(cfg)  # row 120 is past the driver's look at the first 100 rows: a worker finds it
+    assert "shard 2 (dataset rows 100-129)" in "".join(getattr(err.value, "__notes__", []))
+    partial = FeatureStore.open(str(store))
+    assert not partial.complete and {s.shard_id for s in partial.shards} == {0, 1}  # one worker, in order
     before = _markers(store)
     assert set(before) == {0, 1}
 
