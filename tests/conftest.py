@@ -92,7 +92,8 @@ def assets(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray instance for the session, with more logical CPUs than actors take (stack.md)."""
+    """One local Ray instance for the session (for each test process under pytest-xdist), with more
+    logical CPUs than actors take (stack.md)."""
     import ray
 
     ray.init(num_cpus=6, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
