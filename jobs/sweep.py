@@ -140,10 +140,14 @@ def validate(cfg: SweepConfig) -> SweepJob:
         problems.extend(_check_prompt_file(cfg))
     if problems:
         raise ConfigError(problems)
-    if hook is None:
+    if hook is None or cfg.sae is not None:  # the SAE's own hook (a small config read, no weights)
         from pipeline.saes import SAESource, read_sae_config
 
-        hook = read_sae_config(SAESource.parse(sae)).hook
+        sae_hook = read_sae_config(SAESource.parse(sae)).hook
+        if hook is not None and hook != sae_hook:
+            raise ConfigError(f"--hook {hook!r} is not where --sae {sae} reads: it was trained at {sae_hook!r}. "
+                              f"Leave --hook out, or give an SAE trained at {hook!r}.")
+        hook = sae_hook
     return SweepJob(model=model, sae=sae, hook=hook, config=cfg)
 
 

@@ -162,7 +162,7 @@ def _sweep(**fields):
     def run(assets, tmp, store):
         from jobs.sweep import SweepConfig, validate
 
-        made = {k: (v(tmp) if callable(v) else v) for k, v in fields.items()}
+        made = {k: (v(assets, tmp) if callable(v) else v) for k, v in fields.items()}
         validate(SweepConfig(**{"name": "s", "store": store, "rows": (0, 4), "metric": "kl", **made}))
 
     return run
@@ -242,8 +242,14 @@ BAD_INPUTS = {
     "sweep: logit_diff without answers": (
         _sweep(metric="logit_diff"), ConfigError, r"--metric logit_diff needs answers"),
     "sweep: prompt file with a broken line": (
-        _sweep(rows=None, prompts=lambda t: _file(t, "p.jsonl", b'{"prompt": "a"}\n{not json\n'), model="m", sae="s"),
+        _sweep(rows=None, prompts=lambda a, t: _file(t, "p.jsonl", b'{"prompt": "a"}\n{not json\n'), model="m", sae="s"),
         ConfigError, r"--prompts .*p\.jsonl: line 2 is not JSON"),
+    "sweep: --hook that is not where the --sae reads": (
+        _sweep(rows=None, prompts=lambda a, t: _file(t, "p.jsonl", b'{"prompt": "a cat"}\n'),
+               model=lambda a, t: str(a["model_dir"]), sae=lambda a, t: str(a["sae_dirs"]["blocks.0.hook_resid_post"]),
+               hook="blocks.1.hook_mlp_out"),
+        ConfigError, r"--hook 'blocks\.1\.hook_mlp_out' is not where --sae .* reads: it was trained at "
+                     r"'blocks\.0\.hook_resid_post'"),
     "sweep: reading a sweep that does not exist": (
         lambda a, t, s: __import__("store.sweeps", fromlist=["read_sweep"]).read_sweep(s, "nope"),
         StoreNotFoundError, r"has no sweep 'nope'; it has: none"),
