@@ -29,7 +29,11 @@ def block_checksums(data: np.ndarray, block: int) -> list[str]:
 
 def repair(location: str, part: str) -> str:
     """How to repair a damaged part, by what it belongs to."""
-    top = part.split("/")[0]
+    names = part.split("/")
+    top = names[0]
+    if top == "sweeps":  # a damaged part (sweeps/<name>/parts/<id>) is redone alone; other damage, the sweep
+        damaged = "/".join(names[:4] if names[2:3] == ["parts"] else names[:2])
+        return f"delete {damaged} and rerun the same `latentstore sweep` command (it redoes what is missing)"
     if top == fmt.INDEX_GROUP:
         return f"delete {fmt.INDEX_GROUP}/ and run `latentstore index {location}` to rebuild it"
     if top == fmt.STATS_GROUP:

@@ -20,7 +20,7 @@ import zarr
 from store import codecs, format as fmt
 from store.errors import ConfigError, StoreConflictError, StoreIncompleteError, StoreNotFoundError, did_you_mean
 from store.location import normalize, open_root, subgroup_names
-from store.checked import checksum
+from store.checked import checksum, read_whole
 from store.writer import canonical, complete_markers, diff_runs, now, read_marker
 
 SWEEPS_GROUP = "sweeps"
@@ -188,7 +188,10 @@ def read_sweep(location: str, name: str, allow_incomplete: bool = False) -> pd.D
         )
     parts = group[PARTS_GROUP] if PARTS_GROUP in group else None  # absent until ``begin`` is done
     complete = complete_markers(parts) if parts is not None else {}
-    pieces = [pd.DataFrame({key: parts[name][key][:] for key in COLUMNS if key in parts[name]}) for name in complete]
+    root, base = open_root(location, mode="r"), f"{sweep_path(name)}/{PARTS_GROUP}"
+    pieces = [pd.DataFrame({key: read_whole(root, f"{base}/{part}/{key}", location, marker.get("checksums", {}).get(key))
+                            for key in COLUMNS if key in parts[part]})
+              for part, marker in complete.items()]
     frame = pd.concat(pieces, ignore_index=True) if pieces else pd.DataFrame(
         {key: np.zeros(0, dtype) for key, dtype in COLUMNS.items() if key != "attribution"})
     frame["method"] = pd.Categorical.from_codes(frame["method"].astype(np.int64), categories=list(METHODS)).astype(str)

@@ -155,8 +155,11 @@ class _Walker:
         key = f"{node}/{METADATA}" if node else METADATA
         return key in self.files and node not in self.metadata
 
-    def read(self, path: str) -> np.ndarray | None:
-        """The whole array, decoded; None (with the problem recorded) if it cannot be read."""
+    def read(self, path: str, recorded: str | None = None) -> np.ndarray | None:
+        """The whole array, decoded and checked against its recorded checksum when there is one;
+        None (with the problem recorded) if it cannot be read. zarr leaves unwritten a chunk that
+        holds only the fill value, so a missing chunk reads as the fill value: it is damage unless
+        the recorded checksum vouches for exactly that."""
         self.read_arrays.add(path)
         if path not in self.metadata:
             if not self.damaged(path):
@@ -167,31 +170,33 @@ class _Walker:
         except Exception as e:  # unknown codec, invalid metadata fields: zarr raises several types
             self.report.add(f"{path}/{METADATA}", f"array metadata is not readable ({type(e).__name__}: {e})")
             return None
-        out = np.empty(array.shape, dtype=array.dtype)
+        out, missing = np.empty(array.shape, dtype=array.dtype), []
         grid = [range(-(-s // c)) if s else range(0) for s, c in zip(array.shape, array.chunks)]
         for coords in itertools.product(*grid):
             key = array.metadata.encode_chunk_key(coords)
             box = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(coords, array.chunks, array.shape))
             if f"{path}/{key}" not in self.files and array.shape and all(b.stop > b.start for b in box):
-                self.report.add(path, f"chunk {key} is missing (reads would silently return the fill value)")
-                return None
+                out[box] = array.fill_value
+                missing.append(key)
+                continue
             try:
                 out[box] = array[box]
             except Exception as e:  # codecs raise RuntimeError, ValueError, ...: all mean the bytes are bad
                 self.report.add(path, f"chunk {key} cannot be decoded ({type(e).__name__}: {e})")
                 return None
+        if missing and (recorded is None or checksum(out) != recorded):
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            self.report.add(path, f"chunk {missing[0]}{more} is missing (reads would silently return the fill value)")
+            return None
         self.report.n_arrays += 1
         self.report.n_bytes += out.nbytes
+        if recorded is not None:
+            self.report.n_checksums += 1
+            found = checksum(out)
+            if found != recorded:
+                self.report.add(path, f"checksum mismatch: recorded {recorded} at write time, found {found} "
+                                      "(the data changed after it was written)")
         return out
-
-    def check_sum(self, path: str, data: np.ndarray | None, recorded: str | None) -> None:
-        if data is None or recorded is None:
-            return
-        self.report.n_checksums += 1
-        found = checksum(data)
-        if found != recorded:
-            self.report.add(path, f"checksum mismatch: recorded {recorded} at write time, found {found} "
-                                  "(the data changed after it was written)")
 
 
 def verify_store(location: str) -> VerifyReport:
@@ -265,9 +270,7 @@ def _verify_shard(walker: _Walker, node: str, marker: dict, saes: dict, value_dt
 
     def read(name: str) -> np.ndarray | None:
         path = f"{node}/{name}"
-        data = walker.read(path)
-        walker.check_sum(path, data, checksums.pop(name, None))
-        return data
+        return walker.read(path, checksums.pop(name, None))
 
     def expect_len(name: str, data: np.ndarray | None, n: int | None) -> bool:
         if data is None:
@@ -322,7 +325,7 @@ def _verify_shard(walker: _Walker, node: str, marker: dict, saes: dict, value_dt
                                                       f"{fmt.storage_dtype(value_dtype)} for {value_dtype}")
     for name, recorded in checksums.items():  # further arrays the marker vouches for (statistics, ...)
         path = f"{node}/{name}"
-        walker.check_sum(path, walker.read(path), recorded)
+        walker.read(path, recorded)
 
 
 def _verify_root_lists(walker: _Walker, root: dict, markers: dict[int, dict]) -> None:
@@ -369,8 +372,7 @@ def _verify_index(walker: _Walker, root: dict, markers: dict[int, dict]) -> None
         if attrs is None or not attrs.get("complete") or hook not in saes:
             continue
         d_sae = int(saes[hook]["d_sae"])
-        indptr = walker.read(f"{node}/{fmt.INDPTR}")
-        walker.check_sum(f"{node}/{fmt.INDPTR}", indptr, attrs.get("checksums", {}).get(fmt.INDPTR))
+        indptr = walker.read(f"{node}/{fmt.INDPTR}", attrs.get("checksums", {}).get(fmt.INDPTR))
         if indptr is None:
             continue
         where = f"{node}/{fmt.INDPTR}"
@@ -395,10 +397,8 @@ def _verify_index(walker: _Walker, root: dict, markers: dict[int, dict]) -> None
                 if not walker.damaged(f"{part}/{fmt.MARKER_GROUP}"):
                     report.add(part, "has no completion marker, yet the index says it is complete")
                 continue
-            token = walker.read(f"{part}/token")
-            walker.check_sum(f"{part}/token", token, marker.get("checksums", {}).get("token"))
-            values = walker.read(f"{part}/{fmt.VALUES}")
-            walker.check_sum(f"{part}/{fmt.VALUES}", values, marker.get("checksums", {}).get(fmt.VALUES))
+            token = walker.read(f"{part}/token", marker.get("checksums", {}).get("token"))
+            values = walker.read(f"{part}/{fmt.VALUES}", marker.get("checksums", {}).get(fmt.VALUES))
             want = int(indptr[stop] - indptr[start])
             for name, data in (("token", token), (fmt.VALUES, values)):
                 if data is not None and len(data) != want:
@@ -415,7 +415,7 @@ def _verify_merged_stats(walker: _Walker) -> None:
     for hook in walker.children(fmt.STATS_GROUP):
         node = f"{fmt.STATS_GROUP}/{hook}"
         for name, recorded in ((walker.attrs(node) or {}).get("checksums") or {}).items():
-            walker.check_sum(f"{node}/{name}", walker.read(f"{node}/{name}"), recorded)
+            walker.read(f"{node}/{name}", recorded)
 
 
 def _verify_marked_groups(walker: _Walker, top: str) -> None:
@@ -429,4 +429,4 @@ def _verify_marked_groups(walker: _Walker, top: str) -> None:
             path = f"{parent}/{name}"
             if path in walker.read_arrays:
                 continue
-            walker.check_sum(path, walker.read(path), recorded)
+            walker.read(path, recorded)

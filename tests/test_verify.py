@@ -276,3 +276,28 @@ def test_a_format_1_1_store_reads_as_before(store):
     rewrite_entry(store / part, 0, 999)
     with pytest.raises(StoreCorruptError, match=rf"{part} is damaged: its checksum is"):
         FeatureStore.open(str(store)).feature_activations(HOOK, feature)
+
+
+def test_damaged_sweep_parts_are_named_and_reading_the_sweep_refuses_them(store):
+    import numpy as np
+
+    from store.sweeps import SweepPart, SweepWriter, read_sweep
+
+    writer = SweepWriter(str(store), "s")
+    writer.begin({"kind": "test"}, np.arange(3), None, n_parts=2, overwrite=False)
+    for part_id in (0, 1):
+        writer.write_part(SweepPart(part_id, np.full(3, part_id), np.arange(3), np.arange(3, dtype=np.float32) + part_id,
+                                    np.zeros(3, np.uint8)))
+    writer.finalize({"n_lines": 6})
+    assert read_sweep(str(store), "s")["delta"].tolist() == [0, 1, 2, 1, 2, 3]
+    # zarr writes no chunk that holds only the fill value (part 0's prompts, every exact sweep's
+    # methods): the checksums vouch for them, so they are no damage
+    assert not (store / "sweeps/s/parts/000000/method/c/0").exists()
+    assert verify_store(str(store)).ok
+    # damage a codec cannot notice: part 1's deltas where part 0's were
+    part = "sweeps/s/parts/000000"
+    shutil.copy(store / "sweeps/s/parts/000001/delta/c/0", store / part / "delta/c/0")
+    with pytest.raises(StoreCorruptError, match=rf"(?s){part}/delta is damaged.*delete {part} and rerun the same "
+                                                r"`latentstore sweep` command"):
+        read_sweep(str(store), "s")
+    assert verify_store(str(store)).damaged_parts == [f"{part}/delta"]
