@@ -39,7 +39,7 @@ def repair(location: str, part: str) -> str:
     if top == fmt.STATS_GROUP:
         return ("rerun the same `latentstore extract` command: it keeps the shards and rewrites the merged "
                 "statistics from them")
-    shard = "/".join(part.split("/")[:2])
+    shard = "/".join(names[:2])
     return f"delete {shard} and rerun the same `latentstore extract` command (it rewrites missing shards)"
 
 

@@ -189,9 +189,11 @@ def read_sweep(location: str, name: str, allow_incomplete: bool = False) -> pd.D
     parts = group[PARTS_GROUP] if PARTS_GROUP in group else None  # absent until ``begin`` is done
     complete = complete_markers(parts) if parts is not None else {}
     root, base = open_root(location, mode="r"), f"{sweep_path(name)}/{PARTS_GROUP}"
-    pieces = [pd.DataFrame({key: read_whole(root, f"{base}/{part}/{key}", location, marker.get("checksums", {}).get(key))
-                            for key in COLUMNS if key in parts[part]})
-              for part, marker in complete.items()]
+    pieces = []
+    for part, marker in complete.items():
+        sums = marker["checksums"]  # one per array the part holds (docs/FORMAT.md)
+        pieces.append(pd.DataFrame({key: read_whole(root, f"{base}/{part}/{key}", location, sums[key])
+                                    for key in COLUMNS if key in sums}))
     frame = pd.concat(pieces, ignore_index=True) if pieces else pd.DataFrame(
         {key: np.zeros(0, dtype) for key, dtype in COLUMNS.items() if key != "attribution"})
     frame["method"] = pd.Categorical.from_codes(frame["method"].astype(np.int64), categories=list(METHODS)).astype(str)

@@ -91,8 +91,8 @@ class VerifyReport:
         for top in (INDEX_GROUP, fmt.STATS_GROUP):
             if any(p.part.startswith(top + "/") for p in self.problems):
                 lines.append(f"fix: {repair(self.location, top)}.")
-        if any(p.part.startswith("sweeps/") for p in self.problems):
-            lines.append("fix: delete the damaged sweep part(s) and rerun the same `latentstore sweep` command.")
+        for fix in sorted({repair(self.location, p.part) for p in self.problems if p.part.startswith("sweeps/")}):
+            lines.append(f"fix: {fix}.")
         return "\n".join(lines)
 
 
@@ -184,7 +184,8 @@ class _Walker:
             except Exception as e:  # codecs raise RuntimeError, ValueError, ...: all mean the bytes are bad
                 self.report.add(path, f"chunk {key} cannot be decoded ({type(e).__name__}: {e})")
                 return None
-        if missing and (recorded is None or checksum(out) != recorded):
+        found = None if recorded is None else checksum(out)
+        if missing and (recorded is None or found != recorded):
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             self.report.add(path, f"chunk {missing[0]}{more} is missing (reads would silently return the fill value)")
             return None
@@ -192,7 +193,6 @@ class _Walker:
         self.report.n_bytes += out.nbytes
         if recorded is not None:
             self.report.n_checksums += 1
-            found = checksum(out)
             if found != recorded:
                 self.report.add(path, f"checksum mismatch: recorded {recorded} at write time, found {found} "
                                       "(the data changed after it was written)")

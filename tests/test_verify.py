@@ -300,4 +300,6 @@ def test_damaged_sweep_parts_are_named_and_reading_the_sweep_refuses_them(store)
     with pytest.raises(StoreCorruptError, match=rf"(?s){part}/delta is damaged.*delete {part} and rerun the same "
                                                 r"`latentstore sweep` command"):
         read_sweep(str(store), "s")
-    assert verify_store(str(store)).damaged_parts == [f"{part}/delta"]
+    report = verify_store(str(store))
+    assert report.damaged_parts == [f"{part}/delta"]
+    assert f"fix: delete {part} and rerun the same `latentstore sweep` command" in report.format()
