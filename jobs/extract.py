@@ -24,6 +24,7 @@ from store.errors import ConfigError, StoreWriteError, did_you_mean
 from store.format import VALUE_DTYPES
 from store.stats import DEFAULT_TOP_K
 from store.location import check_writable, normalize
+from store.lease import hold_lease
 from store.writer import DATA_KEYS, StoreWriter, check_conflict
 
 log = logging.getLogger(__name__)
@@ -228,28 +229,33 @@ def start_workers(ray, plan: Plan) -> list:
 
 
 def run_extract(cfg: ExtractConfig) -> dict:
-    """Run an extraction end to end; returns the store's final counts."""
-    plan = validate(cfg)
-    ray = connect(cfg.address, (cfg.workers or 1) * (cfg.cpus_per_worker or 1))
-    actors = start_workers(ray, plan)
-    try:
-        described = call(ray, actors[0].describe.remote(), "loading the model and SAEs")
-        writer = StoreWriter(cfg.store)
-        plan_meta = {"n_shards": len(plan.shards), "n_rows": plan.dataset["n_rows"]}
-        vocab = described.pop("vocab")
-        done = writer.begin(plan.run_metadata(described), plan_meta, cfg.overwrite, keep_shard=_rows_unchanged(plan))
-        if vocab is not None:
-            writer.write_vocab(vocab)
-        done = _schedule(ray, actors, plan, done)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-    counts = _finalize(writer, plan, done)
-    if cfg.index:
-        from jobs.index import run_index
+    """Run an extraction end to end; returns the store's final counts. The store's writer lease is
+    taken first, before anything is read or written, and held to the end (the index included)."""
+    with hold_lease(cfg.store, "latentstore extract") as lease:
+        plan = validate(cfg)
+        ray = connect(cfg.address, (cfg.workers or 1) * (cfg.cpus_per_worker or 1))
+        actors = start_workers(ray, plan)
+        try:
+            described = call(ray, actors[0].describe.remote(), "loading the model and SAEs")
+            writer = StoreWriter(cfg.store)
+            plan_meta = {"n_shards": len(plan.shards), "n_rows": plan.dataset["n_rows"]}
+            vocab = described.pop("vocab")
+            lease.check()
+            done = writer.begin(plan.run_metadata(described), plan_meta, cfg.overwrite,
+                                keep_shard=_rows_unchanged(plan))
+            if vocab is not None:
+                writer.write_vocab(vocab)
+            done = _schedule(ray, actors, plan, done)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+        lease.check()
+        counts = _finalize(writer, plan, done)
+        if cfg.index:
+            from jobs.index import run_index
 
-        run_index(writer.location, workers=cfg.workers, progress=cfg.progress)
-    return counts
+            run_index(writer.location, workers=cfg.workers, progress=cfg.progress)  # under this lease
+        return counts
 
 
 def _rows_unchanged(plan: Plan):

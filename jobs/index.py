@@ -14,44 +14,48 @@ import numpy as np
 
 from store import FeatureStore, index as index_mod
 from store.errors import StoreIncompleteError
+from store.lease import hold_lease
 
 log = logging.getLogger(__name__)
 
 
 def run_index(location: str, workers: int | None = None, address: str | None = None,
               part_nnz: int = index_mod.DEFAULT_PART_NNZ, progress: bool = True) -> dict[str, int]:
-    """Build (or finish) every SAE's index. Returns the number of parts per hook."""
+    """Build (or finish) every SAE's index, holding the store's writer lease. Returns the number of
+    parts per hook."""
     from tqdm.auto import tqdm
 
     from jobs.ray_session import connect
 
-    fs = FeatureStore.open(location)
-    if not fs.complete:
-        raise StoreIncompleteError(
-            f"{fs.location} is still being written (or its extraction stopped part-way); "
-            "finish it by rerunning the same `latentstore extract` command, then index it."
-        )
-    ray = connect(address, workers or 1)
-    n_workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
-    shards = fs.attrs["shards"]
-    token_dtype = "<u4" if fs.n_tokens < 2**32 else "<u8"
-    build = ray.remote(num_cpus=1, max_retries=3)(index_mod.build_part)
-    todo, n_parts = [], {}
-    for hook in fs.hooks:
-        counts = fs.stats(hook).count
-        parts, done = index_mod.begin(fs.location, hook, counts, shards, fs.value_dtype,
-                                      min_parts=n_workers, part_nnz=part_nnz)
-        n_parts[hook] = len(parts)
-        todo += [(hook, part) for part in parts if part.part_id not in done]
-    pending = [build.remote(fs.location, hook, part, shards, token_dtype) for hook, part in todo]
-    with tqdm(total=len(pending), unit="part", desc="index", disable=not progress) as bar:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            ray.get(ready)
-            bar.update(1)
-    for hook in fs.hooks:
-        index_mod.finalize(fs.location, hook)
-    return n_parts
+    with hold_lease(location, "latentstore index") as lease:  # re-entrant: `latentstore extract` holds it already
+        fs = FeatureStore.open(location)
+        if not fs.complete:
+            raise StoreIncompleteError(
+                f"{fs.location} is still being written (or its extraction stopped part-way); "
+                "finish it by rerunning the same `latentstore extract` command, then index it."
+            )
+        ray = connect(address, workers or 1)
+        n_workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
+        shards = fs.attrs["shards"]
+        token_dtype = "<u4" if fs.n_tokens < 2**32 else "<u8"
+        build = ray.remote(num_cpus=1, max_retries=3)(index_mod.build_part)
+        todo, n_parts = [], {}
+        for hook in fs.hooks:
+            counts = fs.stats(hook).count
+            parts, done = index_mod.begin(fs.location, hook, counts, shards, fs.value_dtype,
+                                          min_parts=n_workers, part_nnz=part_nnz)
+            n_parts[hook] = len(parts)
+            todo += [(hook, part) for part in parts if part.part_id not in done]
+        pending = [build.remote(fs.location, hook, part, shards, token_dtype) for hook, part in todo]
+        with tqdm(total=len(pending), unit="part", desc="index", disable=not progress) as bar:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                ray.get(ready)
+                bar.update(1)
+        lease.check()
+        for hook in fs.hooks:
+            index_mod.finalize(fs.location, hook)
+        return n_parts
 
 
 def add_commands(commands) -> None:

@@ -25,6 +25,7 @@ from pipeline.metrics import KLFromClean, LogitDiff, NextTokenLoss, TargetLoss
 from jobs.ray_session import call, connect, init_errors_on_call, worker_resources
 from jobs.sweep_cli import METRICS
 from store.errors import ConfigError, DataError, did_you_mean
+from store.lease import hold_lease
 
 log = logging.getLogger(__name__)
 
@@ -303,34 +304,36 @@ def plan_parts(n_prompts: int, features: np.ndarray, prompts_per_part: int, feat
 
 
 def run_sweep(cfg: SweepConfig) -> dict:
-    """Run a sweep end to end (or finish one); returns its counts."""
+    """Run a sweep end to end (or finish one), holding the store's writer lease; returns its counts."""
     from store.sweeps import SweepWriter
 
-    job = validate(cfg)
-    ray = connect(cfg.address, (cfg.workers or 1) * (cfg.cpus_per_worker or 1))
-    actors = _start_workers(ray, job)
-    try:
-        n_prompts = call(ray, actors[0].n_prompts.remote(), "loading the model, the SAE and the prompts")
-        spec = cfg.spec(job.model, job.sae, job.hook, n_prompts)
-        writer = SweepWriter(cfg.store, cfg.name)
-        same = writer.existing_spec() is not None and not cfg.overwrite
-        if same:
-            features = writer.features()
-        elif cfg.features is not None:
-            features = np.unique(np.asarray(cfg.features, dtype=np.int64))
-        else:
-            features = call(ray, actors[0].live_features.remote(), "finding the live features")
-        parts = plan_parts(n_prompts, features, cfg.prompts_per_part, cfg.features_per_part)
-        prompt_rows = np.arange(*cfg.rows) if cfg.rows is not None else None
-        done = writer.begin(spec, features, prompt_rows, len(parts), cfg.overwrite)
-        done = _schedule(ray, actors, [p for p in parts if p.part_id not in done], done, len(parts), cfg.progress)
-        counts = {"n_prompts": n_prompts, "n_features": len(features), "n_parts": len(parts),
-                  "n_lines": sum(m["n_lines"] for m in done.values())}
-        writer.finalize(counts)
-        return counts
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+    with hold_lease(cfg.store, f"latentstore sweep {cfg.name}") as lease:  # before anything is read or written
+        job = validate(cfg)
+        ray = connect(cfg.address, (cfg.workers or 1) * (cfg.cpus_per_worker or 1))
+        actors = _start_workers(ray, job)
+        try:
+            n_prompts = call(ray, actors[0].n_prompts.remote(), "loading the model, the SAE and the prompts")
+            spec = cfg.spec(job.model, job.sae, job.hook, n_prompts)
+            writer = SweepWriter(cfg.store, cfg.name)
+            same = writer.existing_spec() is not None and not cfg.overwrite
+            if same:
+                features = writer.features()
+            elif cfg.features is not None:
+                features = np.unique(np.asarray(cfg.features, dtype=np.int64))
+            else:
+                features = call(ray, actors[0].live_features.remote(), "finding the live features")
+            parts = plan_parts(n_prompts, features, cfg.prompts_per_part, cfg.features_per_part)
+            prompt_rows = np.arange(*cfg.rows) if cfg.rows is not None else None
+            done = writer.begin(spec, features, prompt_rows, len(parts), cfg.overwrite)
+            done = _schedule(ray, actors, [p for p in parts if p.part_id not in done], done, len(parts), cfg.progress)
+            counts = {"n_prompts": n_prompts, "n_features": len(features), "n_parts": len(parts),
+                      "n_lines": sum(m["n_lines"] for m in done.values())}
+            lease.check()
+            writer.finalize(counts)
+            return counts
+        finally:
+            for actor in actors:
+                ray.kill(actor)
 
 
 def _start_workers(ray, job: SweepJob) -> list:

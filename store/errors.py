@@ -65,3 +65,7 @@ def did_you_mean(name: str, valid: Iterable[str], limit: int = 12) -> str:
     shown = close + rest[: max(0, limit - len(close))]
     more = f", ... ({len(valid) - len(shown)} more)" if len(valid) > len(shown) else ""
     return ", ".join(shown) + more
+
+
+class StoreLockedError(LatentStoreError, BlockingIOError):
+    """Another run holds the store's writer lease (or this run lost it): two writers would corrupt it."""
