@@ -8,7 +8,7 @@ import logging
 import sys
 import textwrap
 
-from store.errors import LatentStoreError
+from store.errors import LatentStoreError, disk_full, is_disk_full
 
 EXTRACT_HELP = """\
 Run a TransformerLens model with sae_lens SAEs attached over a dataset, on Ray
@@ -187,11 +187,36 @@ def format_info(info: dict) -> str:
     return "\n".join(lines)
 
 
+# Control characters shown escaped: C0 (but the newline, shown as ⏎), DEL and C1. Printed raw, dataset
+# text such as "\x1b[31m" or "\x1b]0;TITLE\x07" would recolour the terminal or retitle its window.
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
+_CONTROL.update({ord("\t"): "\\t", ord("\r"): "\\r"})
+_ESCAPED = str.maketrans({**_CONTROL, ord("\n"): "⏎"})
+_ESCAPED_KEEP_LINES = str.maketrans({k: v for k, v in _CONTROL.items() if k != ord("\n")})
+
+
+def terminal_text(text: str, keep_newlines: bool = False) -> str:
+    """``text`` made safe to print: every control character (C0, DEL, C1) shown escaped, as ``\\x1b``,
+    ``\\t``, ``\\r``; a newline shown as ``⏎``, or kept with ``keep_newlines`` (for our own multi-line
+    output that quotes names from a store or a dataset). Every output path that prints dataset or
+    store text goes through it."""
+    return text.translate(_ESCAPED_KEEP_LINES if keep_newlines else _ESCAPED)
+
+
+def _store_locations(args: argparse.Namespace) -> list[str]:
+    """The store paths or URLs a command was given."""
+    return [args.store] if isinstance(getattr(args, "store", None), str) else []
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        from store.location import normalize
+
+        for location in _store_locations(args):
+            normalize(location)  # refuses credentials in a URL before anything reads, logs or prints it
         if args.command == "extract":
             from jobs.extract import run_extract
 
@@ -203,15 +228,21 @@ def main(argv: list[str] | None = None) -> int:
             from store import FeatureStore
 
             fs = FeatureStore.open(args.store)
-            print(json.dumps(fs.info(), indent=2) if args.json else format_info(fs.info()))
+            print(json.dumps(fs.info(), indent=2) if args.json else terminal_text(format_info(fs.info()), True))
             if args.tree:
-                print(fs.tree())
-        else:  # commands registered by add_commands carry their handler
-            args.handler(args)
-    except LatentStoreError as e:
-        print(f"latentstore {args.command}: error: {e}", file=sys.stderr)
+                print(terminal_text(fs.tree(), keep_newlines=True))
+        else:  # commands registered by add_commands carry their handler, which may return an exit status
+            status = args.handler(args)
+            if isinstance(status, int) and status:
+                return status
+    except (LatentStoreError, OSError) as e:
+        if is_disk_full(e):  # met by this process (a worker's arrives as a StoreFullError already)
+            e = disk_full(e, next(iter(_store_locations(args)), None))
+        elif not isinstance(e, LatentStoreError):
+            raise
+        print(f"latentstore {args.command}: error: {terminal_text(str(e), keep_newlines=True)}", file=sys.stderr)
         for note in getattr(e, "__notes__", []):
-            print(f"  {note}", file=sys.stderr)
+            print(f"  {terminal_text(note, keep_newlines=True)}", file=sys.stderr)
         return 2
     return 0
 

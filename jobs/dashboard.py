@@ -82,9 +82,9 @@ def write_dashboard(fs: FeatureStore, hook: str, out: str | Path, features: rang
                     max_rows: int = 500, logits: bool = True, progress: bool = False) -> Path:
     """Write the site into ``out`` and return the path of its ``index.html``."""
     features = checked_features(fs, hook, features)
-    out = Path(out)
+    out = check_site_folder(out)
     out.mkdir(parents=True, exist_ok=True)
-    for name in PAGES:
+    for name in sorted(PAGES, key=lambda n: n != "server.js"):  # server.js first: it marks the folder as a site
         shutil.copyfile(SITE / name, out / name)
     weights = load_logit_weights(fs, hook) if logits else None
     vocab = fs.vocab
@@ -99,6 +99,42 @@ def write_dashboard(fs: FeatureStore, hook: str, out: str | Path, features: rang
         write_data(out, "rows", row, row_json(fs, hook, row, range(int(lo), int(hi)), vocab))
     write_script(out / "data" / "meta.js", "meta", meta_json(fs, hook, features, rows, summary))
     return out / "index.html"
+
+
+def check_site_folder(out: str | Path) -> Path:
+    """``out`` as a Path, if the site may be written there: a folder that does not exist yet, an empty
+    one, or one that holds an earlier latentstore dashboard (recognised by its ``server.js`` or its
+    ``data/meta.js``). Anything else would have files of the user's overwritten: a ConfigError."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder. Give a folder for the site: a new one, an empty "
+                          "one, or one that holds an earlier latentstore dashboard.")
+    ancestor = out
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"--out {out} cannot be created: {ancestor} is a file. Give another folder.")
+    if out.is_dir() and any(out.iterdir()) and not _is_site(out):
+        names = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)" if len(names) > 5 else "")
+        raise ConfigError(f"--out {out} holds files that are not a latentstore dashboard ({shown}); writing the "
+                          "site there would overwrite them. Give a new or empty folder, or the folder of an "
+                          "earlier dashboard.")
+    return out
+
+
+def _is_site(folder: Path) -> bool:
+    """Whether ``folder`` holds a dashboard written by latentstore, complete or interrupted."""
+    try:
+        if (folder / "server.js").read_bytes() == (SITE / "server.js").read_bytes():
+            return True
+    except OSError:
+        pass
+    try:
+        with open(folder / "data" / "meta.js", "rb") as f:
+            return f.read(32).startswith(b'LS.receive("meta",')
+    except OSError:
+        return False
 
 
 def write_data(out: Path, kind: str, number: int, data: dict[str, Any]) -> None:
@@ -164,6 +200,7 @@ def meta_json(fs: FeatureStore, hook: str, features: range, rows: list[int],
 def _handle(args: argparse.Namespace) -> None:
     if not args.serve and (args.port is not None or args.host is not None):
         raise ConfigError("--port and --host say where to serve: give --serve with them.")
+    check_site_folder(args.out)  # before the store is read or the model loaded
     fs = FeatureStore.open(args.store)
     server = None
     if args.serve:  # load the model and open the port first, so that a failure costs no site writing

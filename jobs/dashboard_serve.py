@@ -103,6 +103,8 @@ class PromptHandler(http.server.SimpleHTTPRequestHandler):
             body = json.loads(self.rfile.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             return self._error(400, f'the body is not JSON ({e}); send {{"text": "..."}}.')
+        except RecursionError:  # the parser recurses once per level of nesting
+            return self._error(400, 'the body is JSON nested too deeply to read; send {"text": "..."}.')
         if not isinstance(body, dict) or not isinstance(body.get("text"), str):
             return self._error(400, 'the body must be a JSON object with the prompt as a string: {"text": "..."}.')
         try:

@@ -14,7 +14,8 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
-from pipeline.dataset import DatasetSpec, Shard, check_dataset, describe_dataset, open_dataset, plan_shards, rows_digest
+from pipeline.dataset import (DatasetSpec, Shard, check_dataset, describe_dataset, open_dataset, plan_shards, rows_digest,
+                              token_row_problem)
 from pipeline.models import hook_names, hook_width, is_local_model, load_model_config
 from pipeline.saes import SAESource, read_sae_config
 from jobs.ray_session import call, connect, init_errors_on_call, worker_resources
@@ -159,16 +160,21 @@ def validate(cfg: ExtractConfig) -> Plan:
         seen[sae.hook] = text
 
     plan.prepend_bos = _bos_policy(cfg, plan.saes, problems)
+    if plan.prepend_bos and cfg.context_size == 1:
+        problems.append("--context-size 1 leaves no room for text: every window starts with the BOS token. "
+                        "Use --context-size 2 or more, or --no-prepend-bos.")
     try:
         ds = open_dataset(cfg.dataset)
     except ConfigError as e:
         problems.extend(e.problems)
     else:
-        problems.extend(check_dataset(ds, cfg.dataset))
+        dataset_problems = check_dataset(ds, cfg.dataset)
+        problems.extend(dataset_problems)
         plan.dataset = describe_dataset(ds, cfg.dataset)
-        if cfg.dataset.tokens_column and cfg.dataset.tokens_column in ds.column_names and len(ds):
+        if cfg.dataset.tokens_column and not dataset_problems:
             problems.extend(_check_token_sample(ds, cfg.dataset.tokens_column, model_cfg.d_vocab))
-        plan.shards = plan_shards(len(ds), cfg.shard_rows)
+        if cfg.shard_rows > 0:  # else reported above
+            plan.shards = plan_shards(len(ds), cfg.shard_rows)
     if problems:
         raise ConfigError(problems)
     check_conflict(cfg.store, plan.run_metadata(), cfg.overwrite, only_shared=True, ignore=DATA_KEYS)
@@ -194,6 +200,8 @@ def _bos_policy(cfg: ExtractConfig, saes: list, problems: list[str]) -> bool:
 def _check_token_sample(ds, column: str, d_vocab: int, n: int = 100) -> list[str]:
     """A cheap look at the first rows, so bad ids fail before any model loads (workers check all)."""
     for i, tokens in enumerate(ds[:n][column]):
+        if (problem := token_row_problem(tokens)) is not None:
+            return [f"dataset row {i}: {problem}"]
         bad = [t for t in (tokens or []) if not 0 <= int(t) < d_vocab]
         if bad:
             return [f"dataset row {i}: token id {bad[0]} is outside the model's vocabulary [0, {d_vocab}). "

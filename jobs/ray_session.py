@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import os
 from dataclasses import dataclass
 
-from store.errors import ConfigError, LatentStoreError
+from store.errors import ConfigError, LatentStoreError, disk_full, is_disk_full
 
 
 def connect(address: str | None, n_cpus_wanted: float):
@@ -21,10 +22,40 @@ def connect(address: str | None, n_cpus_wanted: float):
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        # More logical CPUs than the actors take, so Ray's own tasks never starve (stack.md).
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(n_cpus_wanted) + 1), include_dashboard=False,
-                 logging_level=logging.WARNING)
+        with _loopback_only(ray):
+            # More logical CPUs than the actors take, so Ray's own tasks never starve (stack.md).
+            ray.init(num_cpus=max(os.cpu_count() or 1, int(n_cpus_wanted) + 1), include_dashboard=False,
+                     logging_level=logging.WARNING, _node_ip_address=LOOPBACK)
     return ray
+
+
+LOOPBACK = "127.0.0.1"
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's switch between a cluster node and local-only Ray
+
+
+@contextlib.contextmanager
+def _loopback_only(ray):
+    """A Ray instance started inside binds every server it opens (GCS, raylet, workers, agents) to
+    loopback, not to every interface: no other machine can reach it. Users who want a cluster
+    give --address.
+
+    Ray's own switch for this is ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (local-only Ray, its default on
+    macOS and Windows): then the node's address is loopback, and its servers listen there. Ray reads
+    the variable once, at import, so the value it read is set as well; the processes Ray starts
+    inherit the variable. Both are put back afterwards, so that this process can still join a cluster."""
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(LOCAL_ONLY_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOCAL_ONLY_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(LOCAL_ONLY_ENV, None)
+        else:
+            os.environ[LOCAL_ONLY_ENV] = saved_env
 
 
 @dataclass(frozen=True)
@@ -50,12 +81,18 @@ def worker_resources(ray, workers: int | None, cpus_per_worker: float | None,
     return WorkerResources(n_workers, False, {"num_cpus": cpus}, max(1, int(cpus)))
 
 
-def call(ray, ref, what: str):
-    """``ray.get`` that re-raises a worker's latentstore error as itself, noting what was under way."""
+def call(ray, ref, what: str, location: str | None = None):
+    """``ray.get`` that re-raises a worker's latentstore error as itself, noting what was under way.
+    A full disk (ENOSPC, EDQUOT) met by a worker becomes a StoreFullError that names the path
+    (``location``, the store, when the error does not name a file) and says that a rerun resumes."""
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as e:
         cause = getattr(e, "cause", None)
+        if is_disk_full(cause):
+            full = disk_full(cause, location)
+            full.add_note(f"(while {what})")
+            raise full from None
         if isinstance(cause, LatentStoreError):
             cause.add_note(f"(while {what})")
             raise cause from None

@@ -54,6 +54,7 @@ def resolve_model_and_sae(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def steer_command(args: argparse.Namespace) -> None:
+    from jobs.cli import terminal_text
     from pipeline.models import load_model
     from pipeline.saes import SAESource, load_sae
     from pipeline.steering import steer
@@ -63,7 +64,7 @@ def steer_command(args: argparse.Namespace) -> None:
     sae = load_sae(SAESource.parse(sae_spec), dtype=str(model.cfg.dtype).removeprefix("torch."))
     options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample, "temperature": args.temperature,
                "seed": args.seed}
-    print(steer(model, sae, args.prompt, args.feature, args.magnitude, **options))
+    print(terminal_text(steer(model, sae, args.prompt, args.feature, args.magnitude, **options), keep_newlines=True))
     if args.compare:
         print("--- without steering ---")
-        print(steer(model, sae, args.prompt, args.feature, 0.0, **options))
+        print(terminal_text(steer(model, sae, args.prompt, args.feature, 0.0, **options), keep_newlines=True))

@@ -6,7 +6,9 @@ import argparse
 
 import numpy as np
 
+from jobs.cli import terminal_text
 from store import FeatureStore
+from store.queries import check_examples
 
 
 def add_commands(commands) -> None:
@@ -40,13 +42,14 @@ def pick_features(fs: FeatureStore, hook: str, n: int = 3, seed: int = 0) -> lis
 def _handle(args: argparse.Namespace) -> None:
     fs = FeatureStore.open(args.store)
     hook = args.hook or fs.hooks[0]
-    features = args.features or pick_features(fs, hook)
+    check_examples(args.k, tuple(args.context))  # every argument checked before anything is printed
+    features = [fs.check_feature(hook, f) for f in args.features] if args.features else pick_features(fs, hook)
     stats = fs.feature_stats(hook)
     for feature in features:
         s = stats.loc[feature]
-        print(f"\n{hook}  feature {feature}   fires on {s['density']:.3%} of tokens, max {s['max']:.3g}")
+        print(f"\n{terminal_text(hook)}  feature {feature}   fires on {s['density']:.3%} of tokens, max {s['max']:.3g}")
         top = fs.top_activations(hook, feature, k=args.k, context=tuple(args.context),
                                  exclude_special_tokens=not args.include_special_tokens)
         for _, example in top.iterrows():
-            text = example["context"].replace("\n", "⏎")
+            text = terminal_text(example["context"])
             print(f"  {example['activation']:8.3f}  row {example['row']:>6} pos {example['pos']:>5}  {text}")

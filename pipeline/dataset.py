@@ -92,6 +92,9 @@ def open_dataset(spec: DatasetSpec) -> Any:
             )
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train")
+        except StopIteration as e:  # how datasets' JSON reader meets a file with no line at all
+            raise ConfigError(f"--dataset {spec.name} is empty: there is nothing to extract. "
+                              "Give a file with at least one row.") from e
         except (UnicodeDecodeError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
             if "corresponds to no data" in _root_cause(e):  # how datasets says a file has no rows
                 raise ConfigError(f"--dataset {spec.name} is empty: there is nothing to extract.") from e
@@ -139,8 +142,47 @@ def check_dataset(ds: Any, spec: DatasetSpec) -> list[str]:
     if len(ds) == 0:
         problems.append(f"--dataset {spec.name} (split {spec.split}) is empty: there is nothing to extract.")
     elif spec.column in ds.column_names:
-        problems.extend(_check_utf8(ds, spec))
+        if spec.tokens_column and _is_text(ds.features[spec.column]):
+            problems.append(
+                f"--tokens-column {spec.column!r} of --dataset {spec.name} holds text (strings), not lists of "
+                f"token ids. Pass --text-column {spec.column} instead to tokenize it, or a column of token-id lists."
+            )
+            return problems
+        found = _check_utf8(ds, spec)
+        problems.extend(found or _check_not_all_empty(ds, spec))
     return problems
+
+
+def _is_text(feature: Any) -> bool:
+    return getattr(feature, "dtype", None) in ("string", "large_string")
+
+
+def _check_not_all_empty(ds: Any, spec: DatasetSpec) -> list[str]:
+    """A dataset whose every row is empty (empty text, no tokens, or null) would make a store of no
+    tokens. One pass over the column's lengths in Arrow."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = getattr(getattr(ds, "data", None), "table", None)
+    if table is None or getattr(ds, "_indices", None) is not None:
+        return []
+    column = table.column(spec.column)
+    try:
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            lengths = pc.utf8_length(column)
+        elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+            lengths = pc.list_value_length(column)
+        else:
+            return []
+        longest = pc.max(lengths).as_py()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return []
+    if longest:
+        return []
+    what = "has no tokens" if spec.tokens_column else "is empty text"
+    return [f"--dataset {spec.name}: every row of column {spec.column!r} {what} ({len(ds)} rows): there is "
+            f"nothing to extract. Check that {'--tokens-column' if spec.tokens_column else '--text-column'} "
+            "names the column that holds the data."]
 
 
 def _check_utf8(ds: Any, spec: DatasetSpec) -> list[str]:
@@ -194,10 +236,10 @@ def tokenize_rows(rows: Sequence[Any], row_ids: Sequence[int], tokenizer: Any, p
     if pretokenized:
         out = []
         for row_id, tokens in zip(row_ids, rows):
-            try:
-                arr = np.asarray(tokens if tokens is not None else [], dtype=np.int64).reshape(-1)
-            except (TypeError, ValueError) as e:
-                raise DataError(f"dataset row {row_id}: tokens are not a list of integers ({e}).") from e
+            problem = token_row_problem(tokens)
+            if problem is not None:
+                raise DataError(f"dataset row {row_id}: {problem}")
+            arr = np.asarray(tokens if tokens is not None else [], dtype=np.int64).reshape(-1)
             bad = (arr < 0) | (arr >= d_vocab)
             if bad.any():
                 raise DataError(
@@ -216,6 +258,29 @@ def tokenize_rows(rows: Sequence[Any], row_ids: Sequence[int], tokenizer: Any, p
         raise ConfigError("the model has no tokenizer; give pre-tokenized rows with --tokens-column.")
     encoded = tokenizer(list(rows), add_special_tokens=False)["input_ids"]
     return [np.asarray(ids, dtype=np.int64) for ids in encoded]
+
+
+def token_row_problem(tokens: Any) -> str | None:
+    """What is wrong with a pre-tokenized row (``None``: nothing): it must be a list of integer ids.
+    A string is refused, even one of digits, which numpy would otherwise take for a single id."""
+    if tokens is None:
+        return None
+    if isinstance(tokens, (str, bytes)):
+        return (f"tokens are a string ({_preview(tokens)}), not a list of token ids. Give each row as a list "
+                "of integers, or pass the column as --text-column to tokenize it.")
+    try:
+        arr = np.asarray(tokens)
+    except (TypeError, ValueError) as e:
+        return f"tokens are not a list of integers ({e})."
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        return (f"tokens are not a flat list of integers (found {_preview(tokens)}). Give each row as a list "
+                "of integer token ids.")
+    return None
+
+
+def _preview(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -240,6 +305,9 @@ def make_windows(token_lists: Sequence[np.ndarray], row_ids: Sequence[int], cont
                  bos_id: int | None, token_limit: int | None = None) -> Windows:
     """Split each row into consecutive windows of ``context_size`` tokens (BOS first when given)."""
     step = context_size - (bos_id is not None)
+    if step < 1:
+        raise ConfigError(f"--context-size {context_size} leaves no room for text after the BOS token that starts "
+                          "every window. Use --context-size 2 or more, or --no-prepend-bos.")
     windows, rows, positions = [], [], []
     budget = np.inf if token_limit is None else token_limit
     for row_id, tokens in zip(row_ids, token_lists):

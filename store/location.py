@@ -7,8 +7,10 @@ fsspec; they are never passed in here, so they cannot reach store metadata.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
 
 import zarr
 from zarr.errors import ZarrUserWarning
@@ -32,19 +34,80 @@ def normalize(location: str | os.PathLike) -> str:
     return str(Path(location).expanduser().resolve())
 
 
-def _refuse_credentials(url: str) -> None:
-    """A URL with ``user:password@`` would carry credentials into messages and logs: refuse it,
-    without repeating it."""
-    from urllib.parse import urlsplit
+# Credentials in store URLs. Every link of an fsspec chain (``simplecache::s3://...``) is checked,
+# whatever its protocol (fsspec knows dozens: ``fsspec.registry.known_implementations``).
+# Protocols whose URLs name a user as part of the address (``abfs://container@account``,
+# ``sftp://user@host``): a user name alone is allowed there, a password never.
+USER_IS_ADDRESS = frozenset({"abfs", "abfss", "az", "adl", "oci", "ocilake", "ftp", "sftp", "ssh", "smb",
+                             "hdfs", "webhdfs", "arrow_hdfs", "root", "dbfs"})
+# Protocols with ``host:port`` addresses, where a number after the host is a port, not a password.
+HOST_PORT = frozenset({"http", "https", "ftp", "sftp", "ssh", "smb", "webdav", "webhdfs", "hdfs", "arrow_hdfs",
+                       "root", "jupyter", "jlab", "dask", "lakefs", "dbfs"})
+# Protocols whose ``a:b@c`` is no user and password: ``github://org:repo@sha/path``, ``git://repo:ref@path``.
+NOT_USERINFO = frozenset({"github", "git"})
+# Query keys that carry secrets: signed URLs (X-Amz-*, X-Goog-*, Azure SAS ``sig``), tokens, keys, passwords.
+SECRET_QUERY_KEY = re.compile(r"key|secret|token|passw|pwd|sig|credential|auth|session|^x-amz-|^x-goog-",
+                              re.IGNORECASE)
+CREDENTIALS_FIX = ("Remove them from the URL and give them the usual way instead: environment variables "
+                   "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, ...) or the "
+                   "provider's config files.")
 
-    parts = urlsplit(url)
-    if "@" in parts.netloc:
-        host = parts.netloc.rsplit("@", 1)[1]
-        raise ConfigError(
-            f"the store URL {parts.scheme}://***@{host}{parts.path} holds credentials. Remove them from the URL "
-            "and give them the usual way instead: environment variables (AWS_ACCESS_KEY_ID, "
-            "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, ...) or the provider's config files."
-        )
+
+def _refuse_credentials(url: str) -> None:
+    """A URL with credentials in it would carry them into messages, logs and the storage SDK's errors:
+    refuse it, before anything reads it, without repeating them. Every link of a ``::`` chain is checked:
+    its user info (``user:secret@``, also when the secret holds a ``/`` that ends the URL's host early)
+    and its query (``?X-Amz-Signature=...``, ``?sig=...``, ``?token=...``)."""
+    found = [problem for link in url.split("::") if (problem := _link_credentials(link))]
+    if found:
+        raise ConfigError(f"the store URL {mask_url(url)} holds credentials ({'; '.join(found)}). {CREDENTIALS_FIX}")
+
+
+def _link_credentials(link: str) -> str | None:
+    """What credentials one link of a chain holds (``None``: none)."""
+    protocol, sep, rest = link.partition("://")
+    if not sep:
+        return None  # a plain path (``simplecache::/data/x``)
+    protocol = protocol.lower()
+    userinfo = _userinfo(protocol, rest)
+    if userinfo is not None and (":" in userinfo or protocol not in USER_IS_ADDRESS):
+        return "a user name and password" if ":" in userinfo else "a user name or access key"
+    keys = sorted({key for key, _ in parse_qsl(urlsplit(link).query if "?" in rest else "", keep_blank_values=True)
+                   if SECRET_QUERY_KEY.search(key)})
+    if keys:
+        return f"the query parameter{'s' if len(keys) > 1 else ''} {', '.join(keys)}"
+    return None
+
+
+def _userinfo(protocol: str, rest: str) -> str | None:
+    """The ``user[:secret]`` before the address, if any. A secret may hold ``/``, ``?`` or ``#``, which
+    end a URL's host for ``urlsplit``: so the text up to the last ``@`` counts as user info when a ``:``
+    comes before any ``/`` in it, unless that ``:`` starts a port (``http://host:8080/a@b``)."""
+    if protocol in NOT_USERINFO or "@" not in rest:
+        return None
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if "@" in authority:
+        return authority.rsplit("@", 1)[0]
+    head, colon, tail = rest.rsplit("@", 1)[0].partition(":")
+    if not colon or "/" in head:
+        return None  # an "@" in the path: s3://bucket/model@v2.zarr
+    if protocol in HOST_PORT and re.fullmatch(r"\d+", re.split(r"[/?#]", tail, maxsplit=1)[0]):
+        return None  # host:port, then an "@" in the path
+    return f"{head}:{tail}"
+
+
+def mask_url(url: str) -> str:
+    """``url`` with every link's user info and every query value replaced by ``***``: safe to show."""
+    masked = []
+    for link in url.split("::"):
+        protocol, sep, rest = link.partition("://")
+        if sep and _userinfo(protocol.lower(), rest) is not None:
+            rest = "***@" + rest.rsplit("@", 1)[1]
+        if sep and "?" in rest:
+            path, _, query = rest.partition("?")
+            rest = path + "?" + "&".join(f"{k}=***" for k, _ in parse_qsl(query, keep_blank_values=True))
+        masked.append(f"{protocol}{sep}{rest}")
+    return "::".join(masked)
 
 
 def open_zarr_store(location: str, read_only: bool = False) -> zarr.abc.store.Store:
@@ -78,15 +141,25 @@ def check_writable(location: str) -> None:
     path = Path(location)
     if path.exists() and not path.is_dir():
         raise StoreWriteError(f"--store {location} is a file, not a store directory. Choose another path.")
-    ancestor = path.parent
+    ancestor = path if path.is_dir() else path.parent  # a store folder that exists is written in itself
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise StoreWriteError(f"--store {location} cannot be created: {ancestor} is a file. Choose another path.")
+    if os.statvfs(ancestor).f_flag & os.ST_RDONLY:
+        raise StoreWriteError(
+            f"--store {location}: {ancestor} is on a read-only file system. Choose a path on a writable disk, "
+            "or mount it read-write."
+        )
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise StoreWriteError(
             f"--store {location}: cannot write in {ancestor} (permission denied). "
             "Choose a path you can write, or fix its permissions."
+        )
+    if os.path.ismount(path) and not (path / "zarr.json").exists():
+        raise StoreWriteError(
+            f"--store {location} is a mount point. A new store replaces its folder, which a mount point does not "
+            f"allow: give a folder inside it, such as --store {path / 'latentstore.zarr'}."
         )
 
 

@@ -27,7 +27,8 @@ ACTIVE_MARK = ("«", "»")
 class Queries:
     # -- one feature's entries -----------------------------------------------------------------
 
-    def _check_feature(self, hook: str, feature: int) -> int:
+    def check_feature(self, hook: str, feature: int) -> int:
+        """``feature`` as an int, or a ConfigError when ``hook`` has no such feature."""
         d_sae = self.d_sae(hook)
         if not 0 <= int(feature) < d_sae:
             raise ConfigError(f"feature {feature} is out of range for {hook}: it has features 0 to {d_sae - 1}.")
@@ -78,7 +79,7 @@ class Queries:
     def feature_activations(self, hook: str, feature: int, *, exclude_special_tokens: bool = False,
                             min_activation: float = 0.0) -> pd.DataFrame:
         """Every nonzero of one feature, in store order: token_index, row, pos, token, activation."""
-        feature = self._check_feature(hook, feature)
+        feature = self.check_feature(hook, feature)
         tokens, values = self._entries(hook, feature)
         keep = self._keep(tokens, values, exclude_special_tokens, min_activation)
         order = np.argsort(tokens[keep], kind="stable")
@@ -88,7 +89,8 @@ class Queries:
                         exclude_special_tokens: bool = True, min_activation: float = 0.0) -> pd.DataFrame:
         """The k highest activations: token_index, row, pos, token, activation, and the context around
         each (``context`` tokens left and right, within the same window) with the active token marked."""
-        feature = self._check_feature(hook, feature)
+        feature = self.check_feature(hook, feature)
+        check_examples(k, context)
         tokens, values = self._top(hook, feature, k, exclude_special_tokens, min_activation)
         return self._examples(tokens, values, context)
 
@@ -100,8 +102,10 @@ class Queries:
         ``method="rank"``: equal-count slices (true quantiles; group 0 holds the highest);
         ``method="interval"``: SAEDashboard's equal-width intervals of [0, max] (group 0 the highest).
         """
-        feature = self._check_feature(hook, feature)
+        feature = self.check_feature(hook, feature)
         check_method(method)  # before any work
+        check_examples(per_group, context, name="per_group")
+        check_examples(n_groups, None, name="n_groups")
         tokens, values = self._entries(hook, feature)
         keep = self._keep(tokens, values, exclude_special_tokens, min_activation)
         tokens, values = tokens[keep], values[keep]
@@ -151,7 +155,7 @@ class Queries:
 
         ``bins``: a number of equal-width bins over [0, max] (SAEDashboard's default is 50), explicit
         edges, or ``"stored"``: the fixed log2 bins kept in the statistics (no scan, all tokens)."""
-        feature = self._check_feature(hook, feature)
+        feature = self.check_feature(hook, feature)
         if isinstance(bins, str):
             if bins != "stored":
                 raise ConfigError(f"bins={bins!r}: give a number of bins, their edges, or 'stored'.")
@@ -191,7 +195,8 @@ class Queries:
     def cofiring(self, hook: str, feature: int, k: int = 10, *, exclude_special_tokens: bool = True) -> pd.DataFrame:
         """The k features that fire most often on the same tokens as this one, over the whole store:
         feature, count (tokens shared), fraction (of this feature's tokens), jaccard."""
-        feature = self._check_feature(hook, feature)
+        feature = self.check_feature(hook, feature)
+        check_examples(k, None)
         tokens, values = self._entries(hook, feature)
         tokens = np.sort(tokens[self._keep(tokens, values, exclude_special_tokens, 0.0)])
         counts = np.zeros(self.d_sae(hook), np.int64)
@@ -215,6 +220,7 @@ class Queries:
                         min_activation: float = 0.0) -> pd.DataFrame:
         """For one dataset row, the top k features at each of its tokens:
         token_index, pos, token, rank, feature, activation."""
+        check_examples(k, None)
         ids, rows, pos = self._token_table
         lo, hi = np.searchsorted(rows, [row, row + 1])
         if lo == hi:
@@ -262,13 +268,24 @@ class Queries:
         lo, hi = np.searchsorted(rows, [row, row + 1])
         if lo == hi:
             raise ConfigError(f"dataset row {row} is not in the store.")
-        feature = self._check_feature(hook, feature)
+        feature = self.check_feature(hook, feature)
         column = self.csr(hook, int(lo), int(hi))[:, feature].toarray().ravel()
         labels = [f"{j}:{self.vocab[i] if self.vocab else i}" for j, i in enumerate(ids[lo:hi])]
         fig = go.Figure(go.Bar(x=labels, y=column, hovertext=[f"pos {p}" for p in pos[lo:hi]]))
         fig.update_layout(title=f"row {row}: {hook} feature {feature}", xaxis_title="token",
                           yaxis_title="activation")
         return fig
+
+
+def check_examples(k: int, context: tuple[int, int] | None, name: str = "k") -> None:
+    """How many examples a query returns, and how much context around each: ``k`` must be a positive
+    whole number (a negative one would slice from the end), ``context`` two numbers of tokens >= 0."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        hint = " (on the command line: -k 10)" if name == "k" else ""
+        raise ConfigError(f"{name}={k!r}: give how many examples you want, a whole number of at least 1{hint}.")
+    if context is not None and (len(context) != 2 or any(int(c) != c or c < 0 for c in context)):
+        raise ConfigError(f"context={tuple(context)!r}: give the tokens of context to show left and right of "
+                          "each example, two whole numbers of at least 0 (on the command line: --context 12 4).")
 
 
 def _same_window(positions: np.ndarray, center: int) -> np.ndarray:

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import threading
+import urllib.error
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +24,7 @@ from pipeline.dataset import DatasetSpec
 from store import FeatureStore
 from store import format as fmt
 from store.errors import (ConfigError, FormatVersionError, StoreConflictError, StoreCorruptError,
-                          StoreIncompleteError, StoreNotFoundError)
+                          StoreFullError, StoreIncompleteError, StoreNotFoundError, StoreWriteError)
 from tests.conftest import make_sae
 from tests.stores import config
 
@@ -130,6 +134,102 @@ def _unknown_codec(store: str, tmp: Path) -> str:
     return path
 
 
+def _jsonl(tmp: Path, name: str, rows: list[dict]) -> str:
+    (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(tmp / name)
+
+
+MOUNTS: list[Path] = []  # tmpfs mounts made by a case, unmounted after it
+
+
+def _mount(tmp: Path, name: str, options: str) -> str:
+    """An empty tmpfs mounted at tmp/name (root only: skips the case elsewhere)."""
+    path = tmp / name
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    MOUNTS.append(path)
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _unmount():
+    yield
+    while MOUNTS:
+        subprocess.run(["umount", str(MOUNTS.pop())], check=False)
+
+
+class FakeRay:
+    """What ``jobs.ray_session.call`` needs of Ray, with a task that failed in a worker with ``cause``."""
+
+    class exceptions:
+        class RayTaskError(Exception):
+            pass
+
+    def __init__(self, cause: BaseException):
+        self.cause = cause
+
+    def get(self, ref):
+        error = self.exceptions.RayTaskError("a worker failed")
+        error.cause = self.cause
+        raise error
+
+
+def _worker_disk_full(assets, tmp, store):
+    """A worker's write met ENOSPC: the driver's error names the store and says a rerun resumes."""
+    import errno
+
+    from jobs.ray_session import call
+
+    call(FakeRay(OSError(errno.ENOSPC, "No space left on device")), None, "writing shard 3",
+         location=str(tmp / "store.zarr"))
+
+
+class Answer(Exception):
+    """An HTTP answer, raised so that the table can match it: ``STATUS: BODY``."""
+
+
+def _nested_json_to_the_server(assets, tmp, store):
+    """A body nested 100,000 levels deep, POSTed to the prompt endpoint: answered 400, the server lives on."""
+    from jobs.dashboard_serve import PromptServer
+
+    class NoModel:
+        hook, model_name, max_text_tokens = HOOK, "tiny", 15
+
+        def __call__(self, text):
+            raise AssertionError("the model must not be asked")
+
+    server = PromptServer(("127.0.0.1", 0), tmp, NoModel(), None)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        answers = []
+        for body in (b"[" * 100_000 + b"]" * 100_000, b'{"text": 1}'):  # the second: still answering
+            request = urllib.request.Request(f"{server.url}/api/prompt", data=body,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    answers.append(f"{response.status}: {response.read().decode()}")
+            except urllib.error.HTTPError as e:
+                answers.append(f"{e.code}: {e.read().decode()}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert answers[1].startswith("400: "), answers
+    raise Answer(answers[0])
+
+
+def _dashboard_over_own_files(assets, tmp, store):
+    """--out names a folder of the user's own: refused, and their index.html is untouched."""
+    own = tmp / "mine"
+    own.mkdir()
+    (own / "index.html").write_text("my own page")
+    code = main(["dashboard", store, "--hook", HOOK, "--out", str(own), "--no-progress"])
+    assert (own / "index.html").read_text() == "my own page" and sorted(p.name for p in own.iterdir()) == ["index.html"]
+    raise SystemExit(code)
+
+
 # -- the table --------------------------------------------------------------------------------
 # name: (what runs, given (assets, tmp, good_store) -> callable; error type; message pattern)
 
@@ -168,13 +268,22 @@ def _sweep(**fields):
     return run
 
 
-def _cli(*argv):
+def _cli(*argv, before=None):
     def run(assets, tmp, store):
-        args = [a.format(store=store, tmp=tmp, model=assets["model_dir"]) for a in argv]
+        if before is not None:
+            before(assets, tmp)
+        args = [a.format(store=store, tmp=tmp, model=assets["model_dir"], sae=assets["sae_dirs"][HOOK],
+                         jsonl=assets["jsonl"]) for a in argv]
         code = main(args)
         raise SystemExit(code)
 
     return run
+
+
+# `latentstore extract` on the test model, SAE and data, into {tmp}/x.zarr unless told otherwise
+EXTRACT = ("extract", "--model", "{model}", "--sae", "{sae}", "--dataset", "{jsonl}", "--context-size", "16",
+           "--workers", "1", "--no-progress", "--no-index")
+SECRET = "hunter2SECRETvalue"
 
 
 BAD_INPUTS = {
@@ -211,6 +320,48 @@ BAD_INPUTS = {
     "extract: credentials inside the store URL": (
         _extract(store="s3://AKIAEXAMPLE:hunter2@bucket/run.zarr"),
         ConfigError, r"the store URL s3://\*\*\*@bucket/run\.zarr holds credentials"),
+    "extract: credentials inside a chained store URL": (
+        _extract(store=f"simplecache::s3://AKIAEXAMPLE:{SECRET}@bucket/x.zarr"),
+        ConfigError, r"the store URL simplecache::s3://\*\*\*@bucket/x\.zarr holds credentials \(a user name and "
+                     r"password\)\. Remove them from the URL"),
+    "extract: a secret holding a slash, which ends the URL's host early": (
+        _extract(store=f"s3://AKIAEXAMPLE:{SECRET}/x+y@bucket/x.zarr"),
+        ConfigError, r"the store URL s3://\*\*\*@bucket/x\.zarr holds credentials"),
+    "extract: a signed URL (credentials in the query)": (
+        _extract(store=f"filecache::https://host/x.zarr?X-Amz-Signature={SECRET}&X-Amz-Credential=AKIA"),
+        ConfigError, r"https://host/x\.zarr\?X-Amz-Signature=\*\*\*&X-Amz-Credential=\*\*\* holds credentials "
+                     r"\(the query parameters X-Amz-Credential, X-Amz-Signature\)"),
+    "extract: an empty .jsonl file": (
+        _extract(dataset=lambda a, t: DatasetSpec(_file(t, "empty.jsonl", b""))),
+        ConfigError, r"empty\.jsonl is empty: there is nothing to extract\. Give a file with at least one row"),
+    "extract: every row is empty text": (
+        _extract(dataset=lambda a, t: DatasetSpec(_jsonl(t, "blank.jsonl", [{"text": ""}] * 3))),
+        ConfigError, r"every row of column 'text' is empty text \(3 rows\): there is nothing to extract\. "
+                     r"Check that --text-column names"),
+    "extract: --shard-rows 0": (
+        _extract(shard_rows=0), ConfigError, r"^--shard-rows must be positive, got 0\.$"),
+    "extract: --context-size 1 leaves no room after BOS": (
+        _extract(context_size=1), ConfigError,
+        r"--context-size 1 leaves no room for text: every window starts with the BOS token\. "
+        r"Use --context-size 2 or more, or --no-prepend-bos"),
+    "extract: a pre-tokenized column of strings": (
+        _extract(dataset=lambda a, t: DatasetSpec(_jsonl(t, "tok.jsonl", [{"tokens": "2 3 4"}]), tokens_column="tokens")),
+        ConfigError, r"--tokens-column 'tokens' of --dataset .* holds text \(strings\), not lists of token ids\. "
+                     r"Pass --text-column tokens instead"),
+    "extract: a pre-tokenized row that is a string among lists": (
+        _extract(dataset=lambda a, t: DatasetSpec(_jsonl(t, "mixed.jsonl", [{"tokens": [2, 3]}, {"tokens": "4 5"}]),
+                                                  tokens_column="tokens")),
+        ConfigError, r"dataset row 1: tokens are a string \('4 5'\), not a list of token ids\. Give each row as a list"),
+    "extract: a worker's disk fills up mid-shard": (
+        _worker_disk_full, StoreFullError,
+        r"cannot write the store: no space left on the device for .*store\.zarr \(the file system mounted at .* "
+        r"MiB free\)\. Make room there .* rerun the same command: it resumes, keeping every complete shard"),
+    "extract: --store an empty read-only mount point": (
+        _extract(store=lambda a, t: _mount(t, "ro", "ro,size=1m")),
+        ConfigError, r"--store .*/ro: .*/ro is on a read-only file system\. Choose a path on a writable disk"),
+    "extract: --store an empty mount point": (
+        _extract(store=lambda a, t: _mount(t, "mnt", "size=1m")),
+        ConfigError, r"--store .*/mnt is a mount point\. .* give a folder inside it, such as --store .*/mnt/latentstore\.zarr"),
     "extract: a column that does not exist": (
         _extract(dataset=lambda a, t: DatasetSpec(str(a["jsonl"]), text_column="body")),
         ConfigError, r"has no column 'body'; its columns are: text, label"),
@@ -227,6 +378,12 @@ BAD_INPUTS = {
         _query(lambda fs: fs.token_ids(-5, 3)), IndexError, r"token range \[-5, 3\) is outside"),
     "query: feature index out of range": (
         _query(lambda fs: fs.top_activations(HOOK, 96)), ConfigError, r"feature 96 is out of range for .*features 0 to 95"),
+    "query: top_activations with a negative k": (
+        _query(lambda fs: fs.top_activations(HOOK, 3, k=-3)), ConfigError,
+        r"k=-3: give how many examples you want, a whole number of at least 1"),
+    "query: negative context": (
+        _query(lambda fs: fs.top_activations(HOOK, 3, context=(-2, 4))), ConfigError,
+        r"context=\(-2, 4\): give the tokens of context to show"),
     "query: store path that holds no store": (
         lambda a, t, s: FeatureStore.open(str(t)), StoreNotFoundError, r"No latentstore store at .*latentstore extract --store"),
     "query: store from a newer format version": (
@@ -265,6 +422,33 @@ BAD_INPUTS = {
         r"latentstore extract: give --sae, --dataset as well"),
     "cli: a --max-tokens that is not a whole number": (
         _cli("extract", "--max-tokens", "1.5"), SystemExit, r"2"),
+    "cli: info on a chained URL with credentials": (
+        _cli("info", f"simplecache::s3://AKIAEXAMPLE:{SECRET}@bucket/x.zarr"), SystemExit, r"2"),
+    "cli: extract to a chained URL with credentials": (
+        _cli(*EXTRACT, "--store", f"simplecache::s3://AKIAEXAMPLE:{SECRET}@bucket/x.zarr"), SystemExit, r"2"),
+    "cli: extract of an empty .jsonl file": (
+        _cli(*EXTRACT[:5], "--dataset", "{tmp}/empty.jsonl", *EXTRACT[7:], "--store", "{tmp}/x.zarr",
+             before=lambda a, t: _file(t, "empty.jsonl", b"")), SystemExit, r"2"),
+    "cli: extract with --shard-rows 0": (
+        _cli(*EXTRACT, "--shard-rows", "0", "--store", "{tmp}/x.zarr"), SystemExit, r"2"),
+    "cli: extract with --context-size 1": (
+        _cli(*EXTRACT[:7], "--context-size", "1", *EXTRACT[9:], "--store", "{tmp}/x.zarr"), SystemExit, r"2"),
+    "cli: extract of a dataset whose every row is empty": (
+        _cli(*EXTRACT[:5], "--dataset", "{tmp}/blank.jsonl", *EXTRACT[7:], "--store", "{tmp}/x.zarr",
+             before=lambda a, t: _jsonl(t, "blank.jsonl", [{"text": ""}] * 4)), SystemExit, r"2"),
+    "cli: extract to an empty read-only mount point": (
+        _cli(*EXTRACT, "--store", "{tmp}/ro", before=lambda a, t: _mount(t, "ro", "ro,size=1m")), SystemExit, r"2"),
+    "cli: top of a feature past the end": (_cli("top", "{store}", "--feature", "99999"), SystemExit, r"2"),
+    "cli: top of feature -1": (_cli("top", "{store}", "--feature", "-1"), SystemExit, r"2"),
+    "cli: top -k -3": (_cli("top", "{store}", "--feature", "3", "-k", "-3"), SystemExit, r"2"),
+    "cli: dashboard --out an existing file": (
+        _cli("dashboard", "{store}", "--hook", HOOK, "--out", "{tmp}/site.txt", "--no-progress",
+             before=lambda a, t: _file(t, "site.txt", b"notes")), SystemExit, r"2"),
+    "cli: dashboard --out a folder holding the user's own index.html": (
+        _dashboard_over_own_files, SystemExit, r"2"),
+    "dashboard: JSON nested 100,000 levels deep sent to /api/prompt": (
+        _nested_json_to_the_server, Answer,
+        r'^400: \{"error": "the body is JSON nested too deeply to read; send \{\\"text\\": \\"...\\"\}\."\}$'),
 }
 
 CLI_STDERR = {
@@ -272,12 +456,31 @@ CLI_STDERR = {
     "cli: verify on a path with no store": "latentstore verify: error: No latentstore store at",
     "cli: index of an unfinished store": "latentstore index: error:",
     "cli: a --max-tokens that is not a whole number": "'1.5' is not a whole number",
+    "cli: info on a chained URL with credentials":
+        "latentstore info: error: the store URL simplecache::s3://***@bucket/x.zarr holds credentials",
+    "cli: extract to a chained URL with credentials":
+        "latentstore extract: error: the store URL simplecache::s3://***@bucket/x.zarr holds credentials",
+    "cli: extract of an empty .jsonl file": "empty.jsonl is empty: there is nothing to extract.",
+    "cli: extract with --shard-rows 0": "latentstore extract: error: --shard-rows must be positive, got 0.",
+    "cli: extract with --context-size 1": "latentstore extract: error: --context-size 1 leaves no room for text",
+    "cli: extract of a dataset whose every row is empty": "every row of column 'text' is empty text (4 rows)",
+    "cli: extract to an empty read-only mount point": "/ro is on a read-only file system. Choose a path on a writable",
+    "cli: top of a feature past the end":
+        "latentstore top: error: feature 99999 is out of range for blocks.0.hook_resid_post: it has features 0 to 95.",
+    "cli: top of feature -1":
+        "latentstore top: error: feature -1 is out of range for blocks.0.hook_resid_post: it has features 0 to 95.",
+    "cli: top -k -3": "latentstore top: error: k=-3: give how many examples you want, a whole number of at least 1",
+    "cli: dashboard --out an existing file": "site.txt is a file, not a folder. Give a folder for the site",
+    "cli: dashboard --out a folder holding the user's own index.html":
+        "holds files that are not a latentstore dashboard (index.html); writing the site there would overwrite them",
 }
+# Extract cases whose store the case itself made (as a resumable or foreign store) before the refusal.
+MADE_BY_THE_CASE = {"extract: store made by another model", "extract: store from a newer format version"}
 
 
 def test_the_table_is_big_enough():
     areas = {name.split(":")[0] for name in BAD_INPUTS}
-    assert len(BAD_INPUTS) >= 20 and areas == {"extract", "query", "sweep", "cli"}
+    assert len(BAD_INPUTS) >= 20 and areas == {"extract", "query", "sweep", "cli", "dashboard"}
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -289,12 +492,15 @@ def test_bad_input(assets, good_store, tmp_path, capsys, case):
     with pytest.raises(error, match=message):
         action(assets, tmp_path, good_store)
     if case in CLI_STDERR:
-        assert CLI_STDERR[case] in capsys.readouterr().err
-    # nothing looks complete that was not: no new complete store, and the good store is unchanged
+        err = capsys.readouterr().err
+        assert CLI_STDERR[case] in err and "Traceback" not in err, err
+        assert SECRET not in err
+    # nothing looks complete that was not, nor is being written: no new store, and the good store is unchanged
     for candidate in (tmp_path / "store.zarr", tmp_path / "x.zarr"):
         if (candidate / "zarr.json").exists():
             attrs = json.loads((candidate / "zarr.json").read_text())["attributes"].get(fmt.ATTRS_KEY, {})
             assert attrs.get("status") != fmt.STATUS_COMPLETE, candidate
+            assert case in MADE_BY_THE_CASE or case == "cli: index of an unfinished store", (case, attrs.get("status"))
     assert (Path(good_store) / "zarr.json").read_text() == good_before
 
 
