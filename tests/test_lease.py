@@ -307,6 +307,42 @@ def test_a_failed_run_gives_the_lease_back_and_leaves_nothing(assets, tmp_path):
     assert not (tmp_path / "missing").exists()  # the folder made for the lease went with it
 
 
+@pytest.mark.ray
+def test_two_identical_extractions_one_runs_the_other_is_refused(assets, ray_cluster, tmp_path):
+    """The first user report: two identical `latentstore extract` runs started together. One writes
+    the store (and its index, under the same lease), the other is refused before any work."""
+    from jobs.extract import run_extract
+    from store import FeatureStore
+    from tests.stores import config
+
+    store = tmp_path / "twice.zarr"
+    cfg = config(assets, store, saes=(str(next(iter(assets["sae_dirs"].values()))),), max_tokens=60)
+    outcomes = {}
+    barrier = threading.Barrier(2)
+
+    def run(name: str) -> None:
+        barrier.wait()
+        try:
+            outcomes[name] = run_extract(cfg)
+        except StoreLockedError as e:
+            outcomes[name] = e
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    refused = [o for o in outcomes.values() if isinstance(o, StoreLockedError)]
+    counts = [o for o in outcomes.values() if isinstance(o, dict)]
+    assert len(refused) == 1 and len(counts) == 1, outcomes
+    with pytest.raises(StoreLockedError, match=held_by("latentstore extract", os.getpid())):
+        raise refused[0]
+    fs = FeatureStore.open(str(store))
+    assert fs.complete and fs.n_tokens == counts[0]["n_tokens"] == 60
+    assert all(fs.index(hook) is not None for hook in fs.hooks)
+    assert read_lease(str(store)) is None  # given back at the end
+
+
 # -- a writer in its own process --------------------------------------------------------------------
 
 
