@@ -27,6 +27,7 @@ own parts under their driver's. Needs the standard library only (and fsspec for 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import json
 import logging
@@ -39,7 +40,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from store import format as fmt
-from store.errors import ConfigError, StoreLockedError
+from store.errors import ConfigError, StoreLockedError, StoreWriteError
 from store.location import check_writable, is_url, normalize
 
 log = logging.getLogger(__name__)
@@ -267,8 +268,18 @@ class _LocalObject:
         while not missing.exists():
             self.made_dirs.append(str(missing))
             missing = missing.parent
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        tmp = self._write_temporary(data)
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = self._write_temporary(data)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            store = self.path.removesuffix(LEASE_SUFFIX)
+            raise StoreWriteError(
+                f"--store {store}: cannot write its writer lease {self.path} ({e.strerror}). latentstore keeps a "
+                f"store's lease beside the store, so the folder that holds it, {os.path.dirname(self.path)}, must "
+                "be writable too. Choose a store inside a folder you can write."
+            ) from None
         try:
             os.link(tmp, self.path)  # atomic, and fails if the name exists
         except FileExistsError:

@@ -243,6 +243,22 @@ def test_lease_lives_beside_the_store_not_in_it(tmp_path):
         lease_path("s3://bucket")
 
 
+def test_a_folder_that_cannot_hold_the_lease_is_refused_clearly(tmp_path, monkeypatch):
+    import errno
+
+    from store import lease as lease_mod
+    from store.errors import StoreWriteError
+
+    def refuse(self, data):
+        raise PermissionError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(lease_mod._LocalObject, "_write_temporary", refuse)
+    location = str(tmp_path / "run.zarr")
+    with pytest.raises(StoreWriteError, match=r"cannot write its writer lease .*run\.zarr\.lease\.json \(Read-only "
+                                              r"file system\)\. .* the folder that holds it, .*, must be writable too"):
+        StoreLease(location, "latentstore extract").acquire()
+
+
 # -- the commands -----------------------------------------------------------------------------------
 
 
