@@ -41,8 +41,18 @@ a directory in sae_lens's disk format (cfg.json + sae_weights.safetensors);
 PATH/params.npz@HOOK (a Gemma Scope JumpReLU SAE and the hook it reads)"""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors quote the arguments given ("invalid choice: 's3://KEY:SECRET@...'"):
+    every URL in them is shown with its credentials masked. Subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        from store.location import mask_urls
+
+        super().error(terminal_text(mask_urls(message), keep_newlines=True))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="latentstore",
         description="Sparse SAE feature activations over a whole dataset: extract once, query many times.",
         epilog="Run `latentstore COMMAND --help` for each command's options and examples.",

@@ -26,10 +26,11 @@ def is_url(location: str) -> bool:
 def normalize(location: str | os.PathLike) -> str:
     """A canonical string for a store location (absolute for local paths)."""
     location = os.fspath(location)
+    if "://" in location:
+        _refuse_credentials(location)  # first: nothing may read, log or print the URL before this
     if location.startswith("file://"):
         location = location.removeprefix("file://")
     if is_url(location):
-        _refuse_credentials(location)
         return location
     return str(Path(location).expanduser().resolve())
 
@@ -94,6 +95,11 @@ def _userinfo(protocol: str, rest: str) -> str | None:
     if protocol in HOST_PORT and re.fullmatch(r"\d+", re.split(r"[/?#]", tail, maxsplit=1)[0]):
         return None  # host:port, then an "@" in the path
     return f"{head}:{tail}"
+
+
+def mask_urls(text: str) -> str:
+    """``text`` (a message quoting what a user typed) with every URL in it masked by ``mask_url``."""
+    return re.sub(r"[A-Za-z][\w+.-]*://[^\s'\"]+", lambda m: mask_url(m.group()), text)
 
 
 def mask_url(url: str) -> str:

@@ -516,3 +516,175 @@ def test_stderr_of_a_store_error_names_the_command(good_store, tmp_path, capsys)
     assert main(["info", str(tmp_path / "nothing.zarr")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("latentstore info: error: No latentstore store at") and "Traceback" not in err
+
+
+# -- no secret anywhere, for every URL form the store accepts -----------------------------------
+
+
+def _url_forms() -> list[str]:
+    """Credentials in every form a store URL can carry them: user info and query strings, for every
+    protocol fsspec knows, alone and as a link of a chain; and a secret holding a slash."""
+    from fsspec.registry import known_implementations
+
+    from store.location import NOT_USERINFO
+
+    forms = []
+    for protocol in sorted(known_implementations):
+        if protocol not in NOT_USERINFO:
+            forms.append(f"{protocol}://AKIAEXAMPLE:{SECRET}@bucket/x.zarr")
+        forms.append(f"{protocol}://bucket/x.zarr?token={SECRET}")
+    forms += [
+        f"simplecache::s3://AKIAEXAMPLE:{SECRET}@bucket/x.zarr",
+        f"blockcache::simplecache::gs://AKIAEXAMPLE:{SECRET}@bucket/x.zarr",
+        f"filecache::s3://bucket/x.zarr::s3://AKIAEXAMPLE:{SECRET}@other/y",
+        f"s3://AKIAEXAMPLE:{SECRET}/with/slashes@bucket/x.zarr",
+        f"S3://AKIAEXAMPLE:{SECRET}@bucket/x.zarr",
+        f"s3://{SECRET}@bucket/x.zarr",
+        f"https://user:{SECRET}@host:8443/x.zarr",
+        f"https://host/x.zarr?X-Amz-Algorithm=AWS4&X-Amz-Signature={SECRET}",
+        f"https://acct.blob.core.windows.net/c/x.zarr?sv=2024&sig={SECRET}",
+        f"gs://bucket/x.zarr?access_token={SECRET}",
+        f"simplecache::https://host/x.zarr?password={SECRET}",
+        f"sftp://user:{SECRET}@host/x.zarr",
+        f"abfs://container:{SECRET}@acct.dfs.core.windows.net/x.zarr",
+    ]
+    return forms
+
+
+ENTRY_POINTS = {
+    "normalize": lambda url: __import__("store.location", fromlist=["normalize"]).normalize(url),
+    "FeatureStore.open": lambda url: FeatureStore.open(url),
+    "StoreWriter": lambda url: __import__("store.writer", fromlist=["StoreWriter"]).StoreWriter(url),
+    "check_writable": lambda url: __import__("store.location", fromlist=["check_writable"]).check_writable(url),
+    "has_content": lambda url: __import__("store.location", fromlist=["has_content"]).has_content(url),
+    "read_sweep": lambda url: __import__("store.sweeps", fromlist=["read_sweep"]).read_sweep(url, "s"),
+    "verify_store": lambda url: __import__("store.verify", fromlist=["verify_store"]).verify_store(url),
+}
+COMMANDS = [("info", "{url}"), ("top", "{url}"), ("verify", "{url}"), ("index", "{url}"),
+            ("export", "neuronpedia", "{url}", "--hook", HOOK, "--out", "{tmp}/out"),
+            ("dashboard", "{url}", "--hook", HOOK, "--out", "{tmp}/site"),
+            ("sweep", "--name", "s", "--store", "{url}", "--rows", "0:4"),
+            ("steer", "--store", "{url}", "--prompt", "the cat", "--feature", "1", "--magnitude", "2"),
+            EXTRACT + ("--store", "{url}")]
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to reach the network fails the test: the check must come before anything reads the URL."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[:2]}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def _all_text(error: BaseException) -> str:
+    parts = []
+    while error is not None:
+        parts += [str(error), repr(error), *getattr(error, "__notes__", [])]
+        error = error.__cause__ or error.__context__
+    return "\n".join(parts)
+
+
+@pytest.mark.parametrize("url", _url_forms())
+def test_no_credential_appears_anywhere(assets, url, tmp_path, monkeypatch, capsys, caplog, no_network):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.chdir(tmp_path)  # a URL taken for a local path would make its folder here
+    secret_parts = [SECRET, "AKIAEXAMPLE"] if "AKIAEXAMPLE" in url else [SECRET]
+    for name, entry in ENTRY_POINTS.items():
+        with pytest.raises(ConfigError, match=r"holds credentials") as refused:
+            entry(url)
+        assert not any(s in _all_text(refused.value) for s in secret_parts), (name, _all_text(refused.value))
+    for command in COMMANDS:
+        argv = [a.format(url=url, tmp=tmp_path, model=assets["model_dir"], sae=assets["sae_dirs"][HOOK],
+                         jsonl=assets["jsonl"]) for a in command]
+        assert main(argv) == 2, argv
+        out = capsys.readouterr()
+        assert "holds credentials" in out.err and "***" in out.err, (argv, out.err)
+        assert not any(s in out.out + out.err for s in secret_parts), (argv, out)
+    with pytest.raises(SystemExit, match="2"):  # a URL where argparse wants something else: quoted, masked
+        main(["export", url])
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and not any(s in err for s in secret_parts), err
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert not any(s in logged for s in secret_parts), logged
+    written = [p for p in tmp_path.rglob("*")]
+    assert written == [], written  # no store, no lease, no folder: nothing that could hold it as an attribute
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/model@v2.zarr", "abfs://container@acct.dfs.core.windows.net/x.zarr",
+                                 "sftp://user@host/x.zarr", "https://host:8080/runs/a@b.zarr",
+                                 "s3://bucket/x.zarr?versionId=3", "github://org:repo@sha/x.zarr",
+                                 "simplecache::s3://bucket/x.zarr", "memory://x/y.zarr"])
+def test_urls_without_credentials_are_accepted(url):
+    from store.location import normalize
+
+    assert normalize(url) == url
+
+
+# -- the terminal gets no control character from dataset text ------------------------------------
+
+HOSTILE_TEXT = "\x1b[31m{}\x1b]0;TITLE\x07\t\r\x9b\x7f\x00\n"  # colour, window title, tab, CR, C1 CSI, DEL, NUL
+
+
+def test_top_prints_no_control_character(good_store, tmp_path, capsys):
+    """Token text holding escape sequences and other control characters is shown escaped; the only
+    control character in the output is the newline ``latentstore top`` prints itself."""
+    import re
+
+    from store.writer import StoreWriter
+
+    store = _copy(good_store, tmp_path)
+    vocab = FeatureStore.open(store).vocab
+    StoreWriter(store).write_vocab([HOSTILE_TEXT.format(w) for w in vocab])
+    fs = FeatureStore.open(store)
+    busy = [int(f) for f in fs.feature_stats(HOOK)["count"].nlargest(3).index]
+    argv = ["top", store, "-k", "5", "--include-special-tokens"] + [a for f in busy for a in ("--feature", str(f))]
+    assert main(argv) == 0
+    assert main(["top", store]) == 0  # the features it picks itself
+    out = capsys.readouterr().out
+    assert "\\x1b[31m" in out and "\\x1b]0;TITLE\\x07" in out and "\\t\\r\\x9b\\x7f\\x00⏎" in out
+    assert re.findall(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", out) == []
+
+
+def test_terminal_text_escapes_every_control_character():
+    from jobs.cli import terminal_text
+
+    controls = "".join(map(chr, [*range(0x20), *range(0x7F, 0xA0)]))
+    shown = terminal_text(controls)
+    assert all(not (c < " " or "\x7f" <= c <= "\x9f") for c in shown) and shown.count("⏎") == 1
+    assert terminal_text("a\nb\x1b", keep_newlines=True) == "a\nb\\x1b"
+    assert terminal_text("plain «text» é 中") == "plain «text» é 中"
+
+
+# -- the disk fills up mid-shard: a clear error, and a rerun resumes once there is room --------------
+
+
+def test_disk_full_mid_shard_then_resume(assets, ray_cluster, good_store, tmp_path, capsys):
+    """A real file system that fills up while workers write shards (a tmpfs too small for the store)."""
+    disk = Path(_mount(tmp_path, "disk", "size=512k"))  # room for the first shard (~360k), not the second
+    store = disk / "runs" / "full.zarr"
+    argv = [a.format(model=assets["model_dir"], sae=assets["sae_dirs"][HOOK], jsonl=assets["jsonl"]) for a in EXTRACT]
+    argv += ["--shard-rows", "5", "--store", str(store)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"latentstore extract: error: cannot write the store: no space left on the device for {store} " \
+           f"(the file system mounted at {disk}, " in err, err
+    assert "rerun the same command: it resumes, keeping every complete shard" in err and "Traceback" not in err
+    assert "  (while writing shard " in err  # in a worker, mid-shard
+    partial = FeatureStore.open(str(store))
+    assert not partial.complete  # a store being written, as after any interruption: a rerun resumes it
+    kept = [s.shard_id for s in partial.shards]
+    assert kept, "the disk filled up before any shard was complete: give the tmpfs more room"
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+    assert main(argv) == 0
+    fs = FeatureStore.open(str(store))
+    assert fs.complete and [s.shard_id for s in fs.shards][: len(kept)] == kept
+    from store.verify import verify_store
+
+    assert verify_store(str(store)).ok

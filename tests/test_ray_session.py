@@ -62,3 +62,49 @@ def test_an_error_while_loading_is_raised_by_every_call():
             call()
     with pytest.raises(FileNotFoundError):  # not a latentstore error: raised where it happens, as before
         Worker("missing")
+
+
+LISTENERS = """
+import json, os, time
+import psutil
+from jobs.ray_session import connect
+ray = connect(None, 1)
+ray.get(ray.remote(lambda: os.getpid()).remote())  # a worker process too
+time.sleep(2)  # the agents open their ports after start-up
+tree = {p.pid: p for p in [psutil.Process(), *psutil.Process().children(recursive=True)]}
+found = sorted({(c.laddr.ip, tree[c.pid].name()) for c in psutil.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN and c.pid in tree})
+print(json.dumps({"listeners": found, "env": os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}))
+ray.shutdown()
+"""
+
+
+@pytest.mark.ray
+def test_a_ray_instance_started_here_listens_on_loopback_only():
+    """`latentstore extract` without --address starts its own Ray: the GCS, the raylet, the workers and
+    Ray's agents must all listen on loopback, none on every interface or on the machine's address."""
+    import ipaddress
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = ray_dir = tempfile.mkdtemp(prefix="lsray", dir="/tmp")  # short: socket paths are limited
+    try:
+        done = subprocess.run([sys.executable, "-c", LISTENERS], cwd=Path(__file__).parents[1], env=env,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    listeners = report["listeners"]
+    names = {name for _, name in listeners}
+    assert {"gcs_server", "raylet"} <= names and any("Agent" in n for n in names), listeners
+    exposed = [(ip, name) for ip, name in listeners
+               if not ipaddress.ip_address(ip.removeprefix("::ffff:")).is_loopback]
+    assert exposed == [], exposed
+    assert report["env"] is None  # the switch is put back once Ray has started
