@@ -1,6 +1,7 @@
 """`latentstore verify STORE`: read every part of a store and compare it with what was recorded
 when it was written (see ``store.verify``). Exit status 0 when intact; 2 when damaged (the report
-names each damaged part and how to repair it) or when there is no store."""
+names each damaged part and how to repair it) or when there is no store; 3 when intact so far but
+still being written (the report lists the parts still to come)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,16 @@ It reads the whole store once.
   latentstore verify demo.zarr
   latentstore verify s3://bucket/run.zarr --json
 
-Exit status: 0 when every part is intact; 2 when a part is damaged (each one is named,
-with how to repair it) or when there is no store at the path.
+Exit status:
+  0  every part is intact and the store is finished
+  2  a part is damaged (each one is named, with how to repair it; following every
+     fix leaves a store that verifies), or there is no store at the path
+  3  every part written so far is intact, but the store is still being written: an
+     extraction, index build or sweep is running, or stopped part-way (rerun the
+     same command to finish it); the report lists the parts still to come
 """
+
+IN_PROGRESS = 3  # the exit status of a store that is intact so far but still being written
 
 
 def add_commands(subparsers) -> None:
@@ -31,7 +39,7 @@ def add_commands(subparsers) -> None:
     parser.set_defaults(handler=verify_command)
 
 
-def verify_command(args: argparse.Namespace) -> None:
+def verify_command(args: argparse.Namespace) -> int:
     from store.verify import verify_store
 
     report = verify_store(args.store)
@@ -39,6 +47,7 @@ def verify_command(args: argparse.Namespace) -> None:
         print(json.dumps({"location": report.location, "ok": report.ok, "status": report.status,
                           "n_shards": report.n_shards, "n_arrays": report.n_arrays,
                           "n_checksums": report.n_checksums, "notes": report.notes,
+                          "in_progress": report.in_progress, "to_come": report.to_come, "fixes": report.fixes(),
                           "problems": [{"part": p.part, "message": p.message} for p in report.problems]}, indent=2))
     else:
         print(report.format())
@@ -47,3 +56,4 @@ def verify_command(args: argparse.Namespace) -> None:
             f"{len(report.damaged_parts)} damaged part(s) in {report.location}: {', '.join(report.damaged_parts[:5])}"
             + (", ..." if len(report.damaged_parts) > 5 else "") + " (the report above says how to repair them)."
         )
+    return IN_PROGRESS if report.in_progress else 0

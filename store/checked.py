@@ -27,18 +27,28 @@ def block_checksums(data: np.ndarray, block: int) -> list[str]:
     return [checksum(data[i:i + block]) for i in range(0, len(data), block)]
 
 
+ROOT_METADATA = "zarr.json"  # a node's metadata file; at the top of the store, the root's
+
+REBUILD_ROOT = ("rerun the same `latentstore extract` command: it rewrites the root's metadata (zarr.json), "
+                "rebuilding it if it is unreadable, and keeps every complete shard that it would write the same")
+
+
 def repair(location: str, part: str) -> str:
-    """How to repair a damaged part, by what it belongs to."""
+    """How to repair a damaged part, by what it belongs to. Following it leaves a store that verifies."""
     names = part.split("/")
     top = names[0]
+    if top == ROOT_METADATA or names == [fmt.SHARDS_GROUP, ROOT_METADATA]:
+        return REBUILD_ROOT
+    if top == fmt.VOCAB_GROUP:
+        return f"delete {fmt.VOCAB_GROUP}/ and rerun the same `latentstore extract` command: it writes the vocabulary anew"
     if top == "sweeps":  # a damaged part (sweeps/<name>/parts/<id>) is redone alone; other damage, the sweep
         damaged = "/".join(names[:4] if names[2:3] == ["parts"] else names[:2])
         return f"delete {damaged} and rerun the same `latentstore sweep` command (it redoes what is missing)"
     if top == fmt.INDEX_GROUP:
         return f"delete {fmt.INDEX_GROUP}/ and run `latentstore index {location}` to rebuild it"
     if top == fmt.STATS_GROUP:
-        return ("rerun the same `latentstore extract` command: it keeps the shards and rewrites the merged "
-                "statistics from them")
+        return (f"delete {fmt.STATS_GROUP}/ and rerun the same `latentstore extract` command: it keeps the shards "
+                "and rewrites the merged statistics from them")
     shard = "/".join(names[:2])
     return f"delete {shard} and rerun the same `latentstore extract` command (it rewrites missing shards)"
 

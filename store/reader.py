@@ -15,13 +15,13 @@ import scipy.sparse as sp
 import zarr
 
 from store import format as fmt
-from store.checked import CheckedArray, corrupt, open_array
-from store.errors import ConfigError, StoreNotFoundError, did_you_mean
+from store.checked import ROOT_METADATA, CheckedArray, corrupt, open_array, open_node
+from store.errors import ConfigError, StoreCorruptError, StoreNotFoundError, did_you_mean
 from store.location import normalize, open_root
 from store import index as index_mod
 from store import stats as stats_mod
 from store.queries import Queries
-from store.writer import complete_markers, read_marker, read_root_attrs
+from store.writer import complete_markers, has_shard_markers, read_marker, read_root_attrs
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,9 @@ class FeatureStore(Queries):
     @classmethod
     def open(cls, location: str) -> "FeatureStore":
         location = normalize(location)
-        attrs = read_root_attrs(location)
+        attrs = read_root_attrs(location)  # unreadable: StoreCorruptError, with the repair
+        if attrs is None and has_shard_markers(location):
+            raise corrupt(location, ROOT_METADATA, "the root's metadata is missing, but the store holds shards")
         if attrs is None:
             raise StoreNotFoundError(
                 f"No latentstore store at {location}. Make one with `latentstore extract --store {location}`."
@@ -61,8 +63,11 @@ class FeatureStore(Queries):
         if attrs.get("status") == fmt.STATUS_COMPLETE:
             listed = attrs["shards"]
         else:  # being written: whatever is complete so far, in store order
-            root = open_root(location, mode="r")
-            listed = list(complete_markers(root[fmt.SHARDS_GROUP]).values()) if fmt.SHARDS_GROUP in root else []
+            try:
+                shards = open_node(open_root(location, mode="r"), fmt.SHARDS_GROUP, location)
+            except KeyError:
+                shards = None  # the root is written before its shards group
+            listed = list(complete_markers(shards).values()) if shards is not None else []
         infos, offset = [], 0
         for m in sorted(listed, key=lambda m: m["shard_id"]):
             infos.append(ShardInfo(m["shard_id"], offset, m["n_tokens"], m["row_start"], m["row_stop"], m["nnz"]))
@@ -174,6 +179,8 @@ class FeatureStore(Queries):
                 self._stats[hook] = stats_mod.read_merged(self.location, hook)
             else:
                 markers = [self._marker(s.shard_id) for s in self.shards]
+                for shard in self.shards:  # each shard's statistics are decoded by the run's value dtype
+                    self._value_dtype(shard, hook)
                 self._stats[hook] = stats_mod.merge_shards(self.location, markers, hook, self.d_sae(hook), self.value_dtype)
         return self._stats[hook]
 
@@ -181,8 +188,14 @@ class FeatureStore(Queries):
         """The hook's feature-major index, or None when it is missing or stale (queries then scan)."""
         if hook not in self._indexes:
             self._sae(hook)
-            self._indexes[hook] = (index_mod.open_index(self._root, hook, self.attrs["shards"], self.location)
-                                   if self.complete else None)
+            index = index_mod.open_index(self._root, hook, self.attrs["shards"], self.location) if self.complete else None
+            if index is not None and index.value_dtype != self.value_dtype:
+                raise StoreCorruptError(
+                    f"{self.location}: {index.path} records its values as {index.value_dtype}, but the store's run "
+                    f"record ({ROOT_METADATA}, run.value_dtype) says {self.value_dtype}. Run `latentstore verify "
+                    f"{self.location}`: it names the damaged one and how to repair it."
+                )
+            self._indexes[hook] = index
         return self._indexes[hook]
 
     @cached_property
@@ -238,7 +251,7 @@ class FeatureStore(Queries):
             a, b = int(ptr[0]), int(ptr[-1])
             if b > a:
                 indices[offset : offset + b - a] = self._array(shard, base + fmt.INDICES)[a:b]
-                fmt.decode_values(self._array(shard, base + fmt.VALUES)[a:b], self.value_dtype,
+                fmt.decode_values(self._array(shard, base + fmt.VALUES)[a:b], self._value_dtype(shard, hook),
                                   out=values[offset : offset + b - a])
             indptr[row + 1 : row + len(ptr)] = ptr[1:] - a + offset
             row, offset = row + len(ptr) - 1, offset + b - a
@@ -275,13 +288,41 @@ class FeatureStore(Queries):
     def _marker(self, shard_id: int) -> dict:
         """A listed shard's completion marker, which holds the checksums its arrays are checked against."""
         markers = self.__dict__.setdefault("_markers", {})
-        if shard_id not in markers:
+        if shard_id not in markers:  # only a marker that was read is kept: damage raises the same error each time
             path = fmt.shard_path(shard_id)
             try:
-                markers[shard_id] = read_marker(self._root[path])
+                marker = read_marker(self._root[path])
             except (KeyError, ValueError) as e:
                 raise corrupt(self.location, path, f"the shard cannot be opened ({e})") from None
-            if markers[shard_id] is None:
+            if marker is None:
                 raise corrupt(self.location, f"{path}/{fmt.MARKER_GROUP}",
-                              "the store lists this shard as complete but its completion marker is unreadable")
+                              "the store lists this shard as complete but its completion marker is missing or "
+                              "unreadable")
+            markers[shard_id] = marker
         return markers[shard_id]
+
+    def _value_dtype(self, shard: ShardInfo, hook: str) -> str:
+        """The value dtype a shard's CSR group recorded when it was written, which its values are
+        decoded by; one that disagrees with the run's record, or with the values array's own dtype,
+        is damage (decoding by the wrong one would return wrong numbers)."""
+        dtypes = self.__dict__.setdefault("_value_dtypes", {})
+        if (shard.shard_id, hook) not in dtypes:
+            path = f"{fmt.shard_path(shard.shard_id)}/{fmt.SAES_GROUP}/{hook}"
+            try:
+                attrs = open_node(self._root, path, self.location).attrs.asdict().get(fmt.ATTRS_KEY, {})
+            except KeyError:
+                raise corrupt(self.location, path, "the SAE's group is missing from a complete shard") from None
+            recorded = attrs.get("value_dtype", self.value_dtype)  # stores before format 1.0's csr attrs: the run's
+            if recorded != self.value_dtype:
+                raise StoreCorruptError(
+                    f"{self.location}: {path} records its values as {recorded}, but the store's run record "
+                    f"({ROOT_METADATA}, run.value_dtype) says {self.value_dtype}; one of them was changed after it "
+                    f"was written. Reads are refused rather than decode the values wrongly. Run `latentstore verify "
+                    f"{self.location}`: it names the damaged one and how to repair it."
+                )
+            stored = self._array(shard, f"{fmt.SAES_GROUP}/{hook}/{fmt.VALUES}").array.dtype
+            if recorded not in fmt.VALUE_DTYPES or stored != fmt.storage_dtype(recorded):
+                raise corrupt(self.location, f"{path}/{fmt.VALUES}", f"its dtype is {stored}, but its group records "
+                                                                      f"the values as {recorded}")
+            dtypes[shard.shard_id, hook] = recorded
+        return dtypes[shard.shard_id, hook]

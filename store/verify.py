@@ -14,8 +14,13 @@ listing each damaged part by its path inside the store:
 - a complete store's shard list and counts agree with the shards' markers, and its
   feature-major index covers every feature exactly once, with token indices in range.
 
-Shards without a completion marker in a store that is still being written are not
-damage: they are listed as notes (a rerun of the extraction rewrites them).
+A store that is still being written (or whose run stopped part-way) is not damaged for the
+parts still to come: shards without a completion marker, index and sweep parts without one, and
+what an extraction writes when it finishes (the shard list, counts and merged statistics). They
+are listed as still to come, and their torn arrays are not read; ``report.in_progress`` says so.
+A part rewritten while verify read it (its marker or metadata changed meanwhile) is still to
+come too, not damage. Every damaged part comes with its repair (``store.checked.repair``), and
+following it leaves a store that verifies.
 Needs numpy, zarr and fsspec only.
 """
 
@@ -29,7 +34,7 @@ import numpy as np
 import zarr
 
 from store import format as fmt
-from store.checked import checksum, repair
+from store.checked import REBUILD_ROOT, checksum, repair
 from store.errors import StoreNotFoundError
 from store.location import is_url, normalize, open_zarr_store
 
@@ -38,10 +43,18 @@ INDEX_GROUP = getattr(fmt, "INDEX_GROUP", "index")  # the feature-major index (f
 PARTS_GROUP = getattr(fmt, "PARTS_GROUP", "parts")
 
 
+# The root's run record disagrees with every shard: it was edited, and a rerun would take the edit for
+# another run; without it, the rerun rebuilds the root for the run it is.
+DELETE_ROOT = ("delete the file zarr.json at the top of the store (the root's metadata) and rerun the same "
+               "`latentstore extract` command: it rebuilds the root for that run and keeps every complete shard "
+               "that it would write the same")
+
+
 @dataclass(frozen=True)
 class Problem:
     part: str  # path inside the store: an array, a group, or a metadata file
     message: str
+    fix: str | None = None  # how to repair it, where the part's path does not say (store.checked.repair)
 
     def __str__(self) -> str:
         return f"{self.part}: {self.message}"
@@ -52,6 +65,7 @@ class VerifyReport:
     location: str
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    to_come: list[str] = field(default_factory=list)  # parts of a store still being written, not yet there
     n_arrays: int = 0
     n_checksums: int = 0
     n_bytes: int = 0  # decoded bytes read
@@ -63,11 +77,35 @@ class VerifyReport:
         return not self.problems
 
     @property
+    def in_progress(self) -> bool:
+        """Whether the store, one of its indexes or one of its sweeps is still being written (or its
+        run stopped part-way): parts are still to come."""
+        return bool(self.to_come)
+
+    @property
     def damaged_parts(self) -> list[str]:
         return sorted({p.part for p in self.problems})
 
-    def add(self, part: str, message: str) -> None:
-        self.problems.append(Problem(part, message))
+    def add(self, part: str, message: str, fix: str | None = None) -> None:
+        self.problems.append(Problem(part, message, fix))
+
+    def fixes(self) -> list[str]:
+        """How to repair every damaged part, one line per repair: first what the extraction redoes
+        (damaged shard groups together), then the index, then sweeps. Following all of them, in
+        this order, leaves a store that verifies."""
+        shards = sorted({p.part.split("/")[1] for p in self.problems if p.fix is None and _shard_part(p.part)})
+        out = []
+        if shards:
+            out.append("delete the damaged shard group(s) (" + ", ".join(f"{fmt.SHARDS_GROUP}/{s}" for s in shards)
+                       + ") and rerun the same `latentstore extract` command: it redoes only missing shards")
+        for p in self.problems:
+            if p.fix is None and _shard_part(p.part):
+                continue
+            fix = p.fix or repair(self.location, p.part)
+            if fix not in out:
+                out.append(fix)
+        order = ("`latentstore extract`", "`latentstore index`", "`latentstore sweep`")
+        return sorted(out, key=lambda f: next((i for i, c in enumerate(order) if c in f), len(order)))
 
     def format(self) -> str:
         head = (f"store {self.location} ({self.status or 'unknown status'}): {self.n_shards} complete shards, "
@@ -75,25 +113,24 @@ class VerifyReport:
                 f"{self.n_checksums} checksums compared")
         lines = [head]
         lines += [f"note: {n}" for n in self.notes]
+        if self.in_progress:
+            lines.append(f"IN PROGRESS: {len(self.to_come)} part(s) still to come (being written now, or left by a "
+                         "run that stopped part-way: rerunning the same command finishes it):")
+            lines += [f"  {part}" for part in self.to_come]
         if self.ok:
-            lines.append("OK: every part is as it was written.")
+            lines.append("OK so far: every part written so far is as it was written." if self.in_progress
+                         else "OK: every part is as it was written.")
             return "\n".join(lines)
         lines.append(f"DAMAGED: {len(self.problems)} problem(s) in {len(self.damaged_parts)} part(s):")
         lines += [f"  {p}" for p in self.problems]
-        shards = sorted({p.part.split("/")[1] for p in self.problems
-                         if p.part.startswith(fmt.SHARDS_GROUP + "/") and p.part.count("/") >= 1})
-        if shards:
-            lines.append(
-                "fix: delete the damaged shard group(s) ("
-                + ", ".join(f"{fmt.SHARDS_GROUP}/{s}" for s in shards)
-                + ") and rerun the same `latentstore extract` command: it redoes only missing shards."
-            )
-        for top in (INDEX_GROUP, fmt.STATS_GROUP):
-            if any(p.part.startswith(top + "/") for p in self.problems):
-                lines.append(f"fix: {repair(self.location, top)}.")
-        for fix in sorted({repair(self.location, p.part) for p in self.problems if p.part.startswith("sweeps/")}):
-            lines.append(f"fix: {fix}.")
+        lines += [f"fix: {fix}." for fix in self.fixes()]
         return "\n".join(lines)
+
+
+def _shard_part(part: str) -> bool:
+    """A part inside one shard's group (not the shards group's own metadata)."""
+    names = part.split("/")
+    return names[0] == fmt.SHARDS_GROUP and len(names) > 1 and names[1] != METADATA
 
 
 class _Walker:
@@ -109,8 +146,11 @@ class _Walker:
         else:
             self.fs, self.base = fsspec.filesystem("file"), location
         self.base = self.base.rstrip("/")
-        self.files = {self._rel(p) for p in self.fs.find(self.base)}
+        # zarr's local store writes each file as <name>.<uuid>.partial, then renames it: not part of the store
+        self.files = {self._rel(p) for p in self.fs.find(self.base) if not p.endswith(".partial")}
         self.metadata: dict[str, dict] = {}  # node path ("" for the root) -> parsed zarr.json
+        self.raw: dict[str, bytes] = {}  # metadata file -> its bytes when read: what changed meanwhile was rewritten
+        self.pending: set[str] = set()  # groups still to come (no completion marker yet): their arrays are not read
         self.zstore = open_zarr_store(location, read_only=True)
         self.read_arrays: set[str] = set()
 
@@ -123,12 +163,18 @@ class _Walker:
                 continue
             node = key[: -len(METADATA)].rstrip("/")
             try:
-                doc = json.loads(self.fs.cat_file(f"{self.base}/{key}"))
+                self.raw[key] = self.fs.cat_file(f"{self.base}/{key}")
+            except OSError:  # deleted since the listing: a writer is replacing the node
+                self.files.discard(key)
+                continue
+            try:
+                doc = json.loads(self.raw[key])
                 if not isinstance(doc, dict) or doc.get("node_type") not in ("array", "group"):
                     raise ValueError("not a zarr v3 node (no node_type array or group)")
             except (ValueError, UnicodeDecodeError) as e:
-                self.report.add(key, f"metadata cannot be parsed ({type(e).__name__}: {e}); "
-                                     "the node and everything in it is unreadable")
+                what = ("the store's run record, shard list and counts are unreadable (the shards are checked "
+                        "against their own markers)") if key == METADATA else "the node and everything in it is unreadable"
+                self.report.add(key, f"metadata cannot be parsed ({type(e).__name__}: {e}); {what}")
                 continue
             self.metadata[node] = doc
 
@@ -146,6 +192,17 @@ class _Walker:
                 if name and name != METADATA:
                     out.add(name)
         return sorted(out)
+
+    def changed(self, key: str) -> bool:
+        """Whether a metadata file differs now from what was read (or is gone): rewritten meanwhile."""
+        try:
+            now = self.fs.cat_file(f"{self.base}/{key}")
+        except OSError:  # gone (FileNotFoundError), or a folder on its path gone too
+            now = None
+        return now != self.raw.get(key)
+
+    def is_pending(self, node: str) -> bool:
+        return any(node == p or node.startswith(p + "/") for p in self.pending)
 
     def is_array(self, node: str) -> bool:
         return self.metadata.get(node, {}).get("node_type") == "array"
@@ -211,28 +268,92 @@ def verify_store(location: str) -> VerifyReport:
     if root is not None:
         fmt.check_version(root, fmt.STORE_ENCODING, f"store {location}")
         report.status = root.get("status")
-    elif not walker.damaged(""):
+    elif walker.damaged("") or walker.damaged(fmt.SHARDS_GROUP):
+        pass  # named by parse_metadata; the shards are checked against their own markers alone
+    elif any(walker.attrs(f"{fmt.SHARDS_GROUP}/{name}/{fmt.MARKER_GROUP}") for name in walker.children(fmt.SHARDS_GROUP)):
+        report.add(METADATA, "the root's metadata is missing, but the store holds complete shards")
+    else:
         raise StoreNotFoundError(f"{location} is not a latentstore store (its root has no latentstore attributes).")
-    markers = _verify_shards(walker, root or {})
+    markers = _verify_shards(walker, root)
     if root is not None and root.get("status") == fmt.STATUS_COMPLETE:
         _verify_root_lists(walker, root, markers)
         _verify_index(walker, root, markers)
     _verify_merged_stats(walker)
+    _note_pending_parts(walker, INDEX_GROUP, lambda attrs: bool(attrs.get("complete")))
+    _note_pending_parts(walker, "sweeps", lambda attrs: attrs.get("status") == fmt.STATUS_COMPLETE)
     _verify_marked_groups(walker, "sweeps")
     _verify_marked_groups(walker, INDEX_GROUP)
     for node in sorted(walker.metadata):  # whatever else holds arrays (statistics, vocabulary) must decode
-        if walker.is_array(node) and node not in walker.read_arrays:
+        if walker.is_array(node) and node not in walker.read_arrays and not walker.is_pending(node):
             walker.read(node)
+    _settle(walker, root)
     return report
 
 
-def _verify_shards(walker: _Walker, root: dict) -> dict[int, dict]:
+def _settle(walker: _Walker, root: dict | None) -> None:
+    """Problems in parts that a run rewrites, while it runs, are parts still to come: those whose
+    marker or metadata changed while verify read them, and, in a store being written, the merged
+    statistics and the vocabulary (the extraction writes them anew before it finishes)."""
     report = walker.report
-    complete = root.get("status") == fmt.STATUS_COMPLETE
+    if not report.problems:
+        return
+    writing = root is not None and root.get("status") != fmt.STATUS_COMPLETE or walker.changed(METADATA)
+    kept, moved = [], []
+    for problem in report.problems:
+        unit = _unit(problem.part)
+        if unit is not None and walker.changed(unit) or \
+                writing and problem.part.split("/")[0] in (fmt.STATS_GROUP, fmt.VOCAB_GROUP):
+            moved.append(problem.part)
+        else:
+            kept.append(problem)
+    report.problems = kept
+    report.to_come += [f"{part} (rewritten by the run in progress)" for part in sorted(set(moved))]
+
+
+def _unit(part: str) -> str | None:
+    """The metadata file that vouches for a part: its shard's, index part's or sweep part's marker,
+    or its index's or statistics' group. None for the root's own metadata."""
+    names = part.split("/")
+    if names[0] == fmt.SHARDS_GROUP and len(names) > 1 and names[1] != METADATA:
+        return f"{fmt.SHARDS_GROUP}/{names[1]}/{fmt.MARKER_GROUP}/{METADATA}"
+    if names[0] in (INDEX_GROUP, "sweeps") and len(names) > 3 and names[2] == PARTS_GROUP:
+        return "/".join(names[:4] + [fmt.MARKER_GROUP, METADATA])
+    if names[0] in (INDEX_GROUP, "sweeps", fmt.STATS_GROUP) and len(names) > 1 and names[1] != METADATA:
+        return "/".join(names[:2] + [METADATA])
+    return None
+
+
+def _note_pending_parts(walker: _Walker, top: str, finished) -> None:
+    """The parts of each unfinished index or sweep (``finished(attrs)`` false) that have no completion
+    marker yet: still to come, so their arrays are not read."""
+    for name in walker.children(top):
+        node = f"{top}/{name}"
+        attrs = walker.attrs(node)
+        if attrs is None or finished(attrs):
+            continue
+        parts = [f"{node}/{PARTS_GROUP}/{part}" for part in walker.children(f"{node}/{PARTS_GROUP}")]
+        to_come = [part for part in parts if walker.attrs(f"{part}/{fmt.MARKER_GROUP}") is None
+                   and not walker.damaged(f"{part}/{fmt.MARKER_GROUP}")]
+        walker.pending.update(to_come)
+        # its own arrays (an index's pointers) may be mid-write too: checked once it is finished, before any reader uses it
+        walker.pending.update(n for n in walker.metadata if walker.is_array(n) and n.startswith(node + "/")
+                              and not n.startswith(f"{node}/{PARTS_GROUP}/"))
+        walker.report.to_come += [f"{part} (no completion marker yet)" for part in to_come]
+        n_planned = len(attrs["parts"]) if isinstance(attrs.get("parts"), list) else attrs.get("n_parts")
+        if isinstance(n_planned, int) and n_planned > len(parts):
+            walker.report.to_come.append(f"{n_planned - len(parts)} more part(s) of {node}, not started")
+        walker.report.to_come.append(f"{node} marked complete, once every part is written")
+
+
+def _verify_shards(walker: _Walker, root: dict | None) -> dict[int, dict]:
+    """Each shard against its completion marker; with a readable root, also against the run's record.
+    Without one (the root's metadata is damaged or missing), each shard is checked on its own."""
+    report = walker.report
+    complete = root is not None and root.get("status") == fmt.STATUS_COMPLETE
     listed = {s["shard_id"] for s in root.get("shards", [])} if complete else set()
-    saes = {s["hook"]: s for s in root.get("run", {}).get("saes", [])}
-    value_dtype = root.get("run", {}).get("value_dtype")
-    markers = {}
+    run = (root or {}).get("run", {})
+    saes = {s["hook"]: s for s in run.get("saes", [])} if root is not None else None
+    markers, disagreements = {}, {}
     for name in walker.children(fmt.SHARDS_GROUP):
         node = f"{fmt.SHARDS_GROUP}/{name}"
         if not (name.isdigit() and len(name) == 6):
@@ -247,19 +368,47 @@ def _verify_shards(walker: _Walker, root: dict) -> dict[int, dict]:
             if complete:
                 report.add(node, "has no completion marker, yet the store says it is complete")
             else:
-                report.notes.append(f"{node} has no completion marker yet (in progress, or left by a crash; "
-                                    "rerunning the extraction rewrites it)")
+                walker.pending.add(node)
+                report.to_come.append(f"{node} (no completion marker yet)")
             continue
         if complete and shard_id not in listed:
             report.add(node, "is not in the store's shard list (a leftover the finalizer should have deleted)")
         markers[shard_id] = marker
         report.n_shards += 1
-        _verify_shard(walker, node, marker, saes, value_dtype)
+        disagreements[node] = _verify_shard(walker, node, marker, saes, run.get("value_dtype"))
+    if root is not None and not complete:
+        present = {int(n) for n in walker.children(fmt.SHARDS_GROUP) if n.isdigit() and len(n) == 6}
+        planned = (root.get("plan") or {}).get("n_shards")
+        if isinstance(planned, int) and planned > len(present):
+            report.to_come.append(f"up to {planned - len(present)} more shard(s), not started")
+        report.to_come.append("the store's shard list, counts and merged statistics, written when the extraction "
+                              "finishes")
+    _blame_run_record(report, disagreements)
     return markers
 
 
-def _verify_shard(walker: _Walker, node: str, marker: dict, saes: dict, value_dtype: str | None) -> None:
+def _blame_run_record(report: VerifyReport, disagreements: dict[str, list[tuple[str, str]]]) -> None:
+    """Where shards disagree with the root's run record (SAEs, value dtype): if every shard does, the
+    same way, the record was edited and the root is damaged; otherwise the odd shards are."""
+    found = {node: tuple(d) for node, d in disagreements.items() if d}
+    if not found:
+        return
+    if len(found) == len(disagreements) and len({tuple(m for _, m in d) for d in found.values()}) == 1:
+        what = "; ".join(dict.fromkeys(m for _, m in next(iter(found.values()))))
+        report.add(METADATA, f"the run record disagrees with every shard ({what}): it was changed after the shards "
+                             "were written", DELETE_ROOT)
+        return
+    for node, items in found.items():
+        for part, message in items:
+            report.add(part, message)
+
+
+def _verify_shard(walker: _Walker, node: str, marker: dict, saes: dict | None,
+                  value_dtype: str | None) -> list[tuple[str, str]]:
+    """Checks one complete shard; returns where it disagrees with the root's run record (``saes`` and
+    ``value_dtype``; None when the root is unreadable), for ``_blame_run_record`` to decide."""
     report = walker.report
+    disagreements = []
     shard_attrs = walker.attrs(node)
     for key in ("shard_id", "row_start", "row_stop"):
         if shard_attrs is not None and shard_attrs.get(key) != marker.get(key):
@@ -292,12 +441,19 @@ def _verify_shard(walker: _Walker, node: str, marker: dict, saes: dict, value_dt
         elif np.any(np.diff(rows) < 0):
             report.add(f"{node}/{fmt.ROWS}", "rows are not in store order (they decrease)")
     nnz = marker.get("nnz", {})
-    for hook in sorted(set(saes) | set(nnz)):
+    for hook in sorted(set(saes if saes is not None else nnz) | set(nnz)):
         base = f"{fmt.SAES_GROUP}/{hook}"
-        if hook not in saes or hook not in nnz:
-            report.add(f"{node}/{base}", "the store's SAEs and the shard's marker disagree about this hook")
+        if hook not in nnz:
+            disagreements.append((f"{node}/{base}", f"the run records an SAE at {hook}, the shard's marker has none"))
             continue
-        d_sae = int(saes[hook]["d_sae"])
+        if saes is not None and hook not in saes:
+            disagreements.append((f"{node}/{base}", f"the shard's marker has an SAE at {hook}, the run records none"))
+            continue
+        d_sae = int(saes[hook]["d_sae"]) if saes is not None else None
+        written_as = (walker.attrs(f"{node}/{base}") or {}).get("value_dtype", value_dtype)
+        if value_dtype is not None and written_as != value_dtype:
+            disagreements.append((f"{node}/{base}", f"the run records value_dtype {value_dtype}, the shard's "
+                                                    f"values were written as {written_as}"))
         indptr = read(f"{base}/{fmt.INDPTR}")
         indices = read(f"{base}/{fmt.INDICES}")
         values = read(f"{base}/{fmt.VALUES}")
@@ -312,7 +468,7 @@ def _verify_shard(walker: _Walker, node: str, marker: dict, saes: dict, value_dt
         expect_len(f"{base}/{fmt.VALUES}", values, nnz[hook])
         if expect_len(f"{base}/{fmt.INDICES}", indices, nnz[hook]) and len(indices):
             where = f"{node}/{base}/{fmt.INDICES}"
-            if int(indices.max()) >= d_sae:
+            if d_sae is not None and int(indices.max()) >= d_sae:
                 report.add(where, f"holds feature {int(indices.max())}, outside [0, {d_sae})")
             elif indptr is not None and len(indptr) == (n_tokens or 0) + 1 and indptr[-1] == len(indices):
                 step = np.diff(indices.astype(np.int64))
@@ -320,12 +476,14 @@ def _verify_shard(walker: _Walker, node: str, marker: dict, saes: dict, value_dt
                 starts[indptr[:-1][indptr[:-1] < len(indices)]] = True
                 if np.any(step[~starts[1:]] <= 0):
                     report.add(where, "feature indices do not ascend within a token")
-        if values is not None and value_dtype in fmt.VALUE_DTYPES and values.dtype != fmt.storage_dtype(value_dtype):
-            report.add(f"{node}/{base}/{fmt.VALUES}", f"dtype {values.dtype}, expected "
-                                                      f"{fmt.storage_dtype(value_dtype)} for {value_dtype}")
+        if values is not None and written_as is not None and (written_as not in fmt.VALUE_DTYPES or values.dtype != fmt.storage_dtype(written_as)):
+            expected = fmt.storage_dtype(written_as) if written_as in fmt.VALUE_DTYPES else "one of the value dtypes"
+            report.add(f"{node}/{base}/{fmt.VALUES}", f"dtype {values.dtype}, expected {expected} for the "
+                                                      f"value_dtype {written_as!r} its group records")
     for name, recorded in checksums.items():  # further arrays the marker vouches for (statistics, ...)
         path = f"{node}/{name}"
         walker.read(path, recorded)
+    return disagreements
 
 
 def _verify_root_lists(walker: _Walker, root: dict, markers: dict[int, dict]) -> None:
@@ -337,9 +495,10 @@ def _verify_root_lists(walker: _Walker, root: dict, markers: dict[int, dict]) ->
         shard_id = entry.get("shard_id")
         node = fmt.shard_path(shard_id)
         marker = markers.get(shard_id)
-        if marker is None:
-            if not walker.damaged(f"{node}/{fmt.MARKER_GROUP}") and f"{node}/{fmt.MARKER_GROUP}" not in walker.metadata:
+        if marker is None:  # a shard group that is there, but not complete, is named by _verify_shards
+            if node not in walker.metadata and not walker.damaged(node):
                 report.add(node, "is in the store's shard list but missing from the store")
+            previous_stop = entry.get("row_stop")
             continue
         for key in keys:
             if entry.get(key) != marker.get(key):
@@ -372,6 +531,11 @@ def _verify_index(walker: _Walker, root: dict, markers: dict[int, dict]) -> None
         if attrs is None or not attrs.get("complete") or hook not in saes:
             continue
         d_sae = int(saes[hook]["d_sae"])
+        written = {(walker.attrs(f"{fmt.shard_path(i)}/{fmt.SAES_GROUP}/{hook}") or {}).get("value_dtype")
+                   for i in markers} - {None}
+        if len(written) == 1 and attrs.get("value_dtype") not in written:
+            report.add(node, f"records its values as {attrs.get('value_dtype')}, but the shards' were written as "
+                             f"{written.pop()}")
         indptr = walker.read(f"{node}/{fmt.INDPTR}", attrs.get("checksums", {}).get(fmt.INDPTR))
         if indptr is None:
             continue

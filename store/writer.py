@@ -19,9 +19,10 @@ import zarr
 
 from store import codecs, format as fmt
 from store import stats as stats_mod
-from store.checked import checksum
-from store.errors import StoreConflictError
-from store.location import check_writable, has_content, normalize, open_root, subgroup_names
+from store.checked import ROOT_METADATA, checksum, corrupt
+from store.errors import StoreConflictError, StoreCorruptError
+from store.location import (check_writable, has_content, is_url, normalize, open_root, open_zarr_store,
+                            subgroup_names)
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +104,16 @@ def _short(value, limit: int = 80) -> str:
 
 
 def read_root_attrs(location: str) -> dict | None:
-    """The latentstore attributes of the store at ``location``, or None if there is no store."""
+    """The latentstore attributes of the store at ``location``, or None if there is no root there.
+    A root whose metadata cannot be read (a torn upload, a hand edit) raises StoreCorruptError,
+    naming it and the repair: rerunning the extraction rebuilds it (``StoreWriter.begin``)."""
     try:
         root = open_root(location, mode="r")
+        attrs = root.attrs.asdict().get(fmt.ATTRS_KEY)
     except FileNotFoundError:
         return None
-    attrs = root.attrs.asdict().get(fmt.ATTRS_KEY)
+    except (ValueError, UnicodeDecodeError) as e:  # JSON cut short or garbled: zarr raises several types
+        raise corrupt(location, ROOT_METADATA, f"it cannot be parsed ({type(e).__name__}: {e})") from None
     if attrs is not None:
         fmt.check_version(attrs, fmt.STORE_ENCODING, f"store {location}")
     return attrs
@@ -121,9 +126,9 @@ def check_conflict(location: str, run: dict, overwrite: bool, only_shared: bool 
     check_writable(location)
     try:
         attrs = read_root_attrs(location)
-    except FileNotFoundError:
-        attrs = None
-    if attrs is None and has_content(location):
+    except StoreCorruptError:
+        attrs = None  # nothing to compare with: begin rebuilds the root from the shards (or --overwrite replaces all)
+    if attrs is None and has_content(location) and not has_shard_markers(location):
         raise StoreConflictError(
             f"--store {location} exists and is not a latentstore store. latentstore will not write over "
             "it (not even with --overwrite): choose a new path."
@@ -141,6 +146,42 @@ def check_conflict(location: str, run: dict, overwrite: bool, only_shared: bool 
     return attrs
 
 
+def has_shard_markers(location: str) -> bool:
+    """Whether any shard at ``location`` has a completion marker file (looked up without zarr, so
+    that it answers when the root's metadata is missing or unreadable)."""
+    import fsspec
+
+    location = normalize(location)
+    fs, base = fsspec.core.url_to_fs(location) if is_url(location) else (fsspec.filesystem("file"), location)
+    return bool(fs.glob(f"{base.rstrip('/')}/{fmt.SHARDS_GROUP}/*/{fmt.MARKER_GROUP}/{ROOT_METADATA}"))
+
+
+def root_needs_rebuild(location: str) -> bool:
+    """Whether the store's root (or its shards group) has metadata that is missing or unreadable
+    while complete shards remain: ``StoreWriter.begin`` then rebuilds it and keeps those shards."""
+    if not has_shard_markers(location):
+        return False
+    try:
+        if read_root_attrs(location) is None:
+            return True
+        open_root(location, mode="r")[fmt.SHARDS_GROUP]
+    except (StoreCorruptError, KeyError, ValueError, UnicodeDecodeError):
+        return True
+    return False
+
+
+def _write_group_metadata(location: str, path: str, attributes: dict) -> None:
+    """A group's zarr.json alone, written over whatever is there; unlike zarr's overwrite, the nodes
+    below it are kept."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.group import GroupMetadata
+    from zarr.core.sync import sync
+
+    store = open_zarr_store(location)  # not through zarr.open_group: the root may be unreadable
+    for key, buffer in GroupMetadata(attributes=attributes).to_buffer_dict(default_buffer_prototype()).items():
+        sync(store.set(f"{path}/{key}" if path else key, buffer))
+
+
 class StoreWriter:
     """Writes one store. The driver creates it; each worker opens its own instance."""
 
@@ -155,6 +196,8 @@ class StoreWriter:
         ``keep_shard(marker) -> bool``, when given, allows resuming over edited data (``DATA_KEYS``
         differ): complete shards it rejects (their rows changed) are deleted, so they are redone."""
         existing = check_conflict(self.location, run, overwrite, ignore=DATA_KEYS if keep_shard else ())
+        if not overwrite and root_needs_rebuild(self.location):
+            return self._rebuild_root(run, plan, keep_shard)
         if existing is None or overwrite:
             attrs = {
                 **fmt.encoding(fmt.STORE_ENCODING),
@@ -185,6 +228,35 @@ class StoreWriter:
                         len(kept), len(done) - len(kept))
             done = kept
         return done
+
+    def _rebuild_root(self, run: dict, plan: dict, keep_shard=None) -> dict[int, dict]:
+        """The root's (or the shards group's) metadata is missing or unreadable, the shards are not:
+        write the root anew for this run, with nothing below it deleted, and keep each complete shard
+        that this run would write the same (its SAEs, value dtype and, with ``keep_shard``, its rows);
+        the others are deleted, to be redone. The shard list and counts come at finalize, as ever."""
+        run = canonical(run)
+        attrs = {**fmt.encoding(fmt.STORE_ENCODING), "latentstore_version": latentstore_version(),
+                 "status": fmt.STATUS_WRITING, "created_at": now(), "run": run, "plan": canonical(plan)}
+        _write_group_metadata(self.location, "", {fmt.ATTRS_KEY: attrs})
+        _write_group_metadata(self.location, fmt.SHARDS_GROUP, {})
+        hooks = {sae["hook"] for sae in run["saes"]}
+        shards = open_root(self.location, mode="r")[fmt.SHARDS_GROUP]
+        done, kept = self.completed_shards(), {}
+        for shard_id, marker in done.items():
+            try:
+                csr = shards[f"{fmt.shard_name(shard_id)}/{fmt.SAES_GROUP}"]
+                dtypes = {csr[hook].attrs.asdict().get(fmt.ATTRS_KEY, {}).get("value_dtype") for hook in hooks}
+            except (KeyError, ValueError, UnicodeDecodeError):  # missing or unreadable: redone
+                continue
+            if set(marker.get("nnz", {})) == hooks and dtypes == {run["value_dtype"]} and \
+                    (keep_shard is None or keep_shard(marker)):
+                kept[shard_id] = marker
+        for shard_id in sorted(done.keys() - kept.keys()):
+            self.delete_shard(shard_id)
+        log.warning("%s: the store's root metadata was missing or unreadable; rebuilt it for this run. Kept %d "
+                    "complete shards that this run would write the same; %d will be redone.", self.location,
+                    len(kept), len(done) - len(kept))
+        return kept
 
     def write_vocab(self, strings: list[str]) -> None:
         """Each token id's text, so queries and dashboards need no tokenizer."""

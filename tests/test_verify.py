@@ -78,20 +78,6 @@ def test_corrupt_chunk_is_named_and_reads_refuse_it(store, capsys):
     assert (fs.csr(OTHER) != good[OTHER]).nnz == 0
 
 
-def test_repair_as_the_report_advises_restores_the_store(assets, pristine, store):
-    """Delete the damaged shard, rerun the same extraction: the store is whole and equal again."""
-    from jobs.extract import run_extract
-    from tests.stores import assert_same_store, config
-
-    shard = FeatureStore.open(str(store)).shards[1]
-    flip_byte(store / fmt.shard_path(shard.shard_id) / fmt.SAES_GROUP / HOOK / fmt.VALUES / "c" / "0")
-    assert not verify_store(str(store)).ok
-    shutil.rmtree(store / fmt.shard_path(shard.shard_id))
-    run_extract(config(assets, store))
-    assert verify_store(str(store)).ok
-    assert_same_store(FeatureStore.open(str(store)), FeatureStore.open(str(pristine)))
-
-
 def test_bytes_that_still_decode_are_caught_by_the_checksum(store):
     """Damage that a codec cannot notice: a chunk of another shard swapped in (same dtype and codecs)."""
     fs = FeatureStore.open(str(store))
@@ -192,8 +178,8 @@ def test_damaged_merged_statistics_are_named_and_queries_refuse_them(store, caps
     assert main(["verify", str(store)]) == 2
     captured = capsys.readouterr()
     assert f"2 damaged part(s) in {store}: {', '.join(sorted([flipped, rewritten]))}" in captured.err
-    assert "fix: rerun the same `latentstore extract` command: it keeps the shards and rewrites the merged " \
-           "statistics from them." in captured.out
+    assert "fix: delete stats/ and rerun the same `latentstore extract` command: it keeps the shards and rewrites " \
+           "the merged statistics from them." in captured.out
 
     fs = FeatureStore.open(str(store))
     with pytest.raises(StoreCorruptError, match=rf"(?s){flipped} is damaged.*latentstore verify.*rewrites the merged"):
