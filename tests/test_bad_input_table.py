@@ -595,7 +595,13 @@ def test_no_credential_appears_anywhere(assets, url, tmp_path, monkeypatch, caps
     caplog.set_level(logging.DEBUG)
     monkeypatch.chdir(tmp_path)  # a URL taken for a local path would make its folder here
     secret_parts = [SECRET, "AKIAEXAMPLE"] if "AKIAEXAMPLE" in url else [SECRET]
-    for name, entry in ENTRY_POINTS.items():
+    from jobs.extract import run_extract
+    from jobs.index import run_index
+    from jobs.sweep import SweepConfig, run_sweep
+
+    jobs = {"run_extract": lambda url: run_extract(config(assets, url)), "run_index": run_index,
+            "run_sweep": lambda url: run_sweep(SweepConfig(name="s", store=url, rows=(0, 4), metric="kl"))}
+    for name, entry in {**ENTRY_POINTS, **jobs}.items():
         with pytest.raises(ConfigError, match=r"holds credentials") as refused:
             entry(url)
         assert not any(s in _all_text(refused.value) for s in secret_parts), (name, _all_text(refused.value))
