@@ -26,6 +26,7 @@ import pytest
 
 from store.errors import ConfigError, StoreLockedError
 from store.lease import LEASE_ENCODING, StoreLease, hold_lease, lease_path, read_lease
+from tests.s3_server import s3  # noqa: F401  (the fixture, for the S3 cases)
 
 REPO = Path(__file__).parent.parent
 HOST = re.escape(socket.gethostname())
@@ -47,9 +48,6 @@ def location(request, tmp_path) -> str:
 
     request.getfixturevalue("s3")
     return f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}/run.zarr"
-
-
-from tests.s3_server import s3  # noqa: E402,F401  (the fixture, for the S3 cases)
 
 
 class Writer:
