@@ -76,12 +76,13 @@ def markers_written_at(store: Path) -> dict[str, str]:
 def test_a_torn_root_is_named_everywhere_and_the_rerun_rebuilds_it_keeping_the_shards(assets, pristine, store,
                                                                                         capsys):
     from jobs.extract import validate
-    from store.writer import check_conflict
+    from store.writer import StoreWriter, check_conflict
     from tests.stores import assert_same_store, config
 
     kept = markers_written_at(store)
-    root = store / "zarr.json"
-    root.write_text(root.read_text()[:300])  # cut short, as a torn upload leaves it
+    reference = FeatureStore.open(str(pristine))
+    for meta in (store / "zarr.json", store / fmt.SHARDS_GROUP / "zarr.json"):
+        meta.write_text(meta.read_text()[:len(meta.read_text()) // 2])  # cut short, as a torn upload leaves it
 
     refusal = r"(?s)zarr.json is damaged: it cannot be parsed.*rerun the same `latentstore extract` command"
     with pytest.raises(StoreCorruptError, match=refusal):
@@ -91,11 +92,15 @@ def test_a_torn_root_is_named_everywhere_and_the_rerun_rebuilds_it_keeping_the_s
     # what an extract rerun checks first neither crashes nor refuses: plain, or replacing the store
     validate(config(assets, store))
     assert check_conflict(str(store), {}, overwrite=True) is None
+    replaced = store.parent / "replaced.zarr"
+    shutil.copytree(store, replaced)
+    assert StoreWriter(str(replaced)).begin(reference.run, reference.attrs["plan"], overwrite=True) == {}
+    assert not list((replaced / fmt.SHARDS_GROUP).glob("0*"))  # --overwrite: a new, empty store
 
     assert main(["verify", str(store)]) == 2
     out = capsys.readouterr().out
     report = verify_store(str(store))
-    assert report.damaged_parts == ["zarr.json"], out  # no follow-on complaints about the shards
+    assert report.damaged_parts == [f"{fmt.SHARDS_GROUP}/zarr.json", "zarr.json"], out  # nothing about the shards
     assert report.n_shards == len(kept)
     assert len(report.fixes()) == 1 and "delete" not in report.fixes()[0], out
     assert follow_advice(out, assets, store) == ["extract"]
@@ -143,6 +148,8 @@ def test_every_other_kind_of_damage_is_repaired_by_following_the_advice(assets, 
     meta = store / shards[2] / fmt.SAES_GROUP / OTHER / fmt.INDICES / "zarr.json"
     meta.write_text(meta.read_text()[:-30])
     shutil.rmtree(store / shards[3] / fmt.MARKER_GROUP)
+    (store / shards[4] / fmt.POSITIONS / "c" / "0").unlink()
+    shutil.copytree(store / shards[5], store / fmt.SHARDS_GROUP / "000099")  # a leftover, not in the shard list
     (store / fmt.SHARDS_GROUP / "scratch").mkdir()
     (store / fmt.SHARDS_GROUP / "scratch" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group"}')
     flip_byte(store / fmt.STATS_GROUP / HOOK / "count" / "c" / "0")
@@ -159,8 +166,8 @@ def test_every_other_kind_of_damage_is_repaired_by_following_the_advice(assets, 
     assert main(["verify", str(store)]) == 2
     out = capsys.readouterr().out
     damaged = verify_store(str(store)).damaged_parts
-    for part in (shards[1], shards[2], shards[3], f"{fmt.SHARDS_GROUP}/scratch", fmt.STATS_GROUP, fmt.VOCAB_GROUP,
-                 fmt.INDEX_GROUP, "zarr.json"):
+    for part in (*shards[1:5], f"{fmt.SHARDS_GROUP}/000099", f"{fmt.SHARDS_GROUP}/scratch", fmt.STATS_GROUP,
+                 fmt.VOCAB_GROUP, fmt.INDEX_GROUP, "zarr.json"):
         assert any(d.startswith(part) for d in damaged), (part, out)
     assert follow_advice(out, assets, store) == ["extract", "index"]
     report = verify_store(str(store))
