@@ -30,7 +30,8 @@ def block_checksums(data: np.ndarray, block: int) -> list[str]:
 ROOT_METADATA = "zarr.json"  # a node's metadata file; at the top of the store, the root's
 
 REBUILD_ROOT = ("rerun the same `latentstore extract` command: it rewrites the root's metadata (zarr.json), "
-                "rebuilding it if it is unreadable, and keeps every complete shard that it would write the same")
+                "rebuilding it if it is missing or unreadable, and keeps every complete shard that it would "
+                "write the same")
 
 
 def repair(location: str, part: str) -> str:
@@ -40,7 +41,8 @@ def repair(location: str, part: str) -> str:
     if top == ROOT_METADATA or names == [fmt.SHARDS_GROUP, ROOT_METADATA]:
         return REBUILD_ROOT
     if top == fmt.VOCAB_GROUP:
-        return f"delete {fmt.VOCAB_GROUP}/ and rerun the same `latentstore extract` command: it writes the vocabulary anew"
+        return (f"delete {fmt.VOCAB_GROUP}/ and rerun the same `latentstore extract` command: it writes the "
+                "vocabulary anew")
     if top == "sweeps":  # a damaged part (sweeps/<name>/parts/<id>) is redone alone; other damage, the sweep
         damaged = "/".join(names[:4] if names[2:3] == ["parts"] else names[:2])
         return f"delete {damaged} and rerun the same `latentstore sweep` command (it redoes what is missing)"

@@ -188,7 +188,8 @@ class FeatureStore(Queries):
         """The hook's feature-major index, or None when it is missing or stale (queries then scan)."""
         if hook not in self._indexes:
             self._sae(hook)
-            index = index_mod.open_index(self._root, hook, self.attrs["shards"], self.location) if self.complete else None
+            index = (index_mod.open_index(self._root, hook, self.attrs["shards"], self.location)
+                     if self.complete else None)
             if index is not None and index.value_dtype != self.value_dtype:
                 raise StoreCorruptError(
                     f"{self.location}: {index.path} records its values as {index.value_dtype}, but the store's run "

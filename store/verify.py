@@ -34,7 +34,7 @@ import numpy as np
 import zarr
 
 from store import format as fmt
-from store.checked import REBUILD_ROOT, checksum, repair
+from store.checked import checksum, repair
 from store.errors import StoreNotFoundError
 from store.location import is_url, normalize, open_zarr_store
 
@@ -173,7 +173,8 @@ class _Walker:
                     raise ValueError("not a zarr v3 node (no node_type array or group)")
             except (ValueError, UnicodeDecodeError) as e:
                 what = ("the store's run record, shard list and counts are unreadable (the shards are checked "
-                        "against their own markers)") if key == METADATA else "the node and everything in it is unreadable"
+                        "against their own markers)") if key == METADATA else \
+                    "the node and everything in it is unreadable"
                 self.report.add(key, f"metadata cannot be parsed ({type(e).__name__}: {e}); {what}")
                 continue
             self.metadata[node] = doc
@@ -270,7 +271,8 @@ def verify_store(location: str) -> VerifyReport:
         report.status = root.get("status")
     elif walker.damaged("") or walker.damaged(fmt.SHARDS_GROUP):
         pass  # named by parse_metadata; the shards are checked against their own markers alone
-    elif any(walker.attrs(f"{fmt.SHARDS_GROUP}/{name}/{fmt.MARKER_GROUP}") for name in walker.children(fmt.SHARDS_GROUP)):
+    elif any(walker.attrs(f"{fmt.SHARDS_GROUP}/{name}/{fmt.MARKER_GROUP}")
+             for name in walker.children(fmt.SHARDS_GROUP)):
         report.add(METADATA, "the root's metadata is missing, but the store holds complete shards")
     else:
         raise StoreNotFoundError(f"{location} is not a latentstore store (its root has no latentstore attributes).")
@@ -335,7 +337,8 @@ def _note_pending_parts(walker: _Walker, top: str, finished) -> None:
         to_come = [part for part in parts if walker.attrs(f"{part}/{fmt.MARKER_GROUP}") is None
                    and not walker.damaged(f"{part}/{fmt.MARKER_GROUP}")]
         walker.pending.update(to_come)
-        # its own arrays (an index's pointers) may be mid-write too: checked once it is finished, before any reader uses it
+        # its own arrays (an index's pointers) may be mid-write too: checked once it is finished, before
+        # any reader uses it
         walker.pending.update(n for n in walker.metadata if walker.is_array(n) and n.startswith(node + "/")
                               and not n.startswith(f"{node}/{PARTS_GROUP}/"))
         walker.report.to_come += [f"{part} (no completion marker yet)" for part in to_come]
@@ -476,7 +479,8 @@ def _verify_shard(walker: _Walker, node: str, marker: dict, saes: dict | None,
                 starts[indptr[:-1][indptr[:-1] < len(indices)]] = True
                 if np.any(step[~starts[1:]] <= 0):
                     report.add(where, "feature indices do not ascend within a token")
-        if values is not None and written_as is not None and (written_as not in fmt.VALUE_DTYPES or values.dtype != fmt.storage_dtype(written_as)):
+        if values is not None and written_as is not None and \
+                (written_as not in fmt.VALUE_DTYPES or values.dtype != fmt.storage_dtype(written_as)):
             expected = fmt.storage_dtype(written_as) if written_as in fmt.VALUE_DTYPES else "one of the value dtypes"
             report.add(f"{node}/{base}/{fmt.VALUES}", f"dtype {values.dtype}, expected {expected} for the "
                                                       f"value_dtype {written_as!r} its group records")
