@@ -246,8 +246,11 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(status, int) and status:
                 return status
     except (LatentStoreError, OSError) as e:
-        if is_disk_full(e):  # met by this process (a worker's arrives as a StoreFullError already)
-            e = disk_full(e, next(iter(_store_locations(args)), None))
+        # a full disk met by this process, or by a Ray task whose error was not converted (``ray.get``'s
+        # RayTaskError(OSError) carries it as its cause); a worker's arrives as a StoreFullError already
+        full = next((x for x in (e, getattr(e, "cause", None)) if is_disk_full(x)), None)
+        if full is not None:
+            e = disk_full(full, next(iter(_store_locations(args)), None))
         elif not isinstance(e, LatentStoreError):
             raise
         print(f"latentstore {args.command}: error: {terminal_text(str(e), keep_newlines=True)}", file=sys.stderr)
