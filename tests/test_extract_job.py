@@ -64,13 +64,15 @@ def test_rerun_after_partial_run_resumes_to_identical_store(assets, reference_st
 
 
 def test_killed_driver_then_rerun_gives_identical_store(assets, reference_store, tmp_path, ray_cluster):
-    """The driver dies part-way (SIGKILL); the same command, run again, finishes the same store."""
+    """The driver dies part-way (SIGKILL); the same command, run again, finishes the same store.
+    Both runs use the reference's batch size: another batch shape changes float32 rounding, and so
+    can flip a bfloat16 value (stack.md)."""
     store = tmp_path / "killed.zarr"
     address = ray_cluster.get_runtime_context().gcs_address
     argv = [sys.executable, "-m", "jobs.cli", "extract", "--model", str(assets["model_dir"]),
             *[a for d in assets["sae_dirs"].values() for a in ("--sae", str(d))],
             "--dataset", str(assets["jsonl"]), "--store", str(store), "--context-size", "16",
-            "--batch-size", "1", "--shard-rows", "5", "--top-k", "7", "--workers", "1", "--address", address,
+            "--batch-size", str(config(assets, store).batch_size), "--shard-rows", "5", "--top-k", "7", "--workers", "1", "--address", address,
             "--no-progress"]
     proc = subprocess.Popen(argv, cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
