@@ -95,6 +95,95 @@ def _histogram(features: np.ndarray, values: np.ndarray, d_sae: int) -> np.ndarr
     return flat.reshape(d_sae, N_BINS)
 
 
+def _bin_table(value_dtype: str) -> np.ndarray | None:
+    """The histogram bin of every 16-bit stored value (None for float32): a lookup replaces a search."""
+    if value_dtype == "float32":
+        return None
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    every = fmt.decode_values(bits.view(fmt.storage_dtype(value_dtype)), value_dtype)
+    with np.errstate(invalid="ignore"):  # the NaN bit patterns, which no SAE writes
+        return (np.searchsorted(HIST_EDGES, every, side="right") - 1).astype(np.uint8)
+
+
+class Accumulator:
+    """One SAE's statistics over consecutive batches of tokens, fed in token order as they are encoded.
+
+    ``result()`` equals ``compute`` over all the batches at once (sums up to float64 rounding), at a
+    fraction of its cost: count, sums and histogram are added per batch, and only the entries that
+    can still reach a feature's top-K are kept and sorted. An entry cannot when its histogram bin is
+    below the highest bin with K entries at or above it, or when it does not beat the K-th best value
+    already kept (a later token loses a tie)."""
+
+    def __init__(self, d_sae: int, value_dtype: str, top_k: int = DEFAULT_TOP_K):
+        self.d_sae, self.value_dtype, self.top_k = d_sae, value_dtype, top_k
+        self.n_tokens = 0
+        self.count = np.zeros(d_sae, np.int64)
+        self.sum = np.zeros(d_sae)
+        self.sum_sq = np.zeros(d_sae)
+        self.hist = np.zeros((d_sae, N_BINS), np.int64)
+        self._bins = _bin_table(value_dtype)
+        self._kth = np.full(d_sae, -np.inf, np.float32)  # what an entry must beat to enter a full top-K
+        self._kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # candidates (feature, value, token)
+        self._n_kept = self._compacted = 0
+
+    def add(self, counts: np.ndarray, indices: np.ndarray, stored: np.ndarray) -> None:
+        """A batch of ``len(counts)`` tokens: each token's number of entries, then their features and
+        stored values, token by token."""
+        d_sae = self.d_sae
+        if len(indices):
+            features = indices.astype(np.intp)
+            values = fmt.decode_values(stored, self.value_dtype)
+            bins = (np.searchsorted(HIST_EDGES, values, side="right") - 1 if self._bins is None
+                    else self._bins[stored.view(np.uint16)])
+            self.count += np.bincount(features, minlength=d_sae)
+            v64 = values.astype(np.float64)
+            self.sum += np.bincount(features, weights=v64, minlength=d_sae)
+            self.sum_sq += np.bincount(features, weights=v64 * v64, minlength=d_sae)
+            self.hist += np.bincount(features * N_BINS + bins, minlength=d_sae * N_BINS).reshape(d_sae, N_BINS)
+            # Per feature, the highest bin with at least K entries at or above it (-1: fewer than K in all).
+            at_or_above = np.cumsum(self.hist[:, ::-1], axis=1)[:, ::-1]
+            floor = (at_or_above >= self.top_k).sum(axis=1) - 1
+            keep = np.flatnonzero((bins >= floor[features]) & (values > self._kth[features]))
+            tokens = np.searchsorted(np.cumsum(counts), keep, side="right") + self.n_tokens
+            self._kept.append((features[keep], values[keep], tokens))
+            self._n_kept += len(keep)
+            if self._n_kept > max(1 << 18, 2 * self._compacted):
+                self._compact()
+        self.n_tokens += len(counts)
+
+    def _compact(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Keep each feature's K best candidates (earlier token first on ties); returns them grouped by
+        feature, best first, with each one's rank."""
+        features, values, tokens = (np.concatenate(parts) for parts in zip(*self._kept)) if self._kept else \
+            (np.zeros(0, np.intp), np.zeros(0, np.float32), np.zeros(0, np.int64))
+        order = sort_by_feature_then_value(features, values)  # stable: candidates are in token order
+        features, values, tokens = features[order], values[order], tokens[order]
+        runs = np.bincount(features, minlength=self.d_sae)
+        rank = np.arange(len(features)) - np.repeat(np.cumsum(runs) - runs, runs)
+        best = rank < self.top_k
+        features, values, tokens, rank = features[best], values[best], tokens[best], rank[best]
+        full = rank == self.top_k - 1
+        self._kth[features[full]] = values[full]
+        self._kept, self._n_kept = [(features, values, tokens)], len(features)
+        self._compacted = self._n_kept
+        return features, values, tokens, rank
+
+    def result(self) -> FeatureStats:
+        features, values, tokens, rank = self._compact()
+        stats = FeatureStats(
+            count=self.count.copy(), sum=self.sum.copy(), sum_sq=self.sum_sq.copy(),
+            max=np.zeros(self.d_sae, np.float32),
+            top_value=np.full((self.d_sae, self.top_k), np.nan, np.float32),
+            top_token=np.full((self.d_sae, self.top_k), -1, np.int64),
+            hist=self.hist.copy(),
+        )
+        stats.top_value[features, rank] = values
+        stats.top_token[features, rank] = tokens
+        fired = stats.count > 0
+        stats.max[fired] = stats.top_value[fired, 0]
+        return stats
+
+
 def empty(d_sae: int, top_k: int = DEFAULT_TOP_K) -> FeatureStats:
     return compute(np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), d_sae, top_k)
 
@@ -134,8 +223,8 @@ DENSE = ("count", "sum", "sum_sq", "max")
 MERGED = (*DENSE, "top_value", "top_token", "hist")  # the arrays of stats/<hook>
 
 
-def write(group: zarr.Group, stats: FeatureStats, value_dtype: str) -> dict[str, np.ndarray]:
-    """Write statistics into a new ``stats`` subgroup. Returns the arrays written, by name.
+def create(group: zarr.Group, stats: FeatureStats, value_dtype: str) -> tuple[zarr.Group, dict[str, np.ndarray]]:
+    """A new ``stats`` subgroup of a shard's SAE, and the arrays for its writer to write there, by name.
 
     Compact, since the shard's own arrays already hold every value: a feature's top-K list
     (feature-major, best first, ``min(count, K)`` entries each) keeps shard-local token indices
@@ -157,12 +246,7 @@ def write(group: zarr.Group, stats: FeatureStats, value_dtype: str) -> dict[str,
         "hist_bin": nz[1].astype("u1"),
         "hist_count": stats.hist[nz].astype("<u4"),
     }
-    for name, data in arrays.items():
-        array = sub.create_array(name, shape=data.shape, dtype=data.dtype, chunks=codecs.chunk_shape(len(data)),
-                                 compressors=codecs.VALUES.compressors(), fill_value=0)
-        if len(data):
-            array[:] = data
-    return arrays
+    return sub, arrays
 
 
 def _encode(values: np.ndarray, value_dtype: str) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 from store import stats
@@ -69,3 +70,52 @@ def test_descending_key_orders_floats_of_any_sign():
     values = np.array([3.5, -1.0, 0.0, 1e-30, -1e30, 7.0, 2.0], np.float32)
     order = np.argsort(stats.descending_key(values), kind="stable")
     np.testing.assert_array_equal(values[order], np.sort(values)[::-1])
+
+
+def stored_csr(n_tokens: int, d_sae: int, value_dtype: str, seed: int) -> tuple[sp.csr_matrix, np.ndarray]:
+    """A random CSR whose values are exactly representable in ``value_dtype``, and those values stored."""
+    from store.format import decode_values, storage_dtype
+
+    m = random_csr(n_tokens, d_sae, seed)
+    if value_dtype == "bfloat16":
+        stored = (m.data.view(np.uint32) >> 16).astype(np.uint16)
+    else:
+        stored = m.data.astype(storage_dtype(value_dtype))
+    m.data = decode_values(stored, value_dtype)
+    return m, stored
+
+
+@pytest.mark.parametrize("value_dtype", ["bfloat16", "float16", "float32"])
+def test_accumulated_batches_equal_one_pass(value_dtype):
+    m, stored = stored_csr(2000, 30, value_dtype, seed=3)
+    acc = stats.Accumulator(30, value_dtype, top_k=4)
+    bounds = [0, 0, 1, 300, 301, 1200, 2000]  # batches of 0, 1, 299, 1, 899 and 800 tokens
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        lo, hi = m.indptr[a], m.indptr[b]
+        acc.add(np.diff(m.indptr[a : b + 1]), m.indices[lo:hi], stored[lo:hi])
+    got = acc.result()
+    assert acc.n_tokens == 2000
+    assert_equal_to_brute_force(got, m, 4)
+    whole = stats.compute(m.indptr, m.indices, m.data, 30, top_k=4)
+    for name in ("count", "max", "top_value", "top_token", "hist"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(whole, name))
+
+
+def test_accumulator_compacts_without_losing_the_top():
+    """Many small batches force repeated compaction; the result stays exact."""
+    m, stored = stored_csr(3000, 8, "bfloat16", seed=5)
+    acc = stats.Accumulator(8, "bfloat16", top_k=3)
+    acc._compacted = 0
+    for a in range(0, 3000, 7):
+        b = min(a + 7, 3000)
+        lo, hi = m.indptr[a], m.indptr[b]
+        acc.add(np.diff(m.indptr[a : b + 1]), m.indices[lo:hi], stored[lo:hi])
+        acc._compact()
+    assert_equal_to_brute_force(acc.result(), m, 3)
+
+
+def test_empty_accumulator_equals_empty():
+    got = stats.Accumulator(5, "bfloat16", top_k=2).result()
+    ref = stats.empty(5, top_k=2)
+    for name in ("count", "sum", "max", "top_token", "hist"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(ref, name))
