@@ -19,7 +19,7 @@ from pipeline.dataset import (DatasetSpec, Shard, check_dataset, describe_datase
 from pipeline.models import hook_names, hook_width, is_local_model, load_model_config
 from pipeline.saes import SAESource, read_sae_config
 from jobs.ray_session import call, connect, init_errors_on_call, worker_resources
-from pipeline.worker import ExtractJob, ExtractWorker
+from pipeline.worker import SHARDS_IN_FLIGHT, ExtractJob, ExtractWorker
 from store import stats
 from store.errors import ConfigError, StoreWriteError, did_you_mean
 from store.format import VALUE_DTYPES
@@ -231,8 +231,10 @@ def start_workers(ray, plan: Plan) -> list:
         device=None if resources.use_gpu else "cpu",
         n_threads=resources.n_threads,
     )
-    # Killed workers come back and their call is retried; writes are idempotent (stack.md).
-    actor = ray.remote(max_restarts=-1, max_task_retries=-1, **resources.options)(init_errors_on_call(ExtractWorker))
+    # Killed workers come back and their call is retried; writes are idempotent (stack.md). Each takes
+    # SHARDS_IN_FLIGHT calls at once, so one shard's host side overlaps the next one's forward.
+    actor = ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=SHARDS_IN_FLIGHT,
+                       **resources.options)(init_errors_on_call(ExtractWorker))
     return [actor.remote(job) for _ in range(resources.n_workers)]
 
 
@@ -306,7 +308,7 @@ def _schedule(ray, actors: list, plan: Plan, done: dict[int, dict]) -> dict[int,
     cfg = plan.config
     n_shards = len(plan.shards)
     pending = deque(s for s in plan.shards if s.shard_id not in done)
-    idle, in_flight = list(actors), {}
+    idle, in_flight = list(actors) * SHARDS_IN_FLIGHT, {}  # an actor once per shard it may take
     already = sum(m["n_tokens"] for m in done.values())
     bar = tqdm(total=cfg.max_tokens, initial=min(already, cfg.max_tokens or already), unit="tok",
                unit_scale=True, desc="extract", disable=not cfg.progress, dynamic_ncols=True)

@@ -20,18 +20,36 @@ from store.format import index_dtype
 
 @dataclass(frozen=True)
 class SparseBatch:
-    """One SAE's activations over a batch's real tokens (window order), in CSR pieces."""
+    """One SAE's activations over a batch's real tokens (window order), in CSR pieces, on the host.
+
+    From a GPU the arrays are pinned host buffers that the device is still filling (non-blocking
+    copies): ``wait()`` before reading them."""
 
     counts: np.ndarray  # int64 [n_tokens]: active features per token
     indices: np.ndarray  # uint16/uint32 [nnz], ascending within a token
     values: np.ndarray  # storage dtype of the value dtype [nnz]
+    copied: object = None  # the CUDA event recorded after the copies, or None when already on the host
+
+    def wait(self) -> "SparseBatch":
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self
 
 
-def to_storage(values: torch.Tensor, value_dtype: str) -> np.ndarray:
-    """Round on the device, then copy: bfloat16 travels as its uint16 bits (numpy has no bfloat16)."""
+def to_storage(values: torch.Tensor, value_dtype: str) -> torch.Tensor:
+    """Round on the device: bfloat16 travels as its uint16 bits (numpy has no bfloat16)."""
     if value_dtype == "bfloat16":
-        return values.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-    return values.to(getattr(torch, value_dtype)).cpu().numpy()
+        return values.to(torch.bfloat16).view(torch.uint16)
+    return values.to(getattr(torch, value_dtype))
+
+
+def to_host(tensor: torch.Tensor) -> np.ndarray:
+    """A host array of ``tensor``: a view on the CPU, else a non-blocking copy into pinned memory."""
+    if tensor.device.type == "cpu":
+        return tensor.numpy()
+    pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    pinned.copy_(tensor, non_blocking=True)
+    return pinned.numpy()
 
 
 class SparseEncoder:
@@ -42,25 +60,22 @@ class SparseEncoder:
         self.saes = saes  # hook name -> sae_lens SAE
         self.value_dtype = value_dtype
         self.stop_at_layer = stop_layer(list(saes))
-        self._index_dtypes = {hook: index_dtype(sae.cfg.d_sae) for hook, sae in saes.items()}
+        self._index_dtypes = {hook: _TORCH_INDEX[index_dtype(sae.cfg.d_sae)] for hook, sae in saes.items()}
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor) -> dict[str, SparseBatch]:
         # Right padding needs no attention mask: causal attention never looks at later positions,
         # and padded positions are dropped here before anything is kept.
         valid = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
-        out: dict[str, SparseBatch] = {}
+        found: dict[str, tuple] = {}
 
         def encode_at(hook_name: str, sae):
             def hook(activation: torch.Tensor, hook) -> None:
                 features = sae.encode(activation.to(sae.dtype))[valid]  # [n_tokens, d_sae]
-                token, feature = features.nonzero(as_tuple=True)  # row-major: features ascend per token
-                counts = torch.bincount(token, minlength=features.shape[0])
-                out[hook_name] = SparseBatch(
-                    counts=counts.cpu().numpy().astype(np.int64),
-                    indices=feature.to(torch.int32).cpu().numpy().astype(self._index_dtypes[hook_name]),
-                    values=to_storage(features[token, feature], self.value_dtype),
-                )
+                active = features != 0
+                # row-major, so features ascend within each token; only these leave the device
+                found[hook_name] = (active.sum(1), active.nonzero()[:, 1].to(self._index_dtypes[hook_name]),
+                                    to_storage(features[active], self.value_dtype))
 
             return hook
 
@@ -69,13 +84,21 @@ class SparseEncoder:
             fwd_hooks=[(hook, encode_at(hook, sae)) for hook, sae in self.saes.items()],
             stop_at_layer=self.stop_at_layer,
         )
+        copied = torch.cuda.Event() if tokens.device.type == "cuda" else None
+        out = {hook: SparseBatch(*(to_host(t) for t in arrays), copied) for hook, arrays in found.items()}
+        if copied is not None:
+            copied.record()  # after every copy above: the host waits on it, the device goes on
         return out
+
+
+_TORCH_INDEX = {np.dtype("<u2"): torch.uint16, np.dtype("<u4"): torch.uint32}
 
 
 def concat_batches(batches: list[SparseBatch], indices_dtype: np.dtype, values_dtype: np.dtype,
                    n_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Join batches (in order) into one CSR (indptr, indices, values) over ``n_tokens`` tokens."""
     indptr = np.zeros(n_tokens + 1, dtype=np.int64)
+    batches = [b.wait() for b in batches]
     if batches:
         np.cumsum(np.concatenate([b.counts for b in batches]), out=indptr[1:])
     join = lambda parts, dtype: np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)  # noqa: E731

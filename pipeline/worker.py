@@ -4,28 +4,37 @@
 ``run_shard`` tokenizes one shard's rows, encodes them in batches and writes the
 shard straight to the store, returning only its small completion marker. Ray
 wraps this class as an actor in ``jobs/extract.py``; tests call it directly.
+
+Two shards can be under way at once (``SHARDS_IN_FLIGHT``, from two threads): one on the
+device, the other's host side (statistics, compression, writes) on the worker's thread pool,
+so the device never waits for the host to finish a shard.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from pipeline.dataset import DatasetSpec, Shard, make_windows, open_dataset, rows_digest, tokenize_rows
-from pipeline.encode import SparseEncoder, concat_batches
+from pipeline.encode import SparseEncoder
+from pipeline.shard_builder import ShardBuilder, pool_size
 from pipeline.models import load_model, weights_hash
 from pipeline.saes import SAESource, load_sae
 from store.errors import ConfigError
-from store.format import index_dtype, shard_path, storage_dtype
+from store.format import shard_path
 from store.location import open_root
 from store.stats import DEFAULT_TOP_K
-from store.writer import ShardData, SparseActivations, StoreWriter, read_marker
+from store.writer import ShardData, StoreWriter, read_marker
 
 log = logging.getLogger(__name__)
+
+SHARDS_IN_FLIGHT = 2  # calls of run_shard a worker takes at once: one encoding, one finishing
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,8 @@ class ExtractWorker:
             self.saes[sae.cfg.metadata.hook_name] = sae
         self._check_hooks()
         self.encoder = SparseEncoder(self.model, self.saes, job.value_dtype)
+        self.host = ThreadPoolExecutor(pool_size(job.n_threads), thread_name_prefix="host")
+        self.device_lock = threading.Lock()  # one shard on the device at a time
         self.dataset = open_dataset(job.dataset)
         self.writer = StoreWriter(job.store)
         tokenizer = self.model.tokenizer
@@ -119,21 +130,17 @@ class ExtractWorker:
         if existing is not None:  # a retried call whose first attempt finished
             return existing
         started = time.perf_counter()
-        windows = self.windows(shard, token_limit)
-        batches: dict[str, list] = {hook: [] for hook in self.saes}
-        for start in range(0, len(windows.lengths), self.job.batch_size):
-            stop = start + self.job.batch_size
-            lengths = windows.lengths[start:stop]
-            tokens = torch.from_numpy(windows.tokens[start:stop, : int(lengths.max())]).to(self.device)
-            for hook, batch in self.encoder(tokens, torch.from_numpy(lengths).to(self.device)).items():
-                batches[hook].append(batch)
-        saes = {}
-        for hook, parts in batches.items():
-            d_sae = self.saes[hook].cfg.d_sae
-            indptr, indices, values = concat_batches(
-                parts, index_dtype(d_sae), storage_dtype(self.job.value_dtype), windows.n_tokens
-            )
-            saes[hook] = SparseActivations(indptr, indices, values)
+        d_sae = {hook: sae.cfg.d_sae for hook, sae in self.saes.items()}
+        builder = ShardBuilder(self.host, d_sae, self.job.value_dtype, self.job.top_k)
+        with self.device_lock:
+            rows = self.dataset[shard.row_start : shard.row_stop][self.job.dataset.column]
+            windows = self._windows(rows, shard, token_limit)
+            for start in range(0, len(windows.lengths), self.job.batch_size):
+                stop = start + self.job.batch_size
+                lengths = windows.lengths[start:stop]
+                tokens = torch.from_numpy(windows.tokens[start:stop, : int(lengths.max())]).to(self.device)
+                builder.add(self.encoder(tokens, torch.from_numpy(lengths).to(self.device)))
+        saes, feature_stats = builder.finish(windows.n_tokens)
         data = ShardData(
             shard_id=shard.shard_id,
             row_start=shard.row_start,
@@ -143,15 +150,18 @@ class ExtractWorker:
             rows=windows.rows,
             positions=windows.positions,
             saes=saes,
-            rows_digest=rows_digest(self.dataset[shard.row_start : shard.row_stop][self.job.dataset.column]),
+            stats=feature_stats,
+            rows_digest=rows_digest(rows),
         )
-        d_sae = {hook: sae.cfg.d_sae for hook, sae in self.saes.items()}
-        marker = self.writer.write_shard(data, self.job.value_dtype, d_sae, self.job.top_k)
+        marker = self.writer.write_shard(data, self.job.value_dtype, d_sae, self.job.top_k, pool=self.host)
         log.info("shard %d: %d tokens in %.1fs", shard.shard_id, data.n_tokens, time.perf_counter() - started)
         return marker
 
     def windows(self, shard: Shard, token_limit: int | None = None):
-        rows = self.dataset[shard.row_start : shard.row_stop][self.job.dataset.column]
+        return self._windows(self.dataset[shard.row_start : shard.row_stop][self.job.dataset.column], shard,
+                             token_limit)
+
+    def _windows(self, rows: list, shard: Shard, token_limit: int | None):
         row_ids = range(shard.row_start, shard.row_stop)
         tokens = tokenize_rows(
             rows, row_ids, self.model.tokenizer, self.job.dataset.tokens_column is not None, self.model.cfg.d_vocab

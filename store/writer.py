@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
@@ -56,6 +57,7 @@ class ShardData:
     rows: np.ndarray  # int64 [n_tokens], dataset row of each token
     positions: np.ndarray  # int32 [n_tokens], position in the row's tokenization (-1: added BOS)
     saes: dict[str, SparseActivations] = field(default_factory=dict)
+    stats: dict[str, stats_mod.FeatureStats] = field(default_factory=dict)  # per SAE; computed when missing
     rows_digest: str | None = None  # of the dataset rows read (pipeline.dataset.rows_digest)
 
     @property
@@ -297,8 +299,9 @@ class StoreWriter:
     # -- worker side -------------------------------------------------------------------------
 
     def write_shard(self, shard: ShardData, value_dtype: str, d_sae: dict[str, int],
-                    top_k: int = stats_mod.DEFAULT_TOP_K) -> dict:
-        """Write a shard's arrays and per-feature statistics, then its completion marker."""
+                    top_k: int = stats_mod.DEFAULT_TOP_K, pool: Executor | None = None) -> dict:
+        """Write a shard's arrays and per-feature statistics, then its completion marker. Arrays are
+        compressed and written on ``pool`` when given (Blosc and zstd release the GIL)."""
         shards = open_root(self.location, mode="a")[fmt.SHARDS_GROUP]
         name = fmt.shard_name(shard.shard_id)
         if name in shards:
@@ -314,23 +317,27 @@ class StoreWriter:
                 }
             },
         )
-        checksums = {}
-        checksums[fmt.TOKEN_IDS] = _write_array(group, fmt.TOKEN_IDS, shard.token_ids.astype("<i4"), codecs.TOKEN_LEVEL)
-        checksums[fmt.ROWS] = _write_array(group, fmt.ROWS, shard.rows.astype("<i8"), codecs.TOKEN_LEVEL)
-        checksums[fmt.POSITIONS] = _write_array(group, fmt.POSITIONS, shard.positions.astype("<i4"), codecs.TOKEN_LEVEL)
+        arrays = [(group, fmt.TOKEN_IDS, shard.token_ids.astype("<i4"), codecs.TOKEN_LEVEL),
+                  (group, fmt.ROWS, shard.rows.astype("<i8"), codecs.TOKEN_LEVEL),
+                  (group, fmt.POSITIONS, shard.positions.astype("<i4"), codecs.TOKEN_LEVEL)]
         saes = group.create_group(fmt.SAES_GROUP)
         for hook, acts in shard.saes.items():
             sae = saes.create_group(
                 hook, attributes={fmt.ATTRS_KEY: {**fmt.encoding(fmt.CSR_ENCODING), "value_dtype": value_dtype}}
             )
-            prefix = f"{fmt.SAES_GROUP}/{hook}/"
-            checksums[prefix + fmt.INDPTR] = _write_array(sae, fmt.INDPTR, acts.indptr.astype("<i8"), codecs.TOKEN_LEVEL)
-            checksums[prefix + fmt.INDICES] = _write_array(sae, fmt.INDICES, acts.indices, codecs.FEATURE_INDICES)
-            checksums[prefix + fmt.VALUES] = _write_array(sae, fmt.VALUES, acts.values, codecs.VALUES)
-            values = fmt.decode_values(acts.values, value_dtype)
-            feature_stats = stats_mod.compute(acts.indptr, acts.indices, values, d_sae[hook], top_k)
-            for name, data in stats_mod.write(sae, feature_stats, value_dtype).items():
-                checksums[f"{prefix}{fmt.STATS_GROUP}/{name}"] = checksum(data)
+            arrays += [(sae, fmt.INDPTR, acts.indptr.astype("<i8"), codecs.TOKEN_LEVEL),
+                       (sae, fmt.INDICES, acts.indices, codecs.FEATURE_INDICES),
+                       (sae, fmt.VALUES, acts.values, codecs.VALUES)]
+            feature_stats = shard.stats.get(hook)
+            if feature_stats is None:
+                accumulator = stats_mod.Accumulator(d_sae[hook], value_dtype, top_k)
+                accumulator.add(np.diff(acts.indptr), acts.indices, acts.values)
+                feature_stats = accumulator.result()
+            sub, stat_arrays = stats_mod.create(sae, feature_stats, value_dtype)
+            arrays += [(sub, name, data, codecs.VALUES) for name, data in stat_arrays.items()]
+        write = lambda job: (f"{job[0].path}/{job[1]}", _write_array(*job))  # noqa: E731
+        written = list(pool.map(write, arrays) if pool is not None else map(write, arrays))
+        checksums = {path.removeprefix(group.path + "/"): crc for path, crc in written}
         marker = {
             **fmt.encoding(fmt.MARKER_ENCODING),
             "shard_id": shard.shard_id,

@@ -1,0 +1,65 @@
+"""A shard's host side, overlapped with the device: batches arrive in order as the device encodes
+them; on a thread pool, each SAE's statistics accumulate batch by batch (in order), while the
+device encodes the next batch. ``finish`` joins the batches into the shard's CSR arrays.
+
+numpy releases the GIL in the work done here, so the pool's threads run beside the forward.
+The queue is bounded: past ``max_pending`` unfinished batches the device waits for the host.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from pipeline.encode import SparseBatch, concat_batches
+from store import stats
+from store.format import index_dtype, storage_dtype
+from store.writer import SparseActivations
+
+
+class ShardBuilder:
+    def __init__(self, pool: ThreadPoolExecutor, d_sae: dict[str, int], value_dtype: str,
+                 top_k: int = stats.DEFAULT_TOP_K, max_pending: int = 8):
+        self.pool, self.d_sae, self.value_dtype, self.max_pending = pool, d_sae, value_dtype, max_pending
+        self.stats = {hook: stats.Accumulator(d, value_dtype, top_k) for hook, d in d_sae.items()}
+        self.batches: dict[str, list[SparseBatch]] = {hook: [] for hook in d_sae}
+        self._latest: dict[str, Future | None] = {hook: None for hook in d_sae}
+        self._pending: deque[Future] = deque()
+
+    def add(self, encoded: dict[str, SparseBatch]) -> None:
+        for hook, batch in encoded.items():
+            self.batches[hook].append(batch)
+            # each SAE's batches are added in order: a task waits for its SAE's previous one, which the
+            # pool's FIFO queue has always started already
+            self._latest[hook] = self.pool.submit(self._accumulate, hook, batch, self._latest[hook])
+            self._pending.append(self._latest[hook])
+        while len(self._pending) > self.max_pending:
+            self._pending.popleft().result()
+
+    def _accumulate(self, hook: str, batch: SparseBatch, before: Future | None) -> None:
+        if before is not None:
+            before.result()
+        batch.wait()
+        self.stats[hook].add(batch.counts, batch.indices, batch.values)
+
+    def finish(self, n_tokens: int) -> tuple[dict[str, SparseActivations], dict[str, stats.FeatureStats]]:
+        """The shard's activations and statistics, per SAE, once every batch is in."""
+
+        def one(hook: str) -> tuple[SparseActivations, stats.FeatureStats]:
+            indptr, indices, values = concat_batches(self.batches[hook], index_dtype(self.d_sae[hook]),
+                                                     storage_dtype(self.value_dtype), n_tokens)
+            if self._latest[hook] is not None:
+                self._latest[hook].result()
+            return SparseActivations(indptr, indices, values), self.stats[hook].result()
+
+        done = {hook: self.pool.submit(one, hook) for hook in self.d_sae}
+        results = {hook: future.result() for hook, future in done.items()}
+        self._pending.clear()
+        return {h: r[0] for h, r in results.items()}, {h: r[1] for h, r in results.items()}
+
+
+def pool_size(n_threads: int | None) -> int:
+    """Host threads for a worker: its CPU share (at least two, so host work overlaps the device)."""
+    return max(2, n_threads or os.cpu_count() or 1)
+
