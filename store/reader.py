@@ -98,6 +98,10 @@ class FeatureStore(Queries):
 
     @property
     def value_dtype(self) -> str:
+        """The dtype the activations are stored in: the run's record, once the first shard's own groups
+        confirm it (what decodes by it, such as an index build, never meets a hand-edited record)."""
+        for hook in self.hooks if self.shards else ():
+            self._value_dtype(self.shards[0], hook)
         return self.run["value_dtype"]
 
     def d_sae(self, hook: str) -> int:
@@ -313,11 +317,12 @@ class FeatureStore(Queries):
                 attrs = open_node(self._root, path, self.location).attrs.asdict().get(fmt.ATTRS_KEY, {})
             except KeyError:
                 raise corrupt(self.location, path, "the SAE's group is missing from a complete shard") from None
-            recorded = attrs.get("value_dtype", self.value_dtype)  # stores before format 1.0's csr attrs: the run's
-            if recorded != self.value_dtype:
+            run_dtype = self.run["value_dtype"]
+            recorded = attrs.get("value_dtype", run_dtype)  # a group that records none: the run's
+            if recorded != run_dtype:
                 raise StoreCorruptError(
                     f"{self.location}: {path} records its values as {recorded}, but the store's run record "
-                    f"({ROOT_METADATA}, run.value_dtype) says {self.value_dtype}; one of them was changed after it "
+                    f"({ROOT_METADATA}, run.value_dtype) says {run_dtype}; one of them was changed after it "
                     f"was written. Reads are refused rather than decode the values wrongly. Run `latentstore verify "
                     f"{self.location}`: it names the damaged one and how to repair it."
                 )

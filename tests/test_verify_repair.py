@@ -127,6 +127,8 @@ def test_an_edited_value_dtype_is_refused_and_the_advice_repairs_it(assets, pris
         with pytest.raises(StoreCorruptError, match=rf"{fmt.SAES_GROUP}/{HOOK} records its values as bfloat16, but "
                                                      r"the store's run record \(zarr.json, run.value_dtype\) says float16"):
             fs.csr(HOOK)
+    with pytest.raises(StoreCorruptError, match="records its values as bfloat16"):
+        fs.value_dtype  # what decodes by it (an index build, merging statistics) refuses it too
     assert main(["verify", str(store)]) == 2
     out = capsys.readouterr().out
     assert verify_store(str(store)).damaged_parts == ["zarr.json"], out
