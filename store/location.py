@@ -10,7 +10,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import zarr
 from zarr.errors import ZarrUserWarning
@@ -46,6 +46,10 @@ HOST_PORT = frozenset({"http", "https", "ftp", "sftp", "ssh", "smb", "webdav", "
                        "root", "jupyter", "jlab", "dask", "lakefs", "dbfs"})
 # Protocols whose ``a:b@c`` is no user and password: ``github://org:repo@sha/path``, ``git://repo:ref@path``.
 NOT_USERINFO = frozenset({"github", "git"})
+# Protocols whose URLs start with a bucket (or container) name, which never holds a ``:``: one there is
+# a ``KEY:SECRET`` whose ``@`` was left out, and the storage SDK's "invalid bucket name" would show it.
+BUCKET_FIRST = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "tos", "tosfs", "oci",
+                          "ocilake"})
 # Query keys that carry secrets: signed URLs (X-Amz-*, X-Goog-*, Azure SAS ``sig``), tokens, keys, passwords.
 SECRET_QUERY_KEY = re.compile(r"key|secret|token|passw|pwd|sig|credential|auth|session|^x-amz-|^x-goog-",
                               re.IGNORECASE)
@@ -65,7 +69,9 @@ def _refuse_credentials(url: str) -> None:
 
 
 def _link_credentials(link: str) -> str | None:
-    """What credentials one link of a chain holds (``None``: none)."""
+    """What credentials one link of a chain holds (``None``: none). Percent-escapes are decoded first,
+    so that ``KEY%3ASECRET%40bucket`` is seen for what a client may make of it."""
+    link = unquote(link)
     protocol, sep, rest = link.partition("://")
     if not sep:
         return None  # a plain path (``simplecache::/data/x``)
@@ -73,6 +79,8 @@ def _link_credentials(link: str) -> str | None:
     userinfo = _userinfo(protocol, rest)
     if userinfo is not None and (":" in userinfo or protocol not in USER_IS_ADDRESS):
         return "a user name and password" if ":" in userinfo else "a user name or access key"
+    if protocol in BUCKET_FIRST and ":" in _authority(rest):
+        return "a ':' in the bucket name, as in KEY:SECRET"
     keys = sorted({key for key, _ in parse_qsl(urlsplit(link).query if "?" in rest else "", keep_blank_values=True)
                    if SECRET_QUERY_KEY.search(key)})
     if keys:
@@ -86,7 +94,7 @@ def _userinfo(protocol: str, rest: str) -> str | None:
     comes before any ``/`` in it, unless that ``:`` starts a port (``http://host:8080/a@b``)."""
     if protocol in NOT_USERINFO or "@" not in rest:
         return None
-    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    authority = _authority(rest)
     if "@" in authority:
         return authority.rsplit("@", 1)[0]
     head, colon, tail = rest.rsplit("@", 1)[0].partition(":")
@@ -95,6 +103,11 @@ def _userinfo(protocol: str, rest: str) -> str | None:
     if protocol in HOST_PORT and re.fullmatch(r"\d+", re.split(r"[/?#]", tail, maxsplit=1)[0]):
         return None  # host:port, then an "@" in the path
     return f"{head}:{tail}"
+
+
+def _authority(rest: str) -> str:
+    """What comes before the path, the query or the fragment."""
+    return re.split(r"[/?#]", rest, maxsplit=1)[0]
 
 
 def mask_urls(text: str) -> str:
@@ -106,9 +119,11 @@ def mask_url(url: str) -> str:
     """``url`` with every link's user info and every query value replaced by ``***``: safe to show."""
     masked = []
     for link in url.split("::"):
-        protocol, sep, rest = link.partition("://")
+        protocol, sep, rest = unquote(link).partition("://")
         if sep and _userinfo(protocol.lower(), rest) is not None:
             rest = "***@" + rest.rsplit("@", 1)[1]
+        elif sep and protocol.lower() in BUCKET_FIRST and ":" in _authority(rest):
+            rest = "***" + rest[len(_authority(rest)):]
         if sep and "?" in rest:
             path, _, query = rest.partition("?")
             rest = path + "?" + "&".join(f"{k}=***" for k, _ in parse_qsl(query, keep_blank_values=True))

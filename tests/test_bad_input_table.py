@@ -547,6 +547,10 @@ def _url_forms() -> list[str]:
         f"simplecache::https://host/x.zarr?password={SECRET}",
         f"sftp://user:{SECRET}@host/x.zarr",
         f"abfs://container:{SECRET}@acct.dfs.core.windows.net/x.zarr",
+        f"s3://AKIAEXAMPLE%3A{SECRET}%40bucket/x.zarr",  # percent-escaped
+        f"s3://AKIAEXAMPLE:{SECRET}/bucket/x.zarr",  # the @ left out: a bucket name with a ':'
+        f"simplecache::gs://AKIAEXAMPLE:{SECRET}/x.zarr",
+        f"s3://bucket/x.zarr?to%6Ben={SECRET}",
     ]
     return forms
 
@@ -625,7 +629,8 @@ def test_no_credential_appears_anywhere(assets, url, tmp_path, monkeypatch, caps
 @pytest.mark.parametrize("url", ["s3://bucket/model@v2.zarr", "abfs://container@acct.dfs.core.windows.net/x.zarr",
                                  "sftp://user@host/x.zarr", "https://host:8080/runs/a@b.zarr",
                                  "s3://bucket/x.zarr?versionId=3", "github://org:repo@sha/x.zarr",
-                                 "simplecache::s3://bucket/x.zarr", "memory://x/y.zarr"])
+                                 "simplecache::s3://bucket/x.zarr", "memory://x/y.zarr", "s3://bucket/a%40b.zarr",
+                                 "https://host:8080/x.zarr", "memory://a:b/x.zarr"])
 def test_urls_without_credentials_are_accepted(url):
     from store.location import normalize
 
