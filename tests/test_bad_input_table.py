@@ -280,6 +280,13 @@ def _cli(*argv, before=None):
     return run
 
 
+# The shard size: dataset rows per shard, or (once shards are planned by tokens) tokens per shard.
+from jobs.extract import ExtractConfig  # noqa: E402
+
+SHARD_FIELD = "shard_rows" if "shard_rows" in ExtractConfig.__dataclass_fields__ else "shard_tokens"
+SHARD_FLAG = "--" + SHARD_FIELD.replace("_", "-")
+SMALL_SHARDS = (SHARD_FLAG, "5" if SHARD_FIELD == "shard_rows" else "256")  # several shards of the test data
+
 # `latentstore extract` on the test model, SAE and data, into {tmp}/x.zarr unless told otherwise
 EXTRACT = ("extract", "--model", "{model}", "--sae", "{sae}", "--dataset", "{jsonl}", "--context-size", "16",
            "--workers", "1", "--no-progress", "--no-index")
@@ -339,7 +346,7 @@ BAD_INPUTS = {
         ConfigError, r"every row of column 'text' is empty text \(3 rows\): there is nothing to extract\. "
                      r"Check that --text-column names"),
     "extract: --shard-rows 0": (
-        _extract(shard_rows=0), ConfigError, r"^--shard-rows must be positive, got 0\.$"),
+        _extract(**{SHARD_FIELD: 0}), ConfigError, rf"^{SHARD_FLAG} must be positive, got 0\.$"),
     "extract: --context-size 1 leaves no room after BOS": (
         _extract(context_size=1), ConfigError,
         r"--context-size 1 leaves no room for text: every window starts with the BOS token\. "
@@ -430,7 +437,7 @@ BAD_INPUTS = {
         _cli(*EXTRACT[:5], "--dataset", "{tmp}/empty.jsonl", *EXTRACT[7:], "--store", "{tmp}/x.zarr",
              before=lambda a, t: _file(t, "empty.jsonl", b"")), SystemExit, r"2"),
     "cli: extract with --shard-rows 0": (
-        _cli(*EXTRACT, "--shard-rows", "0", "--store", "{tmp}/x.zarr"), SystemExit, r"2"),
+        _cli(*EXTRACT, SHARD_FLAG, "0", "--store", "{tmp}/x.zarr"), SystemExit, r"2"),
     "cli: extract with --context-size 1": (
         _cli(*EXTRACT[:7], "--context-size", "1", *EXTRACT[9:], "--store", "{tmp}/x.zarr"), SystemExit, r"2"),
     "cli: extract of a dataset whose every row is empty": (
@@ -461,7 +468,7 @@ CLI_STDERR = {
     "cli: extract to a chained URL with credentials":
         "latentstore extract: error: the store URL simplecache::s3://***@bucket/x.zarr holds credentials",
     "cli: extract of an empty .jsonl file": "empty.jsonl is empty: there is nothing to extract.",
-    "cli: extract with --shard-rows 0": "latentstore extract: error: --shard-rows must be positive, got 0.",
+    "cli: extract with --shard-rows 0": f"latentstore extract: error: {SHARD_FLAG} must be positive, got 0.",
     "cli: extract with --context-size 1": "latentstore extract: error: --context-size 1 leaves no room for text",
     "cli: extract of a dataset whose every row is empty": "every row of column 'text' is empty text (4 rows)",
     "cli: extract to an empty read-only mount point": "/ro is on a read-only file system. Choose a path on a writable",
@@ -680,7 +687,7 @@ def test_disk_full_mid_shard_then_resume(assets, ray_cluster, good_store, tmp_pa
     disk = Path(_mount(tmp_path, "disk", "size=512k"))  # room for the first shard (~360k), not the second
     store = disk / "runs" / "full.zarr"
     argv = [a.format(model=assets["model_dir"], sae=assets["sae_dirs"][HOOK], jsonl=assets["jsonl"]) for a in EXTRACT]
-    argv += ["--shard-rows", "5", "--store", str(store)]
+    argv += [*SMALL_SHARDS, "--store", str(store)]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"latentstore extract: error: cannot write the store: no space left on the device for {store} " \
