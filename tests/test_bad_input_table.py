@@ -646,26 +646,52 @@ def test_urls_without_credentials_are_accepted(url):
 
 # -- the terminal gets no control character from dataset text ------------------------------------
 
-HOSTILE_TEXT = "\x1b[31m{}\x1b]0;TITLE\x07\t\r\x9b\x7f\x00\n"  # colour, window title, tab, CR, C1 CSI, DEL, NUL
+# Dataset words holding escape sequences and control characters: a colour, a window title, C1 CSI, DEL,
+# NUL, tab, carriage return. Split on spaces only, so that each word is one token, control characters and all.
+HOSTILE_WORDS = ["\x1b[31mred", "\x1b]0;TITLE\x07", "\x9bcsi\x7f", "nul\x00", "\ttab\rcr", "the", "cat", "sat"]
 
 
-def test_top_prints_no_control_character(good_store, tmp_path, capsys):
-    """Token text holding escape sequences and other control characters is shown escaped; the only
-    control character in the output is the newline ``latentstore top`` prints itself."""
+def _hostile_model(assets, tmp: Path) -> Path:
+    """The test model with a tokenizer whose tokens are the hostile words (ids within its vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp / "hostile-model"
+    shutil.copytree(assets["model_dir"], path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (path / name).unlink(missing_ok=True)
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(HOSTILE_WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="removed")
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                            pad_token="<|endoftext|>", unk_token="[UNK]").save_pretrained(str(path))
+    return path
+
+
+def test_top_prints_no_control_character(assets, ray_cluster, tmp_path, capsys):
+    """Dataset text holding escape sequences and other control characters, extracted and shown by
+    `latentstore top`: shown escaped; the only control character in the output is the newline that
+    `latentstore top` prints itself."""
+    import random
     import re
 
-    from store.writer import StoreWriter
-
-    store = _copy(good_store, tmp_path)
-    vocab = FeatureStore.open(store).vocab
-    StoreWriter(store).write_vocab([HOSTILE_TEXT.format(w) for w in vocab])
+    rng = random.Random(0)
+    rows = [{"text": " ".join(rng.choice(HOSTILE_WORDS) for _ in range(12))} for _ in range(12)]
+    data = _jsonl(tmp_path, "hostile.jsonl", rows)
+    store = str(tmp_path / "hostile.zarr")
+    argv = ["extract", "--model", str(_hostile_model(assets, tmp_path)), "--sae", str(assets["sae_dirs"][HOOK]),
+            "--dataset", data, "--store", store, "--context-size", "16", "--workers", "1", "--no-progress",
+            "--no-index"]
+    assert main(argv) == 0
+    capsys.readouterr()
     fs = FeatureStore.open(store)
-    busy = [int(f) for f in fs.feature_stats(HOOK)["count"].nlargest(3).index]
-    argv = ["top", store, "-k", "5", "--include-special-tokens"] + [a for f in busy for a in ("--feature", str(f))]
+    busy = [int(f) for f in fs.feature_stats(HOOK)["count"].nlargest(4).index]
+    argv = ["top", store, "-k", "8", "--include-special-tokens"] + [a for f in busy for a in ("--feature", str(f))]
     assert main(argv) == 0
     assert main(["top", store]) == 0  # the features it picks itself
+    assert main(["info", store]) == 0
     out = capsys.readouterr().out
-    assert "\\x1b[31m" in out and "\\x1b]0;TITLE\\x07" in out and "\\t\\r\\x9b\\x7f\\x00⏎" in out
+    assert "\\x1b[31mred" in out and "\\x1b]0;TITLE\\x07" in out and "\\x9bcsi\\x7f" in out, out
     assert re.findall(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", out) == []
 
 
