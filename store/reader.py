@@ -246,8 +246,10 @@ class FeatureStore(Queries):
         d_sae = self.d_sae(hook)
         start, stop = self._range(start, stop)
         base = f"{fmt.SAES_GROUP}/{hook}/"
-        pieces = [(shard, self._array(shard, base + fmt.INDPTR)[lo : hi + 1])
-                  for shard, lo, hi in self._pieces(start, stop)]
+        pieces = []
+        for shard, lo, hi in self._pieces(start, stop):
+            self._value_dtype(shard, hook)  # the shard's group against the run's record first: there, same dtype
+            pieces.append((shard, self._array(shard, base + fmt.INDPTR)[lo : hi + 1]))
         nnz = sum(int(ptr[-1] - ptr[0]) for _, ptr in pieces)
         # decoded straight into the matrix's arrays: no per-shard copies to concatenate
         indptr, indices, values = np.zeros(stop - start + 1, np.int64), np.empty(nnz, np.int32), np.empty(nnz, np.float32)
@@ -315,8 +317,12 @@ class FeatureStore(Queries):
             path = f"{fmt.shard_path(shard.shard_id)}/{fmt.SAES_GROUP}/{hook}"
             try:
                 attrs = open_node(self._root, path, self.location).attrs.asdict().get(fmt.ATTRS_KEY, {})
-            except KeyError:
-                raise corrupt(self.location, path, "the SAE's group is missing from a complete shard") from None
+            except KeyError:  # the shard, or the run record that lists the hook, was changed
+                raise StoreCorruptError(
+                    f"{self.location}: the store's run record ({ROOT_METADATA}) lists an SAE at {hook}, but the "
+                    f"complete shard {fmt.shard_path(shard.shard_id)} holds none. Reads are refused. Run "
+                    f"`latentstore verify {self.location}`: it names the damaged one and how to repair it."
+                ) from None
             run_dtype = self.run["value_dtype"]
             recorded = attrs.get("value_dtype", run_dtype)  # a group that records none: the run's
             if recorded != run_dtype:

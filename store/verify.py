@@ -493,7 +493,7 @@ def _verify_shard(walker: _Walker, node: str, marker: dict, saes: dict | None,
 def _verify_root_lists(walker: _Walker, root: dict, markers: dict[int, dict]) -> None:
     report = walker.report
     listed = root.get("shards", [])
-    keys = ("row_start", "row_stop", "token_limit", "n_tokens", "nnz", "rows_digest")
+    keys = ("row_start", "row_stop", "window_start", "n_windows", "token_limit", "n_tokens", "nnz", "rows_digest")
     previous_stop = 0
     for entry in listed:
         shard_id = entry.get("shard_id")
@@ -508,9 +508,12 @@ def _verify_root_lists(walker: _Walker, root: dict, markers: dict[int, dict]) ->
             if entry.get(key) != marker.get(key):
                 report.add(METADATA, f"shard {shard_id}: the root lists {key}={entry.get(key)!r}, its marker "
                                      f"says {marker.get(key)!r}")
-        if entry.get("row_start") != previous_stop:
-            report.add(METADATA, f"shard {shard_id} starts at row {entry.get('row_start')}, but the shard before "
-                                 f"it ends at row {previous_stop} (rows skipped or covered twice)")
+        # a shard whose first windows an earlier shard holds (window_start > 0) continues that shard's last row
+        continues = (entry.get("window_start") or 0) > 0
+        if entry.get("row_start") != (previous_stop - continues if isinstance(previous_stop, int) else None):
+            where = f" (at its window {entry.get('window_start')})" if continues else ""
+            report.add(METADATA, f"shard {shard_id} starts at row {entry.get('row_start')}{where}, but the shard "
+                                 f"before it ends at row {previous_stop} (rows skipped or covered twice)")
         previous_stop = entry.get("row_stop")
     counts = root.get("counts", {})
     n_tokens = sum(e.get("n_tokens", 0) for e in listed)

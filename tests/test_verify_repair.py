@@ -6,6 +6,7 @@ status 3, with the parts still to come), never as damaged, even while it is writ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -274,9 +275,11 @@ def shard_data(reference: FeatureStore, shard) -> tuple:
     saes = {hook: SparseActivations(*(root[f"{path}/{fmt.SAES_GROUP}/{hook}/{name}"][:]
                                       for name in (fmt.INDPTR, fmt.INDICES, fmt.VALUES)))
             for hook in reference.hooks}
-    return ShardData(shard.shard_id, marker["row_start"], marker["row_stop"], marker["token_limit"],
-                     token_ids=root[f"{path}/{fmt.TOKEN_IDS}"][:], rows=root[f"{path}/{fmt.ROWS}"][:],
-                     positions=root[f"{path}/{fmt.POSITIONS}"][:], saes=saes, rows_digest=marker.get("rows_digest"))
+    arrays = {"token_ids": root[f"{path}/{fmt.TOKEN_IDS}"][:], "rows": root[f"{path}/{fmt.ROWS}"][:],
+              "positions": root[f"{path}/{fmt.POSITIONS}"][:], "saes": saes}
+    # what the marker records of the plan (rows, windows, cut, digest) comes back as it was
+    recorded = {f.name: marker[f.name] for f in dataclasses.fields(ShardData) if f.name in marker}
+    return ShardData(**{**recorded, **arrays})
 
 
 def test_readers_and_verify_during_a_write_see_a_consistent_store_or_in_progress(pristine, tmp_path):
