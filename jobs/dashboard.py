@@ -31,6 +31,7 @@ from jobs.export import feature_range
 from pipeline.dashboard_data import DashboardBuilder, DashboardSettings, FeatureDashboard, checked_features, load_logit_weights
 from store import FeatureStore
 from store.errors import ConfigError
+from store.tokens import TokenDisplay
 
 SITE = Path(__file__).parent / "dashboard_site"
 PAGES = ("index.html", "feature.html", "prompt.html", "site.css", "site.js", "server.js")
@@ -87,16 +88,16 @@ def write_dashboard(fs: FeatureStore, hook: str, out: str | Path, features: rang
     for name in sorted(PAGES, key=lambda n: n != "server.js"):  # server.js first: it marks the folder as a site
         shutil.copyfile(SITE / name, out / name)
     weights = load_logit_weights(fs, hook) if logits else None
-    vocab = fs.vocab
+    display = fs.token_display
     summary = []  # (feature, density, max) as each feature page shows them, for the front page
     for d in DashboardBuilder(fs, hook, weights, SETTINGS).build(features, progress=progress):
-        write_data(out, "features", d.feature, feature_json(d, hook, vocab))
+        write_data(out, "features", d.feature, feature_json(d, hook, display))
         summary.append((d.feature, d.frac_nonzero, d.max))
     token_rows = fs.provenance()["row"].to_numpy()
     rows = np.unique(token_rows)[:max_rows].tolist()
     for row in tqdm(rows, desc="prompt pages", unit="row", disable=not progress):
         lo, hi = np.searchsorted(token_rows, [row, row + 1])
-        write_data(out, "rows", row, row_json(fs, hook, row, range(int(lo), int(hi)), vocab))
+        write_data(out, "rows", row, row_json(fs, hook, row, range(int(lo), int(hi)), display))
     write_script(out / "data" / "meta.js", "meta", meta_json(fs, hook, features, rows, summary))
     return out / "index.html"
 
@@ -150,16 +151,12 @@ def write_script(path: Path, key: str, data: dict[str, Any]) -> None:
     path.write_text(f"LS.receive({json.dumps(key)},{text});\n", encoding="utf-8")
 
 
-def token_text(vocab: list[str] | None, ids: list[int]) -> list[str]:
-    return [vocab[i] if vocab else str(i) for i in ids]
-
-
-def feature_json(d: FeatureDashboard, hook: str, vocab: list[str] | None) -> dict[str, Any]:
+def feature_json(d: FeatureDashboard, hook: str, display: TokenDisplay) -> dict[str, Any]:
     logits = None
     if d.logits is not None:
         t = d.logits
-        logits = {"pos": [token_text(vocab, t.top_ids), t.top_values],
-                  "neg": [token_text(vocab, t.bottom_ids), t.bottom_values],
+        logits = {"pos": [display.text(t.top_ids), t.top_values],
+                  "neg": [display.text(t.bottom_ids), t.bottom_values],
                   "hist": [t.hist_centers, t.hist_counts]}
     return {
         "feature": d.feature, "hook": hook, "n_fired": d.n_fired, "frac_nonzero": d.frac_nonzero, "max": d.max,
@@ -167,13 +164,13 @@ def feature_json(d: FeatureDashboard, hook: str, vocab: list[str] | None) -> dic
         "groups": [{"kind": g.kind, "bin_min": g.bin_min, "bin_max": g.bin_max, "bin_contains": g.bin_contains,
                     "examples": [{"token_index": e.token_index, "row": e.row, "pos": e.pos,
                                   "activation": e.activation, "active": e.active,
-                                  "tokens": token_text(vocab, e.token_ids.tolist()), "values": e.values.tolist()}
+                                  "tokens": display.text(e.token_ids), "values": e.values.tolist()}
                                  for e in g.examples]}
                    for g in d.groups],
     }
 
 
-def row_json(fs: FeatureStore, hook: str, row: int, span: range, vocab: list[str] | None,
+def row_json(fs: FeatureStore, hook: str, row: int, span: range, display: TokenDisplay,
              k: int = 5) -> dict[str, Any]:
     """A dataset row's tokens (store tokens ``span``), and the k strongest features at each."""
     top = fs.prompt_features(row, hook, k=k)
@@ -181,7 +178,7 @@ def row_json(fs: FeatureStore, hook: str, row: int, span: range, vocab: list[str
     features: list[list[list[float]]] = [[] for _ in tokens]
     for token_index, feature, activation in zip(top["token_index"], top["feature"], top["activation"]):
         features[int(token_index) - span.start].append([int(feature), float(activation)])
-    return {"row": row, "token_start": span.start, "tokens": token_text(vocab, tokens),
+    return {"row": row, "token_start": span.start, "tokens": display.text(tokens),
             "pos": fs.provenance(span.start, span.stop)["pos"].tolist(), "features": features}
 
 
@@ -198,10 +195,13 @@ def meta_json(fs: FeatureStore, hook: str, features: range, rows: list[int],
 
 
 def _handle(args: argparse.Namespace) -> None:
+    from pipeline.tokens import use_tokenizer
+
     if not args.serve and (args.port is not None or args.host is not None):
         raise ConfigError("--port and --host say where to serve: give --serve with them.")
     check_site_folder(args.out)  # before the store is read or the model loaded
     fs = FeatureStore.open(args.store)
+    use_tokenizer(fs)  # tokens shown from the run's tokenizer's own strings (store.tokens)
     server = None
     if args.serve:  # load the model and open the port first, so that a failure costs no site writing
         from jobs.dashboard_serve import open_server, serve

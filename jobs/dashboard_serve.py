@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from jobs.dashboard import token_text
 from pipeline.prompts import PromptEncoder
 from store import FeatureStore
 from store.errors import ConfigError, DataError
+from store.tokens import TokenDisplay
 
 log = logging.getLogger(__name__)
 TOP_K = 5  # features listed per token, as on the dataset rows' pages (jobs.dashboard.row_json)
@@ -40,16 +40,18 @@ MAX_BODY_BYTES = 1 << 20  # far above any prompt that fits a window; bounds what
 
 
 class PromptServer(http.server.ThreadingHTTPServer):
-    """Serves ``site`` and answers typed prompts with ``encoder``; token text from ``vocab``."""
+    """Serves ``site`` and answers typed prompts with ``encoder``; token text shown by ``display``
+    (``store.tokens``; a list of strings is taken as a store's decoded vocabulary)."""
 
-    def __init__(self, address: tuple[str, int], site: Path, encoder: PromptEncoder, vocab: list[str] | None):
+    def __init__(self, address: tuple[str, int], site: Path, encoder: PromptEncoder,
+                 display: TokenDisplay | list[str] | None):
         try:
             super().__init__(address, functools.partial(PromptHandler, directory=str(site)))
         except OSError as e:
             raise ConfigError(f"cannot listen on {address[0]}:{address[1]} ({e}). Give another --port "
                               "(0 takes any free one), or stop what is using it.") from e
         self.encoder = encoder
-        self.vocab = vocab
+        self.display = display if isinstance(display, TokenDisplay) else TokenDisplay.from_decoded(display)
         self.loopback = is_loopback(self.server_address[0])
         self.info = {"hook": encoder.hook, "model": encoder.model_name,
                      "max_tokens": encoder.max_text_tokens, "k": TOP_K}
@@ -65,7 +67,7 @@ class PromptServer(http.server.ThreadingHTTPServer):
         with self.model_lock:
             prompt = self.encoder(text)
         ids = prompt.token_ids.tolist()
-        return {"tokens": token_text(self.vocab, ids), "token_ids": ids, "pos": prompt.positions.tolist(),
+        return {"tokens": self.display.text(ids), "token_ids": ids, "pos": prompt.positions.tolist(),
                 "features": [[[f, v] for f, v in token] for token in prompt.top(TOP_K)]}
 
 
@@ -155,7 +157,7 @@ def is_loopback_address(text: str) -> bool:
 def open_server(fs: FeatureStore, hook: str, site: Path, host: str = "127.0.0.1", port: int = 8000) -> PromptServer:
     """Load the run's model and SAE for ``hook`` and open the port (the site need not be written yet)."""
     encoder = PromptEncoder(fs.run, hook)
-    return PromptServer((host, port), Path(site), encoder, fs.vocab)
+    return PromptServer((host, port), Path(site), encoder, fs.token_display)
 
 
 def serve(server: PromptServer) -> None:

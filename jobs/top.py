@@ -40,11 +40,14 @@ def pick_features(fs: FeatureStore, hook: str, n: int = 3, seed: int = 0) -> lis
 
 
 def _handle(args: argparse.Namespace) -> None:
+    from pipeline.tokens import use_tokenizer
+
     fs = FeatureStore.open(args.store)
     hook = args.hook or fs.hooks[0]
     check_examples(args.k, tuple(args.context))  # every argument checked before anything is printed
     features = [fs.check_feature(hook, f) for f in args.features] if args.features else pick_features(fs, hook)
     stats = fs.feature_stats(hook)
+    use_tokenizer(fs)  # the context column's tokens, shown from the run's tokenizer (store.tokens)
     for feature in features:
         s = stats.loc[feature]
         print(f"\n{terminal_text(hook)}  feature {feature}   fires on {s['density']:.3%} of tokens, max {s['max']:.3g}")

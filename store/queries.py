@@ -14,17 +14,27 @@ Conventions, on every query where they apply:
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
 import pandas as pd
 
 from store.errors import ConfigError
 from store.sampling import check_method, draw_ranks, group_slices
+from store.tokens import TokenDisplay
 
 DEFAULT_CONTEXT = (8, 4)
 ACTIVE_MARK = ("«", "»")
 
 
 class Queries:
+    @cached_property
+    def token_display(self) -> TokenDisplay:
+        """How the ``token`` and ``context`` columns show token ids (``store.tokens``). From the
+        store's decoded vocabulary until replaced by one made from the run's tokenizer, as
+        ``pipeline.tokens.use_tokenizer(fs)`` does (the commands do it for you)."""
+        return TokenDisplay.from_decoded(self.vocab, self.special_token_ids)
+
     # -- one feature's entries -----------------------------------------------------------------
 
     def check_feature(self, hook: str, feature: int) -> int:
@@ -130,7 +140,7 @@ class Queries:
         frame = pd.DataFrame({"token_index": tokens, "row": rows[tokens], "pos": pos[tokens],
                               "token_id": ids[tokens], "activation": values.astype(np.float32)})
         if self.vocab is not None:
-            frame.insert(4, "token", [self.vocab[i] for i in ids[tokens]])
+            frame.insert(4, "token", self.token_display.text(ids[tokens]))
         if context is not None:
             frame["context"] = [self._context(int(t), context) for t in tokens]
         return frame
@@ -141,7 +151,7 @@ class Queries:
         lo, hi = max(0, token - left), min(len(ids), token + right + 1)
         # stay within the token's window: a window starts where pos restarts or the row changes
         same = (rows[lo:hi] == rows[token]) & _same_window(pos[lo:hi], token - lo)
-        words = [self.vocab[i] if self.vocab else str(i) for i in ids[lo:hi]]
+        words = self.token_display.text(ids[lo:hi])
         return "".join(
             (f"{ACTIVE_MARK[0]}{w}{ACTIVE_MARK[1]}" if lo + j == token else w)
             for j, w in enumerate(words) if same[j]
@@ -240,7 +250,7 @@ class Queries:
                 records.append((token, pos[token], ids[token], rank, feats[j], vals[j]))
         frame = pd.DataFrame(records, columns=["token_index", "pos", "token_id", "rank", "feature", "activation"])
         if self.vocab is not None:
-            frame.insert(3, "token", [self.vocab[i] for i in frame["token_id"]])
+            frame.insert(3, "token", self.token_display.text(frame["token_id"].to_numpy()))
         return frame
 
     # -- plots -------------------------------------------------------------------------------------
@@ -270,7 +280,7 @@ class Queries:
             raise ConfigError(f"dataset row {row} is not in the store.")
         feature = self.check_feature(hook, feature)
         column = self.csr(hook, int(lo), int(hi))[:, feature].toarray().ravel()
-        labels = [f"{j}:{self.vocab[i] if self.vocab else i}" for j, i in enumerate(ids[lo:hi])]
+        labels = [f"{j}:{text}" for j, text in enumerate(self.token_display.text(ids[lo:hi]))]
         fig = go.Figure(go.Bar(x=labels, y=column, hovertext=[f"pos {p}" for p in pos[lo:hi]]))
         fig.update_layout(title=f"row {row}: {hook} feature {feature}", xaxis_title="token",
                           yaxis_title="activation")

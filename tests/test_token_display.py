@@ -1,0 +1,76 @@
+"""Token display (store.tokens): byte-level BPE and SentencePiece tokens shown as Neuronpedia shows
+them, lone bytes as distinct escapes, special tokens marked; on a tokenizer built here (no hub)."""
+
+from __future__ import annotations
+
+import pytest
+
+from store.tokens import OUT_OF_RANGE, TokenDisplay, show_token, tokenizer_kind
+
+MERGES = [("Ġ", "t"), ("Ġt", "h"), ("Ġth", "e"), ("â", "Ģ"), ("âĢ", "Ļ"), ("Ã", "©"), ("Ċ", "Ċ")]
+
+
+def byte_level_tokenizer():
+    """A GPT-2 style byte-level BPE: the special token, the 256 byte tokens, a few merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|endoftext|>": 0, **{ch: i + 1 for i, ch in enumerate(alphabet)}}
+    for a, b in MERGES:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=MERGES))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return byte_level_tokenizer()
+
+
+def test_byte_level_tokens_show_their_text(bpe):
+    display = TokenDisplay.from_tokenizer(bpe, d_vocab=len(bpe) + 2)
+    assert display.kind == "byte_level" == tokenizer_kind(bpe)
+    shown = dict(zip(bpe.convert_ids_to_tokens(list(range(len(bpe)))), display.strings))
+    assert shown["Ġthe"] == " the" and shown["Ġt"] == " t" and shown["Ġ"] == " "
+    assert shown["Ċ"] == "\n" and shown["ĊĊ"] == "\n\n" and shown["ĉ"] == "\t"
+    assert shown["âĢĻ"] == "’" and shown["Ã©"] == "é"
+    assert shown["â"] == "\\xe2" and shown["âĢ"] == "\\xe2\\x80" and shown["Ã"] == "\\xc3"
+    assert shown["a"] == "a" and shown["<|endoftext|>"] == "<|endoftext|>"
+    assert display.text([len(bpe), len(bpe) + 1]) == [OUT_OF_RANGE, OUT_OF_RANGE]  # the model's padding ids
+
+
+def test_every_lone_byte_is_distinct_and_never_a_replacement_character(bpe):
+    display = TokenDisplay.from_tokenizer(bpe)
+    single_bytes = [bpe.convert_tokens_to_ids(ch) for ch in sorted(__import__("tokenizers").pre_tokenizers
+                                                                    .ByteLevel.alphabet())]
+    texts = display.text(single_bytes)
+    assert len(set(texts)) == 256 and not any("\ufffd" in t for t in texts)
+    high = [t for t in texts if t.startswith("\\x")]
+    assert sorted(high) == [f"\\x{b:02x}" for b in range(0x80, 0x100)]
+    # decoding each id alone, as the store's vocabulary does, makes all 128 of them one "�"
+    decoded = bpe.batch_decode([[i] for i in single_bytes])
+    assert sum(t == "\ufffd" for t in decoded) == 128
+    # the fallback from such a vocabulary still tells them apart, by id
+    fallback = TokenDisplay.from_decoded(bpe.batch_decode([[i] for i in range(len(bpe))]), special_ids={0})
+    assert len(set(fallback.text(single_bytes))) == 256 and not any("\ufffd" in t for t in fallback.strings)
+    assert fallback.text([bpe.convert_tokens_to_ids("â")]) == [f"<token {bpe.convert_tokens_to_ids('â')}>"]
+
+
+def test_text_joins_back_to_the_string(bpe):
+    text = "the cat’s café\n\nthe end\tok"
+    ids = bpe(text)["input_ids"]
+    assert "".join(TokenDisplay.from_tokenizer(bpe).text(ids)) == text
+
+
+def test_sentencepiece_and_special_tokens():
+    assert show_token("▁the", "sentencepiece") == " the"
+    assert show_token("<0x0A>", "sentencepiece") == "\n"
+    assert show_token("<0xE2>", "sentencepiece") == "\\xe2"
+    assert show_token("ĠHello", "plain") == "ĠHello"
+    display = TokenDisplay.from_tokens(["bos", "[UNK]", "<pad>", "Ġa", None], "byte_level",
+                                       special={0: "bos", 1: "[UNK]", 2: "<pad>"}, d_vocab=6)
+    assert display.strings == ("<bos>", "[UNK]", "<pad>", " a", OUT_OF_RANGE, OUT_OF_RANGE)
+    assert TokenDisplay.from_decoded(None).text([3, 1]) == ["3", "1"]  # no vocabulary: ids
