@@ -155,21 +155,24 @@ def has_shard_markers(location: str) -> bool:
 
     location = normalize(location)
     fs, base = fsspec.core.url_to_fs(location) if is_url(location) else (fsspec.filesystem("file"), location)
-    return bool(fs.glob(f"{base.rstrip('/')}/{fmt.SHARDS_GROUP}/*/{fmt.MARKER_GROUP}/{ROOT_METADATA}"))
+    try:
+        shards = fs.ls(f"{base.rstrip('/')}/{fmt.SHARDS_GROUP}", detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    # the first shard is usually complete: one existence check, not a listing of every shard
+    return any(fs.exists(f"{shard}/{fmt.MARKER_GROUP}/{ROOT_METADATA}") for shard in sorted(shards))
 
 
 def root_needs_rebuild(location: str) -> bool:
     """Whether the store's root (or its shards group) has metadata that is missing or unreadable
     while complete shards remain: ``StoreWriter.begin`` then rebuilds it and keeps those shards."""
-    if not has_shard_markers(location):
-        return False
     try:
-        if read_root_attrs(location) is None:
-            return True
-        open_root(location, mode="r")[fmt.SHARDS_GROUP]
+        if read_root_attrs(location) is not None:
+            open_root(location, mode="r")[fmt.SHARDS_GROUP]
+            return False
     except (StoreCorruptError, KeyError, ValueError, UnicodeDecodeError):
-        return True
-    return False
+        pass
+    return has_shard_markers(location)
 
 
 def _write_group_metadata(location: str, path: str, attributes: dict) -> None:
