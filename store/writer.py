@@ -123,7 +123,9 @@ def read_root_attrs(location: str) -> dict | None:
 
 def check_conflict(location: str, run: dict, overwrite: bool, only_shared: bool = False,
                    ignore: tuple[str, ...] = ()) -> dict | None:
-    """Refuse to resume a store that holds another run. Returns the existing root attributes."""
+    """Refuse to resume a store that holds another run. Returns the existing root attributes, or None
+    where there are none to compare: no store yet, or a store whose root's metadata is missing or
+    unreadable but whose shards remain (``StoreWriter.begin`` rebuilds that root, keeping the shards)."""
     location = normalize(location)
     check_writable(location)
     try:
