@@ -1,26 +1,41 @@
-"""`latentstore export neuronpedia`: SAEDashboard's batch JSON for Neuronpedia, made from a store.
+"""`latentstore export`: a store's features in other tools' formats.
 
-One ``batch-N.json`` per batch of features, with SAEDashboard's batch and feature fields
-(``docs/DASHBOARDS.md`` lists them and what each holds). Beyond SAEDashboard, every
-activation example carries ``dataset_row``, ``dataset_pos`` and ``token_index``: where its
-qualifying token came from.
+``neuronpedia``: SAEDashboard's batch JSON, one ``batch-N.json`` per batch of features, with every
+key that Neuronpedia's converter (``convert-saedashboard-to-neuronpedia-export.py`` in its
+``utils/neuronpedia-utils``) reads, in SAEDashboard's types (``docs/DASHBOARDS.md`` lists them and
+what each holds). Beyond SAEDashboard, every activation example carries ``dataset_row``,
+``dataset_pos`` and ``token_index``: where its qualifying token came from.
+
+``delphi``: EleutherAI delphi's latent cache (``jobs/export_delphi.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 import re
-from collections.abc import Iterable
+import shlex
 from pathlib import Path
 from typing import Any
 
-from pipeline.dashboard_data import (DashboardBuilder, checked_features, DashboardSettings, Example, FeatureDashboard, load_logit_weights,
-                                     window_starts)
+import numpy as np
+
+from pipeline.dashboard_data import (DashboardBuilder, checked_features, DashboardSettings, Example, FeatureDashboard,
+                                     load_logit_weights, window_starts)
 from store import FeatureStore
 from store.errors import ConfigError
+from store.tokens import TokenDisplay
 
 BATCH_FEATURES = 128  # SAEDashboard's n_features_per_batch in Neuronpedia runs
+# SAEDashboard's Neuronpedia runner: a top group of 20, then 5 equal-width intervals of [0, max] with
+# 5 examples drawn from each; its feature tables list 3 rows (neuron alignment, correlated features)
+NEURONPEDIA_SETTINGS = DashboardSettings(n_top=20, n_groups=5, per_group=5, group_method="interval", n_cofiring=0,
+                                         n_correlated=3)
+TABLE_ROWS = 3
+# the hook points Neuronpedia's converter takes (its --hook-point choices)
+CONVERTER_HOOK_POINTS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_in", "hook_mlp_out",
+                         "hook_attn_in", "hook_attn_out", "hook_z")
 
 
 def add_commands(commands) -> None:
@@ -28,12 +43,14 @@ def add_commands(commands) -> None:
                                  description="Write a store's features in another tool's format.")
     formats = export.add_subparsers(dest="format", required=True, metavar="FORMAT")
     parser = formats.add_parser(
-        "neuronpedia", help="SAEDashboard's batch-N.json files, as Neuronpedia imports them",
+        "neuronpedia", help="SAEDashboard's batch-N.json files, as Neuronpedia's converter imports them",
         description="Write SAEDashboard's Neuronpedia JSON (one batch-N.json per batch of features) from the "
-                    "store: top activations, interval groups, histograms and density from the stored activations; "
-                    "the logit tables from the SAE's W_dec and the model's W_U (loaded, never run).",
+                    "store, with every key Neuronpedia's converter reads: top activations and 5 equal-width "
+                    "interval groups, histogram, density and correlated features from the stored activations; "
+                    "the logit tables, neuron alignment and decoder vector from the SAE's W_dec and the "
+                    "model's W_U (loaded, never run). Prints the converter's command line to run next.",
         epilog="example: latentstore export neuronpedia demo.zarr --hook blocks.1.hook_resid_post --out np/ "
-               "--features 0:512",
+               "--model-id gpt2-small --sae-set res-demo",
     )
     parser.add_argument("store", help="the store's path or URL")
     parser.add_argument("--hook", required=True, help="the SAE's hook")
@@ -41,12 +58,23 @@ def add_commands(commands) -> None:
     parser.add_argument("--features", type=feature_range, help="START:STOP (default: every feature)")
     parser.add_argument("--batch-size", type=int, default=BATCH_FEATURES,
                         help="features per batch file (default: %(default)s)")
-    parser.add_argument("--sae-set", help="Neuronpedia's sae_set name (default: from the hook, e.g. 1-res)")
-    parser.add_argument("--model-id", help="Neuronpedia's model_id (default: the run's model name)")
+    parser.add_argument("--model-id", help="Neuronpedia's model id, the TransformerLens name such as gpt2-small "
+                                           "(default: the model name recorded in the store; for a local model "
+                                           "folder, the folder's name)")
+    parser.add_argument("--sae-set", help="Neuronpedia's SAE set, without the layer, such as res-jb (default: the "
+                                          "hook's kind, e.g. resid-post for blocks.1.hook_resid_post)")
+    parser.add_argument("--sae-id-suffix", help="Neuronpedia's suffix after the set, as in 1-res-jb__SUFFIX, for "
+                                                "several SAEs of one set and layer (default: none)")
+    parser.add_argument("--dataset", help="the dataset named on Neuronpedia, such as monology/pile-uncopyrighted "
+                                          "(default: the dataset name recorded in the store)")
     parser.add_argument("--no-logits", dest="logits", action="store_false",
-                        help="leave the logit tables empty (no weights are loaded)")
+                        help="no weights are loaded: the logit tables, neuron alignment and vector are left empty")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.set_defaults(handler=_handle)
+
+    from jobs.export_delphi import add_command as add_delphi
+
+    add_delphi(formats)
 
 
 def feature_range(text: str) -> range:
@@ -60,24 +88,41 @@ def feature_range(text: str) -> range:
     return range(start, stop)
 
 
+@dataclass(frozen=True)
+class NeuronpediaNames:
+    """How Neuronpedia names the exported SAE (the batch header), each defaulted from the store."""
+
+    model_id: str | None = None  # default: the recorded model name (a local folder: its name)
+    sae_set: str | None = None  # default: the hook's kind, e.g. resid-post
+    sae_id_suffix: str | None = None  # default: none (null, as SAEDashboard writes it)
+    dataset: str | None = None  # default: the recorded dataset name
+
+
 def export_neuronpedia(fs: FeatureStore, hook: str, out: str | Path, features: range | None = None,
-                       batch_size: int = BATCH_FEATURES, logits: bool = True, sae_set: str | None = None,
-                       model_id: str | None = None, progress: bool = False) -> list[Path]:
-    """Write ``batch-N.json`` files (N counts batches from 0) and return their paths."""
+                       batch_size: int = BATCH_FEATURES, logits: bool = True,
+                       names: NeuronpediaNames = NeuronpediaNames(), progress: bool = False) -> list[Path]:
+    """Write ``batch-N.json`` files (N counts batches from 0) and return their paths. Tokens are
+    shown by ``fs.token_display`` (``pipeline.tokens.use_tokenizer(fs)`` makes it from the run's
+    tokenizer, as the command does)."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: give at least 1 feature per batch.")
     features = checked_features(fs, hook, features)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weights = load_logit_weights(fs, hook) if logits else None
-    builder = DashboardBuilder(fs, hook, weights, DashboardSettings())
-    header = batch_header(fs, hook, sae_set, model_id)
+    builder = DashboardBuilder(fs, hook, weights, NEURONPEDIA_SETTINGS)
+    header = batch_header(fs, hook, names)
     common = {"n_prompts_total": n_windows(builder), "n_tokens_in_prompt": int(fs.run["context_size"]),
-              "dataset": fs.run["dataset"]["name"]}
-    vocab = fs.vocab
+              "dataset": names.dataset or fs.run["dataset"]["name"]}
+    heads = n_heads(fs) if hook.endswith(".hook_z") else None
+    display, n_tokens = fs.token_display, fs.n_tokens
     written, batch = [], []
+    tables: dict[int, dict[str, Any]] = {}
     for dashboard in builder.build(features, progress=progress):
-        batch.append({**neuronpedia_feature(dashboard, vocab), **common})
+        if dashboard.feature not in tables:  # the decoder's tables, for the next batch of features at once
+            ahead = range(dashboard.feature, min(features.stop, dashboard.feature + batch_size))
+            tables = decoder_tables(weights.W_dec[ahead.start:ahead.stop] if weights else None, ahead, heads)
+        batch.append(neuronpedia_feature(dashboard, display, n_tokens, tables.pop(dashboard.feature), common))
         if len(batch) == batch_size or dashboard.feature == features.stop - 1:
             path = out / f"batch-{len(written)}.json"
             path.write_text(json.dumps({**header, "features": batch}, allow_nan=False))
@@ -86,12 +131,21 @@ def export_neuronpedia(fs: FeatureStore, hook: str, out: str | Path, features: r
     return written
 
 
-def batch_header(fs: FeatureStore, hook: str, sae_set: str | None, model_id: str | None) -> dict[str, Any]:
+def hook_point(hook: str) -> str:
+    """The hook's name within its block, as the converter's --hook-point takes it: hook_resid_post."""
+    return "hook_" + hook.rsplit(".hook_", 1)[-1] if ".hook_" in hook else hook
+
+
+def hook_layer(hook: str) -> int:
     match = re.match(r"blocks\.(\d+)\.", hook)
-    layer = int(match.group(1)) if match else 0
-    kind = hook.rsplit(".hook_", 1)[-1].split("_")[0]  # resid, mlp, attn, ...
-    return {"model_id": model_id or Path(fs.run["model"]["name"]).name, "layer": layer,
-            "sae_set": sae_set or f"{layer}-{kind}"}
+    return int(match.group(1)) if match else 0
+
+
+def batch_header(fs: FeatureStore, hook: str, names: NeuronpediaNames) -> dict[str, Any]:
+    """SAEDashboard's batch fields, but ``features``."""
+    return {"model_id": names.model_id or Path(fs.run["model"]["name"]).name, "layer": hook_layer(hook),
+            "sae_set": names.sae_set or hook_point(hook).removeprefix("hook_").replace("_", "-"),
+            "sae_id_suffix": names.sae_id_suffix}
 
 
 def n_windows(builder: DashboardBuilder) -> int:
@@ -99,41 +153,117 @@ def n_windows(builder: DashboardBuilder) -> int:
     return len(window_starts(builder.rows, builder.positions))
 
 
-def neuronpedia_feature(d: FeatureDashboard, vocab: list[str] | None) -> dict[str, Any]:
-    """One feature in SAEDashboard's fields (the batch-wide ones are added by the caller)."""
-    def text(ids: Iterable[int]) -> list[str]:
-        return [vocab[i] if vocab else str(i) for i in ids]
+def n_heads(fs: FeatureStore) -> int:
+    from pipeline.models import load_model_config
 
-    logits = d.logits
+    return int(load_model_config(fs.run["model"]["name"]).n_heads)
+
+
+def decoder_tables(W_dec: np.ndarray | None, features: range, heads: int | None) -> dict[int, dict[str, Any]]:
+    """Each feature's SAEDashboard fields that come from its decoder row alone: the 3 residual
+    dimensions ("neurons") its unit-norm row points along most (SAEDashboard folds the decoder's
+    norms in first) with their share of the row's l1 norm; for an SAE at ``hook_z``, the share of
+    the row's norm in each attention head; and the row itself, ``vector``. Empty without weights."""
+    if W_dec is None:
+        empty = {"neuron_alignment_indices": [], "neuron_alignment_values": [], "neuron_alignment_l1": [],
+                 "decoder_weights_dist": [], "vector": []}
+        return {f: dict(empty) for f in features}
+    rows = W_dec.astype(np.float64)
+    unit = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-300)
+    k = min(TABLE_ROWS, unit.shape[1])
+    top = np.argsort(-unit, axis=1, kind="stable")[:, :k]  # largest first, ties by lower dimension
+    values = np.take_along_axis(unit, top, axis=1)
+    l1 = np.abs(values) / np.maximum(np.abs(unit).sum(1, keepdims=True), 1e-300)
+    per_head = None
+    if heads:
+        norms = np.linalg.norm(rows.reshape(len(rows), heads, -1), axis=2)
+        per_head = (norms / np.maximum(norms.sum(1, keepdims=True), 1e-300)).tolist()
+    vectors = W_dec.astype(np.float32).tolist()
+    return {f: {"neuron_alignment_indices": top[i].tolist(), "neuron_alignment_values": values[i].tolist(),
+                "neuron_alignment_l1": l1[i].tolist(), "decoder_weights_dist": per_head[i] if per_head else [],
+                "vector": vectors[i]}
+            for i, f in enumerate(features)}
+
+
+def neuronpedia_feature(d: FeatureDashboard, display: TokenDisplay, n_tokens: int, decoder: dict[str, Any],
+                        common: dict[str, Any]) -> dict[str, Any]:
+    """One feature in SAEDashboard's fields and order (``NeuronpediaDashboardFeature.to_dict``).
+
+    Activation groups as SAEDashboard's Neuronpedia runner makes them: the top group has
+    ``bin_min = bin_contains = -1`` (ints) and ``bin_max`` the maximum; an interval group has its
+    bounds and its share of all the store's tokens. Correlated neurons need the model's dense
+    activations, which a store does not keep: those lists are empty, as SAEDashboard leaves them
+    when it does not compute them. A feature that never fires has ``frac_nonzero`` 0 (an int), as
+    SAEDashboard writes it."""
+    logits, correlated = d.logits, d.correlated
     activations = []
     for group in d.groups:
-        # SAEDashboard marks its top group with bin_min = bin_contains = -1 and bin_max = the maximum
-        bounds = ((-1.0, d.max, -1.0) if group.kind == "top"
-                  else (group.bin_min, group.bin_max, group.bin_contains))
-        activations += [example_json(e, text, *bounds) for e in group.examples]
+        if group.kind == "top":
+            bounds = (-1, d.max, -1)
+        else:
+            lower, upper = group.interval
+            bounds = (lower, upper, group.n_tokens_within / max(1, n_tokens))
+        activations += [example_json(e, display, *bounds) for e in group.examples]
     return {
         "feature_index": d.feature,
-        "neg_str": text(logits.bottom_ids) if logits else [],
+        "neuron_alignment_indices": decoder["neuron_alignment_indices"],
+        "neuron_alignment_values": decoder["neuron_alignment_values"],
+        "neuron_alignment_l1": decoder["neuron_alignment_l1"],
+        "correlated_neurons_indices": [],
+        "correlated_neurons_l1": [],
+        "correlated_neurons_pearson": [],
+        "correlated_features_indices": correlated.indices if correlated else [],
+        "correlated_features_l1": correlated.cosine if correlated else [],
+        "correlated_features_pearson": correlated.pearson if correlated else [],
+        "neg_str": display.text(logits.bottom_ids) if logits else [],
         "neg_values": logits.bottom_values if logits else [],
-        "pos_str": text(logits.top_ids) if logits else [],
+        "pos_str": display.text(logits.top_ids) if logits else [],
         "pos_values": logits.top_values if logits else [],
-        "frac_nonzero": d.frac_nonzero,
+        "frac_nonzero": d.frac_nonzero if d.n_fired else 0,
         "freq_hist_data_bar_values": d.hist_centers,
         "freq_hist_data_bar_heights": d.hist_counts,
-        "logits_hist_data_bar_values": logits.hist_centers if logits else [],
         "logits_hist_data_bar_heights": logits.hist_counts if logits else [],
+        "logits_hist_data_bar_values": logits.hist_centers if logits else [],
+        **common,  # n_prompts_total, n_tokens_in_prompt, dataset
+        "decoder_weights_dist": decoder["decoder_weights_dist"],
         "activations": activations,
+        "vector": decoder["vector"],
     }
 
 
-def example_json(e: Example, text, bin_min: float, bin_max: float, bin_contains: float) -> dict[str, Any]:
+def example_json(e: Example, display: TokenDisplay, bin_min: float, bin_max: float,
+                 bin_contains: float) -> dict[str, Any]:
     return {"bin_min": bin_min, "bin_max": bin_max, "bin_contains": bin_contains,
-            "tokens": text(e.token_ids.tolist()), "values": e.values.tolist(), "qualifying_token_index": e.active,
+            "tokens": display.text(e.token_ids), "values": e.values.tolist(), "qualifying_token_index": e.active,
             "dataset_row": e.row, "dataset_pos": e.pos, "token_index": e.token_index}
 
 
+def converter_command(fs: FeatureStore, hook: str, out: str | Path, names: NeuronpediaNames) -> str:
+    """The command line of Neuronpedia's converter for this export, its values filled in from the
+    store (the author, release and weights options are the user's to give)."""
+    header, provenance = batch_header(fs, hook, names), fs.provenance()
+    options = {
+        "saedashboard-output-dir": str(out), "model-name": header["model_id"],
+        "neuronpedia-source-set-id": header["sae_set"], "hook-point": hook_point(hook),
+        "layer-num": header["layer"], "prompts-huggingface-dataset-path": names.dataset or fs.run["dataset"]["name"],
+        "n-prompts-total": len(window_starts(provenance["row"].to_numpy(), provenance["pos"].to_numpy())),
+        "n-tokens-in-prompt": int(fs.run["context_size"]),
+    }
+    return "python convert-saedashboard-to-neuronpedia-export.py " + " ".join(
+        f"--{key}={shlex.quote(str(value))}" for key, value in options.items())
+
+
 def _handle(args: argparse.Namespace) -> None:
+    from pipeline.tokens import use_tokenizer
+
     fs = FeatureStore.open(args.store)
-    paths = export_neuronpedia(fs, args.hook, args.out, args.features, args.batch_size, args.logits,
-                               args.sae_set, args.model_id, args.progress)
+    use_tokenizer(fs)  # tokens as Neuronpedia shows them, from the run's tokenizer (store.tokens)
+    names = NeuronpediaNames(args.model_id, args.sae_set, args.sae_id_suffix, args.dataset)
+    paths = export_neuronpedia(fs, args.hook, args.out, args.features, args.batch_size, args.logits, names,
+                               args.progress)
     print(f"wrote {len(paths)} batch files to {args.out}")
+    print("next, Neuronpedia's converter (utils/neuronpedia-utils in its repository), with your release's options:")
+    print("  " + converter_command(fs, args.hook, args.out, names))
+    if hook_point(args.hook) not in CONVERTER_HOOK_POINTS:
+        print(f"  (the converter takes --hook-point {', '.join(CONVERTER_HOOK_POINTS)}: "
+              f"{hook_point(args.hook)} is not one of them)")

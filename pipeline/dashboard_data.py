@@ -51,6 +51,7 @@ class DashboardSettings:
     n_bins: int = 50  # bins of the activation and logit histograms
     n_logits: int = 10  # rows of each side of the logit table
     n_cofiring: int = 10  # co-firing features listed; 0 skips them (their sparse product grows as L0 squared)
+    n_correlated: int = 0  # features listed by Pearson correlation over the whole store (SAEDashboard's 3); 0 skips
     context: tuple[int, int] | None = None  # tokens left and right of the active one; None: its whole window
     exclude_special_tokens: bool = True  # leave BOS, EOS and padding tokens out of examples and histograms
     seed: int = 0  # of the group draws, as in FeatureStore.quantile_samples
@@ -59,7 +60,7 @@ class DashboardSettings:
         problems = []
         if self.group_method not in METHODS:
             problems.append(f"group_method {self.group_method!r} is not 'interval' or 'rank'.")
-        for name in ("n_top", "n_groups", "per_group", "n_bins", "n_logits", "n_cofiring"):
+        for name in ("n_top", "n_groups", "per_group", "n_bins", "n_logits", "n_cofiring", "n_correlated"):
             if getattr(self, name) < 0 or (name == "n_bins" and self.n_bins < 1):
                 problems.append(f"{name}={getattr(self, name)} must be a positive number.")
         if problems:
@@ -88,6 +89,11 @@ class ExampleGroup:
     bin_max: float  # largest activation in the slice
     bin_contains: float  # fraction of the feature's counted activations in the slice
     examples: list[Example]
+    # interval groups only, as SAEDashboard titles them: the interval's bounds [lower, upper] of
+    # [0, max], and how many of all the store's tokens have an activation within them, both ends
+    # included (the lowest interval, from 0, counts every token where the feature is 0)
+    interval: tuple[float, float] | None = None
+    n_tokens_within: int = 0
 
 
 @dataclass
@@ -103,6 +109,19 @@ class LogitTable:
 
 
 @dataclass
+class CorrelatedFeatures:
+    """The features whose activations correlate most with this one over every token of the store
+    (zeros included), as SAEDashboard's feature table defines them: Pearson's r, and the cosine
+    similarity of the two activation vectors (SAEDashboard's ``correlated_features_l1``), each with
+    SAEDashboard's 1e-6 added to its denominator. Highest r first, ties by lower feature. Features
+    that never fire have no correlation (it is undefined) and are never listed."""
+
+    indices: list[int]
+    pearson: list[float]
+    cosine: list[float]
+
+
+@dataclass
 class FeatureDashboard:
     feature: int
     n_fired: int  # counted activations (special tokens left out when the settings say so)
@@ -113,6 +132,7 @@ class FeatureDashboard:
     hist_counts: list[int]
     cofiring: list[dict[str, Any]]  # feature, count, fraction, jaccard, as FeatureStore.cofiring
     logits: LogitTable | None = None
+    correlated: CorrelatedFeatures | None = None  # when the settings ask for n_correlated
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -219,6 +239,15 @@ def ranked(column: np.ndarray, tokens: np.ndarray, values: np.ndarray) -> tuple[
     return tokens[order].astype(np.int64), values[order]
 
 
+def _uncorrelated_order(sums: np.ndarray, sums_sq: np.ndarray, n_tokens: int) -> np.ndarray:
+    """The features that fire, ordered by how high Pearson's r is with any feature they never
+    co-fire with: by sum / sqrt(n sum_sq - sum^2) ascending, ties by lower feature."""
+    alive = np.flatnonzero(sums > 0)
+    variance = n_tokens * sums_sq[alive] - sums[alive] ** 2
+    key = np.where(variance > 0, sums[alive] / np.sqrt(np.maximum(variance, 1e-300)), np.inf)
+    return alive[np.lexsort((alive, key))]
+
+
 @contextmanager
 def collector_paused() -> Iterator[None]:
     """Pause Python's cyclic garbage collector while making many small objects that hold no cycles,
@@ -271,7 +300,10 @@ class _BlockNumbers:
     examples: dict[str, np.ndarray]  # per example, feature after feature: its top ones, then each group's
     centers: np.ndarray  # [features, n_bins]
     counts: np.ndarray
+    mins: np.ndarray  # smallest counted activation (0 for a dead feature)
+    intervals: np.ndarray | None  # interval groups: [features, n_groups, 3] of lower, upper, tokens within
     cofiring: sp.csr_matrix | None
+    correlated: list[CorrelatedFeatures] | None
     logits: list[LogitTable] | None
 
 
@@ -299,6 +331,12 @@ class DashboardBuilder:
             counted_rows.data[~fired] = 0
             counted_rows.eliminate_zeros()
         self._columns = counted_rows.tocsc()  # tokens ascend within each feature
+        self._valued = None
+        if settings.n_correlated:  # sums over every token for Pearson's r, products in float64
+            self._valued = counted_rows.astype(np.float64)
+            self._sum = np.bincount(counted_rows.indices, self._valued.data, self.d_sae)
+            self._sum_sq = np.bincount(counted_rows.indices, self._valued.data ** 2, self.d_sae)
+            self._correlation_order = _uncorrelated_order(self._sum, self._sum_sq, len(self.token_ids))
         self._fired = None
         if settings.n_cofiring:  # which features fire on each token, for the co-firing counts
             self._fired = counted_rows
@@ -359,16 +397,65 @@ class DashboardBuilder:
 
         # the activation histograms' bins, over [min, max] of each feature's counted activations
         maxes, mins = value_at(bounds[:-1]), value_at(bounds[1:] - 1)
-        edges = histogram_edges(np.where(n_fired > 0, mins, 0), np.where(n_fired > 0, maxes, 0), s.n_bins)
+        maxes, mins = np.where(n_fired > 0, maxes, 0), np.where(n_fired > 0, mins, 0)
+        edges = histogram_edges(mins, maxes, s.n_bins)
         return _BlockNumbers(
-            block=block, n_fired=n_fired, maxes=np.where(n_fired > 0, maxes, 0), n_top=n_top,
+            block=block, n_fired=n_fired, maxes=maxes, n_top=n_top,
             top_min=value_at(bounds[:-1] + n_top - 1), first=first, past=past, n_drawn=n_drawn,
             group_min=value_at(bounds[:-1, None] + past - 1), group_max=value_at(bounds[:-1, None] + first),
             examples=examples, centers=(edges[:, :-1] + edges[:, 1:]) / 2,
-            counts=histogram_counts(values, bounds, edges),
+            counts=histogram_counts(values, bounds, edges), mins=mins,
+            intervals=self._intervals(values, bounds, maxes) if s.group_method == "interval" else None,
             cofiring=None if self._fired is None else (self._fired[:, block.start:block.stop].T @ self._fired).tocsr(),
+            correlated=None if self._valued is None else self._correlated(block),
             logits=self._logits(block),
         )
+
+    def _intervals(self, values: np.ndarray, bounds: np.ndarray, maxes: np.ndarray) -> np.ndarray:
+        """Each interval group's bounds and the store's tokens within them, as SAEDashboard counts
+        them (``lower <= activation <= upper``; the lowest interval starts at 0, so it also counts
+        every token where the feature is 0): ``[features, n_groups, 3]``. The bounds are the
+        edges ``many_group_slices`` draws the examples between."""
+        n_groups = self.settings.n_groups
+        edges = linspace_rows(maxes.astype(np.float64), np.zeros(len(maxes)), n_groups + 1)  # highest first
+        lower, upper = edges[:, 1:], edges[:, :-1]
+        first = np.repeat(bounds[:-1], n_groups)
+        past = np.repeat(bounds[1:], n_groups)
+        at_least_lower = count_leading(values, first, past, lower.ravel(), strict=False).reshape(lower.shape)
+        above_upper = count_leading(values, first, past, upper.ravel(), strict=True).reshape(upper.shape)
+        within = at_least_lower - above_upper
+        within[:, -1] = len(self.token_ids) - above_upper[:, -1]  # from 0: the tokens where it is 0 too
+        return np.stack([lower, upper, within.astype(np.float64)], axis=-1)
+
+    def _correlated(self, block: range) -> list[CorrelatedFeatures]:
+        """Each block feature's ``n_correlated`` most correlated features over the whole store.
+
+        Pearson's r needs the sum of products, which is 0 for two features that never fire on the
+        same token: such pairs have r = -sum_x sum_y / sqrt(var_x var_y) (times n^2), highest for the
+        features with the smallest sum_y / sqrt(var_y). So the candidates are the features that
+        co-fire (one sparse product for the block) and the first few of that global order."""
+        k, n = self.settings.n_correlated, float(len(self.token_ids))
+        products = (self._valued[:, block.start:block.stop].T @ self._valued).tocsr()
+        alive = self._sum > 0
+        out = []
+        for j, feature in enumerate(block):
+            if not alive[feature]:
+                out.append(CorrelatedFeatures([], [], []))
+                continue
+            a, b = products.indptr[j], products.indptr[j + 1]
+            others, xy = products.indices[a:b], products.data[a:b]
+            keep = (others != feature) & alive[others]
+            others, xy = others[keep], xy[keep]
+            prefix = self._correlation_order[: k + len(others) + 1]
+            apart = prefix[(prefix != feature) & ~np.isin(prefix, others)][:k]
+            others, xy = np.concatenate([others, apart]), np.concatenate([xy, np.zeros(len(apart))])
+            sx, sx2 = self._sum[feature], self._sum_sq[feature]
+            sy, sy2 = self._sum[others], self._sum_sq[others]
+            pearson = (n * xy - sx * sy) / (np.sqrt(np.maximum((n * sx2 - sx * sx) * (n * sy2 - sy * sy), 0)) + 1e-6)
+            cosine = xy / (np.sqrt(sx2 * sy2) + 1e-6)
+            order = np.lexsort((others, -pearson))[:k]
+            out.append(CorrelatedFeatures(others[order].tolist(), pearson[order].tolist(), cosine[order].tolist()))
+        return out
 
     def _example_arrays(self, block_column: np.ndarray, tokens: np.ndarray, columns: sp.csc_matrix,
                         owner: np.ndarray) -> dict[str, np.ndarray]:
@@ -401,21 +488,29 @@ class DashboardBuilder:
             for t, row, pos, value, a, b, c in zip(*(e[k].tolist() for k in
                                                      ("token", "row", "pos", "activation", "lo", "hi", "start")))])
         n_tokens, dashboards = max(1, len(self.token_ids)), []
+        mins = d.mins.tolist()
         per_feature = zip(d.block, d.n_fired.tolist(), d.maxes.tolist(), d.n_top.tolist(), d.top_min.tolist(),
                           d.first.tolist(), d.past.tolist(), d.n_drawn.tolist(), d.group_min.tolist(),
                           d.group_max.tolist(), d.centers.tolist(), d.counts.tolist())
+        intervals = d.intervals.tolist() if d.intervals is not None else [None] * len(d.block)
         for j, (feature, n, top, n_top, top_min, first, past, n_drawn, lows, highs, centers, counts) in enumerate(per_feature):
             made = []
             if n_top:
                 made.append(ExampleGroup("top", top_min, top, n_top / n, [next(examples) for _ in range(n_top)]))
-            for a, b, m, low, high in zip(first, past, n_drawn, lows, highs):
+            for g, (a, b, m, low, high) in enumerate(zip(first, past, n_drawn, lows, highs)):
                 if b > a:
                     made.append(ExampleGroup(s.group_method, low, high, (b - a) / n, [next(examples) for _ in range(m)]))
+                    if intervals[j] is not None:
+                        lower, upper, within = intervals[j][g]
+                        made[-1].interval, made[-1].n_tokens_within = (lower, upper), int(within)
+            if n and top == mins[j]:  # one distinct value: one bin at it, not numpy's [v - 0.5, v + 0.5]
+                centers, counts = [top], [n]
             dashboards.append(FeatureDashboard(
                 feature=feature, n_fired=n, frac_nonzero=n / n_tokens, max=top, groups=made,
                 hist_centers=centers if n else [], hist_counts=counts if n else [],
                 cofiring=[] if d.cofiring is None else self._cofiring(feature, d.cofiring[j], n),
                 logits=None if d.logits is None else d.logits[j],
+                correlated=None if d.correlated is None else d.correlated[j],
             ))
         return dashboards
 

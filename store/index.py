@@ -163,6 +163,26 @@ class IndexReader:
         values = fmt.decode_values(self._array(part, fmt.VALUES)[lo:hi], self.value_dtype)
         return tokens, values
 
+    def feature_block(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Features ``[start, stop)`` at once: ``(indptr, token indices, float32 values)``, feature
+        ``start + i``'s entries (highest first) being ``[indptr[i], indptr[i + 1])``. One read per
+        part the range touches, so a range of many small features costs no more than its entries."""
+        tokens, values = [], []
+        for i in range(int(np.searchsorted(self._starts, start, side="right") - 1), len(self._starts)):
+            part_start = int(self._starts[i])
+            if part_start >= stop:
+                break
+            part_stop = int(self._starts[i + 1]) if i + 1 < len(self._starts) else len(self.indptr) - 1
+            a, b = max(start, part_start), min(stop, part_stop)
+            base = self.indptr[part_start]
+            lo, hi = int(self.indptr[a] - base), int(self.indptr[b] - base)
+            if hi > lo:
+                tokens.append(self._array(self._part_ids[i], "token")[lo:hi].astype(np.int64))
+                values.append(fmt.decode_values(self._array(self._part_ids[i], fmt.VALUES)[lo:hi], self.value_dtype))
+        indptr = self.indptr[start:stop + 1] - self.indptr[start]
+        return (indptr, np.concatenate(tokens) if tokens else np.zeros(0, np.int64),
+                np.concatenate(values) if values else np.zeros(0, np.float32))
+
     def _array(self, part_id: int, name: str) -> checked.CheckedArray:
         """A part's array, checked against its marker: per block of entries (format 1.2), or whole
         (1.1, whose markers record one checksum per array)."""

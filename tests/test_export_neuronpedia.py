@@ -1,4 +1,11 @@
-"""`latentstore export neuronpedia`: every field in SAEDashboard's format, equal to the store's own numbers."""
+"""`latentstore export neuronpedia`: every key Neuronpedia's converter reads, in SAEDashboard's types, each
+equal to the store's own numbers.
+
+The key lists are those of Neuronpedia's converter, ``convert-saedashboard-to-neuronpedia-export.py`` in
+``utils/neuronpedia-utils/neuronpedia_utils`` of the neuronpedia repository as of commit 4d6d6c6d (the keys
+it indexes, and those it reads when present), and the types those SAEDashboard writes
+(``sae_dashboard/neuronpedia/neuronpedia_dashboard.py``, the version whose batch has ``sae_id_suffix`` and
+whose features have ``vector``)."""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ import pytest
 import torch
 
 from jobs.cli import main
-from jobs.export import export_neuronpedia
+from jobs.export import NeuronpediaNames, export_neuronpedia
 from pipeline import dashboard_data
 from pipeline.dashboard_data import (DashboardBuilder, DashboardSettings, effective_unembed, load_logit_weights,
                                      model_unembed)
@@ -21,12 +28,49 @@ from tests.stores import shared_store
 
 pytestmark = pytest.mark.ray
 HOOK = "blocks.0.hook_resid_post"
-BATCH_KEYS = {"model_id", "layer", "sae_set", "features"}
-FEATURE_KEYS = {"feature_index", "neg_str", "neg_values", "pos_str", "pos_values", "frac_nonzero",
-                "freq_hist_data_bar_values", "freq_hist_data_bar_heights", "logits_hist_data_bar_values",
-                "logits_hist_data_bar_heights", "n_prompts_total", "n_tokens_in_prompt", "dataset", "activations"}
-ACTIVATION_KEYS = {"bin_min", "bin_max", "bin_contains", "tokens", "values", "qualifying_token_index",
-                   "dataset_row", "dataset_pos", "token_index"}
+INTS, FLOATS, STRS = "list[int]", "list[float]", "list[str]"
+# SAEDashboard's NeuronpediaDashboardBatch / Feature / Activation .to_dict(): key -> type
+SAEDASHBOARD_BATCH = {"model_id": str, "layer": int, "sae_set": str, "sae_id_suffix": (str, type(None)),
+                      "features": list}
+SAEDASHBOARD_FEATURE = {
+    "feature_index": int, "neuron_alignment_indices": INTS, "neuron_alignment_values": FLOATS,
+    "neuron_alignment_l1": FLOATS, "correlated_neurons_indices": INTS, "correlated_neurons_l1": FLOATS,
+    "correlated_neurons_pearson": FLOATS, "correlated_features_indices": INTS, "correlated_features_l1": FLOATS,
+    "correlated_features_pearson": FLOATS, "neg_str": STRS, "neg_values": FLOATS, "pos_str": STRS,
+    "pos_values": FLOATS, "frac_nonzero": (float, int), "freq_hist_data_bar_values": FLOATS,
+    "freq_hist_data_bar_heights": INTS, "logits_hist_data_bar_heights": INTS, "logits_hist_data_bar_values": FLOATS,
+    "n_prompts_total": int, "n_tokens_in_prompt": int, "dataset": str, "decoder_weights_dist": FLOATS,
+    "activations": list, "vector": FLOATS,
+}
+SAEDASHBOARD_ACTIVATION = {"bin_min": (float, int), "bin_max": (float, int), "bin_contains": (float, int),
+                           "tokens": STRS, "values": FLOATS, "qualifying_token_index": int}
+OURS = {"dataset_row": int, "dataset_pos": int, "token_index": int}  # where the example came from
+# what the converter indexes (a missing one aborts it); it reads vector and dfa_* only when present
+CONVERTER_BATCH = {"layer", "sae_id_suffix", "features"}  # and model_id, unless --model-name is given
+CONVERTER_FEATURE = {
+    "feature_index", "neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
+    "correlated_neurons_indices", "correlated_neurons_pearson", "correlated_neurons_l1",
+    "correlated_features_indices", "correlated_features_pearson", "correlated_features_l1", "neg_str",
+    "neg_values", "pos_str", "pos_values", "frac_nonzero", "freq_hist_data_bar_heights",
+    "freq_hist_data_bar_values", "logits_hist_data_bar_heights", "logits_hist_data_bar_values",
+    "decoder_weights_dist", "activations",
+}
+CONVERTER_ACTIVATION = {"tokens", "values", "bin_contains", "bin_max", "bin_min", "qualifying_token_index"}
+
+
+def has_type(value, kind) -> bool:
+    if isinstance(kind, str):
+        element = {INTS: int, FLOATS: float, STRS: str}[kind]
+        return isinstance(value, list) and all(type(v) is element for v in value)
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return type(value) in kinds
+
+
+def assert_typed(record: dict, types: dict, extra: dict | None = None) -> None:
+    expected = {**types, **(extra or {})}
+    assert set(record) == set(expected), set(record) ^ set(expected)
+    for key, kind in expected.items():
+        assert has_type(record[key], kind), (key, record[key])
 
 
 def small_store(assets, tmp_path_factory) -> FeatureStore:
@@ -55,27 +99,41 @@ def counted(fs: FeatureStore, feature: int) -> tuple[np.ndarray, np.ndarray]:
     return tokens, column[tokens]
 
 
-def test_batches_hold_every_feature_with_saedashboards_fields(store, exported):
+def test_batches_hold_every_key_the_converter_reads_in_saedashboards_types(store, exported):
     assert sum(len(b["features"]) for b in exported) == store.d_sae(HOOK)
     assert [len(b["features"]) for b in exported] == [40, 40, 16]
     for batch in exported:
-        assert set(batch) == BATCH_KEYS
-        assert batch["layer"] == 0 and batch["model_id"] == "model" and batch["sae_set"] == "0-resid"
+        assert_typed(batch, SAEDASHBOARD_BATCH)
+        assert CONVERTER_BATCH <= set(batch)
+        assert (batch["model_id"], batch["layer"], batch["sae_set"], batch["sae_id_suffix"]) == \
+            ("model", 0, "resid-post", None)
         for feature in batch["features"]:
-            assert set(feature) == FEATURE_KEYS
+            assert_typed(feature, SAEDASHBOARD_FEATURE)
+            assert CONVERTER_FEATURE <= set(feature)
             assert feature["n_tokens_in_prompt"] == 16
             assert feature["dataset"] == store.run["dataset"]["name"]
             for activation in feature["activations"]:
-                assert set(activation) == ACTIVATION_KEYS
+                assert_typed(activation, SAEDASHBOARD_ACTIVATION, OURS)
+                assert CONVERTER_ACTIVATION <= set(activation)
+                assert activation["values"]  # the converter takes their max
     features = [f for b in exported for f in b["features"]]
     assert [f["feature_index"] for f in features] == list(range(store.d_sae(HOOK)))
     # every window starts with BOS here, so the prompts are the BOS tokens
     assert features[0]["n_prompts_total"] == int((store.provenance()["pos"] == -1).sum()) > len(store.shards)
+    dead = [f for f in features if not f["activations"]]
+    assert all(f["frac_nonzero"] == 0 and type(f["frac_nonzero"]) is int for f in dead)  # as SAEDashboard writes it
 
 
-def test_examples_groups_density_and_histogram_equal_the_store(store, exported):
+def counted_matrix(fs: FeatureStore) -> np.ndarray:
+    """Every token's counted activations (0 on special tokens and at or below 0), dense, float64."""
+    dense = np.maximum(fs.csr(HOOK).toarray().astype(np.float64), 0)
+    dense[np.isin(fs.token_ids(), list(fs.special_token_ids))] = 0
+    return dense
+
+
+def test_top_group_and_five_equal_width_intervals_as_saedashboard_makes_them(store, exported):
     features = {f["feature_index"]: f for b in exported for f in b["features"]}
-    ids, prov = store.token_ids(), store.provenance()
+    ids, prov, dense = store.token_ids(), store.provenance(), counted_matrix(store)
     busy = np.argsort(-store.stats(HOOK).count, kind="stable")[:8].tolist()
     for index in busy:
         f = features[index]
@@ -85,27 +143,69 @@ def test_examples_groups_density_and_histogram_equal_the_store(store, exported):
         shown = [a for a in f["activations"] if a["bin_contains"] == -1]
         assert [a["token_index"] for a in shown] == top["token_index"].tolist()
         assert all(a["bin_min"] == -1 and a["bin_max"] == float(values.max()) for a in shown)
-        groups = store.quantile_samples(HOOK, index, n_groups=10, per_group=5, method="interval")
+        # 5 intervals of [0, max], highest first: their bounds, and their share of all tokens with both
+        # ends included (the lowest, from 0, also holds every token where the feature is 0)
+        groups = store.quantile_samples(HOOK, index, n_groups=5, per_group=5, method="interval")
         sampled = [a for a in f["activations"] if a["bin_contains"] != -1]
         assert [a["token_index"] for a in sampled] == groups["token_index"].tolist()
-        np.testing.assert_allclose([a["bin_min"] for a in sampled], groups["group_min"])
-        np.testing.assert_allclose([a["bin_max"] for a in sampled], groups["group_max"])
-        np.testing.assert_allclose([a["bin_contains"] for a in sampled], groups["group_size"] / len(tokens))
-        column = store.csr(HOOK)[:, index].toarray().ravel()
+        edges = np.linspace(float(values.max()), 0.0, 6)
+        column = dense[:, index]
+        for a, g in zip(sampled, groups["group"]):
+            lower, upper = edges[g + 1], edges[g]
+            assert (a["bin_min"], a["bin_max"]) == pytest.approx((lower, upper), rel=1e-12, abs=1e-12)
+            assert a["bin_contains"] == ((column >= a["bin_min"]) & (column <= a["bin_max"])).sum() / store.n_tokens
+            assert lower <= a["values"][a["qualifying_token_index"]] <= upper
+        assert {g for g in groups["group"]} <= set(range(5))
         for a, expected in zip(shown + sampled, list(top["activation"]) + list(groups["activation"])):
             t, q = a["token_index"], a["qualifying_token_index"]
             lo = t - q
             assert a["values"][q] == pytest.approx(expected, abs=0)
-            assert a["tokens"] == [store.vocab[i] for i in ids[lo:lo + len(a["tokens"])]]
-            counted_column = np.where(np.isin(ids[lo:lo + len(a["values"])], list(store.special_token_ids)), 0,
-                                      column[lo:lo + len(a["values"])])
-            np.testing.assert_array_equal(a["values"], np.maximum(counted_column, 0))
+            assert a["tokens"] == store.token_display.text(ids[lo:lo + len(a["tokens"])])
+            np.testing.assert_array_equal(a["values"], column[lo:lo + len(a["values"])].astype(np.float32))
             assert (a["dataset_row"], a["dataset_pos"]) == (prov["row"][t], prov["pos"][t])
             assert prov["pos"][lo] == -1  # the whole window, from its BOS
         values = values.astype(np.float64)
         heights, edges = np.histogram(values, bins=50, range=(values.min(), values.max()))
         assert f["freq_hist_data_bar_heights"] == heights.tolist()
         np.testing.assert_allclose(f["freq_hist_data_bar_values"], (edges[:-1] + edges[1:]) / 2)
+
+
+def test_correlated_features_are_pearsons_r_over_the_whole_store(store, exported):
+    dense = counted_matrix(store)
+    n = float(len(dense))
+    sums, sums_sq = dense.sum(0), (dense ** 2).sum(0)
+    alive = sums > 0
+    checked = 0
+    for f in (f for b in exported for f in b["features"]):
+        x = f["feature_index"]
+        if not alive[x]:
+            assert f["correlated_features_indices"] == f["correlated_features_pearson"] == []
+            continue
+        xy = dense.T @ dense[:, x]
+        pearson = (n * xy - sums[x] * sums) / (np.sqrt((n * sums_sq[x] - sums[x] ** 2) * (n * sums_sq - sums ** 2))
+                                               + 1e-6)
+        cosine = xy / (np.sqrt(sums_sq[x] * sums_sq) + 1e-6)
+        candidates = np.flatnonzero(alive & (np.arange(len(alive)) != x))
+        best = candidates[np.lexsort((candidates, -pearson[candidates]))][:3]
+        assert f["correlated_features_indices"] == best.tolist()
+        np.testing.assert_allclose(f["correlated_features_pearson"], pearson[best], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(f["correlated_features_l1"], cosine[best], rtol=1e-9, atol=1e-12)
+        assert f["correlated_neurons_indices"] == []  # needs the model's dense activations: not in a store
+        checked += 1
+    assert checked > 50
+
+
+def test_neuron_alignment_and_vector_come_from_w_dec(store, assets, exported):
+    W_dec = load_sae(SAESource.parse(str(assets["sae_dirs"][HOOK]))).W_dec.detach().double().numpy()
+    for f in (f for b in exported for f in b["features"]):
+        row = W_dec[f["feature_index"]]
+        unit = row / np.linalg.norm(row)
+        best = np.argsort(-unit, kind="stable")[:3]
+        assert f["neuron_alignment_indices"] == best.tolist()
+        np.testing.assert_allclose(f["neuron_alignment_values"], unit[best], rtol=1e-6)
+        np.testing.assert_allclose(f["neuron_alignment_l1"], np.abs(unit[best]) / np.abs(unit).sum(), rtol=1e-6)
+        np.testing.assert_allclose(f["vector"], row, rtol=1e-6)
+        assert f["decoder_weights_dist"] == []  # per-head shares exist only for an SAE at hook_z
 
 
 def test_logit_tables_are_w_dec_times_the_folded_unembedding(store, assets, exported):
@@ -121,8 +221,8 @@ def test_logit_tables_are_w_dec_times_the_folded_unembedding(store, assets, expo
     for f in features[::7]:
         row = effects[f["feature_index"]]
         top, bottom = np.argsort(-row)[:10], np.argsort(row)[:10]
-        assert f["pos_str"] == [store.vocab[i] for i in top]
-        assert f["neg_str"] == [store.vocab[i] for i in bottom]
+        assert f["pos_str"] == store.token_display.text(top)
+        assert f["neg_str"] == store.token_display.text(bottom)
         np.testing.assert_allclose(f["pos_values"], row[top], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(f["neg_values"], row[bottom], rtol=1e-4, atol=1e-5)
         heights, edges = np.histogram(row, bins=50, range=(row.min(), row.max()))
@@ -137,16 +237,20 @@ def test_cofiring_and_rank_groups_equal_the_store(store, monkeypatch):
     settings = DashboardSettings(group_method="rank", context=(3, 2))
     weights = load_logit_weights(store, HOOK)
     busy = np.argsort(-store.stats(HOOK).count, kind="stable")[:5].tolist()
-    built = 0
+    built, one_value = 0, []
     for d in DashboardBuilder(store, HOOK, weights, settings).build(range(0, store.d_sae(HOOK))):
         built += 1
         # every feature, however few its activations, has numpy's histogram and the store's top examples
         tokens, values = counted(store, d.feature)
         assert d.n_fired == len(tokens)
-        if len(values):
+        if len(np.unique(values)) == 1:  # one distinct value: one bin at it, never below 0
+            assert (d.hist_centers, d.hist_counts) == ([float(values[0])], [len(values)])
+            one_value.append(d.feature)
+        elif len(values):
             x = values.astype(np.float64)
             heights, edges = np.histogram(x, bins=50, range=(x.min(), x.max()))
             assert d.hist_counts == heights.tolist() and d.hist_centers == ((edges[:-1] + edges[1:]) / 2).tolist()
+        if len(values):
             assert [e.token_index for e in d.groups[0].examples] == \
                 store.top_activations(HOOK, d.feature, k=20)["token_index"].tolist()
         else:
@@ -167,14 +271,71 @@ def test_cofiring_and_rank_groups_equal_the_store(store, monkeypatch):
     first_few.close()
 
 
-def test_command_line_and_bad_input(store, tmp_path, capsys):
+def test_a_feature_with_one_distinct_value_has_one_bin_at_it(store, tmp_path):
+    from jobs.dashboard import SETTINGS, feature_json
+
+    hook = "blocks.1.hook_mlp_out"  # the TopK SAE: some of its features fired on one token only
+    column = store.csr(hook).tocsc()
+    once = [f for f in range(store.d_sae(hook)) if column[:, f].nnz == 1 and column[:, f].data[0] > 0
+            and store.token_ids()[column[:, f].indices[0]] not in store.special_token_ids]
+    assert once
+    for settings in (SETTINGS, DashboardSettings(group_method="interval")):  # our pages' and the export's
+        for d in DashboardBuilder(store, hook, None, settings).build():
+            if d.feature in once:
+                value = float(column[:, d.feature].data[0])
+                assert (d.hist_centers, d.hist_counts) == ([value], [1])
+                assert feature_json(d, hook, store.token_display)["hist"] == [[value], [1]]
+    exported = json.loads(export_neuronpedia(store, hook, tmp_path, range(once[0], once[0] + 1),
+                                             logits=False)[0].read_text())["features"][0]
+    value = float(column[:, once[0]].data[0])
+    assert (exported["freq_hist_data_bar_values"], exported["freq_hist_data_bar_heights"]) == ([value], [1])
+    assert [a["bin_max"] for a in exported["activations"]] == [value, value]  # its top group and top interval
+
+
+def test_command_line_names_help_and_the_converters_command(store, tmp_path, capsys):
     assert main(["export", "neuronpedia", store.location, "--hook", HOOK, "--out", str(tmp_path),
-                 "--features", "10:20", "--no-logits", "--no-progress"]) == 0
+                 "--features", "10:20", "--no-logits", "--no-progress", "--model-id", "tiny-model",
+                 "--sae-set", "res-test", "--sae-id-suffix", "l0-8", "--dataset", "me/my-data"]) == 0
     batch = json.loads((tmp_path / "batch-0.json").read_text())
+    assert (batch["model_id"], batch["layer"], batch["sae_set"], batch["sae_id_suffix"]) == \
+        ("tiny-model", 0, "res-test", "l0-8")
     assert [f["feature_index"] for f in batch["features"]] == list(range(10, 20))
-    assert batch["features"][0]["pos_str"] == []
-    assert "wrote 1 batch files" in capsys.readouterr().out
+    assert {f["dataset"] for f in batch["features"]} == {"me/my-data"}
+    first = batch["features"][0]
+    assert first["pos_str"] == [] and first["vector"] == [] and first["neuron_alignment_indices"] == []
+    out = capsys.readouterr().out
+    assert "wrote 1 batch files" in out
+    command = next(line for line in out.splitlines() if "convert-saedashboard-to-neuronpedia-export.py" in line)
+    for option in (f"--saedashboard-output-dir={tmp_path}", "--model-name=tiny-model",
+                   "--neuronpedia-source-set-id=res-test", "--hook-point=hook_resid_post", "--layer-num=0",
+                   "--prompts-huggingface-dataset-path=me/my-data", "--n-tokens-in-prompt=16",
+                   f"--n-prompts-total={first['n_prompts_total']}"):
+        assert option in command.split()
+    # the defaults that --help states are the defaults the export uses
+    with pytest.raises(SystemExit):
+        main(["export", "neuronpedia", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "e.g. resid-post for blocks.1.hook_resid_post" in help_text
+    assert "the model name recorded in the store; for a local model folder, the folder's name" in help_text
+    assert "the dataset name recorded in the store" in help_text and "--sae-id-suffix" in help_text
+    default = json.loads(export_neuronpedia(store, HOOK, tmp_path / "d", range(0, 1), logits=False)[0].read_text())
+    assert (default["model_id"], default["sae_set"], default["sae_id_suffix"]) == ("model", "resid-post", None)
+    assert store.run["model"]["name"].endswith("/model")
+    assert default["features"][0]["dataset"] == store.run["dataset"]["name"]
     with pytest.raises(ConfigError, match="goes past .* 96 features"):
         export_neuronpedia(store, HOOK, tmp_path, range(90, 100))
     assert main(["export", "neuronpedia", store.location, "--hook", "blocks.9.nope", "--out", str(tmp_path)]) == 2
     assert "blocks.0.hook_resid_post" in capsys.readouterr().err
+
+
+def test_decoder_weights_dist_is_each_heads_share_at_hook_z():
+    from jobs.export import decoder_tables
+
+    rng = np.random.default_rng(0)
+    W_dec = rng.normal(size=(3, 4 * 8)).astype(np.float32)  # 4 heads of d_head 8
+    tables = decoder_tables(W_dec, range(10, 13), heads=4)
+    for i, f in enumerate(range(10, 13)):
+        norms = np.linalg.norm(W_dec[i].astype(np.float64).reshape(4, 8), axis=1)
+        np.testing.assert_allclose(tables[f]["decoder_weights_dist"], norms / norms.sum(), rtol=1e-12)
+        assert len(tables[f]["vector"]) == 32
+    assert decoder_tables(None, range(2), None)[1]["vector"] == []

@@ -209,10 +209,16 @@ const LS = (() => {
     }
     const groups = clear(document.getElementById("groups"));
     const rows = new Set(meta.rows);
+    if (data.groups.some((group) => group.kind === "rank")) {
+      groups.append(el("p", { class: "muted", text: "Below the top activations: true quantiles, groups of equal "
+        + "count by rank (SAEDashboard and the Neuronpedia export use 5 equal-width intervals of [0, max] instead)." }));
+    }
     data.groups.forEach((group, g) => {
       const title = group.kind === "top"
         ? `Top activations`
-        : `Quantile ${g}: activations ${num(group.bin_min)} to ${num(group.bin_max)} (${percent(group.bin_contains)} of them)`;
+        : group.kind === "rank"
+          ? `Quantile ${g} (by rank): activations ${num(group.bin_min)} to ${num(group.bin_max)} (${percent(group.bin_contains)} of them)`
+          : `Interval ${g}: activations ${num(group.bin_min)} to ${num(group.bin_max)} (${percent(group.bin_contains)} of them)`;
       const section = el("section", { class: `group group-${group.kind}` }, [el("h2", { text: title })]);
       for (const example of group.examples) {
         const where = rows.has(example.row)
