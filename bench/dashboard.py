@@ -31,6 +31,13 @@ Measured on a quiet 2-core CPU, embedded default, 50,000 tokens, 2,048 features:
   recompute 86.5 s, **139.8x**.
 Top activations agree within 3.8e-3 (bfloat16). Co-firing counts over the whole store, which the
 recompute side does not make, took 10.7 s and 0.7 s more.
+
+Exports, each against the extraction that made the store (goal: at most 10% of it):
+- **neuronpedia**: ``latentstore export neuronpedia`` of every feature (its tokenizer loaded, the
+  weights loaded, correlated features over the whole store, batch-N.json files written);
+- **delphi**: ``latentstore export delphi`` of the same SAE (split files from the index).
+
+    python -m bench.dashboard --exports-only        # the exports alone, without the recompute side
 """
 
 from __future__ import annotations
@@ -181,6 +188,30 @@ def side_by_side(fs, hook: str, args) -> dict:
             "blocks": blocks}
 
 
+def exports(fs, hook: str, folder: Path, extract_s: float) -> dict[str, float]:
+    """Seconds for each export of every feature of ``hook``, printed against the extraction's."""
+    from jobs.export import export_neuronpedia
+    from jobs.export_delphi import export_delphi
+    from pipeline.tokens import use_tokenizer
+
+    times = {}
+    t = time.perf_counter()
+    use_tokenizer(fs)
+    written = export_neuronpedia(fs, hook, folder / "neuronpedia")
+    times["neuronpedia"] = time.perf_counter() - t
+    size = sum(p.stat().st_size for p in written)
+    t = time.perf_counter()
+    splits = export_delphi(fs, folder / "delphi", [hook])[hook]
+    times["delphi"] = time.perf_counter() - t
+    size_delphi = sum(p.stat().st_size for p in splits)
+    print(f"exports of all {fs.d_sae(hook):,} features of {hook} (extraction {extract_s:.1f} s; goal: at most 10%)")
+    print(f"  neuronpedia  {times['neuronpedia']:8.1f} s  {100 * times['neuronpedia'] / extract_s:5.1f}% of the "
+          f"extraction  ({len(written)} batch files, {size / 2**20:.1f} MiB)")
+    print(f"  delphi       {times['delphi']:8.1f} s  {100 * times['delphi'] / extract_s:5.1f}% of the extraction  "
+          f"({len(splits)} split files, {size_delphi / 2**20:.1f} MiB)")
+    return times
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=50_000, help="tokens extracted (default: %(default)s)")
@@ -192,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=1, help="extraction workers (default: %(default)s)")
     parser.add_argument("--store", help="keep the extracted store here; an existing one is resumed, not redone "
                         "(default: a temporary folder)")
+    parser.add_argument("--exports-only", action="store_true",
+                        help="time the Neuronpedia and delphi exports against the extraction, nothing else")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
 
@@ -203,6 +236,9 @@ def main(argv: list[str] | None = None) -> None:
         fs = FeatureStore.open(store)
         hook = fs.hooks[0]
         print(f"{fs.n_tokens:,} tokens, {hook}, {fs.d_sae(hook):,} features; extraction (once) {extract_s:.1f} s")
+        exports(fs, hook, Path(folder), extract_s)
+        if args.exports_only:
+            return
         run = side_by_side(fs, hook, args)
         cofiring_s = cofiring_only(fs, hook)
     ours, theirs = run["ours"], run["theirs"]
