@@ -37,6 +37,11 @@ from store.errors import ConfigError
 from store.sampling import METHODS, concatenated_ranges, count_leading, draw_ranks, linspace_rows, many_group_slices
 
 BLOCK_FEATURES = 256  # features computed together: bounds the block's co-firing matrix
+# correlated features' sums of products: one dense Gram matrix (float32 BLAS over chunks of tokens,
+# summed in float64) when the SAE is this narrow and BLAS would beat the sparse product, whose
+# cost grows with L0 squared; scipy's sparse product makes about 1/1000 of BLAS's multiply-adds a second
+DENSE_GRAM_MAX_FEATURES = 4096
+DENSE_GRAM_SPEEDUP = 500
 AHEAD = 2  # blocks whose numbers are made at once, on as many threads
 
 
@@ -239,6 +244,20 @@ def ranked(column: np.ndarray, tokens: np.ndarray, values: np.ndarray) -> tuple[
     return tokens[order].astype(np.int64), values[order]
 
 
+def dense_gram(rows: sp.csr_matrix, chunk_entries: int = 1 << 24) -> np.ndarray:
+    """``rows.T @ rows`` as a dense float64 ``[features, features]`` array: float32 BLAS products over
+    chunks of tokens (``chunk_entries`` dense values each), summed in float64."""
+    import torch
+
+    n, d = rows.shape
+    gram = np.zeros((d, d))
+    step = max(1, chunk_entries // max(1, d))
+    for start in range(0, n, step):
+        dense = torch.from_numpy(rows[start:start + step].toarray().astype(np.float32))
+        gram += (dense.T @ dense).double().numpy()
+    return gram
+
+
 def _uncorrelated_order(sums: np.ndarray, sums_sq: np.ndarray, n_tokens: int) -> np.ndarray:
     """The features that fire, ordered by how high Pearson's r is with any feature they never
     co-fire with: by sum / sqrt(n sum_sq - sum^2) ascending, ties by lower feature."""
@@ -331,12 +350,16 @@ class DashboardBuilder:
             counted_rows.data[~fired] = 0
             counted_rows.eliminate_zeros()
         self._columns = counted_rows.tocsc()  # tokens ascend within each feature
-        self._valued = None
+        self._valued = self._gram = None
         if settings.n_correlated:  # sums over every token for Pearson's r, products in float64
             self._valued = counted_rows.astype(np.float64)
             self._sum = np.bincount(counted_rows.indices, self._valued.data, self.d_sae)
             self._sum_sq = np.bincount(counted_rows.indices, self._valued.data ** 2, self.d_sae)
             self._correlation_order = _uncorrelated_order(self._sum, self._sum_sq, len(self.token_ids))
+            per_token = np.diff(counted_rows.indptr).astype(np.float64)
+            if (self.d_sae <= DENSE_GRAM_MAX_FEATURES
+                    and len(per_token) * float(self.d_sae) ** 2 < DENSE_GRAM_SPEEDUP * float((per_token ** 2).sum())):
+                self._gram = dense_gram(counted_rows)
         self._fired = None
         if settings.n_cofiring:  # which features fire on each token, for the co-firing counts
             self._fired = counted_rows
@@ -435,15 +458,19 @@ class DashboardBuilder:
         features with the smallest sum_y / sqrt(var_y). So the candidates are the features that
         co-fire (one sparse product for the block) and the first few of that global order."""
         k, n = self.settings.n_correlated, float(len(self.token_ids))
-        products = (self._valued[:, block.start:block.stop].T @ self._valued).tocsr()
+        products = None if self._gram is not None else (self._valued[:, block.start:block.stop].T @ self._valued).tocsr()
         alive = self._sum > 0
         out = []
         for j, feature in enumerate(block):
             if not alive[feature]:
                 out.append(CorrelatedFeatures([], [], []))
                 continue
-            a, b = products.indptr[j], products.indptr[j + 1]
-            others, xy = products.indices[a:b], products.data[a:b]
+            if products is None:  # the Gram matrix's row: 0 exactly where the two never co-fire
+                others = np.flatnonzero(self._gram[feature])
+                xy = self._gram[feature, others]
+            else:
+                a, b = products.indptr[j], products.indptr[j + 1]
+                others, xy = products.indices[a:b], products.data[a:b]
             keep = (others != feature) & alive[others]
             others, xy = others[keep], xy[keep]
             prefix = self._correlation_order[: k + len(others) + 1]

@@ -142,7 +142,7 @@ def test_top_group_and_five_equal_width_intervals_as_saedashboard_makes_them(sto
         top = store.top_activations(HOOK, index, k=20)
         shown = [a for a in f["activations"] if a["bin_contains"] == -1]
         assert [a["token_index"] for a in shown] == top["token_index"].tolist()
-        assert all(a["bin_min"] == -1 and a["bin_max"] == float(values.max()) for a in shown)
+        assert all(a["bin_min"] == -1 and a["bin_max"] == float(values.max()) for a in shown)  # float64 text
         # 5 intervals of [0, max], highest first: their bounds, and their share of all tokens with both
         # ends included (the lowest, from 0, also holds every token where the feature is 0)
         groups = store.quantile_samples(HOOK, index, n_groups=5, per_group=5, method="interval")
@@ -159,9 +159,9 @@ def test_top_group_and_five_equal_width_intervals_as_saedashboard_makes_them(sto
         for a, expected in zip(shown + sampled, list(top["activation"]) + list(groups["activation"])):
             t, q = a["token_index"], a["qualifying_token_index"]
             lo = t - q
-            assert a["values"][q] == pytest.approx(expected, abs=0)
+            assert np.float32(a["values"][q]) == expected  # float32, written as its shortest exact text
             assert a["tokens"] == store.token_display.text(ids[lo:lo + len(a["tokens"])])
-            np.testing.assert_array_equal(a["values"], column[lo:lo + len(a["values"])].astype(np.float32))
+            np.testing.assert_array_equal(np.float32(a["values"]), column[lo:lo + len(a["values"])].astype(np.float32))
             assert (a["dataset_row"], a["dataset_pos"]) == (prov["row"][t], prov["pos"][t])
             assert prov["pos"][lo] == -1  # the whole window, from its BOS
         values = values.astype(np.float64)
@@ -170,7 +170,17 @@ def test_top_group_and_five_equal_width_intervals_as_saedashboard_makes_them(sto
         np.testing.assert_allclose(f["freq_hist_data_bar_values"], (edges[:-1] + edges[1:]) / 2)
 
 
-def test_correlated_features_are_pearsons_r_over_the_whole_store(store, exported):
+@pytest.mark.parametrize("dense_gram", [True, False])
+def test_correlated_features_are_pearsons_r_over_the_whole_store(store, exported, dense_gram, monkeypatch):
+    if not dense_gram:  # the sparse product, which a wide SAE of small L0 takes
+        monkeypatch.setattr(dashboard_data, "DENSE_GRAM_MAX_FEATURES", 0)
+    settings = DashboardSettings(group_method="interval", n_groups=5, n_cofiring=0, n_correlated=3)
+    built = {d.feature: d.correlated for d in DashboardBuilder(store, HOOK, None, settings).build()}
+    assert (DashboardBuilder(store, HOOK, None, settings)._gram is not None) == dense_gram
+    for f in (f for b in exported for f in b["features"]):
+        c = built[f["feature_index"]]
+        assert c.indices == f["correlated_features_indices"]
+        np.testing.assert_allclose(c.pearson, f["correlated_features_pearson"], rtol=1e-5, atol=1e-6)
     dense = counted_matrix(store)
     n = float(len(dense))
     sums, sums_sq = dense.sum(0), (dense ** 2).sum(0)
@@ -188,8 +198,9 @@ def test_correlated_features_are_pearsons_r_over_the_whole_store(store, exported
         candidates = np.flatnonzero(alive & (np.arange(len(alive)) != x))
         best = candidates[np.lexsort((candidates, -pearson[candidates]))][:3]
         assert f["correlated_features_indices"] == best.tolist()
-        np.testing.assert_allclose(f["correlated_features_pearson"], pearson[best], rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(f["correlated_features_l1"], cosine[best], rtol=1e-9, atol=1e-12)
+        # float32 products (the dense Gram matrix) summed in float64
+        np.testing.assert_allclose(f["correlated_features_pearson"], pearson[best], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(f["correlated_features_l1"], cosine[best], rtol=1e-5, atol=1e-6)
         assert f["correlated_neurons_indices"] == []  # needs the model's dense activations: not in a store
         checked += 1
     assert checked > 50
