@@ -74,3 +74,35 @@ def test_sentencepiece_and_special_tokens():
                                        special={0: "bos", 1: "[UNK]", 2: "<pad>"}, d_vocab=6)
     assert display.strings == ("<bos>", "[UNK]", "<pad>", " a", OUT_OF_RANGE, OUT_OF_RANGE)
     assert TokenDisplay.from_decoded(None).text([3, 1]) == ["3", "1"]  # no vocabulary: ids
+
+
+@pytest.mark.ray
+def test_queries_and_top_show_tokens_through_the_runs_tokenizer(assets, ray_cluster, tmp_path_factory, monkeypatch,
+                                                                 capsys, bpe):
+    """The store's ids read through another tokenizer, to tell its display from the stored vocabulary."""
+    import pipeline.models
+    from jobs.cli import main
+    from pipeline import tokens
+    from tests.stores import shared_store
+
+    fs = shared_store(assets, tmp_path_factory)
+    hook, feature = fs.hooks[0], int(fs.stats(fs.hooks[0]).count.argmax())
+    before = fs.top_activations(hook, feature, k=3, context=(2, 1))
+    assert before["token"].tolist() == [fs.vocab[i] for i in before["token_id"]]  # the decoded vocabulary
+    display = tokens.use_tokenizer(fs, bpe)
+    assert fs.token_display is display and display.kind == "byte_level"
+    after = fs.top_activations(hook, feature, k=3, context=(2, 1))
+    assert after["token"].tolist() == display.text(after["token_id"])
+    ids = fs.token_ids()
+    t = int(after["token_index"][0])
+    assert f"«{display.text([ids[t]])[0]}»" in after["context"][0]
+    # the command loads the run's tokenizer (here replaced by the byte-level one) for its context column
+    monkeypatch.setattr(pipeline.models, "load_tokenizer", lambda spec: bpe)
+    tokens._tokenizer_display.cache_clear()
+    try:
+        assert main(["top", fs.location, "--hook", hook, "--feature", str(feature), "-k", "3",
+                     "--context", "2", "1"]) == 0
+    finally:
+        tokens._tokenizer_display.cache_clear()
+    out = capsys.readouterr().out
+    assert all(context in out for context in after["context"])
