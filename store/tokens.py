@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -97,13 +97,20 @@ class TokenDisplay:
 
     strings: tuple[str, ...]
     kind: TokenizerKind | Literal["decoded", "ids"]  # "ids": no vocabulary at all, ids shown as numbers
+    _lookup: np.ndarray = field(init=False, repr=False, compare=False)  # the strings, then OUT_OF_RANGE
+
+    def __post_init__(self) -> None:
+        lookup = np.empty(len(self.strings) + 1, dtype=object)
+        lookup[:-1], lookup[-1] = self.strings, OUT_OF_RANGE
+        object.__setattr__(self, "_lookup", lookup)
 
     def text(self, ids: Iterable[int] | np.ndarray) -> list[str]:
         """The shown text of each id (``<|outofrange|>`` past the vocabulary)."""
+        ids = np.asarray(ids, dtype=np.int64)
         if self.kind == "ids":
-            return [str(i) for i in np.asarray(ids, dtype=np.int64).tolist()]
-        strings, n = self.strings, len(self.strings)
-        return [strings[i] if 0 <= i < n else OUT_OF_RANGE for i in np.asarray(ids, dtype=np.int64).tolist()]
+            return [str(i) for i in ids.tolist()]
+        n = len(self.strings)
+        return self._lookup[np.where((ids >= 0) & (ids < n), ids, n)].tolist()
 
     def __len__(self) -> int:
         return len(self.strings)
