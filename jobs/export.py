@@ -12,9 +12,10 @@ what each holds). Beyond SAEDashboard, every activation example carries ``datase
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import logging
 import re
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,12 @@ import numpy as np
 import orjson
 
 from pipeline.dashboard_data import (DashboardBuilder, checked_features, DashboardSettings, Example, FeatureDashboard,
-                                     load_logit_weights, window_starts)
+                                     load_decoder, load_logit_weights, window_starts)
 from store import FeatureStore
 from store.errors import ConfigError
 from store.tokens import TokenDisplay
 
+log = logging.getLogger(__name__)
 BATCH_FEATURES = 128  # SAEDashboard's n_features_per_batch in Neuronpedia runs
 # SAEDashboard's Neuronpedia runner: a top group of 20, then 5 equal-width intervals of [0, max] with
 # 5 examples drawn from each; its feature tables list 3 rows (neuron alignment, correlated features)
@@ -68,7 +70,9 @@ def add_commands(commands) -> None:
     parser.add_argument("--dataset", help="the dataset named on Neuronpedia, such as monology/pile-uncopyrighted "
                                           "(default: the dataset name recorded in the store)")
     parser.add_argument("--no-logits", dest="logits", action="store_false",
-                        help="no weights are loaded: the logit tables, neuron alignment and vector are left empty")
+                        help="no weights are loaded: the logit tables, neuron alignment and vector are left empty "
+                             "(an SAE that does not write the residual stream, such as one at hook_z, gets no logit "
+                             "tables in any case)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.set_defaults(handler=_handle)
 
@@ -109,7 +113,13 @@ def export_neuronpedia(fs: FeatureStore, hook: str, out: str | Path, features: r
     features = checked_features(fs, hook, features)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    weights = load_logit_weights(fs, hook) if logits else None
+    W_dec = load_decoder(fs, hook) if logits else None
+    weights = None
+    if W_dec is not None:
+        try:
+            weights = load_logit_weights(fs, hook, W_dec=W_dec)
+        except ConfigError as e:  # an SAE that does not write the residual stream (hook_z): no logit tables
+            log.warning("%s The logit tables are left empty; the decoder's tables and vector are written.", e)
     builder = DashboardBuilder(fs, hook, weights, NEURONPEDIA_SETTINGS)
     header = batch_header(fs, hook, names)
     common = {"n_prompts_total": n_windows(builder), "n_tokens_in_prompt": int(fs.run["context_size"]),
@@ -121,7 +131,7 @@ def export_neuronpedia(fs: FeatureStore, hook: str, out: str | Path, features: r
     for dashboard in builder.build(features, progress=progress):
         if dashboard.feature not in tables:  # the decoder's tables, for the next batch of features at once
             ahead = range(dashboard.feature, min(features.stop, dashboard.feature + batch_size))
-            tables = decoder_tables(weights.W_dec[ahead.start:ahead.stop] if weights else None, ahead, heads)
+            tables = decoder_tables(None if W_dec is None else W_dec[ahead.start:ahead.stop].numpy(), ahead, heads)
         batch.append(neuronpedia_feature(dashboard, display, n_tokens, tables.pop(dashboard.feature), common))
         if len(batch) == batch_size or dashboard.feature == features.stop - 1:
             path = out / f"batch-{len(written)}.json"

@@ -183,13 +183,18 @@ def model_unembed(name: str, device: str = "cpu") -> Any:
     return effective_unembed(model.W_U, getattr(model.ln_final, "w", None), model.cfg.normalization_type)
 
 
-def load_logit_weights(fs: FeatureStore, hook: str, device: str = "cpu") -> LogitWeights:
-    """Load the run's SAE (for ``W_dec``) and the model's unembedding, as recorded in the store."""
+def load_decoder(fs: FeatureStore, hook: str, device: str = "cpu") -> Any:
+    """The run's SAE's ``W_dec`` (a float32 tensor ``[d_sae, d_out]``), loaded as recorded in the store."""
     from pipeline.saes import SAESource, load_sae
 
     fs.d_sae(hook)  # names the valid hooks when this one is not in the store
     source = next(sae["source"] for sae in fs.run["saes"] if sae["hook"] == hook)
-    W_dec = load_sae(SAESource.parse(source), device=device).W_dec.detach().float()
+    return load_sae(SAESource.parse(source), device=device).W_dec.detach().float()
+
+
+def load_logit_weights(fs: FeatureStore, hook: str, device: str = "cpu", W_dec: Any | None = None) -> LogitWeights:
+    """Load the run's SAE (for ``W_dec``, unless given) and the model's unembedding, as recorded in the store."""
+    W_dec = load_decoder(fs, hook, device) if W_dec is None else W_dec
     W_U = model_unembed(fs.run["model"]["name"], device)
     if W_dec.shape[1] != W_U.shape[0]:
         raise ConfigError(

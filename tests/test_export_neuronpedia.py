@@ -339,6 +339,16 @@ def test_command_line_names_help_and_the_converters_command(store, tmp_path, cap
     assert "blocks.0.hook_resid_post" in capsys.readouterr().err
 
 
+def test_an_sae_that_does_not_write_the_residual_stream_gets_its_decoder_tables_without_logits(store, tmp_path,
+                                                                                                monkeypatch, caplog):
+    # a model whose residual stream is wider than the SAE's output, as for an SAE at hook_z
+    monkeypatch.setattr(dashboard_data, "model_unembed", lambda name, device="cpu": torch.zeros(7, 17))
+    feature = json.loads(export_neuronpedia(store, HOOK, tmp_path, range(0, 1))[0].read_text())["features"][0]
+    assert feature["pos_str"] == [] and feature["logits_hist_data_bar_heights"] == []
+    assert len(feature["vector"]) == 32 and len(feature["neuron_alignment_indices"]) == 3
+    assert "W_dec @ W_U has no meaning" in caplog.text
+
+
 def test_decoder_weights_dist_is_each_heads_share_at_hook_z():
     from jobs.export import decoder_tables
 
