@@ -86,7 +86,7 @@ def export_delphi(fs: FeatureStore, out: str | Path, hooks: list[str] | None = N
     for hook in hooks:
         folder = _module_folder(Path(out), hook)
         index = fs.index(hook)
-        parts = plan_parts(fs.stats(hook).count, min_parts=n_splits, part_nnz=split_entries)
+        parts = plan_parts(np.diff(index.indptr), min_parts=n_splits, part_nnz=split_entries)
         written[hook] = []
         for part in parts:
             indptr, entry_tokens, values = index.feature_block(part.start, part.stop)
