@@ -7,6 +7,7 @@ columns, ``latentstore top``, the dashboards and the Neuronpedia export):
   becomes a space, ``Ċ`` a newline, ``ĉ`` a tab, ``âĢĻ`` a ``’``;
 - a SentencePiece token (Llama 2, Gemma, ...) has ``▁`` shown as a space, and a byte-fallback
   token ``<0x0A>`` as the byte's text;
+- a token of any other tokenizer (word-level, WordPiece) is shown decoded alone;
 - bytes that are not UTF-8 text on their own (a piece of a longer character) are shown as escapes
   such as ``\\xe2``, one per byte, so that two such tokens never look alike; never as "�";
 - special tokens (BOS, EOS, padding, unknown, and the tokenizer's added special tokens) are
@@ -128,12 +129,16 @@ class TokenDisplay:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, d_vocab: int | None = None) -> TokenDisplay:
-        """From a loaded Hugging Face tokenizer (fast or slow)."""
-        n = len(tokenizer)
-        tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
+        """From a loaded Hugging Face tokenizer (fast or slow). A ``plain`` tokenizer's tokens are
+        each decoded alone, as the store's vocabulary holds them (``##ing`` of a WordPiece is ``ing``)."""
+        n, kind = len(tokenizer), tokenizer_kind(tokenizer)
+        if kind == "plain":
+            tokens = tokenizer.batch_decode([[i] for i in range(n)])
+        else:
+            tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
         special = {int(i): str(tokenizer.convert_ids_to_tokens(int(i))) for i in tokenizer.all_special_ids
                    if 0 <= int(i) < n}
-        return cls.from_tokens(tokens, tokenizer_kind(tokenizer), special, d_vocab)
+        return cls.from_tokens(tokens, kind, special, d_vocab)
 
     @classmethod
     def from_decoded(cls, vocab: Sequence[str] | None, special_ids: Iterable[int] = ()) -> TokenDisplay:

@@ -106,3 +106,11 @@ def test_queries_and_top_show_tokens_through_the_runs_tokenizer(assets, ray_clus
         tokens._tokenizer_display.cache_clear()
     out = capsys.readouterr().out
     assert all(context in out for context in after["context"])
+
+
+def test_a_plain_tokenizer_shows_each_token_decoded_alone(assets):
+    tokenizer = assets["tokenizer"]  # word-level, no decoder
+    display = TokenDisplay.from_tokenizer(tokenizer)
+    assert display.kind == "plain"
+    assert list(display.strings) == tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    assert display.text([0, 1, 2]) == ["<|endoftext|>", "[UNK]", "the"]
