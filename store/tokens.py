@@ -159,7 +159,7 @@ def tokenizer_kind(tokenizer: Any) -> TokenizerKind:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         spec = json.loads(backend.to_str())
-        parts = json.dumps([spec.get("decoder"), spec.get("pre_tokenizer")])
+        parts = json.dumps([spec.get("decoder"), spec.get("pre_tokenizer")], ensure_ascii=False)
         if '"ByteLevel"' in parts:
             return "byte_level"
         if '"Metaspace"' in parts or '"ByteFallback"' in parts or SENTENCEPIECE_SPACE in parts:

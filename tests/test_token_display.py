@@ -114,3 +114,21 @@ def test_a_plain_tokenizer_shows_each_token_decoded_alone(assets):
     assert display.kind == "plain"
     assert list(display.strings) == tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
     assert display.text([0, 1, 2]) == ["<|endoftext|>", "[UNK]", "the"]
+
+
+def test_a_sentencepiece_style_tokenizer():
+    """Llama 2's shape: ▁ for spaces and byte-fallback tokens <0xNN>, undone by its decoder."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)},
+             "▁": 259, "t": 260, "h": 261, "e": 262, "▁t": 263, "▁th": 264, "▁the": 265}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "t"), ("▁t", "h"), ("▁th", "e")], byte_fallback=True,
+                               unk_token="<unk>"))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    display = TokenDisplay.from_tokenizer(fast)
+    assert display.kind == "sentencepiece"
+    assert display.text([265, 259, 3 + 0x0A, 3 + 0xE2, 3 + ord("a"), 1, 2, 0]) == \
+        [" the", " ", "\n", "\\xe2", "a", "<s>", "</s>", "<unk>"]
