@@ -2,8 +2,9 @@
 equal to the store's own numbers.
 
 The key lists are those of Neuronpedia's converter, ``convert-saedashboard-to-neuronpedia-export.py`` in
-``utils/neuronpedia-utils/neuronpedia_utils`` of the neuronpedia repository as of commit 4d6d6c6d (the keys
-it indexes, and those it reads when present), and the types those SAEDashboard writes
+``utils/neuronpedia-utils/neuronpedia_utils`` of the neuronpedia repository (github.com/hijohnnylin/neuronpedia),
+read at commit 4d6d6c6de4a3 of its zazer0/neuronpedia mirror: the keys it indexes, and those it reads only
+when present (``vector``, ``dfa_*``). The types are those SAEDashboard writes
 (``sae_dashboard/neuronpedia/neuronpedia_dashboard.py``, the version whose batch has ``sae_id_suffix`` and
 whose features have ``vector``)."""
 
