@@ -2,7 +2,8 @@
 
 What SAEDashboard and sae_vis show for a feature, made from what the store already holds:
 top examples, example groups over the activation range, the activation histogram, the
-density, the features that fire on the same tokens, and the logit table and histogram of
+density, the features that fire on the same tokens or correlate most with it over the whole
+store (SAEDashboard's correlated-features table), and the logit table and histogram of
 ``W_dec[f] @ W_U`` (the only part that needs weights: the SAE's decoder and the model's
 unembedding, no forward pass).
 
