@@ -22,25 +22,34 @@ import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from pipeline.dataset import DatasetSpec, plan_shards
-from pipeline.models import load_model, save_model, stop_layer
-from pipeline.saes import SAESource, load_sae
-from pipeline.worker import ExtractJob, ExtractWorker
-from store.writer import StoreWriter
+from pipeline.dataset import DEFAULT_SHARD_TOKENS, DatasetSpec, plan_shards, row_lengths
+from pipeline.models import save_model, stop_layer
+from pipeline.shard_builder import ShardBuilder
+from pipeline.worker import SHARDS_IN_FLIGHT, ExtractJob, ExtractWorker
+from store import stats as stats_mod
+from store.writer import ShardData, StoreWriter
 
 SYNTHETIC = {
-    # GPT-2 small's shape, random weights: for GPU runs without the hub.
-    "gpt2-small": dict(n_layers=12, d_model=768, n_ctx=1024, d_head=64, n_heads=12, d_vocab=50257, d_mlp=3072),
-    "tiny": dict(n_layers=4, d_model=256, n_ctx=256, d_head=32, n_heads=8, d_vocab=4096, d_mlp=1024),
+    # GPT-2 small's shape, random weights: for GPU runs without the hub (SAEs at layers 6 and 8).
+    "gpt2-small": dict(model=dict(n_layers=12, d_model=768, n_ctx=1024, d_head=64, n_heads=12, d_vocab=50257,
+                                  d_mlp=3072), layers=(6, 8), d_sae=24576, k=64, row_tokens=512),
+    "tiny": dict(model=dict(n_layers=4, d_model=256, n_ctx=256, d_head=32, n_heads=8, d_vocab=4096, d_mlp=1024),
+                 layers=(2, 3), d_sae=16384, k=50, row_tokens=512),
+    # A fast-device proxy: forward and encode are cheap per nonzero, as on a GPU, so the host side shows.
+    "fast-proxy": dict(model=dict(n_layers=1, d_model=32, n_ctx=128, d_head=8, n_heads=4, d_vocab=4096, d_mlp=128),
+                       layers=(0,), d_sae=4096, k=64, row_tokens=128),
 }
 
 
-def synthetic_assets(name: str, root: Path, d_sae: int, k: int) -> tuple[str, list[str], str]:
-    """A model built from a config, two TopK SAEs of controlled sparsity, and a token dataset."""
+def synthetic_assets(name: str, root: Path) -> tuple[str, list[str], str]:
+    """A model built from a config, TopK SAEs of controlled sparsity, and a pre-tokenized dataset."""
     import datasets
     from sae_lens import HookedSAETransformer, TopKSAE, TopKSAEConfig
     from sae_lens.saes.sae import SAEMetadata
@@ -48,21 +57,20 @@ def synthetic_assets(name: str, root: Path, d_sae: int, k: int) -> tuple[str, li
 
     torch.manual_seed(0)
     shape = SYNTHETIC[name]
-    cfg = HookedTransformerConfig(act_fn="gelu", normalization_type="LN", **shape)
+    cfg = HookedTransformerConfig(act_fn="gelu", normalization_type="LN", **shape["model"])
     model = HookedSAETransformer(cfg)
     save_model(model, root / "model")
-    layers = (shape["n_layers"] // 2, shape["n_layers"] * 3 // 4)
     saes = []
-    for layer in layers:
-        hook = f"blocks.{layer}.hook_resid_pre"
-        sae = TopKSAE(TopKSAEConfig(d_in=shape["d_model"], d_sae=d_sae, k=k,
+    for layer in shape["layers"]:
+        hook = f"blocks.{layer}.hook_resid_post"
+        sae = TopKSAE(TopKSAEConfig(d_in=cfg.d_model, d_sae=shape["d_sae"], k=shape["k"],
                                     metadata=SAEMetadata(hook_name=hook, prepend_bos=False)))
         with torch.no_grad():
             for p in sae.parameters():
                 p.normal_(0, 0.05)
         sae.save_model(root / f"sae{layer}")
         saes.append(str(root / f"sae{layer}"))
-    rows = torch.randint(0, shape["d_vocab"], (4096, 512)).tolist()
+    rows = torch.randint(0, cfg.d_vocab, (max(1, 2_000_000 // shape["row_tokens"]), shape["row_tokens"])).tolist()
     datasets.Dataset.from_dict({"ids": rows}).save_to_disk(str(root / "data"))
     return str(root / "model"), saes, str(root / "data")
 
@@ -84,21 +92,23 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=100_000, help="tokens per measured pass")
     parser.add_argument("--context-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--shard-rows", type=int, default=64)
+    parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--d-sae", type=int, default=16384, help="synthetic SAEs' width")
-    parser.add_argument("--k", type=int, default=50, help="synthetic SAEs' active features per token")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense-cache way (slow on wide SAEs)")
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak-memory run in a fresh process")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     try:
         if args.synthetic:
-            model_dir, sae_dirs, data = synthetic_assets(args.synthetic, work, args.d_sae, args.k)
+            model_dir, sae_dirs, data = synthetic_assets(args.synthetic, work)
             spec = DatasetSpec(data, tokens_column="ids")
+            args.goal = 0.6 if args.synthetic == "fast-proxy" else 0.85
         else:
             model_dir, sae_dirs, data = default_assets()
             spec = DatasetSpec(data)
+            args.goal = 0.85
         run(args, work, model_dir, sae_dirs, spec)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -114,23 +124,18 @@ def run(args, work: Path, model_dir: str, sae_dirs: list[str], spec: DatasetSpec
     device = worker.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    # The shards that hold the first --tokens tokens, and their windows for the other two ways.
-    shards, windows, n_tokens = [], [], 0
-    for shard in plan_shards(len(worker.dataset), args.shard_rows):
-        w = worker.windows(shard)
-        shards.append(shard)
-        windows.append(w)
-        n_tokens += w.n_tokens
-        if n_tokens >= args.tokens:
-            break
+    # The shards of the first --tokens tokens exactly (as --max-tokens plans them), and their windows.
+    lengths = row_lengths(worker.dataset, spec, worker.model.tokenizer, worker.model.cfg.d_vocab)
+    shards = plan_shards(lengths, args.context_size, job.prepend_bos, args.shard_tokens, args.tokens)
+    windows = [worker.windows(shard) for shard in shards]
+    n_tokens = sum(w.n_tokens for w in windows)
     batches = [
         (torch.from_numpy(w.tokens[i : i + args.batch_size, : int(w.lengths[i : i + args.batch_size].max())]),
          w.lengths[i : i + args.batch_size])
         for w in windows for i in range(0, len(w.lengths), args.batch_size)
     ]
-    model = load_model(model_dir, device)
-    saes = [load_sae(SAESource.parse(d), device=str(device)) for d in sae_dirs]
-    hooks = [s.cfg.metadata.hook_name for s in saes]
+    model, saes = worker.model, list(worker.saes.values())
+    hooks = list(worker.saes)
     stop = stop_layer(hooks)
 
     @torch.inference_mode()
@@ -141,9 +146,9 @@ def run(args, work: Path, model_dir: str, sae_dirs: list[str], spec: DatasetSpec
                 sae.encode(cache[hook])
         sync()
 
-    def ours() -> None:
-        for shard in shards:
-            worker.run_shard(shard)
+    def ours() -> None:  # as a Ray actor runs them: SHARDS_IN_FLIGHT calls at once
+        with ThreadPoolExecutor(SHARDS_IN_FLIGHT) as calls:
+            list(calls.map(worker.run_shard, shards))
         sync()
 
     dense_dir = work / "dense"
@@ -158,32 +163,118 @@ def run(args, work: Path, model_dir: str, sae_dirs: list[str], spec: DatasetSpec
             torch.save({h: cache[f"{h}.hook_sae_acts_post"].cpu() for h in hooks}, dense_dir / f"batch{i}.pt")
         sync()
 
-    StoreWriter(str(store)).begin({"bench": True}, {}, overwrite=True)
-    ways = {"bare limit": bare, "latentstore": ours, "dense cache": dense}
+    writer = StoreWriter(str(store))
+    writer.begin({"bench": True}, {}, overwrite=True)
+    ways = {"bare limit": bare, "latentstore": ours}
+    if not args.no_dense:
+        ways["dense cache"] = dense
     times: dict[str, list[float]] = {name: [] for name in ways}
     bare()  # warm up kernels and caches once
     for _ in range(args.repeats):
         for name, fn in ways.items():
             if name == "latentstore":
                 for shard in shards:
-                    StoreWriter(str(store)).delete_shard(shard.shard_id)
+                    writer.delete_shard(shard.shard_id)
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
 
-    nnz = sum(sum(m["nnz"].values()) for m in StoreWriter(str(store)).completed_shards().values())
-    store_bytes, dense_bytes = dir_bytes(store), dir_bytes(dense_dir)
+    markers = writer.completed_shards()
+    nnz = sum(sum(m["nnz"].values()) for m in markers.values())
+    store_bytes = dir_bytes(store)
     median = {name: statistics.median(t) for name, t in times.items()}
-    print(f"device {device}, {n_tokens:,} tokens, {len(saes)} SAEs (d_sae {saes[0].cfg.d_sae}), "
-          f"mean L0 {nnz / n_tokens / len(saes):.1f}, median of {args.repeats}")
+    print(f"device {device}, {n_tokens:,} tokens in {len(shards)} shards, {len(saes)} SAEs "
+          f"(d_sae {saes[0].cfg.d_sae}), mean L0 {nnz / n_tokens / len(saes):.1f}, median of {args.repeats}")
     print(f"{'way':<14}{'seconds':>10}{'tokens/s':>12}{'bytes':>16}")
     for name in ways:
-        size = {"latentstore": store_bytes, "dense cache": dense_bytes}.get(name)
+        size = {"latentstore": store_bytes, "dense cache": dir_bytes(dense_dir) if dense_dir.exists() else 0}.get(name)
         print(f"{name:<14}{median[name]:>10.2f}{n_tokens / median[name]:>12,.0f}{(f'{size:,}' if size else '-'):>16}")
-    print(f"latentstore / bare limit, tokens per second: {median['bare limit'] / median['latentstore']:.3f}  (goal >= 0.85)")
+    print(f"latentstore / bare limit, tokens per second: {median['bare limit'] / median['latentstore']:.3f}  "
+          f"(goal >= {args.goal})")
     print(f"bytes per stored nonzero (all arrays, bfloat16 values): {store_bytes / nnz:.3f}  (goal <= 3.0)")
-    print(f"dense cache / latentstore: time {median['dense cache'] / median['latentstore']:.2f}x, "
-          f"bytes {dense_bytes / store_bytes:.1f}x")
+    if "dense cache" in ways:
+        print(f"dense cache / latentstore: time {median['dense cache'] / median['latentstore']:.2f}x, "
+              f"bytes {dir_bytes(dense_dir) / store_bytes:.1f}x")
+
+    host = host_path(worker, shards, writer, args.repeats)
+    print(f"host path alone (statistics, compression, writes), nonzeros per second: one core "
+          f"{host[1] / 1e6:.1f} M, all {os.cpu_count()} cores {host[os.cpu_count()] / 1e6:.1f} M  (goal 8 M)")
+
+    build = index_build(writer, [markers[s.shard_id] for s in shards], [(h, s.cfg.d_sae) for h, s in worker.saes.items()])
+    print(f"feature-major index build: {build:.2f} s, {build / median['latentstore']:.2f} of the extraction it "
+          f"follows  (goal <= 0.30)")
+    if not args.no_rss:
+        print(f"worker peak resident memory over these shards: {peak_rss(job, shards, work) / 2**30:.2f} GiB")
+
+
+def host_path(worker: ExtractWorker, shards: list, writer: StoreWriter, repeats: int) -> dict[int, float]:
+    """Nonzeros per second of a shard's host side alone (ShardBuilder and write_shard) on pools of one
+    thread and of every core, over batches encoded beforehand."""
+    encoded, nnz = [], 0
+    for shard in shards:
+        w = worker.windows(shard)
+        parts = []
+        for i in range(0, len(w.lengths), worker.job.batch_size):
+            lengths = w.lengths[i : i + worker.job.batch_size]
+            tokens = torch.from_numpy(w.tokens[i : i + worker.job.batch_size, : int(lengths.max())]).to(worker.device)
+            parts.append(worker.encoder(tokens, torch.from_numpy(lengths).to(worker.device)))
+        encoded.append((shard, w, parts))
+        nnz += sum(len(b.wait().indices) for batch in parts for b in batch.values())
+    d_sae = {hook: sae.cfg.d_sae for hook, sae in worker.saes.items()}
+    rates = {}
+    for n_threads in sorted({1, os.cpu_count()}):
+        best = np.inf
+        with ThreadPoolExecutor(n_threads) as pool:
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for shard, w, parts in encoded:
+                    builder = ShardBuilder(pool, d_sae, worker.job.value_dtype, worker.job.top_k)
+                    for batch in parts:
+                        builder.add(batch)
+                    acts, stats = builder.finish(w.n_tokens)
+                    data = ShardData(shard.shard_id, shard.row_start, shard.row_stop, shard.token_limit,
+                                     w.flat_tokens(), w.rows, w.positions, acts, stats)
+                    writer.write_shard(data, worker.job.value_dtype, d_sae, worker.job.top_k, pool=pool)
+                best = min(best, time.perf_counter() - start)
+        rates[n_threads] = nnz / best
+    return rates
+
+
+def index_build(writer: StoreWriter, markers: list[dict], saes: list[tuple[str, int]]) -> float:
+    """Seconds to build the feature-major index of the bench store, in this process, part after part."""
+    from store import index
+
+    counts = {}
+    for hook, d_sae in saes:
+        merged = stats_mod.merge_shards(writer.location, markers, hook, d_sae, "bfloat16")
+        stats_mod.write_merged(writer.location, hook, merged, sum(m["n_tokens"] for m in markers))
+        counts[hook] = merged.count
+    start = time.perf_counter()
+    for hook, _ in saes:
+        parts, _ = index.begin(writer.location, hook, counts[hook], markers, "bfloat16")
+        for part in parts:
+            index.build_part(writer.location, hook, part, markers, "<u4")
+        index.finalize(writer.location, hook)
+    return time.perf_counter() - start
+
+
+def peak_rss(job: ExtractJob, shards: list, work: Path) -> int:
+    """The peak resident memory, in bytes, of a fresh process that loads a worker and runs the shards."""
+    import multiprocessing
+
+    job = replace(job, store=str(work / "rss.zarr"))
+    StoreWriter(job.store).begin({"bench": True}, {}, overwrite=True)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_run_and_measure, (job, shards))
+
+
+def _run_and_measure(job: ExtractJob, shards: list) -> int:
+    import resource
+
+    worker = ExtractWorker(job)
+    with ThreadPoolExecutor(SHARDS_IN_FLIGHT) as calls:
+        list(calls.map(worker.run_shard, shards))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 if __name__ == "__main__":

@@ -105,8 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU workers, even on a cluster with GPUs (default: GPUs if the cluster has them)")
     run.add_argument("--cpus-per-worker", type=float, help="CPU cores per CPU worker (default: share them all)")
     run.add_argument("--batch-size", type=_int, default=32, help="windows per forward pass (default: %(default)s)")
-    run.add_argument("--shard-rows", type=_int, default=64,
-                     help="dataset rows per shard, the unit of work and of resuming (default: %(default)s)")
+    from pipeline.dataset import DEFAULT_SHARD_TOKENS  # numpy only: --help stays quick
+
+    run.add_argument("--shard-tokens", type=_int, default=DEFAULT_SHARD_TOKENS,
+                     help="tokens per shard, the unit of work, of memory and of resuming; whole windows, so a long "
+                          "row spans several shards (default: %(default)s)")
     run.add_argument("--address", help="a Ray cluster to join (default: $RAY_ADDRESS, else start one here)")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -163,7 +166,7 @@ def extract_config(args: argparse.Namespace):
         context_size=args.context_size,
         max_tokens=args.max_tokens,
         batch_size=args.batch_size,
-        shard_rows=args.shard_rows,
+        shard_tokens=args.shard_tokens,
         prepend_bos=args.prepend_bos,
         value_dtype=args.value_dtype,
         top_k=args.top_k,

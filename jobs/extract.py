@@ -1,10 +1,10 @@
 """`latentstore extract`: validate, hand shards to Ray workers, report, finalize.
 
 The store holds the dataset's rows in order, window by window, up to
-``max_tokens`` tokens exactly. Shards are handed out in row order; once the
-completed prefix of shards reaches ``max_tokens``, no more are started, the
-boundary shard is redone with a token limit if it overshoots, and shards past it
-are dropped. So the result does not depend on the number of workers or on
+``max_tokens`` tokens exactly. Validation counts every row's tokens (up to
+``max_tokens``) and plans shards of about ``shard_tokens`` tokens each, whole
+windows, with the cut inside the last one; the plan depends on the data and the
+settings alone. So the result does not depend on the number of workers or on
 interruptions: a rerun skips complete shards and does the rest.
 """
 
@@ -14,13 +14,12 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
-from pipeline.dataset import (DatasetSpec, Shard, check_dataset, describe_dataset, open_dataset, plan_shards, rows_digest,
-                              token_row_problem)
-from pipeline.models import hook_names, hook_width, is_local_model, load_model_config
+from pipeline.dataset import (DEFAULT_SHARD_TOKENS, DatasetSpec, Shard, check_dataset, describe_dataset, open_dataset, plan_shards, row_lengths,
+                              rows_digest, token_row_problem)
+from pipeline.models import hook_names, hook_width, is_local_model, load_model_config, load_tokenizer
 from pipeline.saes import SAESource, read_sae_config
 from jobs.ray_session import call, connect, init_errors_on_call, worker_resources
 from pipeline.worker import SHARDS_IN_FLIGHT, ExtractJob, ExtractWorker
-from store import stats
 from store.errors import ConfigError, StoreWriteError, did_you_mean
 from store.format import VALUE_DTYPES
 from store.stats import DEFAULT_TOP_K
@@ -42,7 +41,7 @@ class ExtractConfig:
     context_size: int = 128
     max_tokens: int | None = None  # None: the whole dataset
     batch_size: int = 32  # windows per forward pass
-    shard_rows: int = 64  # dataset rows per shard (one store part, one unit of work)
+    shard_tokens: int = DEFAULT_SHARD_TOKENS  # tokens per shard (one store part, one unit of work), about
     prepend_bos: bool | None = None  # None: follow the SAEs' prepend_bos
     value_dtype: str = "bfloat16"
     top_k: int = DEFAULT_TOP_K  # top activations kept per feature in the statistics
@@ -67,6 +66,10 @@ class Plan:
     shards: list[Shard] = field(default_factory=list)
     prepend_bos: bool = True
 
+    @property
+    def n_tokens(self) -> int:
+        return sum(shard.n_tokens for shard in self.shards)
+
     def run_metadata(self, described: dict | None = None) -> dict:
         """The store's record of this run; two runs with equal records make equal stores."""
         cfg = self.config
@@ -90,7 +93,7 @@ class Plan:
             "context_size": cfg.context_size,
             "prepend_bos": self.prepend_bos,
             "max_tokens": cfg.max_tokens,
-            "shard_rows": cfg.shard_rows,
+            "shard_tokens": cfg.shard_tokens,
             "value_dtype": cfg.value_dtype,
             "top_k": cfg.top_k,
         }
@@ -113,7 +116,7 @@ def validate(cfg: ExtractConfig) -> Plan:
     """Check everything that can be checked without running the model; report all problems together."""
     problems: list[str] = []
     for name, value in [("--context-size", cfg.context_size), ("--batch-size", cfg.batch_size),
-                        ("--shard-rows", cfg.shard_rows), ("--max-tokens", cfg.max_tokens),
+                        ("--shard-tokens", cfg.shard_tokens), ("--max-tokens", cfg.max_tokens),
                         ("--workers", cfg.workers), ("--top-k", cfg.top_k)]:
         if value is not None and value <= 0:
             problems.append(f"{name} must be positive, got {value}.")
@@ -173,10 +176,12 @@ def validate(cfg: ExtractConfig) -> Plan:
         plan.dataset = describe_dataset(ds, cfg.dataset)
         if cfg.dataset.tokens_column and not dataset_problems:
             problems.extend(_check_token_sample(ds, cfg.dataset.tokens_column, model_cfg.d_vocab))
-        if cfg.shard_rows > 0:  # else reported above
-            plan.shards = plan_shards(len(ds), cfg.shard_rows)
     if problems:
         raise ConfigError(problems)
+    plan.shards = _plan_shards(cfg, ds, plan.prepend_bos, model_cfg.d_vocab)
+    if not plan.shards:  # rows of text that all tokenize to nothing
+        raise ConfigError(f"--dataset {cfg.dataset.name}: its rows make no tokens with this model's tokenizer "
+                          f"(column {cfg.dataset.column!r}): there is nothing to extract.")
     check_conflict(cfg.store, plan.run_metadata(), cfg.overwrite, only_shared=True, ignore=DATA_KEYS)
     return plan
 
@@ -260,7 +265,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
             for actor in actors:
                 ray.kill(actor)
         lease.check()
-        counts = _finalize(writer, plan, done)
+        counts = writer.complete(done, {sae.hook: sae.d_sae for sae in plan.saes}, cfg.value_dtype)
         if cfg.index:
             from jobs.index import run_index
 
@@ -268,18 +273,32 @@ def run_extract(cfg: ExtractConfig) -> dict:
         return counts
 
 
+def _plan_shards(cfg: ExtractConfig, ds, bos: bool, d_vocab: int) -> list[Shard]:
+    """Count every row's tokens (as far as --max-tokens needs) and cut the windows into shards."""
+    from tqdm.auto import tqdm
+
+    tokenizer = None if cfg.dataset.tokens_column else load_tokenizer(cfg.model)
+    with tqdm(total=len(ds), unit="row", unit_scale=True, desc="plan (counting tokens)",
+              disable=not cfg.progress, dynamic_ncols=True) as bar:
+        def counted():
+            for block in row_lengths(ds, cfg.dataset, tokenizer, d_vocab):
+                bar.update(len(block))
+                yield block
+
+        return plan_shards(counted(), cfg.context_size, bos, cfg.shard_tokens, cfg.max_tokens)
+
+
 def _rows_unchanged(plan: Plan):
     """For a rerun over edited data (a bad row fixed): whether a complete shard still holds exactly
-    what this run would write, i.e. it covers the same rows, uncut, and their content is unchanged."""
+    what this run would write, i.e. the same windows of the same rows, and their content is unchanged."""
     opened = []
 
     def keep(marker: dict) -> bool:
         shard_id = marker["shard_id"]
-        if shard_id >= len(plan.shards) or marker.get("token_limit") is not None or "rows_digest" not in marker:
+        if shard_id >= len(plan.shards) or not plan.shards[shard_id].is_written_by(marker) \
+                or "rows_digest" not in marker:
             return False
         shard = plan.shards[shard_id]
-        if (shard.row_start, shard.row_stop) != (marker["row_start"], marker["row_stop"]):
-            return False
         if not opened:
             opened.append(open_dataset(plan.config.dataset))
         rows = opened[0][shard.row_start : shard.row_stop][plan.config.dataset.column]
@@ -288,91 +307,30 @@ def _rows_unchanged(plan: Plan):
     return keep
 
 
-
-
-def prefix_cut(done: dict[int, dict], n_shards: int, max_tokens: int | None) -> tuple[int, int] | None:
-    """(last shard kept, tokens before it) once the completed prefix decides it, else None."""
-    total = 0
-    for shard_id in range(n_shards):
-        if shard_id not in done:
-            return None
-        before, total = total, total + done[shard_id]["n_tokens"]
-        if max_tokens is not None and total >= max_tokens:
-            return shard_id, before
-    return (n_shards - 1, total - done[n_shards - 1]["n_tokens"]) if n_shards else (-1, 0)
-
-
 def _schedule(ray, actors: list, plan: Plan, done: dict[int, dict]) -> dict[int, dict]:
+    """Run every planned shard not done yet; a complete shard of another plan (a crashed run's
+    leftovers past a cut) is written again. Returns the markers of the planned shards."""
     from tqdm.auto import tqdm
 
-    cfg = plan.config
-    n_shards = len(plan.shards)
+    done = {i: m for i, m in done.items() if i < len(plan.shards) and plan.shards[i].is_written_by(m)}
     pending = deque(s for s in plan.shards if s.shard_id not in done)
     idle, in_flight = list(actors) * SHARDS_IN_FLIGHT, {}  # an actor once per shard it may take
-    already = sum(m["n_tokens"] for m in done.values())
-    bar = tqdm(total=cfg.max_tokens, initial=min(already, cfg.max_tokens or already), unit="tok",
-               unit_scale=True, desc="extract", disable=not cfg.progress, dynamic_ncols=True)
-    bar.set_postfix_str(f"shards {len(done)}/{n_shards}")
-
-    def submit(shard: Shard, token_limit: int | None = None) -> None:
-        actor = idle.pop()
-        in_flight[actor.run_shard.remote(shard, token_limit)] = (actor, shard)
-
-    def bound(shard: Shard) -> int | None:
-        """The most tokens this shard can contribute: max_tokens less those known to come before it.
-        Only the shard where the cut falls can reach it, so no other shard's contents change."""
-        if cfg.max_tokens is None:
-            return None
-        return cfg.max_tokens - sum(m["n_tokens"] for i, m in done.items() if i < shard.shard_id)
-
-    def collect() -> None:
-        [ref], _ = ray.wait(list(in_flight), num_returns=1)
-        actor, shard = in_flight.pop(ref)
-        idle.append(actor)
-        marker = call(ray, ref, f"writing shard {shard.shard_id} (dataset rows {shard.row_start}-{shard.row_stop - 1})")
-        done[shard.shard_id] = marker
-        bar.update(min(marker["n_tokens"], (bar.total - bar.n) if bar.total else marker["n_tokens"]))
-        bar.set_postfix_str(f"shards {len(done)}/{n_shards}")
-
+    bar = tqdm(total=plan.n_tokens, initial=sum(m["n_tokens"] for m in done.values()), unit="tok",
+               unit_scale=True, desc="extract", disable=not plan.config.progress, dynamic_ncols=True)
+    bar.set_postfix_str(f"shards {len(done)}/{len(plan.shards)}")
     try:
-        while (cut := prefix_cut(done, n_shards, cfg.max_tokens)) is None:
+        while pending or in_flight:
             while idle and pending:
-                shard = pending.popleft()
-                if (limit := bound(shard)) is None or limit > 0:
-                    submit(shard, limit)
-            if not in_flight:  # cannot happen: the shards before a skipped one decide the cut first
-                raise RuntimeError("extract: no shard left to run, yet the --max-tokens cut is undecided")
-            collect()
-        while in_flight:  # shards past the cut finish but are dropped at finalize
-            collect()
-        last, before = cut
-        if last >= 0 and cfg.max_tokens is not None and before + done[last]["n_tokens"] > cfg.max_tokens:
-            submit(plan.shards[last], cfg.max_tokens - before)
-            collect()
+                actor, shard = idle.pop(), pending.popleft()
+                in_flight[actor.run_shard.remote(shard)] = (actor, shard)
+            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            actor, shard = in_flight.pop(ref)
+            idle.append(actor)
+            marker = call(ray, ref, f"writing shard {shard.shard_id} (dataset rows {shard.row_start}-{shard.row_stop - 1})",
+                          location=normalize(plan.config.store))
+            done[shard.shard_id] = marker
+            bar.update(marker["n_tokens"])
+            bar.set_postfix_str(f"shards {len(done)}/{len(plan.shards)}")
     finally:
         bar.close()
-    return {shard_id: m for shard_id, m in done.items() if shard_id <= last}
-
-
-def _finalize(writer: StoreWriter, plan: Plan, done: dict[int, dict]) -> dict:
-    for shard_id in writer.shard_ids() - done.keys():
-        writer.delete_shard(shard_id)  # past the max_tokens cut, or an attempt that died there
-    markers = [done[i] for i in sorted(done)]
-    counts = {
-        "n_tokens": sum(m["n_tokens"] for m in markers),
-        "n_shards": len(markers),
-        "nnz": {sae.hook: sum(m["nnz"][sae.hook] for m in markers) for sae in plan.saes},
-    }
-    for sae in plan.saes:
-        merged = stats.merge_shards(writer.location, markers, sae.hook, sae.d_sae, plan.config.value_dtype)
-        stats.write_merged(writer.location, sae.hook, merged, counts["n_tokens"])
-    writer.finalize([_shard_entry(m) for m in markers], counts)
-    return counts
-
-
-def _shard_entry(marker: dict) -> dict:
-    keys = ("shard_id", "row_start", "row_stop", "token_limit", "n_tokens", "nnz")
-    entry = {k: marker[k] for k in keys}
-    if "rows_digest" in marker:  # which rows the shard holds: an index built from other rows is stale
-        entry["rows_digest"] = marker["rows_digest"]
-    return entry
+    return done

@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -25,6 +25,11 @@ from store.format import BOS_POSITION
 # (.gz, .zst, ...) of these are read through fsspec's compression inference.
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4"}
+
+# Tokens per shard, chosen by measurement (docs/OPERATIONS.md): the host side keeps pace at any size
+# past a few batches; smaller shards spread a small run over more workers and bound a worker's memory,
+# larger ones shrink the per-shard statistics (top-K of every feature) beside the activations.
+DEFAULT_SHARD_TOKENS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -48,11 +53,22 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class Shard:
-    """A deterministic slice of the dataset's rows, written by one worker as one store part."""
+    """A deterministic run of consecutive windows, written by one worker as one store part: the
+    windows of rows ``[row_start, row_stop)`` from the ``window_start``-th on, ``n_windows`` of them.
+    A long row spans several shards (each of them reads it whole, but encodes only its windows)."""
 
     shard_id: int
     row_start: int
     row_stop: int
+    window_start: int = 0  # windows of these rows that an earlier shard holds
+    n_windows: int | None = None  # None: every window from window_start on
+    token_limit: int | None = None  # the tokens left before --max-tokens, where the cut falls in this shard
+    n_tokens: int | None = None  # what the plan counted
+
+    def is_written_by(self, marker: dict) -> bool:
+        """Whether a completion marker is this shard's: the same windows of the same rows, cut alike."""
+        plan = ("row_start", "row_stop", "window_start", "n_windows", "token_limit", "n_tokens")
+        return all(marker.get(key) == getattr(self, key) for key in plan)
 
 
 def local_builder(path: Path) -> str | None:
@@ -223,11 +239,52 @@ def rows_digest(rows: Sequence[Any]) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def plan_shards(n_rows: int, shard_rows: int) -> list[Shard]:
-    return [
-        Shard(i, start, min(start + shard_rows, n_rows))
-        for i, start in enumerate(range(0, n_rows, shard_rows))
-    ]
+def row_lengths(ds: Any, spec: DatasetSpec, tokenizer: Any, d_vocab: int,
+                block: int = 1024) -> Iterator[np.ndarray]:
+    """Each row's number of tokens, a block of rows at a time, in row order. Tokenizing checks every
+    row as the workers will (a bad row is named now, before any work)."""
+    for start in range(0, len(ds), block):
+        rows = ds[start : start + block][spec.column]
+        tokens = tokenize_rows(rows, range(start, start + len(rows)), tokenizer, spec.tokens_column is not None,
+                               d_vocab)
+        yield np.array([len(t) for t in tokens], dtype=np.int64)
+
+
+def plan_shards(lengths: Iterable[np.ndarray], context_size: int, bos: bool, shard_tokens: int,
+                max_tokens: int | None = None) -> list[Shard]:
+    """Cut the dataset's windows into shards of about ``shard_tokens`` tokens (whole windows: a shard
+    starts with the window that starts at or past each multiple of ``shard_tokens``), up to
+    ``max_tokens`` exactly. Depends only on the rows' token counts, never on the number of workers.
+    ``lengths`` is read only as far as ``max_tokens`` needs."""
+    step = context_size - bos
+    blocks, total = [], 0
+    for block in lengths:
+        blocks.append(block)
+        total += int(block.sum() + bos * (-(-block // step)).sum())
+        if max_tokens is not None and total >= max_tokens:
+            break
+    row_tokens = np.concatenate(blocks) if blocks else np.zeros(0, np.int64)
+    per_row = -(-row_tokens // step)  # windows of each row
+    row = np.repeat(np.arange(len(row_tokens)), per_row)  # each window's row, index in it, length and start
+    index = np.arange(len(row)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    length = np.minimum(step, row_tokens[row] - index * step) + bos
+    start = np.cumsum(length) - length
+    n_rows = len(row_tokens)
+    if max_tokens is not None and total > max_tokens:
+        kept = start < max_tokens
+        row, index, length, start = row[kept], index[kept], length[kept], start[kept]
+        n_rows = int(row[-1]) + 1 if len(row) else 0
+    firsts = np.flatnonzero(np.diff(start // shard_tokens, prepend=-1))  # each shard's first window
+    lasts = np.append(firsts[1:], len(row)) - 1
+    shards = []
+    for i, (a, b) in enumerate(zip(firsts, lasts)):
+        # rows between shards that make no window (empty rows) belong to the shard before them
+        row_stop = n_rows if i == len(firsts) - 1 else int(row[firsts[i + 1]]) + bool(index[firsts[i + 1]])
+        end = int(start[b] + length[b])
+        limit = max_tokens - int(start[a]) if max_tokens is not None and end > max_tokens else None
+        n_tokens = (end if limit is None else max_tokens) - int(start[a])
+        shards.append(Shard(i, int(row[a]) if i else 0, row_stop, int(index[a]), int(b - a + 1), limit, n_tokens))
+    return shards
 
 
 def tokenize_rows(rows: Sequence[Any], row_ids: Sequence[int], tokenizer: Any, pretokenized: bool,
@@ -302,17 +359,24 @@ class Windows:
 
 
 def make_windows(token_lists: Sequence[np.ndarray], row_ids: Sequence[int], context_size: int,
-                 bos_id: int | None, token_limit: int | None = None) -> Windows:
-    """Split each row into consecutive windows of ``context_size`` tokens (BOS first when given)."""
+                 bos_id: int | None, token_limit: int | None = None, first_window: int = 0,
+                 n_windows: int | None = None) -> Windows:
+    """Split each row into consecutive windows of ``context_size`` tokens (BOS first when given);
+    keep ``n_windows`` of them (all: None) from the ``first_window``-th on, and at most ``token_limit``
+    tokens."""
     step = context_size - (bos_id is not None)
     if step < 1:
         raise ConfigError(f"--context-size {context_size} leaves no room for text after the BOS token that starts "
                           "every window. Use --context-size 2 or more, or --no-prepend-bos.")
     windows, rows, positions = [], [], []
     budget = np.inf if token_limit is None else token_limit
+    skip, wanted = first_window, np.inf if n_windows is None else n_windows
     for row_id, tokens in zip(row_ids, token_lists):
-        for start in range(0, len(tokens), step):
-            if budget <= 0:
+        starts = range(0, len(tokens), step)
+        skipped = min(skip, len(starts))
+        skip -= skipped
+        for start in starts[skipped:]:
+            if budget <= 0 or len(windows) == wanted:
                 break
             body = tokens[start : start + step]
             pos = np.arange(start, start + len(body), dtype=np.int32)

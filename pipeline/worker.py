@@ -26,7 +26,7 @@ from pipeline.encode import SparseEncoder
 from pipeline.shard_builder import ShardBuilder, pool_size
 from pipeline.models import load_model, weights_hash
 from pipeline.saes import SAESource, load_sae
-from store.errors import ConfigError
+from store.errors import ConfigError, DataError
 from store.format import shard_path
 from store.location import open_root
 from store.stats import DEFAULT_TOP_K
@@ -124,9 +124,9 @@ class ExtractWorker:
             "vocab": None if tokenizer is None else tokenizer.batch_decode([[i] for i in range(self.model.cfg.d_vocab)]),
         }
 
-    def run_shard(self, shard: Shard, token_limit: int | None = None) -> dict:
+    def run_shard(self, shard: Shard) -> dict:
         """Encode and write one shard; returns its completion marker. Safe to call again."""
-        existing = self._existing_marker(shard, token_limit)
+        existing = self._existing_marker(shard)
         if existing is not None:  # a retried call whose first attempt finished
             return existing
         started = time.perf_counter()
@@ -134,7 +134,7 @@ class ExtractWorker:
         builder = ShardBuilder(self.host, d_sae, self.job.value_dtype, self.job.top_k)
         with self.device_lock:
             rows = self.dataset[shard.row_start : shard.row_stop][self.job.dataset.column]
-            windows = self._windows(rows, shard, token_limit)
+            windows = self._windows(rows, shard)
             for start in range(0, len(windows.lengths), self.job.batch_size):
                 stop = start + self.job.batch_size
                 lengths = windows.lengths[start:stop]
@@ -145,7 +145,9 @@ class ExtractWorker:
             shard_id=shard.shard_id,
             row_start=shard.row_start,
             row_stop=shard.row_stop,
-            token_limit=token_limit,
+            token_limit=shard.token_limit,
+            window_start=shard.window_start,
+            n_windows=shard.n_windows,
             token_ids=windows.flat_tokens(),
             rows=windows.rows,
             positions=windows.positions,
@@ -157,23 +159,32 @@ class ExtractWorker:
         log.info("shard %d: %d tokens in %.1fs", shard.shard_id, data.n_tokens, time.perf_counter() - started)
         return marker
 
-    def windows(self, shard: Shard, token_limit: int | None = None):
-        return self._windows(self.dataset[shard.row_start : shard.row_stop][self.job.dataset.column], shard,
-                             token_limit)
+    def windows(self, shard: Shard):
+        return self._windows(self.dataset[shard.row_start : shard.row_stop][self.job.dataset.column], shard)
 
-    def _windows(self, rows: list, shard: Shard, token_limit: int | None):
+    def _windows(self, rows: list, shard: Shard):
         row_ids = range(shard.row_start, shard.row_stop)
         tokens = tokenize_rows(
             rows, row_ids, self.model.tokenizer, self.job.dataset.tokens_column is not None, self.model.cfg.d_vocab
         )
-        return make_windows(tokens, row_ids, self.job.context_size, self.bos_id, token_limit)
+        windows = make_windows(tokens, row_ids, self.job.context_size, self.bos_id, shard.token_limit,
+                               shard.window_start, shard.n_windows)
+        planned, found = (shard.n_windows, shard.n_tokens), (len(windows.lengths), windows.n_tokens)
+        if shard.n_windows is not None and planned != found:
+            raise DataError(
+                f"shard {shard.shard_id} (dataset rows {shard.row_start}-{shard.row_stop - 1}): the plan counted "
+                f"{planned[0]} windows of {planned[1]} tokens there, this worker's tokenizer makes {found[0]} of "
+                f"{found[1]}. The driver and the workers must tokenize alike: give them the same tokenizer "
+                "(and the same transformers and tokenizers versions)."
+            )
+        return windows
 
-    def _existing_marker(self, shard: Shard, token_limit: int | None) -> dict | None:
+    def _existing_marker(self, shard: Shard) -> dict | None:
         try:
             group = open_root(self.writer.location, mode="r")[shard_path(shard.shard_id)]
         except KeyError:
             return None
         marker = read_marker(group)
-        if marker is not None and marker.get("token_limit") == token_limit:
+        if marker is not None and shard.is_written_by(marker):
             return marker
         return None

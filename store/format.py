@@ -10,7 +10,7 @@ import numpy as np
 
 from store.errors import FormatVersionError
 
-FORMAT_VERSION = "1.2"
+FORMAT_VERSION = "1.3"
 ATTRS_KEY = "latentstore"  # every latentstore attribute lives under this key
 
 STORE_ENCODING = "latentstore.store"

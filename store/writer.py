@@ -59,6 +59,8 @@ class ShardData:
     saes: dict[str, SparseActivations] = field(default_factory=dict)
     stats: dict[str, stats_mod.FeatureStats] = field(default_factory=dict)  # per SAE; computed when missing
     rows_digest: str | None = None  # of the dataset rows read (pipeline.dataset.rows_digest)
+    window_start: int = 0  # the rows' windows that earlier shards hold
+    n_windows: int | None = None  # the windows this shard holds (None: not planned by windows)
 
     @property
     def n_tokens(self) -> int:
@@ -291,6 +293,21 @@ class StoreWriter:
         if name in shards:
             del shards[name]
 
+    def complete(self, done: dict[int, dict], d_sae: dict[str, int], value_dtype: str) -> dict:
+        """Finish the store whose shards are ``done`` (markers by shard id): delete every other shard
+        group (past a cut, or an attempt that died there), merge the shards' statistics, and mark the
+        store complete. Returns its counts."""
+        for shard_id in self.shard_ids() - done.keys():
+            self.delete_shard(shard_id)
+        markers = [done[i] for i in sorted(done)]
+        counts = {"n_tokens": sum(m["n_tokens"] for m in markers), "n_shards": len(markers),
+                  "nnz": {hook: sum(m["nnz"][hook] for m in markers) for hook in d_sae}}
+        for hook, width in d_sae.items():
+            merged = stats_mod.merge_shards(self.location, markers, hook, width, value_dtype)
+            stats_mod.write_merged(self.location, hook, merged, counts["n_tokens"])
+        self.finalize([shard_entry(m) for m in markers], counts)
+        return counts
+
     def finalize(self, shards: list[dict], counts: dict) -> None:
         """Mark the store complete, listing its shards in order. Written last."""
         self._set_root(status=fmt.STATUS_COMPLETE, completed_at=now(), shards=shards, counts=counts)
@@ -349,6 +366,8 @@ class StoreWriter:
             "row_start": shard.row_start,
             "row_stop": shard.row_stop,
             "token_limit": shard.token_limit,
+            "window_start": shard.window_start,
+            "n_windows": shard.n_windows,
             "n_tokens": shard.n_tokens,
             "nnz": {hook: acts.nnz for hook, acts in shard.saes.items()},
             "checksums": checksums,
@@ -358,6 +377,13 @@ class StoreWriter:
             marker["rows_digest"] = shard.rows_digest
         group.create_group(fmt.MARKER_GROUP, attributes={fmt.ATTRS_KEY: marker})
         return marker
+
+
+def shard_entry(marker: dict) -> dict:
+    """A shard's entry in the complete root's shard list, from its completion marker."""
+    keys = ("shard_id", "row_start", "row_stop", "window_start", "n_windows", "token_limit", "n_tokens", "nnz",
+            "rows_digest")  # the rows' digest: an index built from other rows is stale
+    return {k: marker[k] for k in keys if k in marker}
 
 
 def _write_array(group: zarr.Group, name: str, data: np.ndarray, encoding: codecs.Encoding) -> str:

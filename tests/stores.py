@@ -26,7 +26,7 @@ def config(assets, store, **changes) -> ExtractConfig:
         store=str(store),
         context_size=16,
         batch_size=4,
-        shard_rows=5,
+        shard_tokens=384,
         workers=1,
         top_k=7,  # small, so that queries past a feature's top-K read the index or scan the shards
         progress=False,

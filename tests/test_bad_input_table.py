@@ -283,9 +283,7 @@ def _cli(*argv, before=None):
 # The shard size: dataset rows per shard, or (once shards are planned by tokens) tokens per shard.
 from jobs.extract import ExtractConfig  # noqa: E402
 
-SHARD_FIELD = "shard_rows" if "shard_rows" in ExtractConfig.__dataclass_fields__ else "shard_tokens"
-SHARD_FLAG = "--" + SHARD_FIELD.replace("_", "-")
-SMALL_SHARDS = (SHARD_FLAG, "5" if SHARD_FIELD == "shard_rows" else "256")  # several shards of the test data
+SMALL_SHARDS = ("--shard-tokens", "256")  # several shards of the test data
 
 # `latentstore extract` on the test model, SAE and data, into {tmp}/x.zarr unless told otherwise
 EXTRACT = ("extract", "--model", "{model}", "--sae", "{sae}", "--dataset", "{jsonl}", "--context-size", "16",
@@ -345,8 +343,8 @@ BAD_INPUTS = {
         _extract(dataset=lambda a, t: DatasetSpec(_jsonl(t, "blank.jsonl", [{"text": ""}] * 3))),
         ConfigError, r"every row of column 'text' is empty text \(3 rows\): there is nothing to extract\. "
                      r"Check that --text-column names"),
-    "extract: --shard-rows 0": (
-        _extract(**{SHARD_FIELD: 0}), ConfigError, rf"^{SHARD_FLAG} must be positive, got 0\.$"),
+    "extract: --shard-tokens 0": (
+        _extract(shard_tokens=0), ConfigError, r"^--shard-tokens must be positive, got 0\.$"),
     "extract: --context-size 1 leaves no room after BOS": (
         _extract(context_size=1), ConfigError,
         r"--context-size 1 leaves no room for text: every window starts with the BOS token\. "
@@ -436,8 +434,8 @@ BAD_INPUTS = {
     "cli: extract of an empty .jsonl file": (
         _cli(*EXTRACT[:5], "--dataset", "{tmp}/empty.jsonl", *EXTRACT[7:], "--store", "{tmp}/x.zarr",
              before=lambda a, t: _file(t, "empty.jsonl", b"")), SystemExit, r"2"),
-    "cli: extract with --shard-rows 0": (
-        _cli(*EXTRACT, SHARD_FLAG, "0", "--store", "{tmp}/x.zarr"), SystemExit, r"2"),
+    "cli: extract with --shard-tokens 0": (
+        _cli(*EXTRACT, "--shard-tokens", "0", "--store", "{tmp}/x.zarr"), SystemExit, r"2"),
     "cli: extract with --context-size 1": (
         _cli(*EXTRACT[:7], "--context-size", "1", *EXTRACT[9:], "--store", "{tmp}/x.zarr"), SystemExit, r"2"),
     "cli: extract of a dataset whose every row is empty": (
@@ -468,7 +466,7 @@ CLI_STDERR = {
     "cli: extract to a chained URL with credentials":
         "latentstore extract: error: the store URL simplecache::s3://***@bucket/x.zarr holds credentials",
     "cli: extract of an empty .jsonl file": "empty.jsonl is empty: there is nothing to extract.",
-    "cli: extract with --shard-rows 0": f"latentstore extract: error: {SHARD_FLAG} must be positive, got 0.",
+    "cli: extract with --shard-tokens 0": "latentstore extract: error: --shard-tokens must be positive, got 0.",
     "cli: extract with --context-size 1": "latentstore extract: error: --context-size 1 leaves no room for text",
     "cli: extract of a dataset whose every row is empty": "every row of column 'text' is empty text (4 rows)",
     "cli: extract to an empty read-only mount point": "/ro is on a read-only file system. Choose a path on a writable",

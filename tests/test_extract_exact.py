@@ -49,7 +49,7 @@ def test_store_equals_run_with_cache_with_saes(assets, ray_cluster, tmp_path, va
         store=str(tmp_path / "s.zarr"),
         context_size=16,
         batch_size=5,
-        shard_rows=8,
+        shard_tokens=800,
         value_dtype=value_dtype,
         workers=2,
         progress=False,

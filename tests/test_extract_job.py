@@ -72,7 +72,7 @@ def test_killed_driver_then_rerun_gives_identical_store(assets, reference_store,
     argv = [sys.executable, "-m", "jobs.cli", "extract", "--model", str(assets["model_dir"]),
             *[a for d in assets["sae_dirs"].values() for a in ("--sae", str(d))],
             "--dataset", str(assets["jsonl"]), "--store", str(store), "--context-size", "16",
-            "--batch-size", str(config(assets, store).batch_size), "--shard-rows", "5", "--top-k", "7", "--workers", "1", "--address", address,
+            "--batch-size", str(config(assets, store).batch_size), "--shard-tokens", "384", "--top-k", "7", "--workers", "1", "--address", address,
             "--no-progress"]
     proc = subprocess.Popen(argv, cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240

@@ -47,32 +47,32 @@ class FaultyWorker(ExtractWorker):
     target_shard: int = -1
     stop_after: int = 4  # token_ids, row, pos, then the first SAE's indptr
 
-    def run_shard(self, shard, token_limit=None):
+    def run_shard(self, shard):
         import ray
         import store.writer as writer_module
+        from store.format import shard_path
 
         flag = os.path.join(self.fault_dir, "stopped.json")
-        original = writer_module._write_array
         if shard.shard_id == self.target_shard and not os.path.exists(flag):
-            calls = []
+            # The worker writes a shard's arrays on threads while another shard may be under way:
+            # only the target shard's writes are counted, and the patch stays (this process dies).
+            real, torn, calls = writer_module._write_array, shard_path(shard.shard_id), []
 
-            def stop_part_way(*args, **kwargs):
-                calls.append(1)
-                if len(calls) == self.stop_after:
-                    info = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                            "shard_id": shard.shard_id}
-                    with open(flag + ".tmp", "w") as f:
-                        json.dump(info, f)
-                    os.replace(flag + ".tmp", flag)
-                    while True:  # until the fault takes this process away
-                        time.sleep(0.5)
-                return original(*args, **kwargs)
+            def stop_part_way(group, *args, **kwargs):
+                if group.path.startswith(torn):
+                    calls.append(1)
+                    if len(calls) == self.stop_after:
+                        info = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                                "shard_id": shard.shard_id}
+                        with open(flag + ".tmp", "w") as f:
+                            json.dump(info, f)
+                        os.replace(flag + ".tmp", flag)
+                        while True:  # until the fault takes this process away
+                            time.sleep(0.5)
+                return real(group, *args, **kwargs)
 
             writer_module._write_array = stop_part_way
-        try:
-            marker = super().run_shard(shard, token_limit)
-        finally:
-            writer_module._write_array = original
+        marker = super().run_shard(shard)
         with open(os.path.join(self.fault_dir, "completed.jsonl"), "a") as f:
             f.write(json.dumps({"shard_id": shard.shard_id, "pid": os.getpid(),
                                 "node_id": ray.get_runtime_context().get_node_id()}) + "\n")
@@ -118,7 +118,8 @@ def _driver(config_path: str) -> None:
         if scenario.get("remove_node"):
             threading.Thread(target=remove_node_on_request, daemon=True).start()
         cfg = ExtractConfig(model=spec["model"], saes=tuple(spec["saes"]), dataset=DatasetSpec(spec["dataset"]),
-                            store=scenario["store"], context_size=16, batch_size=4, shard_rows=5, workers=2,
+                            store=scenario["store"], context_size=16, batch_size=4, shard_tokens=384, workers=2,
+                            max_tokens=spec["max_tokens"],
                             use_gpu=True, cpus_per_worker=1, progress=False, index=False)
         started = time.time()
         counts = run_extract(cfg)
@@ -184,20 +185,19 @@ class ConsistentReader:
 
 @pytest.mark.slow
 def test_killed_worker_and_removed_node_on_a_real_cluster(assets, reference_store, tmp_path):
-    """One cluster, two runs over the first 20 rows (4 shards): a worker SIGKILLed in the middle of
-    writing a shard; the node under a worker removed in the middle of a shard. Both finish by
-    themselves with the tokens and activations of an uninterrupted run (the session's store, whose
-    first 4 shards hold the same rows): no token lost or written twice."""
+    """One cluster, two runs over the tokens of the session store's first 4 shards (--max-tokens
+    plans exactly those shards): a worker SIGKILLed in the middle of writing a shard; the node under
+    a worker removed in the middle of a shard. Both finish by themselves with the tokens and
+    activations of an uninterrupted run: no token lost or written twice."""
     scenarios = [
         {"name": "kill", "store": str(tmp_path / "kill.zarr"), "fault_dir": str(tmp_path / "f-kill"),
          "target_shard": 2},
         {"name": "node", "store": str(tmp_path / "node.zarr"), "fault_dir": str(tmp_path / "f-node"),
          "target_shard": 1, "remove_node": True},
     ]
-    data = tmp_path / "rows.jsonl"  # 20 rows: 4 shards of 5 rows
-    data.write_text("".join(assets["jsonl"].read_text().splitlines(keepends=True)[:20]))
     spec = {"model": str(assets["model_dir"]), "saes": [str(d) for d in assets["sae_dirs"].values()],
-            "dataset": str(data), "scenarios": scenarios}
+            "dataset": str(assets["jsonl"]), "scenarios": scenarios,
+            "max_tokens": sum(s.n_tokens for s in reference_store.shards[:4])}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     # Its own Ray temp dir (short: socket paths have a length limit), so that no other ray.init on
     # this machine finds this cluster through /tmp/ray/ray_current_cluster, nor it theirs.
@@ -266,38 +266,33 @@ def _save_rows(path: Path, rows: list) -> None:
 
 
 @pytest.mark.ray
-def test_rerun_after_fixing_a_bad_row_keeps_the_shards_before_it(assets, tmp_path, ray_cluster, caplog):
-    """A worker fails on one bad row, and the error names its shard and row; the user fixes that
-    row and reruns the same command. The shards completed before the failure are kept (not recomputed), the rest is done, and the store
-    equals a fresh run over the fixed data. Editing a row of a complete shard later redoes only it,
-    and rebuilds the index, though the store holds as many tokens as before."""
+def test_rerun_after_editing_rows_redoes_only_their_shards(assets, tmp_path, ray_cluster, caplog):
+    """A bad row is named before any work (the plan tokenizes every row), and no store is started.
+    Once the data is fixed, the run completes; editing a row of a complete shard later, with as many
+    tokens, redoes only that shard, and rebuilds the index, though the store holds as many tokens."""
     rows = [[1, 2, 3]] * 120 + [[1, 99, 2]] + [[4, 5]] * 9  # row 120: outside the vocabulary
     data, store = tmp_path / "rows", tmp_path / "s.zarr"
     _save_rows(data, rows)
-    cfg = config(assets, store, dataset=DatasetSpec(str(data), tokens_column="ids"), shard_rows=50)
-    with pytest.raises(DataError, match=r"dataset row 120: token id 99 is outside") as err:
-        run_extract(cfg)  # row 120 is past the driver's look at the first 100 rows: a worker finds it
-    assert "shard 2 (dataset rows 100-129)" in "".join(getattr(err.value, "__notes__", []))
-    partial = FeatureStore.open(str(store))
-    assert not partial.complete and {s.shard_id for s in partial.shards} == {0, 1}  # one worker, in order
-    before = _markers(store)
-    assert set(before) == {0, 1}
+    cfg = config(assets, store, dataset=DatasetSpec(str(data), tokens_column="ids"), shard_tokens=150)
+    with pytest.raises(DataError, match=r"dataset row 120: token id 99 is outside"):
+        run_extract(cfg)  # row 120 is past the driver's look at the first 100 rows: the plan finds it
+    assert not store.exists()
 
     rows[120] = [1, 9, 2]  # the fix
+    _save_rows(data, rows)
+    run_extract(cfg)
+    after = _markers(store)
+    assert set(after) == {0, 1, 2}
+    fs = FeatureStore.open(str(store))
+    assert fs.complete and fs.n_tokens == sum(map(len, rows))
+    np.testing.assert_array_equal(fs.token_ids(), np.concatenate(rows))
+
+    rows[3] = [7, 7, 7]  # an edit inside shard 0, of as many tokens: only shard 0 is redone
     _save_rows(data, rows)
     with caplog.at_level("WARNING", logger="store.writer"):
         run_extract(cfg)
     assert "the dataset changed since this store was written" in caplog.text
-    assert "Kept 2 complete shards whose rows are unchanged; 0 will be redone" in caplog.text
-    after = _markers(store)
-    assert all(after[i] == before[i] for i in (0, 1))  # kept as they were: same write times, checksums
-    fs = FeatureStore.open(str(store))
-    assert fs.complete and fs.run["dataset"]["fingerprint"] != "" and fs.n_tokens == sum(map(len, rows))
-    np.testing.assert_array_equal(fs.token_ids(), np.concatenate(rows))
-
-    rows[3] = [7, 7, 7]  # a later edit inside shard 0, of as many tokens: only shard 0 is redone
-    _save_rows(data, rows)
-    run_extract(cfg)
+    assert "Kept 2 complete shards whose rows are unchanged; 1 will be redone" in caplog.text
     again = _markers(store)
     assert again[0]["written_at"] != after[0]["written_at"] or again[0]["checksums"] != after[0]["checksums"]
     assert again[1] == after[1] and again[2] == after[2]
@@ -320,10 +315,11 @@ def test_markers_without_a_row_digest_are_not_kept_when_data_changes(assets, tmp
     data = tmp_path / "rows"
     _save_rows(data, [[1, 2, 3]] * 20)
     plan = validate(config(assets, tmp_path / "s.zarr", dataset=DatasetSpec(str(data), tokens_column="ids"),
-                           shard_rows=10))
+                           shard_tokens=30))
     keep = _rows_unchanged(plan)
     digest = rows_digest(open_dataset(plan.config.dataset)[0:10]["ids"])
-    marker = {"shard_id": 0, "row_start": 0, "row_stop": 10, "token_limit": None}
+    marker = {"shard_id": 0, "row_start": 0, "row_stop": 10, "window_start": 0, "n_windows": 10,
+              "token_limit": None, "n_tokens": 30}
     assert keep({**marker, "rows_digest": digest})
     assert not keep(marker)  # no digest: redone
     assert not keep({**marker, "rows_digest": digest, "token_limit": 5})  # a max-tokens cut: redone

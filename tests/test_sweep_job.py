@@ -38,7 +38,7 @@ def store(assets, ray_cluster, tmp_path_factory):
                             for _ in range(14)))
     cfg = ExtractConfig(model=str(assets["model_dir"]), saes=(str(assets["sae_dirs"][HOOK]),),
                         dataset=DatasetSpec(str(data)), store=str(root / "s.zarr"), context_size=16,
-                        shard_rows=5, value_dtype="float32", workers=1, progress=False)
+                        shard_tokens=384, value_dtype="float32", workers=1, progress=False)
     run_extract(cfg)
     return cfg.store
 

@@ -286,7 +286,7 @@ def test_readers_and_verify_during_a_write_see_a_consistent_store_or_in_progress
     """Fault injection by timing: shards, then the merged statistics and the root, then the index,
     are written by a thread while readers open the store, read it and verify it, over and over.
     Every read is a prefix of the finished store; verify says OK or in progress, never damaged."""
-    from jobs.extract import _shard_entry
+    from store.writer import shard_entry
     from store import index as index_mod, stats as stats_mod
     from store.writer import StoreWriter
     from tests.stores import assert_prefix_of, assert_same_store
@@ -310,8 +310,8 @@ def test_readers_and_verify_during_a_write_see_a_consistent_store_or_in_progress
             for hook in reference.hooks:
                 merged = stats_mod.merge_shards(writer.location, markers, hook, d_sae[hook], run["value_dtype"])
                 stats_mod.write_merged(writer.location, hook, merged, counts["n_tokens"])
-            writer.finalize([_shard_entry(m) for m in markers], counts)
-            entries = [_shard_entry(m) for m in markers]
+            writer.finalize([shard_entry(m) for m in markers], counts)
+            entries = [shard_entry(m) for m in markers]
             for hook in reference.hooks:
                 parts, _ = index_mod.begin(writer.location, hook, reference.stats(hook).count, entries,
                                            run["value_dtype"], min_parts=3)
