@@ -26,21 +26,28 @@ from tests.stores import assert_same_store, config
 pytestmark = pytest.mark.ray
 
 
-def test_two_workers_equal_one(assets, reference_store, tmp_path):
-    cfg = config(assets, tmp_path / "two.zarr", workers=2)
+@pytest.mark.parametrize("workers", [2, 3])
+def test_more_workers_equal_one(assets, reference_store, tmp_path, workers):
+    """The plan depends on the data alone: the same shards, the same store, for 1, 2 or 3 workers."""
+    cfg = config(assets, tmp_path / "many.zarr", workers=workers)
     run_extract(cfg)
-    assert_same_store(FeatureStore.open(cfg.store), reference_store)
+    fs = FeatureStore.open(cfg.store)
+    assert_same_store(fs, reference_store)
+    assert fs.attrs["shards"] == reference_store.attrs["shards"]
 
 
 def test_max_tokens_is_exact_and_a_prefix(assets, reference_store, tmp_path):
-    # two workers: shards past the cut may be finished by the other worker before the cut is known
-    cfg = config(assets, tmp_path / "cut.zarr", workers=2, max_tokens=301)
+    cut = 1001  # inside a row, in the third shard
+    row = reference_store.provenance(cut - 1, cut + 1)["row"].to_numpy()
+    assert row[0] == row[1]
+    cfg = config(assets, tmp_path / "cut.zarr", workers=2, max_tokens=cut)
     counts = run_extract(cfg)
     fs = FeatureStore.open(cfg.store)
-    assert counts["n_tokens"] == fs.n_tokens == 301
-    np.testing.assert_array_equal(fs.token_ids(), reference_store.token_ids(0, 301))
+    assert counts["n_tokens"] == fs.n_tokens == cut and len(fs.shards) == 3
+    np.testing.assert_array_equal(fs.token_ids(), reference_store.token_ids(0, cut))
+    assert fs.provenance().equals(reference_store.provenance(0, cut))
     for hook in fs.hooks:
-        assert (fs.csr(hook) != reference_store.csr(hook, 0, 301)).nnz == 0
+        assert (fs.csr(hook) != reference_store.csr(hook, 0, cut)).nnz == 0
     # shards past the cut are gone from the store, not just unlisted
     assert StoreWriter(cfg.store).shard_ids() == {s.shard_id for s in fs.shards}
 
