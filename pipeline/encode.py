@@ -71,10 +71,13 @@ class SparseEncoder:
 
         def encode_at(hook_name: str, sae):
             def hook(activation: torch.Tensor, hook) -> None:
-                features = sae.encode(activation.to(sae.dtype))[valid]  # [n_tokens, d_sae]
+                # real tokens only, before encoding: padding is never encoded, and nothing dense is copied
+                features = sae.encode(activation[valid].to(sae.dtype))  # [n_tokens, d_sae]
                 active = features != 0
-                # row-major, so features ascend within each token; only these leave the device
-                found[hook_name] = (active.sum(1), active.nonzero()[:, 1].to(self._index_dtypes[hook_name]),
+                token, feature = active.nonzero().unbind(1)  # row-major: features ascend within each token
+                # only these leave the device
+                found[hook_name] = (torch.bincount(token, minlength=features.shape[0]),
+                                    feature.to(self._index_dtypes[hook_name]),
                                     to_storage(features[active], self.value_dtype))
 
             return hook
