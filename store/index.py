@@ -88,13 +88,12 @@ def build_part(location: str, hook: str, part: Part, shards: list[dict], token_d
     for shard in shards:
         base = f"{fmt.shard_path(shard['shard_id'])}/{fmt.SAES_GROUP}/{hook}/"
         indices = root[base + fmt.INDICES][:]
-        mask = (indices >= part.start) & (indices < part.stop)
-        if mask.any():
+        at = np.flatnonzero((indices >= part.start) & (indices < part.stop))
+        if len(at):
             indptr = root[base + fmt.INDPTR][:]
-            local = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
-            tokens.append(local[mask] + offset)
-            features.append(indices[mask])
-            stored.append(root[base + fmt.VALUES][:][mask])
+            tokens.append(np.searchsorted(indptr, at, side="right") - 1 + offset)  # the token of each entry
+            features.append(indices[at])
+            stored.append(root[base + fmt.VALUES][:][at])
         offset += shard["n_tokens"]
     group = open_root(location, mode="a")[f"{fmt.INDEX_GROUP}/{hook}"]
     value_dtype = group.attrs[fmt.ATTRS_KEY]["value_dtype"]

@@ -68,7 +68,8 @@ def sort_stored_by_feature_then_value(features: np.ndarray, stored: np.ndarray, 
     if stored.dtype.itemsize != 2 or (len(features) and features.max() - offset >= 1 << 16):
         return sort_by_feature_then_value(features, fmt.decode_values(stored, value_dtype))
     bits = stored.view(np.uint16)
-    descending = ~np.where(bits & 0x8000, ~bits, bits | 0x8000).astype(np.uint16)
+    # sign and magnitude to one descending key: a positive value's magnitude bits flip, a negative's stay
+    descending = bits ^ (((bits >> 15) - np.uint16(1)) & np.uint16(0x7FFF))
     by_value = np.argsort(descending, kind="stable")
     return by_value[np.argsort((features - offset).astype(np.uint16)[by_value], kind="stable")]
 
@@ -122,15 +123,14 @@ class Accumulator:
     """One SAE's statistics over consecutive batches of tokens, fed in token order as they are encoded.
 
     ``result()`` equals ``compute`` over all the batches at once (sums up to float64 rounding), at a
-    fraction of its cost: count, sums and histogram are added per batch, and only the entries that
-    can still reach a feature's top-K are kept and sorted. An entry cannot when its histogram bin is
-    below the highest bin with K entries at or above it, or when it does not beat the K-th best value
-    already kept (a later token loses a tie)."""
+    fraction of its cost: sums and histogram are added per batch (a feature's count is its histogram's
+    total), and only the entries that can still reach a feature's top-K are kept and sorted. An entry
+    cannot when its histogram bin is below the highest bin with K entries at or above it, or when it
+    does not beat the K-th best value already kept (a later token loses a tie)."""
 
     def __init__(self, d_sae: int, value_dtype: str, top_k: int = DEFAULT_TOP_K):
         self.d_sae, self.value_dtype, self.top_k = d_sae, value_dtype, top_k
         self.n_tokens = 0
-        self.count = np.zeros(d_sae, np.int64)
         self.sum = np.zeros(d_sae)
         self.sum_sq = np.zeros(d_sae)
         self.hist = np.zeros((d_sae, N_BINS), np.int64)
@@ -148,7 +148,6 @@ class Accumulator:
             values = fmt.decode_values(stored, self.value_dtype)
             bins = (np.searchsorted(HIST_EDGES, values, side="right") - 1 if self._bins is None
                     else self._bins[stored.view(np.uint16)])
-            self.count += np.bincount(features, minlength=d_sae)
             v64 = values.astype(np.float64)
             self.sum += np.bincount(features, weights=v64, minlength=d_sae)
             self.sum_sq += np.bincount(features, weights=v64 * v64, minlength=d_sae)
@@ -184,7 +183,7 @@ class Accumulator:
     def result(self) -> FeatureStats:
         features, values, tokens, rank = self._compact()
         stats = FeatureStats(
-            count=self.count.copy(), sum=self.sum.copy(), sum_sq=self.sum_sq.copy(),
+            count=self.hist.sum(axis=1), sum=self.sum.copy(), sum_sq=self.sum_sq.copy(),
             max=np.zeros(self.d_sae, np.float32),
             top_value=np.full((self.d_sae, self.top_k), np.nan, np.float32),
             top_token=np.full((self.d_sae, self.top_k), -1, np.int64),
