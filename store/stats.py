@@ -136,7 +136,7 @@ class Accumulator:
         self.hist = np.zeros((d_sae, N_BINS), np.int64)
         self._bins = _bin_table(value_dtype)
         self._kth = np.full(d_sae, -np.inf, np.float32)  # what an entry must beat to enter a full top-K
-        self._kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # candidates (feature, value, token)
+        self._kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # candidates (feature, stored, token)
         self._n_kept = self._compacted = 0
 
     def add(self, counts: np.ndarray, indices: np.ndarray, stored: np.ndarray) -> None:
@@ -157,7 +157,7 @@ class Accumulator:
             floor = (at_or_above >= self.top_k).sum(axis=1) - 1
             keep = np.flatnonzero((bins >= floor[features]) & (values > self._kth[features]))
             tokens = np.searchsorted(np.cumsum(counts), keep, side="right") + self.n_tokens
-            self._kept.append((features[keep], values[keep], tokens))
+            self._kept.append((features[keep], stored[keep], tokens))
             self._n_kept += len(keep)
             if self._n_kept > max(1 << 18, 2 * self._compacted):
                 self._compact()
@@ -166,22 +166,22 @@ class Accumulator:
     def _compact(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Keep each feature's K best candidates (earlier token first on ties); returns them grouped by
         feature, best first, with each one's rank."""
-        features, values, tokens = (np.concatenate(parts) for parts in zip(*self._kept)) if self._kept else \
-            (np.zeros(0, np.intp), np.zeros(0, np.float32), np.zeros(0, np.int64))
-        order = sort_by_feature_then_value(features, values)  # stable: candidates are in token order
-        features, values, tokens = features[order], values[order], tokens[order]
+        features, stored, tokens = (np.concatenate(parts) for parts in zip(*self._kept)) if self._kept else \
+            (np.zeros(0, np.intp), np.zeros(0, fmt.storage_dtype(self.value_dtype)), np.zeros(0, np.int64))
+        order = sort_stored_by_feature_then_value(features, stored, self.value_dtype)  # stable: in token order
+        features, stored, tokens = features[order], stored[order], tokens[order]
         runs = np.bincount(features, minlength=self.d_sae)
         rank = np.arange(len(features)) - np.repeat(np.cumsum(runs) - runs, runs)
         best = rank < self.top_k
-        features, values, tokens, rank = features[best], values[best], tokens[best], rank[best]
+        features, stored, tokens, rank = features[best], stored[best], tokens[best], rank[best]
         full = rank == self.top_k - 1
-        self._kth[features[full]] = values[full]
-        self._kept, self._n_kept = [(features, values, tokens)], len(features)
+        self._kth[features[full]] = fmt.decode_values(stored[full], self.value_dtype)
+        self._kept, self._n_kept = [(features, stored, tokens)], len(features)
         self._compacted = self._n_kept
-        return features, values, tokens, rank
+        return features, stored, tokens, rank
 
     def result(self) -> FeatureStats:
-        features, values, tokens, rank = self._compact()
+        features, stored, tokens, rank = self._compact()
         stats = FeatureStats(
             count=self.hist.sum(axis=1), sum=self.sum.copy(), sum_sq=self.sum_sq.copy(),
             max=np.zeros(self.d_sae, np.float32),
@@ -189,7 +189,7 @@ class Accumulator:
             top_token=np.full((self.d_sae, self.top_k), -1, np.int64),
             hist=self.hist.copy(),
         )
-        stats.top_value[features, rank] = values
+        stats.top_value[features, rank] = fmt.decode_values(stored, self.value_dtype)
         stats.top_token[features, rank] = tokens
         fired = stats.count > 0
         stats.max[fired] = stats.top_value[fired, 0]
