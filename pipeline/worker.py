@@ -30,7 +30,8 @@ from store.errors import ConfigError, DataError
 from store.format import shard_path
 from store.location import open_root
 from store.stats import DEFAULT_TOP_K
-from store.writer import ShardData, StoreWriter, read_marker
+from store.elements import read_marker
+from store.writer import ShardData, StoreWriter
 
 log = logging.getLogger(__name__)
 

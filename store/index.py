@@ -18,6 +18,7 @@ import numpy as np
 import zarr
 
 from store import checked, codecs, format as fmt
+from store.elements import read_marker, write_marker
 from store.location import open_root
 from store.stats import sort_stored_by_feature_then_value
 from store.writer import now
@@ -112,13 +113,12 @@ def build_part(location: str, hook: str, part: Part, shards: list[dict], token_d
                          compressors=codecs.VALUES.compressors(), fill_value=0)
         if len(data):
             sub[key][:] = data
-    marker = {**fmt.encoding(fmt.MARKER_ENCODING), "part_id": part.part_id, "start": part.start,
+    marker = {"part_id": part.part_id, "start": part.start,
               "stop": part.stop, "nnz": int(len(token)), "written_at": now(),
               "checksums": {key: checked.checksum(data) for key, data in arrays.items()},
               "checksum_block": CHUNK,
               "chunk_checksums": {key: checked.block_checksums(data, CHUNK) for key, data in arrays.items()}}
-    sub.create_group(fmt.MARKER_GROUP, attributes={fmt.ATTRS_KEY: marker})
-    return marker
+    return write_marker(sub, marker)
 
 
 def finalize(location: str, hook: str) -> None:
@@ -129,8 +129,8 @@ def finalize(location: str, hook: str) -> None:
 
 def _marker(group: zarr.Group, part_id: int) -> dict | None:
     try:
-        return group[f"{fmt.PARTS_GROUP}/{part_id}/{fmt.MARKER_GROUP}"].attrs.asdict().get(fmt.ATTRS_KEY)
-    except (KeyError, ValueError):
+        return read_marker(group[f"{fmt.PARTS_GROUP}/{part_id}"])
+    except KeyError:
         return None
 
 

@@ -21,7 +21,7 @@ from store.location import normalize, open_root
 from store import index as index_mod
 from store import stats as stats_mod
 from store.queries import Queries
-from store.writer import complete_markers, has_shard_markers, read_marker, read_root_attrs
+from store.elements import complete_markers, has_shard_markers, read_marker, read_root_attrs
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from store import codecs, format as fmt
 from store.errors import ConfigError, StoreConflictError, StoreIncompleteError, StoreNotFoundError, did_you_mean
 from store.location import normalize, open_root, subgroup_names
 from store.checked import checksum, read_whole
-from store.writer import canonical, complete_markers, diff_runs, now, read_marker
+from store.elements import complete_markers, read_marker, write_marker
+from store.writer import canonical, diff_runs, now
 
 SWEEPS_GROUP = "sweeps"
 PARTS_GROUP = "parts"
@@ -148,10 +149,8 @@ class SweepWriter:
         if part.attribution is not None:
             columns["attribution"] = part.attribution
         checksums = {key: _write_column(group, key, values) for key, values in columns.items()}
-        marker = {**fmt.encoding(fmt.MARKER_ENCODING), "part_id": part.part_id, "n_lines": len(part.prompt),
-                  "checksums": checksums, "written_at": now()}
-        group.create_group(fmt.MARKER_GROUP, attributes={fmt.ATTRS_KEY: marker})
-        return marker
+        return write_marker(group, {"part_id": part.part_id, "n_lines": len(part.prompt), "checksums": checksums,
+                                    "written_at": now()})
 
     def finalize(self, counts: dict) -> None:
         """Mark the sweep complete. Written last."""

@@ -20,10 +20,10 @@ import zarr
 
 from store import codecs, format as fmt
 from store import stats as stats_mod
-from store.checked import ROOT_METADATA, checksum, corrupt
+from store.checked import checksum
+from store.elements import complete_markers, has_shard_markers, read_root_attrs, write_marker
 from store.errors import StoreConflictError, StoreCorruptError
-from store.location import (check_writable, has_content, is_url, normalize, open_root, open_zarr_store,
-                            subgroup_names)
+from store.location import check_writable, has_content, normalize, open_root, open_zarr_store, subgroup_names
 
 log = logging.getLogger(__name__)
 
@@ -107,22 +107,6 @@ def _short(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def read_root_attrs(location: str) -> dict | None:
-    """The latentstore attributes of the store at ``location``, or None if there is no root there.
-    A root whose metadata cannot be read (a torn upload, a hand edit) raises StoreCorruptError,
-    naming it and the repair: rerunning the extraction rebuilds it (``StoreWriter.begin``)."""
-    try:
-        root = open_root(location, mode="r")
-        attrs = root.attrs.asdict().get(fmt.ATTRS_KEY)
-    except FileNotFoundError:
-        return None
-    except (ValueError, UnicodeDecodeError) as e:  # JSON cut short or garbled: zarr raises several types
-        raise corrupt(location, ROOT_METADATA, f"it cannot be parsed ({type(e).__name__}: {e})") from None
-    if attrs is not None:
-        fmt.check_version(attrs, fmt.STORE_ENCODING, f"store {location}")
-    return attrs
-
-
 def check_conflict(location: str, run: dict, overwrite: bool, only_shared: bool = False,
                    ignore: tuple[str, ...] = ()) -> dict | None:
     """Refuse to resume a store that holds another run. Returns the existing root attributes, or None
@@ -150,21 +134,6 @@ def check_conflict(location: str, run: dict, overwrite: bool, only_shared: bool 
             + "\nUse another --store path, or pass --overwrite to replace it."
         )
     return attrs
-
-
-def has_shard_markers(location: str) -> bool:
-    """Whether any shard at ``location`` has a completion marker file (looked up without zarr, so
-    that it answers when the root's metadata is missing or unreadable)."""
-    import fsspec
-
-    location = normalize(location)
-    fs, base = fsspec.core.url_to_fs(location) if is_url(location) else (fsspec.filesystem("file"), location)
-    try:
-        shards = fs.ls(f"{base.rstrip('/')}/{fmt.SHARDS_GROUP}", detail=False)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    # the first shard is usually complete: one existence check, not a listing of every shard
-    return any(fs.exists(f"{shard}/{fmt.MARKER_GROUP}/{ROOT_METADATA}") for shard in sorted(shards))
 
 
 def root_needs_rebuild(location: str) -> bool:
@@ -361,7 +330,6 @@ class StoreWriter:
         written = list(pool.map(write, arrays) if pool is not None else map(write, arrays))
         checksums = {path.removeprefix(group.path + "/"): crc for path, crc in written}
         marker = {
-            **fmt.encoding(fmt.MARKER_ENCODING),
             "shard_id": shard.shard_id,
             "row_start": shard.row_start,
             "row_stop": shard.row_stop,
@@ -375,8 +343,7 @@ class StoreWriter:
         }
         if shard.rows_digest is not None:
             marker["rows_digest"] = shard.rows_digest
-        group.create_group(fmt.MARKER_GROUP, attributes={fmt.ATTRS_KEY: marker})
-        return marker
+        return write_marker(group, marker)
 
 
 def shard_entry(marker: dict) -> dict:
@@ -399,33 +366,3 @@ def _write_array(group: zarr.Group, name: str, data: np.ndarray, encoding: codec
     if len(data):
         array[:] = data
     return checksum(data)
-
-
-def read_marker(shard_group: zarr.Group) -> dict | None:
-    """A shard's completion marker, or None while the shard is incomplete."""
-    try:
-        marker_group = shard_group[fmt.MARKER_GROUP]
-    except KeyError:
-        return None
-    except ValueError:  # a torn marker (JSON cut short): the shard is not complete
-        return None
-    marker = marker_group.attrs.asdict().get(fmt.ATTRS_KEY)
-    if marker is None:
-        return None
-    fmt.check_version(marker, fmt.MARKER_ENCODING, f"shard {shard_group.path}")
-    return marker
-
-
-def complete_markers(parent: zarr.Group) -> dict[str, dict]:
-    """The completion markers of ``parent``'s subgroups, by name; incomplete subgroups are left out.
-    A subgroup can vanish between the listing and the read (a retry replacing what a crashed
-    attempt left): it was not complete either."""
-    out = {}
-    for name in subgroup_names(parent):
-        try:
-            marker = read_marker(parent[name])
-        except KeyError:
-            continue
-        if marker is not None:
-            out[name] = marker
-    return out
