@@ -22,23 +22,11 @@ from store import FeatureStore
 from store import format as fmt
 from store.errors import StoreCorruptError
 from store.verify import verify_store
-from tests.test_verify import HOOK, OTHER, flip_byte
+from tests.test_verify import HOOK, OTHER, flip_byte, pristine, store  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.ray
 
 PATH = re.compile(r"\b(?:zarr\.json|(?:shards|stats|index|vocab|sweeps)(?:/[\w.\-]+)*/?)")
-
-
-@pytest.fixture(scope="module")
-def pristine(reference_store) -> Path:
-    return Path(reference_store.location)
-
-
-@pytest.fixture
-def store(pristine, tmp_path) -> Path:
-    copy = tmp_path / "copy.zarr"
-    shutil.copytree(pristine, copy)
-    return copy
 
 
 def follow_advice(text: str, assets, store: Path) -> list[str]:
