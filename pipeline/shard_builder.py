@@ -2,7 +2,8 @@
 them; on a thread pool, each SAE's statistics accumulate batch by batch (in order), while the
 device encodes the next batch. ``finish`` joins the batches into the shard's CSR arrays.
 
-numpy releases the GIL in the work done here, so the pool's threads run beside the forward.
+numpy releases the GIL in most of the work done here (sorts, element-wise passes, compression),
+so the pool's threads run beside the forward.
 The queue is bounded: past ``max_pending`` unfinished batches the device waits for the host.
 """
 
