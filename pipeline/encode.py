@@ -60,7 +60,7 @@ class SparseEncoder:
         self.saes = saes  # hook name -> sae_lens SAE
         self.value_dtype = value_dtype
         self.stop_at_layer = stop_layer(list(saes))
-        self._index_dtypes = {hook: _TORCH_INDEX[index_dtype(sae.cfg.d_sae)] for hook, sae in saes.items()}
+        self._index_dtypes = {hook: index_dtype(sae.cfg.d_sae) for hook, sae in saes.items()}
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor) -> dict[str, SparseBatch]:
@@ -77,7 +77,7 @@ class SparseEncoder:
                 token, feature = active.nonzero().unbind(1)  # row-major: features ascend within each token
                 # only these leave the device
                 found[hook_name] = (torch.bincount(token, minlength=features.shape[0]),
-                                    feature.to(self._index_dtypes[hook_name]),
+                                    to_index(feature, self._index_dtypes[hook_name]),
                                     to_storage(features[active], self.value_dtype))
 
             return hook
@@ -94,7 +94,12 @@ class SparseEncoder:
         return out
 
 
-_TORCH_INDEX = {np.dtype("<u2"): torch.uint16, np.dtype("<u4"): torch.uint32}
+def to_index(feature: torch.Tensor, dtype: np.dtype) -> torch.Tensor:
+    """Feature ids in the store's index dtype, on the device, by casts every device implements (casts
+    to unsigned types are not): shifted into int16's range, the sign bit flipped back, viewed unsigned."""
+    if dtype == np.dtype("<u2"):
+        return ((feature - 32768).to(torch.int16) ^ -32768).view(torch.uint16)
+    return feature.to(torch.int32).view(torch.uint32)
 
 
 def concat_batches(batches: list[SparseBatch], indices_dtype: np.dtype, values_dtype: np.dtype,
