@@ -50,7 +50,9 @@ def verify_command(args: argparse.Namespace) -> int:
                           "in_progress": report.in_progress, "to_come": report.to_come, "fixes": report.fixes(),
                           "problems": [{"part": p.part, "message": p.message} for p in report.problems]}, indent=2))
     else:
-        print(report.format())
+        from jobs.cli import terminal_text
+
+        print(terminal_text(report.format(), keep_newlines=True))  # part names come from the store
     if not report.ok:
         raise StoreCorruptError(
             f"{len(report.damaged_parts)} damaged part(s) in {report.location}: {', '.join(report.damaged_parts[:5])}"

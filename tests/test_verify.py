@@ -289,3 +289,15 @@ def test_damaged_sweep_parts_are_named_and_reading_the_sweep_refuses_them(store)
     report = verify_store(str(store))
     assert report.damaged_parts == [f"{part}/delta"]
     assert f"fix: delete {part} and rerun the same `latentstore sweep` command" in report.format()
+
+
+def test_names_from_the_store_reach_the_terminal_escaped(store, capsys):
+    """A part's name is the store's text: a stray group named with an escape sequence is reported, but
+    the terminal gets the sequence escaped, not obeyed."""
+    stray = store / fmt.SHARDS_GROUP / "x\x1b[31m\x07"
+    stray.mkdir()
+    (stray / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group"}')
+    assert main(["verify", str(store)]) == 2
+    out = capsys.readouterr().out
+    assert "x\\x1b[31m\\x07" in out
+    assert not any(ord(c) < 0x20 and c != "\n" for c in out)
