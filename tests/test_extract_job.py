@@ -149,7 +149,18 @@ def _saved_sae(tmp_path, name, **kwargs):
     return str(path)
 
 
+def _blank_rows(tmp_path):
+    path = tmp_path / "blank.jsonl"
+    path.write_text('{"text": "   "}\n{"text": " \\n\\t "}\n')  # text, but no token in it
+    return DatasetSpec(str(path))
+
+
 BAD_INPUTS = {
+    "rows whose text makes no token": (
+        lambda a, t: {"dataset": _blank_rows(t)},
+        ConfigError, r"its rows make no tokens with this model's tokenizer \(column 'text'\): there is nothing to "
+                     r"extract\.",
+    ),
     "hook the model lacks": (
         lambda a, t: {"saes": (_saved_sae(t, "s7", hook="blocks.7.hook_resid_post"),)},
         ConfigError, r"hook 'blocks\.7\.hook_resid_post' is not a hook of model .*Hooks there include: blocks\.",
