@@ -187,10 +187,11 @@ def check_writable(location: str) -> None:
 def subgroup_names(group: zarr.Group) -> list[str]:
     """The names of a group's subgroups, sorted.
 
-    zarr's local store writes each file through a temporary ``<name>.<uuid>.partial`` beside it;
-    a listing that meets one (readers may read while writers write) warns that it is no part of
-    the hierarchy, which is so and no concern of the reader's."""
+    Readers may list while writers write, and zarr warns of every object that is not yet part of the
+    hierarchy: its local store's temporary ``<name>.<uuid>.partial`` files, and a group's folder
+    before its ``zarr.json`` is written (a shard being created or redone). Both are so, and no
+    concern of the reader's: what is not a group is not listed."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Object at .*\.partial is not recognized as a component",
+        warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a component",
                                 category=ZarrUserWarning)
         return sorted(group.group_keys())

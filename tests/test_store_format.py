@@ -126,6 +126,7 @@ def test_a_reader_is_quiet_about_files_mid_write(tmp_path):
     mats = [sp.random(4, 10, density=0.5, format="csr", random_state=i, dtype=np.float32) for i in range(2)]
     write_synthetic(tmp_path / "p.zarr", mats, complete=False)
     (tmp_path / "p.zarr" / "shards" / "zarr.0a1b2c.partial").write_text("{")  # zarr's temporary, mid-write
+    (tmp_path / "p.zarr" / "shards" / "000002").mkdir()  # a shard's folder before its zarr.json
     with warnings.catch_warnings():
         warnings.filterwarnings("error", category=ZarrUserWarning, append=True)
         assert [s.shard_id for s in FeatureStore.open(str(tmp_path / "p.zarr")).shards] == [0, 1]
