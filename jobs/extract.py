@@ -14,13 +14,13 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
-from pipeline.dataset import (DEFAULT_SHARD_TOKENS, DatasetSpec, Shard, check_dataset, describe_dataset, open_dataset, plan_shards, row_lengths,
-                              rows_digest, token_row_problem)
+from pipeline.dataset import (DEFAULT_SHARD_TOKENS, DatasetSpec, Shard, check_dataset, describe_dataset,
+                              open_dataset, plan_shards, row_lengths, rows_digest, tokenize_rows)
 from pipeline.models import hook_names, hook_width, is_local_model, load_model_config, load_tokenizer
 from pipeline.saes import SAESource, read_sae_config
 from jobs.ray_session import call, connect, init_errors_on_call, worker_resources
 from pipeline.worker import SHARDS_IN_FLIGHT, ExtractJob, ExtractWorker
-from store.errors import ConfigError, StoreWriteError, did_you_mean
+from store.errors import ConfigError, DataError, StoreWriteError, did_you_mean
 from store.format import VALUE_DTYPES
 from store.stats import DEFAULT_TOP_K
 from store.location import check_writable, normalize
@@ -41,7 +41,7 @@ class ExtractConfig:
     context_size: int = 128
     max_tokens: int | None = None  # None: the whole dataset
     batch_size: int = 32  # windows per forward pass
-    shard_tokens: int = DEFAULT_SHARD_TOKENS  # tokens per shard (one store part, one unit of work), about
+    shard_tokens: int = DEFAULT_SHARD_TOKENS  # about this many tokens per shard, whole windows (one store part)
     prepend_bos: bool | None = None  # None: follow the SAEs' prepend_bos
     value_dtype: str = "bfloat16"
     top_k: int = DEFAULT_TOP_K  # top activations kept per feature in the statistics
@@ -203,14 +203,13 @@ def _bos_policy(cfg: ExtractConfig, saes: list, problems: list[str]) -> bool:
 
 
 def _check_token_sample(ds, column: str, d_vocab: int, n: int = 100) -> list[str]:
-    """A cheap look at the first rows, so bad ids fail before any model loads (workers check all)."""
-    for i, tokens in enumerate(ds[:n][column]):
-        if (problem := token_row_problem(tokens)) is not None:
-            return [f"dataset row {i}: {problem}"]
-        bad = [t for t in (tokens or []) if not 0 <= int(t) < d_vocab]
-        if bad:
-            return [f"dataset row {i}: token id {bad[0]} is outside the model's vocabulary [0, {d_vocab}). "
-                    "Were these rows tokenized with another model's tokenizer?"]
+    """A cheap look at the first rows, so that bad ids are reported with every other problem (the
+    plan, made once there are none, checks every row)."""
+    rows = ds[:n][column]
+    try:
+        tokenize_rows(rows, range(len(rows)), None, True, d_vocab)
+    except DataError as e:
+        return [str(e)]
     return []
 
 
