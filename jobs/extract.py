@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pipeline.dataset import (DEFAULT_SHARD_TOKENS, DatasetSpec, Shard, check_dataset, describe_dataset,
                               open_dataset, plan_shards, row_lengths, rows_digest, tokenize_rows)
 from pipeline.models import hook_names, hook_width, is_local_model, load_model_config, load_tokenizer
-from pipeline.saes import SAESource, read_sae_config
+from pipeline.saes import SAESource, output_hook_problems, read_sae_config
 from jobs.ray_session import call, connect, init_errors_on_call, worker_resources
 from pipeline.worker import SHARDS_IN_FLIGHT, ExtractJob, ExtractWorker
 from store.errors import ConfigError, DataError, StoreWriteError, did_you_mean
@@ -79,12 +79,16 @@ class Plan:
                  "config": _jsonable(self.model_cfg.to_dict()), "dtype": cfg.model_dtype}
         if described:
             model["weights_hash"] = described["model_weights_hash"]
+            model["loader"] = described["model_loader"]
         saes = []
         for sae in self.saes:
             entry = {"hook": sae.hook, "source": sae.source, "architecture": sae.architecture,
                      "d_in": sae.d_in, "d_sae": sae.d_sae, "config": _jsonable(sae.config)}
+            if sae.hook_out is not None:  # a transcoder: where its decoder writes (format 1.4)
+                entry["hook_out"] = sae.hook_out
             if described:
                 entry["weights_hash"] = hashes[sae.hook]
+                entry["hook_point"] = described["hook_points"][sae.hook]
             saes.append(entry)
         run = {
             "model": model,
@@ -155,6 +159,7 @@ def validate(cfg: ExtractConfig) -> Plan:
                 f"--sae {text}: d_in={sae.d_in}, but {cfg.model} has width {width} at {sae.hook}. "
                 "Is the SAE for another model?"
             )
+        problems.extend(output_hook_problems(text, sae, valid_hooks, model_cfg, cfg.model))
         if sae.hook in seen:
             problems.append(
                 f"--sae {seen[sae.hook]} and --sae {text} are both at {sae.hook}: one SAE per hook. "
@@ -268,7 +273,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
         if cfg.index:
             from jobs.index import run_index
 
-            run_index(writer.location, workers=cfg.workers, progress=cfg.progress)  # under this lease
+            run_index(writer.location, progress=cfg.progress)  # one task per CPU, under this lease
         return counts
 
 

@@ -35,7 +35,8 @@ def run_index(location: str, workers: int | None = None, address: str | None = N
                 "finish it by rerunning the same `latentstore extract` command, then index it."
             )
         ray = connect(address, workers or 1)
-        n_workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
+        # every CPU: the driver only waits on the tasks
+        n_workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         shards = fs.attrs["shards"]
         token_dtype = "<u4" if fs.n_tokens < 2**32 else "<u8"
         build = ray.remote(num_cpus=1, max_retries=3)(index_mod.build_part)
@@ -66,7 +67,7 @@ def add_commands(commands) -> None:
                     "--no-index. Rerun after a crash: finished parts are kept.",
     )
     parser.add_argument("store", help="the store's path or URL")
-    parser.add_argument("--workers", type=int, help="parallel tasks (default: the cluster's CPUs less one)")
+    parser.add_argument("--workers", type=int, help="parallel tasks (default: one per CPU of the cluster)")
     parser.add_argument("--address", help="a Ray cluster to join (default: $RAY_ADDRESS, else start one here)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.set_defaults(handler=_handle)

@@ -15,7 +15,11 @@ Notebook 000 measures a feature's effect with one full forward per feature::
   term ``x - decode(a)`` when ``use_error_term``, computed from the un-ablated ``a``), so
   changing feature ``f`` from ``a_f`` to ``a_f'`` changes the hook's output by exactly
   ``(a_f' - a_f) * W_dec[f]`` (divided by ``|W_dec[f]|`` for TopK SAEs with
-  ``rescale_acts_by_decoder_norm``). Nothing is re-encoded.
+  ``rescale_acts_by_decoder_norm``; times the token's ``decoder_scale`` for SAEs that
+  normalise activations at run time). Nothing is re-encoded.
+- **Transcoders** change their output hook: the baseline splices them with
+  ``TranscoderSplice`` (reconstruction plus skip path, plus error), and each ablation
+  changes the output hook's activation by ``(a_f' - a_f) * W_dec[f]``.
 - **Only changes are run.** A (prompt, feature) pair whose activation the ablation leaves
   as it is (a zero-ablated feature that does not fire there) has ``delta == 0`` exactly and
   costs nothing.
@@ -42,13 +46,16 @@ from tqdm.auto import tqdm
 
 from pipeline.metrics import Metric, accepts_prompts, check_metric_output
 from pipeline.models import hook_layer
-from store.errors import ConfigError, did_you_mean
+from pipeline.saes import (RUN_TIME_NORMALIZATIONS, TranscoderSplice, decoder_scale, input_hook, is_transcoder,
+                           model_hook_problems, output_hook)
+from store.errors import ConfigError
 
 Ablation = Literal["zero", "mean"] | float
 Features = Literal["live"] | Sequence[int]
 PositionSpec = int | Sequence[int] | None
 
-LINEAR_DECODE_NORMALIZATIONS = ("none", "expected_average_only_in")
+# sae_lens applies no run-time transform for these (their factors are folded into the weights on loading).
+LINEAR_DECODE_NORMALIZATIONS = ("none", "expected_average_only_in", "covariance_whitening")
 
 
 # -- prompts that are rows of a store ----------------------------------------------------------
@@ -121,7 +128,8 @@ def mean_activations(store, hook: str) -> np.ndarray:
 
 
 class Resume:
-    """Finishes a forward from the SAE's hook, given what the hook outputs for each row.
+    """Finishes a forward from the SAE's output hook (a transcoder's ``hook_name_out``, else the
+    hook it reads), given what the hook outputs for each row.
 
     The residual stream before the hook's block is the baseline's (nothing upstream of the
     SAE changes), so most of the model is skipped: ``blocks.L.hook_resid_pre`` starts at block
@@ -174,7 +182,8 @@ class Baseline:
     values: torch.Tensor  # [n_prompts]: the metric
     logits: torch.Tensor | None  # [n_prompts, seq, vocab]; kept only for metrics without prompts=
     acts: torch.Tensor  # [n_prompts, seq, d_sae]: hook_sae_acts_post
-    hook_out: torch.Tensor  # [n_prompts, seq, d_in]: what the spliced SAE passed on
+    hook_out: torch.Tensor  # [n_prompts, seq, d_out]: what the spliced SAE passed on at its output hook
+    scale: torch.Tensor | None = None  # [n_prompts, seq, 1]: decoder_scale, for run-time normalisation
 
 
 class MetricRunner:
@@ -235,7 +244,8 @@ def ablation_sweep(
 
     Args:
         model: a ``HookedSAETransformer``.
-        sae: a sae_lens SAE; its ``cfg.metadata.hook_name`` says where it is spliced in.
+        sae: a sae_lens SAE or transcoder; its ``cfg.metadata.hook_name`` says what it reads, and
+            a transcoder's ``hook_name_out`` which activation its output replaces.
         tokens: ``[n_prompts, seq]`` token ids, or ``StorePrompts`` (rows of a store, whose
             live features and mean activations then come from the store).
         metric: logits ``[batch, seq, vocab]`` to ``[batch]``; see ``pipeline.metrics``.
@@ -244,6 +254,8 @@ def ablation_sweep(
         position: the position ablated, one per prompt, or None for every position.
         use_error_term: sae_lens's meaning: the spliced SAE passes on its reconstruction plus the
             error term computed from the un-ablated activations, so the baseline is the clean model.
+            For a transcoder the error is the output hook's clean activation minus what the
+            transcoder writes from its input (skip path included).
         ablation: ``"zero"``; ``"mean"``: the feature's mean activation over all tokens of the store,
             zeros included (or ``means[f]``); a number ``s``: the activation times ``s``.
         method: ``"exact"``, or ``"attribution"`` for the gradient-times-change estimate.
@@ -269,7 +281,7 @@ def ablation_sweep(
         store_prompts.store.d_sae(hook)  # refuses a hook the store does not hold, listing those it does
     means = _means(ablation, means, store_prompts, hook, sae.cfg.d_sae)
 
-    resume = Resume(model, hook, tokens, None if attention_mask is None else attention_mask.to(device))
+    resume = Resume(model, output_hook(sae), tokens, None if attention_mask is None else attention_mask.to(device))
     runner = MetricRunner(metric, n_prompts)
     baseline = run_baseline(model, sae, tokens, resume, runner, use_error_term)
 
@@ -316,18 +328,16 @@ def ablation_sweep(
 
 
 def _check_inputs(model, sae, tokens, method: str, verify_top: int | None, batch_size: int) -> str:
-    hook = sae.cfg.metadata.get("hook_name")
-    if hook not in model.hook_dict:
-        raise ConfigError(
-            f"the SAE reads hook {hook!r}, which this model does not have. "
-            f"Its hooks include: {did_you_mean(str(hook), list(model.hook_dict))}"
-        )
+    hook = input_hook(sae)
+    problems = model_hook_problems(sae, model.hook_dict)
+    if problems:
+        raise ConfigError(problems)
     normalization = getattr(sae.cfg, "normalize_activations", "none")
-    if normalization not in LINEAR_DECODE_NORMALIZATIONS:
+    if normalization not in LINEAR_DECODE_NORMALIZATIONS + RUN_TIME_NORMALIZATIONS:
         raise ConfigError(
-            f"the SAE at {hook} normalizes activations at run time ({normalization!r}), so a feature's "
-            "contribution depends on the token and cannot be subtracted. Fold the normalization into "
-            "the weights, or ablate with run_with_hooks_with_saes."
+            f"the SAE at {hook} normalizes activations as {normalization!r}, which this sweep does not know "
+            f"how to decode; it knows {', '.join(LINEAR_DECODE_NORMALIZATIONS + RUN_TIME_NORMALIZATIONS)}. "
+            "Fold the normalization into the weights, or ablate with run_with_hooks_with_saes."
         )
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int):
         raise ConfigError("tokens must be an integer tensor [n_prompts, seq] (or StorePrompts.from_store(...)).")
@@ -393,20 +403,33 @@ def check_feature_ids(features: Sequence[int], d_sae: int) -> np.ndarray:
 @torch.no_grad()
 def run_baseline(model, sae, tokens: torch.Tensor, resume: Resume, runner: MetricRunner,
                  use_error_term: bool) -> Baseline:
-    """The SAE spliced in as ``run_with_saes`` splices it, caching what the ablations start from."""
-    acts_name, out_name = f"{resume.hook}.hook_sae_acts_post", f"{resume.hook}.hook_sae_output"
-    logits, cache = model.run_with_cache_with_saes(
-        tokens, saes=[sae], use_error_term=use_error_term, attention_mask=resume.attention_mask,
-        names_filter=[acts_name, out_name, *resume.cache_names],
-    )
+    """The SAE spliced in as ``run_with_saes`` splices it (a transcoder as ``TranscoderSplice``
+    does), caching what the ablations start from."""
+    n, seq = tokens.shape
+    if is_transcoder(sae):
+        splice = TranscoderSplice(sae, use_error_term)
+        with model.hooks(fwd_hooks=splice.hooks):
+            logits, cache = model.run_with_cache(tokens, attention_mask=resume.attention_mask,
+                                                 names_filter=resume.cache_names)
+        acts, hook_out, scale = splice.acts, splice.output, None
+    else:
+        hook = input_hook(sae)
+        acts_name, out_name, in_name = (f"{hook}.hook_sae_acts_post", f"{hook}.hook_sae_output",
+                                        f"{hook}.hook_sae_input")
+        logits, cache = model.run_with_cache_with_saes(
+            tokens, saes=[sae], use_error_term=use_error_term, attention_mask=resume.attention_mask,
+            names_filter=[acts_name, out_name, in_name, *resume.cache_names],
+        )
+        acts, hook_out = cache[acts_name], cache[out_name]
+        scale = decoder_scale(sae, cache[in_name])
+        scale = None if scale is None else scale.reshape(n, seq, 1)
     if resume.mode == "replace":
         resume.residual = cache[resume.cache_names[0]]
     values = runner.all_prompts(logits).detach()
     if not runner.indexed:
         runner.baseline_logits = logits
-    n, seq = tokens.shape
-    return Baseline(values=values, logits=None if runner.indexed else logits, acts=cache[acts_name],
-                    hook_out=cache[out_name].reshape(n, seq, -1))
+    return Baseline(values=values, logits=None if runner.indexed else logits, acts=acts,
+                    hook_out=hook_out.reshape(n, seq, -1), scale=scale)
 
 
 def live_features(acts: torch.Tensor, positions: torch.Tensor | None,
@@ -462,7 +485,10 @@ def exact_deltas(resume: Resume, runner: MetricRunner, baseline: Baseline, direc
         p, f = prompts[start:start + batch_size], feats[start:start + batch_size]
         pd_, fd = p.to(device), f.to(device)
         step = change[pd_, :, fd]  # [batch, seq]
-        hook_out = baseline.hook_out[pd_] + step[..., None] * directions[fd][:, None, :]
+        added = step[..., None] * directions[fd][:, None, :]
+        if baseline.scale is not None:
+            added = added * baseline.scale[pd_]
+        hook_out = baseline.hook_out[pd_] + added
         values = runner(resume(hook_out, pd_), pd_)
         delta[p, f] = values.float().cpu() - baseline.values[pd_].float().cpu()
     return delta
@@ -480,7 +506,8 @@ def attribution_estimates(resume: Resume, runner: MetricRunner, baseline: Baseli
         zero = torch.zeros(change[p].shape, dtype=change.dtype, device=device, requires_grad=True)
         with torch.enable_grad():
             # Adds exactly zero, but makes the hook's output a function of each feature's activation.
-            hook_out = baseline.hook_out[p] + zero @ directions
+            added = zero @ directions
+            hook_out = baseline.hook_out[p] + (added if baseline.scale is None else added * baseline.scale[p])
             values = runner(resume(hook_out, p), p)
             (grad,) = torch.autograd.grad(values.sum(), zero)
         estimate[p.cpu()] = (grad * change[p]).sum(1).float().cpu()

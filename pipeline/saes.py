@@ -12,6 +12,23 @@ What follows ``--sae`` takes one of three forms, parsed by ``SAESource.parse``:
 Weights only ever load from safetensors, or from npz with pickles refused.
 ``read_sae_config`` describes an SAE without loading its weights, so that a run can be
 validated before any work is spent.
+
+Every architecture sae_lens registers loads, with two kinds of SAE beyond the plain one:
+
+- **Transcoders** (``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder``,
+  ``jumprelu_skip_transcoder``) read one hook (``metadata.hook_name``) and reconstruct another
+  (``metadata.hook_name_out``). Their latents are ``encode`` of the input hook's activation;
+  spliced in, their output ``decode(encode(x))`` (plus ``x @ W_skip.T`` for skip transcoders)
+  replaces the output hook's activation. ``TranscoderSplice`` writes that as plain hooks.
+- **Run-time normalisation** (``normalize_activations`` ``layer_norm`` or
+  ``constant_norm_rescale``): the SAE normalises each token's input and its decoder undoes it,
+  so a feature adds ``W_dec[f]`` times a per-token factor (``decoder_scale``). sae_lens applies
+  no run-time transform for ``expected_average_only_in`` or ``covariance_whitening`` (their
+  factors are folded into the weights when loaded), so those decode linearly.
+
+BatchTopK and Matryoshka SAEs are saved by sae_lens as JumpReLU SAEs, and load as such.
+Temporal SAEs are refused: their codes depend on earlier tokens, and their ``decode`` is not
+their reconstruction.
 """
 
 from __future__ import annotations
@@ -30,9 +47,10 @@ from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting, lo
 from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 from sae_lens.registry import SAE_CLASS_REGISTRY
 from sae_lens.saes.sae import SAEConfig, SAEMetadata
+from sae_lens.saes.transcoder import Transcoder
 from sae_lens.util import DTYPE_MAP
 
-from pipeline.models import PICKLE_SUFFIXES, load_safetensors
+from pipeline.models import PICKLE_SUFFIXES, hook_width, load_safetensors
 from store.errors import ConfigError, did_you_mean
 
 SAE_FORMS = (
@@ -40,6 +58,13 @@ SAE_FORMS = (
     "PATH.npz@HOOK: a Gemma Scope params.npz and the hook it reads, e.g. params.npz@blocks.12.hook_resid_post",
     "RELEASE/SAE_ID: a sae_lens pretrained SAE, e.g. gemma-scope-2b-pt-res-canonical/layer_12/width_16k/canonical",
 )
+TRANSCODER_ARCHITECTURES = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
+REFUSED_ARCHITECTURES = {
+    "temporal": "its codes depend on the tokens before each one (attention over the context), and its "
+                "decode is not its reconstruction; latentstore encodes tokens independently",
+}
+RUN_TIME_NORMALIZATIONS = ("layer_norm", "constant_norm_rescale")
+"""``normalize_activations`` values under which sae_lens normalises each token at run time."""
 NPZ_ARRAYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
@@ -103,6 +128,11 @@ class SAEDescription:
     """Whether the SAE was trained on inputs starting with BOS; None when its config does not say."""
     config: dict[str, Any]
     """sae_lens's config as a JSON-serialisable dict, without the device."""
+    hook_out: str | None = None
+    """A transcoder's output hook (``metadata.hook_name_out``), whose activation it reconstructs;
+    None for an SAE, which reconstructs the hook it reads."""
+    d_out: int | None = None
+    """A transcoder's output width; None for an SAE."""
 
 
 def read_sae_config(source: SAESource) -> SAEDescription:
@@ -119,6 +149,7 @@ def read_sae_config(source: SAESource) -> SAEDescription:
         cfg = _config_from_dict(source, raw)
     config = cfg.to_dict()
     del config["device"]  # where to run is the loader's choice, not the SAE's
+    transcoder = cfg.architecture() in TRANSCODER_ARCHITECTURES
     return SAEDescription(
         source=str(source),
         architecture=cfg.architecture(),
@@ -127,7 +158,25 @@ def read_sae_config(source: SAESource) -> SAEDescription:
         d_sae=cfg.d_sae,
         prepend_bos=cfg.metadata.get("prepend_bos"),
         config=config,
+        hook_out=_hook_name_out(source, cfg) if transcoder else None,
+        d_out=cfg.d_out if transcoder else None,
     )
+
+
+def output_hook_problems(text: str, sae: SAEDescription, valid_hooks: set[str], model_cfg: Any,
+                         model_name: str) -> list[str]:
+    """What is wrong with a transcoder's output hook on this model: missing, or of another width."""
+    if sae.hook_out is None:
+        return []
+    if sae.hook_out not in valid_hooks:
+        return [f"--sae {text}: it is a transcoder that writes to hook {sae.hook_out!r} "
+                f"(metadata.hook_name_out), which model {model_name} does not have. Hooks there include: "
+                f"{did_you_mean(sae.hook_out, sorted(valid_hooks))}"]
+    width = hook_width(model_cfg, sae.hook_out)
+    if width is not None and width != sae.d_out:
+        return [f"--sae {text}: the transcoder writes d_out={sae.d_out}, but {model_name} has width {width} at "
+                f"its output hook {sae.hook_out}. Is the transcoder for another model?"]
+    return []
 
 
 def load_sae(source: SAESource, device: str = "cpu", dtype: str = "float32") -> SAE[Any]:
@@ -144,6 +193,11 @@ def load_sae(source: SAESource, device: str = "cpu", dtype: str = "float32") -> 
         except OSError as e:
             raise ConfigError(_hub_unreachable(source, e)) from e
     _hook_name(source, sae.cfg)
+    if sae.cfg.architecture() in REFUSED_ARCHITECTURES:
+        architecture = sae.cfg.architecture()
+        raise ConfigError(f"--sae {source}: {architecture} SAEs are not supported: {REFUSED_ARCHITECTURES[architecture]}.")
+    if isinstance(sae, Transcoder):
+        _hook_name_out(source, sae.cfg)
     return sae
 
 
@@ -187,8 +241,22 @@ def _hook_name(source: SAESource, cfg: SAEConfig) -> str:
     return hook
 
 
+def _hook_name_out(source: SAESource, cfg: SAEConfig) -> str:
+    hook = cfg.metadata.get("hook_name_out")
+    if not hook:
+        raise ConfigError(
+            f"--sae {source}: it is a transcoder ({cfg.architecture()}), but its config names no output hook "
+            "(metadata.hook_name_out), so there is no telling which activation it reconstructs. Set "
+            "metadata.hook_name_out to a TransformerLens hook name, e.g. blocks.0.hook_mlp_out."
+        )
+    return hook
+
+
 def _config_from_dict(source: SAESource, raw: dict[str, Any]) -> SAEConfig:
     architecture = raw.get("architecture")
+    if architecture in REFUSED_ARCHITECTURES:
+        raise ConfigError(f"--sae {source}: {architecture} SAEs are not supported: "
+                          f"{REFUSED_ARCHITECTURES[architecture]}.")
     if architecture not in SAE_CLASS_REGISTRY:
         raise ConfigError(
             f"--sae {source}: unknown SAE architecture {architecture!r}. "
@@ -318,3 +386,104 @@ def _load_npz(source: SAESource, device: str, dtype: str) -> JumpReLUSAE:
     sae = JumpReLUSAE(cfg)
     sae.load_state_dict(state, assign=True)
     return sae.to(device=device, dtype=DTYPE_MAP[dtype])
+
+
+# -- what a loaded SAE reads and writes ------------------------------------------------------------
+
+
+def is_transcoder(sae: SAE[Any]) -> bool:
+    """Whether ``sae`` reconstructs another hook than the one it reads."""
+    return isinstance(sae, Transcoder)
+
+
+def input_hook(sae: SAE[Any]) -> str | None:
+    """The hook whose activations the SAE encodes."""
+    return sae.cfg.metadata.get("hook_name")
+
+
+def output_hook(sae: SAE[Any]) -> str | None:
+    """The hook whose activation the SAE's reconstruction replaces when spliced in: a transcoder's
+    ``hook_name_out``, else the hook it reads (as sae_lens's ``HookedSAETransformer.add_sae``)."""
+    return sae.cfg.metadata.get("hook_name_out") or input_hook(sae)
+
+
+def model_hook_problems(sae: SAE[Any], hook_dict: dict) -> list[str]:
+    """What is wrong with the SAE's hooks on a model with these hooks: each one it lacks."""
+    problems = []
+    if sae.cfg.architecture() in REFUSED_ARCHITECTURES:
+        architecture = sae.cfg.architecture()
+        problems.append(f"{architecture} SAEs are not supported: {REFUSED_ARCHITECTURES[architecture]}.")
+    hooks = [("reads", input_hook(sae))]
+    if is_transcoder(sae):
+        hooks.append(("writes (metadata.hook_name_out)", sae.cfg.metadata.get("hook_name_out")))
+    for role, hook in hooks:
+        if hook not in hook_dict:
+            kind = "transcoder" if is_transcoder(sae) else "SAE"
+            problems.append(f"the {kind} {role} hook {hook!r}, which this model does not have. "
+                            f"Its hooks include: {did_you_mean(str(hook), list(hook_dict))}")
+    return problems
+
+
+def transcoder_output(tc: Transcoder, x: torch.Tensor, feature_acts: torch.Tensor) -> torch.Tensor:
+    """What the transcoder writes for input ``x`` and latents ``feature_acts``: ``decode`` plus, for
+    skip transcoders, the skip path ``x @ W_skip.T`` (as sae_lens's ``SkipTranscoder.forward``)."""
+    out = tc.decode(feature_acts)
+    if hasattr(tc, "W_skip"):
+        out = out + x @ tc.W_skip.T.to(x.device)
+    return out
+
+
+def decoder_scale(sae: SAE[Any], sae_in: torch.Tensor) -> torch.Tensor | None:
+    """The per-token factor by which the SAE's ``decode`` multiplies ``feature_acts @ W_dec`` when it
+    normalises activations at run time, ``[..., 1]``; None when there is none (the decoder is linear).
+
+    ``sae_in`` is the SAE's input as its ``hook_sae_input`` sees it (cast and reshaped, not yet
+    normalised). sae_lens's ``layer_norm`` decodes ``y * std + mean`` with the input's std along the
+    last dimension; ``constant_norm_rescale`` decodes ``y / c`` with ``c = sqrt(d_in) / |x|``.
+    Transcoders never undo their input's normalisation (sae_lens's ``Transcoder.decode``)."""
+    normalization = sae.cfg.normalize_activations
+    if is_transcoder(sae) or normalization not in RUN_TIME_NORMALIZATIONS:
+        return None
+    if normalization == "layer_norm":
+        return (sae_in - sae_in.mean(dim=-1, keepdim=True)).std(dim=-1, keepdim=True)
+    return 1 / ((sae.cfg.d_in**0.5) / sae_in.norm(dim=-1, keepdim=True))
+
+
+class TranscoderSplice:
+    """A transcoder spliced in with plain TransformerLens hooks: the output hook's activation is
+    replaced by what the transcoder writes from the input hook's activation (its reconstruction,
+    plus the skip path), plus, with ``use_error_term``, the error ``original output - transcoder(input)``
+    computed from the unedited latents, so that edits of the latents still show.
+
+    ``edit`` (optional) changes the latents ``[batch, pos, d_sae]`` before they are decoded. After a
+    forward, ``acts`` holds the latents (unedited) and ``output`` what the output hook passed on.
+    """
+
+    def __init__(self, tc: Transcoder, use_error_term: bool = False, edit=None):
+        self.tc, self.use_error_term, self.edit = tc, use_error_term, edit
+        self.acts: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+        self._input: torch.Tensor | None = None
+
+    @property
+    def hooks(self) -> list[tuple[str, Any]]:
+        """``fwd_hooks`` for ``run_with_hooks`` or ``model.hooks``."""
+        return [(input_hook(self.tc), self._capture), (output_hook(self.tc), self._replace)]
+
+    def _capture(self, activation: torch.Tensor, hook) -> None:
+        self._input = activation
+
+    def _replace(self, original: torch.Tensor, hook) -> torch.Tensor:
+        if self._input is None:
+            raise ConfigError(f"the transcoder's output hook {output_hook(self.tc)} ran before its input hook "
+                              f"{input_hook(self.tc)}: a transcoder must read a hook that comes first.")
+        x, self._input = self._input, None
+        acts = self.tc.encode(x)
+        edited = acts if self.edit is None else self.edit(acts.clone())
+        out = transcoder_output(self.tc, x, edited)
+        if self.use_error_term:
+            with torch.no_grad():
+                error = original - transcoder_output(self.tc, x, acts)
+            out = out + error
+        self.acts, self.output = acts, out
+        return out.to(original.dtype)

@@ -7,8 +7,10 @@ splicing the SAE's reconstruction there repairs the behaviour. ``splice_eval`` r
 these conditions over the same prompts:
 
 - ``clean``: the model alone;
-- ``spliced``: the SAEs of one hook set spliced in together (``run_with_saes``);
-- ``zero``: one hook's activation replaced by zeros.
+- ``spliced``: the SAEs of one hook set spliced in together (``run_with_saes``; transcoders as
+  ``TranscoderSplice`` splices them: their output hook's activation replaced by what they write);
+- ``zero``: the activation an SAE's output replaces set to zeros (an SAE's own hook, a
+  transcoder's output hook, e.g. the MLP's output for an MLP transcoder).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pandas as pd
 import torch
 
 from pipeline.metrics import Metric, NextTokenLoss, accepts_prompts, check_metric_output
+from pipeline.saes import TranscoderSplice, input_hook, is_transcoder, model_hook_problems, output_hook
 from store.errors import ConfigError, did_you_mean
 
 CONDITIONS = ("clean", "spliced", "zero")
@@ -40,14 +43,16 @@ def splice_eval(
     """Per prompt and condition: ``prompt``, ``partition``, ``condition``, ``hooks``, ``metric``, ``loss``.
 
     Args:
-        saes: sae_lens SAEs, at most one per hook.
+        saes: sae_lens SAEs and transcoders, at most one reading each hook.
         hook_sets: the sets of hooks spliced in together, e.g. ``[["blocks.0.hook_resid_post"],
-            ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]]``; every hook needs an SAE.
+            ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]]``; every hook needs an SAE
+            reading it (a transcoder is named by its input hook).
         tokens: ``[n_prompts, seq]``.
         metric: logits to one value per prompt (see ``pipeline.metrics``). A metric that takes
             ``prompts=`` runs in batches of ``batch_size``; any other sees all prompts at once.
         partition: a label per prompt (e.g. its task); ``None`` puts every prompt in ``"all"``.
-        use_error_term: as in sae_lens: spliced SAEs pass on reconstruction plus error.
+        use_error_term: as in sae_lens: spliced SAEs pass on reconstruction plus error (for a
+            transcoder, the output hook's activation minus what it writes).
         attention_mask: for left-padded tokens; the loss skips padding.
 
     ``loss`` is each prompt's mean next-token cross-entropy. Summarize with ``splice_summary``.
@@ -58,13 +63,18 @@ def splice_eval(
     if labels.shape != (n_prompts,):
         raise ConfigError(f"partition has {labels.size} labels for {n_prompts} prompts: give one label per prompt.")
     loss = NextTokenLoss(tokens, attention_mask)
-    zero_hooks = list(dict.fromkeys(h for hooks in hook_sets for h in hooks))
+    zero_hooks = list(dict.fromkeys(output_hook(by_hook[h]) for hooks in hook_sets for h in hooks))
+
+    def spliced(batch, mask, chosen):
+        splices = [TranscoderSplice(sae, use_error_term) for sae in chosen if is_transcoder(sae)]
+        with model.hooks(fwd_hooks=[hook for splice in splices for hook in splice.hooks]):
+            return model.run_with_saes(batch, saes=[sae for sae in chosen if not is_transcoder(sae)],
+                                       use_error_term=use_error_term, attention_mask=mask)
 
     conditions = [("clean", "", lambda batch, mask: model(batch, attention_mask=mask))]
     for hooks in hook_sets:
         chosen = [by_hook[h] for h in hooks]
-        conditions.append(("spliced", "+".join(hooks), lambda batch, mask, chosen=chosen: model.run_with_saes(
-            batch, saes=chosen, use_error_term=use_error_term, attention_mask=mask)))
+        conditions.append(("spliced", "+".join(hooks), lambda batch, mask, chosen=chosen: spliced(batch, mask, chosen)))
     for hook in zero_hooks:
         conditions.append(("zero", hook, lambda batch, mask, hook=hook: model.run_with_hooks(
             batch, attention_mask=mask, fwd_hooks=[(hook, _zero)])))
@@ -91,12 +101,13 @@ def _zero(activation: torch.Tensor, hook) -> torch.Tensor:
 
 def _saes_by_hook(model, saes: Sequence, hook_sets: Sequence[Sequence[str]]) -> dict:
     by_hook = {}
+    problems = []
     for sae in saes:
-        hook = sae.cfg.metadata.get("hook_name")
+        hook = input_hook(sae)
         if hook in by_hook:
             raise ConfigError(f"two SAEs read {hook}: give one SAE per hook.")
         by_hook[hook] = sae
-    problems = []
+        problems.extend(model_hook_problems(sae, model.hook_dict) if is_transcoder(sae) else [])
     for hooks in hook_sets:
         for hook in hooks:
             if hook not in model.hook_dict:
@@ -105,6 +116,12 @@ def _saes_by_hook(model, saes: Sequence, hook_sets: Sequence[Sequence[str]]) -> 
             elif hook not in by_hook:
                 problems.append(f"no SAE was given for hook {hook!r}; the SAEs given read: "
                                 f"{did_you_mean(hook, list(by_hook)) or 'nothing'}")
+        outputs = [output_hook(by_hook[h]) for h in hooks if h in by_hook]
+        for hook in hooks:
+            sae = by_hook.get(hook)
+            if sae is not None and is_transcoder(sae) and outputs.count(output_hook(sae)) > 1:
+                problems.append(f"hook set {'+'.join(hooks)}: the transcoder reading {hook} and another SAE both "
+                                f"replace {output_hook(sae)}; splice them in separate hook sets.")
     if not hook_sets:
         problems.append("no hook sets given: name at least one set of hooks to splice SAEs into.")
     if problems:

@@ -1,8 +1,10 @@
-"""Steering: generate with ``magnitude * W_dec[feature]`` added at the SAE's hook.
+"""Steering: generate with ``magnitude * W_dec[feature]`` added at the SAE's output hook.
 
 As notebook 004 steers Gemma with a Gemma Scope decoder direction: the direction is added
 to the hook's activation at every position of every forward, the prompt's and each
 generated token's alike. The SAE itself is not spliced in; only its decoder row is used.
+An SAE's output hook is the hook it reads; a transcoder's is the hook its decoder writes
+(``metadata.hook_name_out``), e.g. the MLP's output for an MLP transcoder.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-from store.errors import ConfigError, did_you_mean
+from pipeline.saes import model_hook_problems, output_hook
+from store.errors import ConfigError
 
 
 def steering_vector(sae, feature: int, magnitude: float) -> torch.Tensor:
@@ -23,11 +26,12 @@ def steering_vector(sae, feature: int, magnitude: float) -> torch.Tensor:
 
 
 def steering_hook(model, sae, feature: int, magnitude: float) -> tuple[str, Callable]:
-    """``(hook name, hook function)`` adding the steering vector, for ``model.hooks`` or ``run_with_hooks``."""
-    hook = sae.cfg.metadata.get("hook_name")
-    if hook not in model.hook_dict:
-        raise ConfigError(f"the SAE reads hook {hook!r}, which this model does not have. "
-                          f"Its hooks include: {did_you_mean(str(hook), list(model.hook_dict))}")
+    """``(hook name, hook function)`` adding the steering vector at the SAE's output hook, for
+    ``model.hooks`` or ``run_with_hooks``."""
+    problems = model_hook_problems(sae, model.hook_dict)
+    if problems:
+        raise ConfigError(problems)
+    hook = output_hook(sae)
     vector = steering_vector(sae, feature, magnitude)
 
     def add(activation: torch.Tensor, hook) -> torch.Tensor:
@@ -40,7 +44,7 @@ def steering_hook(model, sae, feature: int, magnitude: float) -> tuple[str, Call
 def steer(model, sae, prompt: str | torch.Tensor, feature: int, magnitude: float, *,
           max_new_tokens: int = 50, do_sample: bool = False, temperature: float = 1.0,
           seed: int | None = None, **generate_kwargs) -> str | torch.Tensor:
-    """``model.generate`` with the feature's decoder direction added at the SAE's hook.
+    """``model.generate`` with the feature's decoder direction added at the SAE's output hook.
 
     Greedy by default, so that a run can be repeated; ``do_sample=True`` with ``seed`` samples
     reproducibly. A string prompt gives a string back; token ids give token ids back.

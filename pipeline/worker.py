@@ -25,7 +25,7 @@ from pipeline.dataset import DatasetSpec, Shard, make_windows, open_dataset, row
 from pipeline.encode import SparseEncoder
 from pipeline.shard_builder import ShardBuilder, pool_size
 from pipeline.models import load_model, weights_hash
-from pipeline.saes import SAESource, load_sae
+from pipeline.saes import SAESource, is_transcoder, load_sae, model_hook_problems, output_hook
 from store.errors import ConfigError, DataError
 from store.format import shard_path
 from store.location import open_root
@@ -91,20 +91,22 @@ class ExtractWorker:
             raise ConfigError("BOS is on but the model's tokenizer has no BOS token; pass --no-prepend-bos.")
 
     def _check_hooks(self) -> None:
-        """The SAEs' hooks exist and carry activations of their width (one real, tiny forward)."""
-        hooks = self.model.hook_dict
-        missing = [h for h in self.saes if h not in hooks]
-        if missing:
-            raise ConfigError(f"the model has no hook {missing[0]!r}.")
+        """The SAEs' hooks (and transcoders' output hooks) exist and carry activations of their width
+        (one real, tiny forward)."""
+        problems = [p for sae in self.saes.values() for p in model_hook_problems(sae, self.model.hook_dict)]
+        if problems:
+            raise ConfigError(problems)
+        widths = {hook: ("d_in", sae.cfg.d_in) for hook, sae in self.saes.items()}
+        widths.update({output_hook(sae): ("d_out", sae.cfg.d_out) for sae in self.saes.values() if is_transcoder(sae)})
         with torch.inference_mode():
             _, cache = self.model.run_with_cache(
-                torch.zeros((1, 1), dtype=torch.long, device=self.device), names_filter=list(self.saes)
+                torch.zeros((1, 1), dtype=torch.long, device=self.device), names_filter=list(widths)
             )
-        for hook, sae in self.saes.items():
+        for hook, (name, expected) in widths.items():
             width = int(np.prod(cache[hook].shape[2:]))
-            if width != sae.cfg.d_in:
+            if width != expected:
                 raise ConfigError(
-                    f"the SAE at {hook} has d_in={sae.cfg.d_in}, but the model's activations there have "
+                    f"the SAE at {hook} has {name}={expected}, but the model's activations there have "
                     f"width {width}. Is the SAE for another model?"
                 )
 

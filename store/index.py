@@ -84,25 +84,15 @@ def build_part(location: str, hook: str, part: Part, shards: list[dict], token_d
     existing = _marker(root[f"{fmt.INDEX_GROUP}/{hook}"], part.part_id)
     if existing is not None:  # a retried call whose first attempt finished (its worker died returning)
         return existing
-    tokens, features, stored = [], [], []
-    offset = 0
-    for shard in shards:
-        base = f"{fmt.shard_path(shard['shard_id'])}/{fmt.SAES_GROUP}/{hook}/"
-        indices = root[base + fmt.INDICES][:]
-        at = np.flatnonzero((indices >= part.start) & (indices < part.stop))
-        if len(at):
-            indptr = root[base + fmt.INDPTR][:]
-            tokens.append(np.searchsorted(indptr, at, side="right") - 1 + offset)  # the token of each entry
-            features.append(indices[at])
-            stored.append(root[base + fmt.VALUES][:][at])
-        offset += shard["n_tokens"]
     group = open_root(location, mode="a")[f"{fmt.INDEX_GROUP}/{hook}"]
     value_dtype = group.attrs[fmt.ATTRS_KEY]["value_dtype"]
-    token = np.concatenate(tokens) if tokens else np.zeros(0, np.int64)
-    feature = np.concatenate(features) if features else np.zeros(0, np.int64)
-    values = np.concatenate(stored) if stored else np.zeros(0, fmt.storage_dtype(value_dtype))
+    offsets = np.cumsum([0] + [s["n_tokens"] for s in shards[:-1]])
+    found = [_entries_in(root, shard["shard_id"], hook, part, offset, token_dtype)
+             for shard, offset in zip(shards, offsets)]
+    token, feature, values = (np.concatenate(arrays) for arrays in zip(*found)) if found else \
+        (np.zeros(0, token_dtype), np.zeros(0, np.uint32), np.zeros(0, fmt.storage_dtype(value_dtype)))
     order = sort_stored_by_feature_then_value(feature, values, value_dtype)
-    arrays = {"token": token[order].astype(token_dtype), fmt.VALUES: values[order]}
+    arrays = {"token": token[order], fmt.VALUES: values[order]}
     parts = group[fmt.PARTS_GROUP]
     name = str(part.part_id)
     if name in parts:
@@ -119,6 +109,21 @@ def build_part(location: str, hook: str, part: Part, shards: list[dict], token_d
               "checksum_block": CHUNK,
               "chunk_checksums": {key: checked.block_checksums(data, CHUNK) for key, data in arrays.items()}}
     return write_marker(sub, marker)
+
+
+def _entries_in(root: zarr.Group, shard_id: int, hook: str, part: Part, offset: int,
+                token_dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A shard's entries of the part's features: (store-wide token, feature less the part's start,
+    stored value), in the shard's order."""
+    base = f"{fmt.shard_path(shard_id)}/{fmt.SAES_GROUP}/{hook}/"
+    indices = root[base + fmt.INDICES][:]
+    # one unsigned comparison tests both bounds: features below the start wrap round to large numbers
+    local = indices - indices.dtype.type(part.start)
+    at = np.flatnonzero(local < part.stop - part.start)
+    if not len(at):
+        return np.zeros(0, token_dtype), local[:0], root[base + fmt.VALUES][:0]
+    token_of = np.searchsorted(root[base + fmt.INDPTR][:], at, side="right") - 1
+    return (token_of + offset).astype(token_dtype), local[at], root[base + fmt.VALUES][:][at]
 
 
 def finalize(location: str, hook: str) -> None:

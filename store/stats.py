@@ -60,18 +60,40 @@ def sort_by_feature_then_value(features: np.ndarray, values: np.ndarray) -> np.n
     return np.argsort(key, kind="stable")
 
 
+SORT_BUCKET = 1 << 20  # entries per bucket of a large sort: its radix passes then stay in cache
+
+
 def sort_stored_by_feature_then_value(features: np.ndarray, stored: np.ndarray, value_dtype: str) -> np.ndarray:
     """``sort_by_feature_then_value`` of stored values. 16-bit values (bfloat16, float16) of features
     that span fewer than 2^16 ids sort as two stable radix passes over 16-bit keys, value then
-    feature, which is about 2.5 times faster than one comparison sort of 64-bit keys."""
+    feature, which is about 2.5 times faster than one comparison sort of 64-bit keys. Past
+    ``SORT_BUCKET`` entries, a stable pass first splits them into buckets of whole features, each
+    then sorted alone: the same order, in about two thirds of the time, since each bucket's passes
+    work in cache."""
     offset = features.min() if len(features) else 0
     if stored.dtype.itemsize != 2 or (len(features) and features.max() - offset >= 1 << 16):
         return sort_by_feature_then_value(features, fmt.decode_values(stored, value_dtype))
+    local = (features - offset).astype(np.uint16)
     bits = stored.view(np.uint16)
     # sign and magnitude to one descending key: a positive value's magnitude bits flip, a negative's stay
     descending = bits ^ (((bits >> 15) - np.uint16(1)) & np.uint16(0x7FFF))
+    if len(local) <= SORT_BUCKET:
+        return _value_then_feature(local, descending)
+    runs = np.bincount(local)
+    starts = np.cumsum(runs) - runs
+    _, bucket = np.unique(starts // SORT_BUCKET, return_inverse=True)  # each feature's bucket, ascending
+    by_bucket = np.argsort(bucket.astype(np.uint16)[local], kind="stable")
+    bounds = np.append(starts[np.searchsorted(bucket, np.arange(bucket[-1] + 1))], len(local))
+    order = np.empty(len(local), np.intp)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        within = by_bucket[a:b]
+        order[a:b] = within[_value_then_feature(local[within], descending[within])]
+    return order
+
+
+def _value_then_feature(local: np.ndarray, descending: np.ndarray) -> np.ndarray:
     by_value = np.argsort(descending, kind="stable")
-    return by_value[np.argsort((features - offset).astype(np.uint16)[by_value], kind="stable")]
+    return by_value[np.argsort(local[by_value], kind="stable")]
 
 
 def compute(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, d_sae: int,

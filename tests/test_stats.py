@@ -121,16 +121,19 @@ def test_empty_accumulator_equals_empty():
         np.testing.assert_array_equal(getattr(got, name), getattr(ref, name))
 
 
+@pytest.mark.parametrize("bucket", [stats.SORT_BUCKET, 1000])  # one bucket; buckets, one of them a feature alone
 @pytest.mark.parametrize("value_dtype", ["bfloat16", "float16", "float32"])
-def test_sorting_stored_values_equals_sorting_floats(value_dtype):
+def test_sorting_stored_values_equals_sorting_floats(value_dtype, bucket, monkeypatch):
     from store.format import decode_values, storage_dtype
 
+    monkeypatch.setattr(stats, "SORT_BUCKET", bucket)
     rng = np.random.default_rng(7)
     values = np.round(rng.normal(0, 3, 20_000), 1).astype(np.float32)  # both signs, many ties
     values[values == 0] = 0.5
     stored = ((values.view(np.uint32) >> 16).astype(np.uint16) if value_dtype == "bfloat16"
               else values.astype(storage_dtype(value_dtype)))
-    for features in (rng.integers(1000, 1300, len(values)), rng.integers(0, 70_000, len(values))):
+    heavy = np.where(rng.random(len(values)) < 0.2, 1100, rng.integers(1000, 1300, len(values)))
+    for features in (rng.integers(1000, 1300, len(values)), heavy, rng.integers(0, 70_000, len(values))):
         expected = stats.sort_by_feature_then_value(features, decode_values(stored, value_dtype))
         np.testing.assert_array_equal(stats.sort_stored_by_feature_then_value(features, stored, value_dtype),
                                       expected)
