@@ -27,6 +27,11 @@ On your own model, SAEs and data (hub names need network access):
       --dataset NeelNanda/pile-10k --context-size 128 --max-tokens 5_000_000 \\
       --store s3://bucket/gpt2-res.zarr --workers 8
 
+A Hugging Face model saved with save_pretrained (and its tokenizer beside it)
+loads through TransformerBridge; SAEs still name TransformerLens hooks:
+
+  latentstore extract --model ./my-gpt2 --sae ./my-sae --dataset data.jsonl
+
 On a cluster, the same command under Ray's job API:
 
   ray job submit --working-dir . -- latentstore extract ...
@@ -65,9 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=EXTRACT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     what = extract.add_argument_group("what to run")
-    what.add_argument("--model", help="a TransformerLens model name, or a local model directory "
-                      "(config.json + model.safetensors; see pipeline.models.save_model). "
-                      "Default: the embedded default model")
+    what.add_argument("--model", help="a TransformerLens model name, or a local model directory of config.json + "
+                      "model.safetensors: latentstore's (pipeline.models.save_model), loaded as a "
+                      "HookedTransformer, or a Hugging Face one (model.save_pretrained(dir) and "
+                      "tokenizer.save_pretrained(dir); its config.json names a model_type), loaded through "
+                      "TransformerBridge with Hugging Face's numerics. Default: the embedded default model")
     what.add_argument("--sae", action="append", dest="saes", metavar="SAE", help=SAE_HELP)
     what.add_argument("--model-dtype", choices=["float32", "float16", "bfloat16"],
                       help="run the model and SAEs in this dtype (default: the model's own)")

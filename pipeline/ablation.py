@@ -45,7 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.metrics import Metric, accepts_prompts, check_metric_output
-from pipeline.models import hook_layer
+from pipeline.models import can_start_at_layer, forward_attention_mask, hook_layer
 from pipeline.saes import (RUN_TIME_NORMALIZATIONS, TranscoderSplice, decoder_scale, input_hook, is_transcoder,
                            model_hook_problems, output_hook)
 from store.errors import ConfigError
@@ -135,16 +135,18 @@ class Resume:
     SAE changes), so most of the model is skipped: ``blocks.L.hook_resid_pre`` starts at block
     L with the hook's output as the residual; ``blocks.L.hook_resid_post`` at block L + 1; any
     other hook in block L starts at L from the cached residual and has its value replaced.
-    Hooks outside the blocks, and shortformer models, run from the tokens.
+    Hooks outside the blocks, shortformer models and TransformerBridge models (whose forward
+    cannot start inside) run from the tokens.
     """
 
     def __init__(self, model, hook: str, tokens: torch.Tensor, attention_mask: torch.Tensor | None):
         self.model, self.hook = model, hook
         self.tokens = tokens
         # What the full forward computes from the tokens (left padding needs an explicit mask).
-        self.attention_mask = model.input_to_embed(tokens, attention_mask=attention_mask)[3]
+        self.attention_mask = forward_attention_mask(model, tokens, attention_mask)
         layer = hook_layer(hook)
-        in_blocks = layer is not None and layer >= 0 and model.cfg.positional_embedding_type != "shortformer"
+        in_blocks = (layer is not None and layer >= 0 and can_start_at_layer(model)
+                     and model.cfg.positional_embedding_type != "shortformer")
         if in_blocks and hook == f"blocks.{layer}.hook_resid_pre":
             self.mode, self.start = "residual", layer
         elif in_blocks and hook == f"blocks.{layer}.hook_resid_post":

@@ -24,7 +24,7 @@ import torch
 from pipeline.dataset import DatasetSpec, Shard, make_windows, open_dataset, rows_digest, tokenize_rows
 from pipeline.encode import SparseEncoder
 from pipeline.shard_builder import ShardBuilder, pool_size
-from pipeline.models import load_model, weights_hash
+from pipeline.models import hook_point, load_model, loader_name, weights_hash
 from pipeline.saes import SAESource, is_transcoder, load_sae, model_hook_problems, output_hook
 from store.errors import ConfigError, DataError
 from store.format import shard_path
@@ -115,7 +115,9 @@ class ExtractWorker:
         tokenizer = self.model.tokenizer
         return {
             "model_weights_hash": weights_hash(self.model),
+            "model_loader": loader_name(self.model),
             "sae_weights_hashes": {hook: weights_hash(sae) for hook, sae in self.saes.items()},
+            "hook_points": {hook: hook_point(self.model, hook) for hook in self.saes},  # the model's own names
             "tokenizer": None
             if tokenizer is None
             else {
