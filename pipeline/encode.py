@@ -73,12 +73,11 @@ class SparseEncoder:
             def hook(activation: torch.Tensor, hook) -> None:
                 # real tokens only, before encoding: padding is never encoded, and nothing dense is copied
                 features = sae.encode(activation[valid].to(sae.dtype))  # [n_tokens, d_sae]
-                active = features != 0
-                token, feature = active.nonzero().unbind(1)  # row-major: features ascend within each token
+                token, feature, values = nonzeros(features)
                 # only these leave the device
                 found[hook_name] = (torch.bincount(token, minlength=features.shape[0]),
                                     to_index(feature, self._index_dtypes[hook_name]),
-                                    to_storage(features[active], self.value_dtype))
+                                    to_storage(values, self.value_dtype))
 
             return hook
 
@@ -92,6 +91,21 @@ class SparseEncoder:
         if copied is not None:
             copied.record()  # after every copy above: the host waits on it, the device goes on
         return out
+
+
+def nonzeros(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token, feature, value) of each nonzero of ``[n_tokens, d_sae]`` latents, row-major (features
+    ascend within each token). A sparse COO tensor (sae_lens's TopK with ``use_sparse_activations``)
+    is read as it is, never made dense; its explicit zeros are dropped."""
+    if features.is_sparse:
+        coalesced = features.coalesce()  # sorted row-major, duplicates summed
+        token, feature = coalesced.indices()
+        values = coalesced.values()
+        kept = values != 0
+        return token[kept], feature[kept], values[kept]
+    active = features != 0
+    token, feature = active.nonzero().unbind(1)
+    return token, feature, features[active]
 
 
 def to_index(feature: torch.Tensor, dtype: np.dtype) -> torch.Tensor:
