@@ -15,6 +15,7 @@ import argparse
 import logging
 import re
 import shlex
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from pipeline.dashboard_data import (DashboardBuilder, checked_features, DashboardSettings, Example, FeatureDashboard,
-                                     load_decoder, load_logit_weights, window_starts)
+from pipeline.dashboard_data import (DashboardBuilder, checked_features, collector_paused, DashboardSettings,
+                                     FeatureDashboard, load_decoder, load_logit_weights, window_starts)
 from store import FeatureStore
 from store.errors import ConfigError
 from store.tokens import TokenDisplay
@@ -126,19 +127,26 @@ def export_neuronpedia(fs: FeatureStore, hook: str, out: str | Path, features: r
               "dataset": names.dataset or fs.run["dataset"]["name"]}
     heads = n_heads(fs) if hook.endswith(".hook_z") else None
     display, n_tokens = fs.token_display, fs.n_tokens
-    written, batch = [], []
+    written: list[Path] = []
+    batch: list[dict[str, Any]] = []
     tables: dict[int, dict[str, Any]] = {}
-    for dashboard in builder.build(features, progress=progress):
-        if dashboard.feature not in tables:  # the decoder's tables, for the next batch of features at once
-            ahead = range(dashboard.feature, min(features.stop, dashboard.feature + batch_size))
-            tables = decoder_tables(None if W_dec is None else W_dec[ahead.start:ahead.stop].numpy(), ahead, heads)
-        batch.append(neuronpedia_feature(dashboard, display, n_tokens, tables.pop(dashboard.feature), common))
-        if len(batch) == batch_size or dashboard.feature == features.stop - 1:
-            path = out / f"batch-{len(written)}.json"
-            # orjson: ten times json's speed here; float32 arrays written as their shortest exact text
-            path.write_bytes(orjson.dumps({**header, "features": batch}, option=orjson.OPT_SERIALIZE_NUMPY))
-            written.append(path)
-            batch = []
+    # a batch's bytes are written on another thread (writing lets go of the GIL) while the next is built
+    with ThreadPoolExecutor(1, thread_name_prefix="neuronpedia-write") as writer, collector_paused():
+        writes = []  # (the collector is paused: a batch is tens of thousands of small objects, none in a cycle)
+        for dashboard in builder.build(features, progress=progress):
+            if dashboard.feature not in tables:  # the decoder's tables, for the next batch of features at once
+                ahead = range(dashboard.feature, min(features.stop, dashboard.feature + batch_size))
+                tables = decoder_tables(None if W_dec is None else W_dec[ahead.start:ahead.stop].numpy(), ahead, heads)
+            batch.append(neuronpedia_feature(dashboard, display, n_tokens, tables.pop(dashboard.feature), common))
+            if len(batch) == batch_size or dashboard.feature == features.stop - 1:
+                path = out / f"batch-{len(written)}.json"
+                # orjson: ten times json's speed here; float32 arrays written as their shortest exact text
+                data = orjson.dumps({**header, "features": batch}, option=orjson.OPT_SERIALIZE_NUMPY)
+                writes.append(writer.submit(path.write_bytes, data))
+                written.append(path)
+                batch = []
+        for write in writes:
+            write.result()
     return written
 
 
@@ -207,14 +215,14 @@ def neuronpedia_feature(d: FeatureDashboard, display: TokenDisplay, n_tokens: in
     when it does not compute them. A feature that never fires has ``frac_nonzero`` 0 (an int), as
     SAEDashboard writes it."""
     logits, correlated = d.logits, d.correlated
-    activations = []
-    for group in d.groups:
-        if group.kind == "top":
-            bounds = (-1, d.max, -1)
-        else:
-            lower, upper = group.interval
-            bounds = (lower, upper, group.n_tokens_within / max(1, n_tokens))
-        activations += [example_json(e, display, *bounds) for e in group.examples]
+    examples = [e for group in d.groups for e in group.examples]
+    # the text of every token the feature shows, looked up at once: its examples', then its logit table's
+    shown = [e.token_ids for e in examples]
+    if logits:
+        shown += [np.asarray(logits.top_ids), np.asarray(logits.bottom_ids)]
+    texts = display.text(np.concatenate(shown)) if shown else []
+    n_logits = len(logits.top_ids) if logits else 0
+    pos_str, neg_str = texts[len(texts) - 2 * n_logits:len(texts) - n_logits], texts[len(texts) - n_logits:]
     return {
         "feature_index": d.feature,
         "neuron_alignment_indices": decoder["neuron_alignment_indices"],
@@ -226,9 +234,9 @@ def neuronpedia_feature(d: FeatureDashboard, display: TokenDisplay, n_tokens: in
         "correlated_features_indices": correlated.indices if correlated else [],
         "correlated_features_l1": correlated.cosine if correlated else [],
         "correlated_features_pearson": correlated.pearson if correlated else [],
-        "neg_str": display.text(logits.bottom_ids) if logits else [],
+        "neg_str": neg_str,
         "neg_values": logits.bottom_values if logits else [],
-        "pos_str": display.text(logits.top_ids) if logits else [],
+        "pos_str": pos_str,
         "pos_values": logits.top_values if logits else [],
         "frac_nonzero": d.frac_nonzero if d.n_fired else 0,
         "freq_hist_data_bar_values": d.hist_centers,
@@ -237,16 +245,27 @@ def neuronpedia_feature(d: FeatureDashboard, display: TokenDisplay, n_tokens: in
         "logits_hist_data_bar_values": logits.hist_centers if logits else [],
         **common,  # n_prompts_total, n_tokens_in_prompt, dataset
         "decoder_weights_dist": decoder["decoder_weights_dist"],
-        "activations": activations,
+        "activations": activations_json(d, texts, n_tokens),
         "vector": decoder["vector"],
     }
 
 
-def example_json(e: Example, display: TokenDisplay, bin_min: float, bin_max: float,
-                 bin_contains: float) -> dict[str, Any]:
-    return {"bin_min": bin_min, "bin_max": bin_max, "bin_contains": bin_contains,
-            "tokens": display.text(e.token_ids), "values": e.values, "qualifying_token_index": e.active,
-            "dataset_row": e.row, "dataset_pos": e.pos, "token_index": e.token_index}
+def activations_json(d: FeatureDashboard, texts: list[str], n_tokens: int) -> list[dict[str, Any]]:
+    """The feature's examples, group after group, each with its group's ``bin_min``, ``bin_max`` and
+    ``bin_contains``; ``texts`` begins with the text of all their tokens, one example after another."""
+    out, at = [], 0
+    for group in d.groups:
+        if group.kind == "top":
+            bin_min, bin_max, bin_contains = -1, d.max, -1
+        else:
+            (bin_min, bin_max), bin_contains = group.interval, group.n_tokens_within / max(1, n_tokens)
+        for e in group.examples:
+            end = at + len(e.token_ids)
+            out.append({"bin_min": bin_min, "bin_max": bin_max, "bin_contains": bin_contains, "tokens": texts[at:end],
+                        "values": e.values, "qualifying_token_index": e.active, "dataset_row": e.row,
+                        "dataset_pos": e.pos, "token_index": e.token_index})
+            at = end
+    return out
 
 
 def converter_command(fs: FeatureStore, hook: str, out: str | Path, names: NeuronpediaNames) -> str:

@@ -250,17 +250,22 @@ def ranked(column: np.ndarray, tokens: np.ndarray, values: np.ndarray) -> tuple[
     return tokens[order].astype(np.int64), values[order]
 
 
-def dense_gram(rows: sp.csr_matrix, chunk_entries: int = 1 << 24) -> np.ndarray:
+def dense_gram(rows: sp.csr_matrix, chunk_entries: int = 1 << 24, block: int = BLOCK_FEATURES) -> np.ndarray:
     """``rows.T @ rows`` as a dense float64 ``[features, features]`` array: float32 BLAS products over
-    chunks of tokens (``chunk_entries`` dense values each), summed in float64."""
+    chunks of tokens (``chunk_entries`` dense values each), summed in float64. The matrix is symmetric,
+    so only the blocks of ``block`` features on and above the diagonal are multiplied (a little over
+    half the work) and the rest are copied from them."""
     import torch
 
     n, d = rows.shape
     gram = np.zeros((d, d))
     step = max(1, chunk_entries // max(1, d))
     for start in range(0, n, step):
-        dense = torch.from_numpy(rows[start:start + step].toarray().astype(np.float32))
-        gram += (dense.T @ dense).double().numpy()
+        dense = torch.from_numpy(rows[start:start + step].toarray().astype(np.float32, copy=False))
+        for a in range(0, d, block):
+            gram[a:a + block, a:] += (dense[:, a:a + block].T @ dense[:, a:]).double().numpy()
+    for a in range(0, d, block):
+        gram[a + block:, a:a + block] = gram[a:a + block, a + block:].T
     return gram
 
 

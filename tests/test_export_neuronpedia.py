@@ -361,3 +361,15 @@ def test_decoder_weights_dist_is_each_heads_share_at_hook_z():
         np.testing.assert_allclose(tables[f]["decoder_weights_dist"], norms / norms.sum(), rtol=1e-12)
         assert len(tables[f]["vector"]) == 32
     assert decoder_tables(None, range(2), None)[1]["vector"] == []
+
+
+@pytest.mark.parametrize("block, chunk_entries", [(8, 37 * 5), (16, 1 << 24), (37, 37 * 3), (64, 37)])
+def test_dense_gram_multiplies_the_upper_blocks_and_mirrors_them(block, chunk_entries):
+    # 37 features: blocks that do not divide them, and token chunks of 5, all, 3 and 1 tokens
+    rng = np.random.default_rng(1)
+    dense = rng.random((101, 37)) * (rng.random((101, 37)) < 0.3)
+    rows = dashboard_data.sp.csr_matrix(dense.astype(np.float32))
+    gram = dashboard_data.dense_gram(rows, chunk_entries=chunk_entries, block=block)
+    reference = dense.astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(gram, reference.T @ reference, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(gram, gram.T)
