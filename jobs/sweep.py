@@ -264,13 +264,11 @@ class SweepWorker:
 
     @torch.no_grad()
     def _live_from_run(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> np.ndarray:
-        from pipeline.ablation import live_features
+        from pipeline.ablation import latents, live_features
 
-        name = f"{self.job.hook}.hook_sae_acts_post"
-        _, cache = self.model.run_with_cache_with_saes(tokens.to(self.device), saes=[self.sae], names_filter=[name],
-                                                       attention_mask=None if mask is None else mask.to(self.device))
+        acts = latents(self.model, self.sae, tokens.to(self.device), None if mask is None else mask.to(self.device))
         positions = resolve_positions(self.job.config.position, len(tokens), tokens.shape[1], mask)
-        return live_features(cache[name], positions, mask)
+        return live_features(acts, positions, mask)
 
     def run_part(self, part: Part) -> dict:
         """Compute and write one part; returns its completion marker. Safe to call again."""

@@ -434,6 +434,19 @@ def run_baseline(model, sae, tokens: torch.Tensor, resume: Resume, runner: Metri
                     hook_out=hook_out.reshape(n, seq, -1), scale=scale)
 
 
+@torch.no_grad()
+def latents(model, sae, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The SAE's latents over ``tokens``, ``[n_prompts, seq, d_sae]``: its ``hook_sae_acts_post`` as
+    ``run_with_cache_with_saes`` gives it; for a transcoder, ``encode`` of its input hook's activation."""
+    hook = input_hook(sae)
+    if is_transcoder(sae):
+        _, cache = model.run_with_cache(tokens, names_filter=[hook], attention_mask=attention_mask)
+        return sae.encode(cache[hook])
+    name = f"{hook}.hook_sae_acts_post"
+    _, cache = model.run_with_cache_with_saes(tokens, saes=[sae], names_filter=[name], attention_mask=attention_mask)
+    return cache[name]
+
+
 def live_features(acts: torch.Tensor, positions: torch.Tensor | None,
                   attention_mask: torch.Tensor | None) -> np.ndarray:
     """Features active at any prompt's ablated position (any real token for None): the union."""

@@ -306,3 +306,27 @@ def test_extraction_refuses_a_missing_output_hook_before_any_work(assets, tmp_pa
     ]
     assert raised.value.problems[0].split("Hooks there include: ")[1].startswith("blocks.1.hook_mlp_out")
     assert not (tmp_path / "s.zarr" / "zarr.json").exists()
+
+
+def test_sweep_worker_takes_a_transcoder(assets, tmp_path):
+    """The sweep job's worker, alone: the live features of prompts from a file are the transcoder's."""
+    import json
+
+    from jobs.sweep import SweepConfig, SweepWorker, validate
+    from pipeline.models import load_model
+
+    make_transcoder("jumprelu_skip_transcoder", seed=7).save_model(tmp_path / "tc")
+    lines = [{"prompt": p, "answer": "mat", "wrong_answer": "dog"} for p in ("the cat sat", "a big red fox ran", "it")]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cfg = SweepConfig(name="tc", store=str(tmp_path / "out.zarr"), prompts=str(tmp_path / "p.jsonl"),
+                      model=str(assets["model_dir"]), sae=str(tmp_path / "tc"), position=None)
+    job = validate(cfg)
+    assert job.hook == HOOK_IN
+    worker = SweepWorker(job)
+    live = worker.live_features()
+    model = load_model(str(assets["model_dir"]))
+    tc = load_sae(SAESource.parse(str(tmp_path / "tc")))
+    metric = LogitDiff.from_strings(model, ["mat"] * 3, ["dog"] * 3)
+    expected = ablation_sweep(model, tc, worker.tokens, metric, position=None, attention_mask=worker.mask)
+    assert len(live) > 5
+    np.testing.assert_array_equal(live, np.unique(expected["feature"]))
