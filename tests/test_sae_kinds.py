@@ -248,6 +248,15 @@ def test_store_of_every_kind_equals_sae_lens(assets, ray_cluster, tmp_path):
     assert "hook_out" not in recorded["blocks.0.hook_resid_pre"]
     assert recorded["blocks.0.hook_resid_mid"]["architecture"] == "jumprelu"  # BatchTopK, as saved
 
+    # dashboards' logit tables: a transcoder's decoder writes its output hook (here the MLP's output,
+    # which adds into the residual stream), so its logit effects are W_dec @ W_U
+    from pipeline.dashboard_data import load_logit_weights, model_unembed
+
+    skip_tc = next(sae for hook, sae, _ in directories if hook == "blocks.1.ln2.hook_normalized")
+    weights = load_logit_weights(fs, "blocks.1.ln2.hook_normalized")
+    np.testing.assert_array_equal(weights.W_dec, skip_tc.W_dec.detach().numpy())
+    np.testing.assert_array_equal(weights.W_U, model_unembed(str(assets["model_dir"])).numpy())
+
     model = load_model(str(assets["model_dir"]))
     tok = assets["tokenizer"]
     token_lists = [np.array(tok(t, add_special_tokens=False)["input_ids"]) for t in assets["texts"]]
