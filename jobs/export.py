@@ -130,6 +130,7 @@ def export_neuronpedia(fs: FeatureStore, hook: str, out: str | Path, features: r
     written: list[Path] = []
     batch: list[dict[str, Any]] = []
     tables: dict[int, dict[str, Any]] = {}
+    texts: dict[tuple[int, int], list[str]] = {}  # the text of each window shown in the batch, looked up once
     # a batch's bytes are written on another thread (writing lets go of the GIL) while the next is built
     with ThreadPoolExecutor(1, thread_name_prefix="neuronpedia-write") as writer, collector_paused():
         writes = []  # (the collector is paused: a batch is tens of thousands of small objects, none in a cycle)
@@ -137,14 +138,14 @@ def export_neuronpedia(fs: FeatureStore, hook: str, out: str | Path, features: r
             if dashboard.feature not in tables:  # the decoder's tables, for the next batch of features at once
                 ahead = range(dashboard.feature, min(features.stop, dashboard.feature + batch_size))
                 tables = decoder_tables(None if W_dec is None else W_dec[ahead.start:ahead.stop].numpy(), ahead, heads)
-            batch.append(neuronpedia_feature(dashboard, display, n_tokens, tables.pop(dashboard.feature), common))
+            batch.append(neuronpedia_feature(dashboard, display, n_tokens, tables.pop(dashboard.feature), common, texts))
             if len(batch) == batch_size or dashboard.feature == features.stop - 1:
                 path = out / f"batch-{len(written)}.json"
                 # orjson: ten times json's speed here; float32 arrays written as their shortest exact text
                 data = orjson.dumps({**header, "features": batch}, option=orjson.OPT_SERIALIZE_NUMPY)
                 writes.append(writer.submit(path.write_bytes, data))
                 written.append(path)
-                batch = []
+                batch, texts = [], {}
         for write in writes:
             write.result()
     return written
@@ -205,7 +206,7 @@ def decoder_tables(W_dec: np.ndarray | None, features: range, heads: int | None)
 
 
 def neuronpedia_feature(d: FeatureDashboard, display: TokenDisplay, n_tokens: int, decoder: dict[str, Any],
-                        common: dict[str, Any]) -> dict[str, Any]:
+                        common: dict[str, Any], texts: dict[tuple[int, int], list[str]] | None = None) -> dict[str, Any]:
     """One feature in SAEDashboard's fields and order (``NeuronpediaDashboardFeature.to_dict``).
 
     Activation groups as SAEDashboard's Neuronpedia runner makes them: the top group has
@@ -215,14 +216,9 @@ def neuronpedia_feature(d: FeatureDashboard, display: TokenDisplay, n_tokens: in
     when it does not compute them. A feature that never fires has ``frac_nonzero`` 0 (an int), as
     SAEDashboard writes it."""
     logits, correlated = d.logits, d.correlated
-    examples = [e for group in d.groups for e in group.examples]
-    # the text of every token the feature shows, looked up at once: its examples', then its logit table's
-    shown = [e.token_ids for e in examples]
-    if logits:
-        shown += [np.asarray(logits.top_ids), np.asarray(logits.bottom_ids)]
-    texts = display.text(np.concatenate(shown)) if shown else []
     n_logits = len(logits.top_ids) if logits else 0
-    pos_str, neg_str = texts[len(texts) - 2 * n_logits:len(texts) - n_logits], texts[len(texts) - n_logits:]
+    shown = display.text(np.concatenate([logits.top_ids, logits.bottom_ids]).astype(np.int64)) if logits else []
+    pos_str, neg_str = shown[:n_logits], shown[n_logits:]
     return {
         "feature_index": d.feature,
         "neuron_alignment_indices": decoder["neuron_alignment_indices"],
@@ -245,26 +241,40 @@ def neuronpedia_feature(d: FeatureDashboard, display: TokenDisplay, n_tokens: in
         "logits_hist_data_bar_values": logits.hist_centers if logits else [],
         **common,  # n_prompts_total, n_tokens_in_prompt, dataset
         "decoder_weights_dist": decoder["decoder_weights_dist"],
-        "activations": activations_json(d, texts, n_tokens),
+        "activations": activations_json(d, window_texts(d, display, texts), n_tokens),
         "vector": decoder["vector"],
     }
 
 
-def activations_json(d: FeatureDashboard, texts: list[str], n_tokens: int) -> list[dict[str, Any]]:
+def window_texts(d: FeatureDashboard, display: TokenDisplay,
+                 texts: dict[tuple[int, int], list[str]] | None = None) -> list[list[str]]:
+    """The shown text of each of the feature's examples, group after group. ``texts`` keeps the text
+    of each span of the store's tokens already shown (its first and past token): features show the
+    same windows again and again, and each span is looked up once. The spans not in it yet are
+    looked up together."""
+    texts = {} if texts is None else texts
+    examples = [e for group in d.groups for e in group.examples]
+    spans = [(e.token_index - e.active, e.token_index - e.active + len(e.token_ids)) for e in examples]
+    new = {span: e.token_ids for span, e in zip(spans, examples) if span not in texts}
+    if new:
+        looked_up, at = display.text(np.concatenate(list(new.values()))), 0
+        for first, past in new:
+            texts[first, past], at = looked_up[at:at + past - first], at + past - first
+    return [texts[span] for span in spans]
+
+
+def activations_json(d: FeatureDashboard, texts: list[list[str]], n_tokens: int) -> list[dict[str, Any]]:
     """The feature's examples, group after group, each with its group's ``bin_min``, ``bin_max`` and
-    ``bin_contains``; ``texts`` begins with the text of all their tokens, one example after another."""
-    out, at = [], 0
+    ``bin_contains`` and its text from ``texts`` (one list of strings per example)."""
+    out, shown = [], iter(texts)
     for group in d.groups:
         if group.kind == "top":
             bin_min, bin_max, bin_contains = -1, d.max, -1
         else:
             (bin_min, bin_max), bin_contains = group.interval, group.n_tokens_within / max(1, n_tokens)
-        for e in group.examples:
-            end = at + len(e.token_ids)
-            out.append({"bin_min": bin_min, "bin_max": bin_max, "bin_contains": bin_contains, "tokens": texts[at:end],
-                        "values": e.values, "qualifying_token_index": e.active, "dataset_row": e.row,
-                        "dataset_pos": e.pos, "token_index": e.token_index})
-            at = end
+        out += [{"bin_min": bin_min, "bin_max": bin_max, "bin_contains": bin_contains, "tokens": next(shown),
+                 "values": e.values, "qualifying_token_index": e.active, "dataset_row": e.row, "dataset_pos": e.pos,
+                 "token_index": e.token_index} for e in group.examples]
     return out
 
 
