@@ -201,12 +201,17 @@ def exports(fs, hook: str, folder: Path, extract_s: float) -> dict[str, float]:
     times["neuronpedia"] = time.perf_counter() - t
     size = sum(p.stat().st_size for p in written)
     t = time.perf_counter()
+    export_neuronpedia(fs, hook, folder / "neuronpedia-bare", correlated_features=False)
+    times["neuronpedia_bare"] = time.perf_counter() - t
+    t = time.perf_counter()
     splits = export_delphi(fs, folder / "delphi", [hook])[hook]
     times["delphi"] = time.perf_counter() - t
     size_delphi = sum(p.stat().st_size for p in splits)
     print(f"exports of all {fs.d_sae(hook):,} features of {hook} (extraction {extract_s:.1f} s; goal: at most 10%)")
     print(f"  neuronpedia  {times['neuronpedia']:8.1f} s  {100 * times['neuronpedia'] / extract_s:5.1f}% of the "
           f"extraction  ({len(written)} batch files, {size / 2**20:.1f} MiB)")
+    print(f"    without correlated features (--no-correlated-features)  {times['neuronpedia_bare']:.1f} s  "
+          f"{100 * times['neuronpedia_bare'] / extract_s:.1f}%")
     print(f"  delphi       {times['delphi']:8.1f} s  {100 * times['delphi'] / extract_s:5.1f}% of the extraction  "
           f"({len(splits)} split files, {size_delphi / 2**20:.1f} MiB)")
     return times

@@ -16,7 +16,7 @@ import logging
 import re
 import shlex
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,10 @@ def add_commands(commands) -> None:
                         help="no weights are loaded: the logit tables, neuron alignment and vector are left empty "
                              "(an SAE that does not write the residual stream, such as one at hook_z, gets no logit "
                              "tables in any case)")
+    parser.add_argument("--no-correlated-features", dest="correlated_features", action="store_false",
+                        help="leave the correlated_features_* lists empty, as SAEDashboard writes them without its "
+                             "feature tables (their products over every pair of features are most of the export's "
+                             "time for a wide SAE that fires often)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.set_defaults(handler=_handle)
 
@@ -105,10 +109,11 @@ class NeuronpediaNames:
 
 def export_neuronpedia(fs: FeatureStore, hook: str, out: str | Path, features: range | None = None,
                        batch_size: int = BATCH_FEATURES, logits: bool = True,
-                       names: NeuronpediaNames = NeuronpediaNames(), progress: bool = False) -> list[Path]:
+                       names: NeuronpediaNames = NeuronpediaNames(), progress: bool = False,
+                       correlated_features: bool = True) -> list[Path]:
     """Write ``batch-N.json`` files (N counts batches from 0) and return their paths. Tokens are
     shown by ``fs.token_display`` (``pipeline.tokens.use_tokenizer(fs)`` makes it from the run's
-    tokenizer, as the command does)."""
+    tokenizer, as the command does). ``correlated_features=False`` leaves those lists empty."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: give at least 1 feature per batch.")
     features = checked_features(fs, hook, features)
@@ -121,7 +126,8 @@ def export_neuronpedia(fs: FeatureStore, hook: str, out: str | Path, features: r
             weights = load_logit_weights(fs, hook, W_dec=W_dec)
         except ConfigError as e:  # an SAE that does not write the residual stream (hook_z): no logit tables
             log.warning("%s The logit tables are left empty; the decoder's tables and vector are written.", e)
-    builder = DashboardBuilder(fs, hook, weights, NEURONPEDIA_SETTINGS)
+    settings = NEURONPEDIA_SETTINGS if correlated_features else replace(NEURONPEDIA_SETTINGS, n_correlated=0)
+    builder = DashboardBuilder(fs, hook, weights, settings)
     header = batch_header(fs, hook, names)
     common = {"n_prompts_total": n_windows(builder), "n_tokens_in_prompt": int(fs.run["context_size"]),
               "dataset": names.dataset or fs.run["dataset"]["name"]}
@@ -211,9 +217,11 @@ def neuronpedia_feature(d: FeatureDashboard, display: TokenDisplay, n_tokens: in
 
     Activation groups as SAEDashboard's Neuronpedia runner makes them: the top group has
     ``bin_min = bin_contains = -1`` (ints) and ``bin_max`` the maximum; an interval group has its
-    bounds and its share of all the store's tokens. Correlated neurons need the model's dense
-    activations, which a store does not keep: those lists are empty, as SAEDashboard leaves them
-    when it does not compute them. A feature that never fires has ``frac_nonzero`` 0 (an int), as
+    bounds and its share of all the store's tokens. Correlated neurons (SAEDashboard's correlations
+    of the feature with each dimension of the SAE's input) need the model's dense activations, which
+    a store does not keep, and another forward over the store's windows to get them (see
+    ``docs/DASHBOARDS.md``): those lists are empty, as SAEDashboard leaves them when it does not
+    compute them. A feature that never fires has ``frac_nonzero`` 0 (an int), as
     SAEDashboard writes it."""
     logits, correlated = d.logits, d.correlated
     n_logits = len(logits.top_ids) if logits else 0
@@ -300,7 +308,7 @@ def _handle(args: argparse.Namespace) -> None:
     use_tokenizer(fs)  # tokens as Neuronpedia shows them, from the run's tokenizer (store.tokens)
     names = NeuronpediaNames(args.model_id, args.sae_set, args.sae_id_suffix, args.dataset)
     paths = export_neuronpedia(fs, args.hook, args.out, args.features, args.batch_size, args.logits, names,
-                               args.progress)
+                               args.progress, args.correlated_features)
     print(f"wrote {len(paths)} batch files to {args.out}")
     print("next, Neuronpedia's converter (utils/neuronpedia-utils in its repository), with your release's options:")
     print("  " + converter_command(fs, args.hook, args.out, names))

@@ -307,7 +307,8 @@ def test_a_feature_with_one_distinct_value_has_one_bin_at_it(store, tmp_path):
 def test_command_line_names_help_and_the_converters_command(store, tmp_path, capsys):
     assert main(["export", "neuronpedia", store.location, "--hook", HOOK, "--out", str(tmp_path),
                  "--features", "10:20", "--no-logits", "--no-progress", "--model-id", "tiny-model",
-                 "--sae-set", "res-test", "--sae-id-suffix", "l0-8", "--dataset", "me/my-data"]) == 0
+                 "--sae-set", "res-test", "--sae-id-suffix", "l0-8", "--dataset", "me/my-data",
+                 "--no-correlated-features"]) == 0
     batch = json.loads((tmp_path / "batch-0.json").read_text())
     assert (batch["model_id"], batch["layer"], batch["sae_set"], batch["sae_id_suffix"]) == \
         ("tiny-model", 0, "res-test", "l0-8")
@@ -315,6 +316,9 @@ def test_command_line_names_help_and_the_converters_command(store, tmp_path, cap
     assert {f["dataset"] for f in batch["features"]} == {"me/my-data"}
     first = batch["features"][0]
     assert first["pos_str"] == [] and first["vector"] == [] and first["neuron_alignment_indices"] == []
+    assert all(f["correlated_features_indices"] == f["correlated_features_pearson"] == f["correlated_features_l1"] == []
+               for f in batch["features"])  # --no-correlated-features
+    assert any(f["activations"] for f in batch["features"])
     out = capsys.readouterr().out
     assert "wrote 1 batch files" in out
     command = next(line for line in out.splitlines() if "convert-saedashboard-to-neuronpedia-export.py" in line)
