@@ -461,21 +461,20 @@ class DashboardBuilder:
         Pearson's r needs the sum of products, which is 0 for two features that never fire on the
         same token: such pairs have r = -sum_x sum_y / sqrt(var_x var_y) (times n^2), highest for the
         features with the smallest sum_y / sqrt(var_y). So the candidates are the features that
-        co-fire (one sparse product for the block) and the first few of that global order."""
+        co-fire (one sparse product for the block) and the first few of that global order. With the
+        Gram matrix, every feature is a candidate, the whole block at once."""
+        if self._gram is not None:
+            return self._correlated_from_gram(block)
         k, n = self.settings.n_correlated, float(len(self.token_ids))
-        products = None if self._gram is not None else (self._valued[:, block.start:block.stop].T @ self._valued).tocsr()
+        products = (self._valued[:, block.start:block.stop].T @ self._valued).tocsr()
         alive = self._sum > 0
         out = []
         for j, feature in enumerate(block):
             if not alive[feature]:
                 out.append(CorrelatedFeatures([], [], []))
                 continue
-            if products is None:  # the Gram matrix's row: 0 exactly where the two never co-fire
-                others = np.flatnonzero(self._gram[feature])
-                xy = self._gram[feature, others]
-            else:
-                a, b = products.indptr[j], products.indptr[j + 1]
-                others, xy = products.indices[a:b], products.data[a:b]
+            a, b = products.indptr[j], products.indptr[j + 1]
+            others, xy = products.indices[a:b], products.data[a:b]
             keep = (others != feature) & alive[others]
             others, xy = others[keep], xy[keep]
             prefix = self._correlation_order[: k + len(others) + 1]
@@ -488,6 +487,34 @@ class DashboardBuilder:
             order = np.lexsort((others, -pearson))[:k]
             out.append(CorrelatedFeatures(others[order].tolist(), pearson[order].tolist(), cosine[order].tolist()))
         return out
+
+    def _correlated_from_gram(self, block: range) -> list[CorrelatedFeatures]:
+        """``_correlated`` for a block, from the Gram matrix's rows: Pearson's r of each block feature
+        with every feature at once (the same operations as one pair at a time), then each row's
+        ``n_correlated`` highest among the features that fire, ties by lower feature."""
+        k, n = self.settings.n_correlated, float(len(self.token_ids))
+        alive = self._sum > 0
+        rows = np.arange(block.start, block.stop)
+        xy = self._gram[block.start:block.stop]
+        sx, sx2 = self._sum[rows, None], self._sum_sq[rows, None]
+        sy, sy2 = self._sum[None, :], self._sum_sq[None, :]
+        pearson = (n * xy - sx * sy) / (np.sqrt(np.maximum((n * sx2 - sx * sx) * (n * sy2 - sy * sy), 0)) + 1e-6)
+        candidate = alive[rows, None] & alive[None, :] & (rows[:, None] != np.arange(self.d_sae)[None, :])
+        scored = np.where(candidate, pearson, -np.inf)
+        # the k-th highest r of each row; those at or above it, then ranked exactly
+        top = min(k, self.d_sae)
+        kth = -np.partition(-scored, top - 1, axis=1)[:, top - 1:top]
+        row, other = np.nonzero(candidate & (scored >= kth))
+        order = np.lexsort((other, -pearson[row, other], row))
+        row, other = row[order], other[order]
+        firsts = np.searchsorted(row, np.arange(len(rows) + 1))
+        keep = np.arange(len(row)) - firsts[row] < k
+        row, other = row[keep], other[keep]
+        r, products = pearson[row, other], xy[row, other]
+        cosine = products / (np.sqrt(self._sum_sq[rows[row]] * self._sum_sq[other]) + 1e-6)
+        bounds = np.searchsorted(row, np.arange(len(rows) + 1))
+        other, r, cosine = other.tolist(), r.tolist(), cosine.tolist()
+        return [CorrelatedFeatures(other[a:b], r[a:b], cosine[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def _example_arrays(self, block_column: np.ndarray, tokens: np.ndarray, columns: sp.csc_matrix,
                         owner: np.ndarray) -> dict[str, np.ndarray]:
