@@ -34,10 +34,18 @@ recompute side does not make, took 10.7 s and 0.7 s more.
 
 Exports, each against the extraction that made the store (goal: at most 10% of it):
 - **neuronpedia**: ``latentstore export neuronpedia`` of every feature (its tokenizer loaded, the
-  weights loaded, correlated features over the whole store, batch-N.json files written);
+  weights loaded, correlated features over the whole store, batch-N.json files written), and
+  again with ``--no-correlated-features``;
 - **delphi**: ``latentstore export delphi`` of the same SAE (split files from the index).
 
     python -m bench.dashboard --exports-only        # the exports alone, without the recompute side
+
+Measured twice on the 2-core CPU while three other people worked on it (load average 3 to 4, so
+noisy; the extraction took 24.6 s and 27.7 s, about 17 s quiet), standard SAE, 50,000 tokens:
+neuronpedia 5.6 s and 5.7 s (22.6% and 20.4% of the extraction: **the goal is missed**; 166 MiB
+in 16 files), without correlated features 1.3 s and 2.4 s (5.2% and 8.8%), delphi 1.5 s and 1.3 s
+(6.3% and 4.7%). What is left of the Neuronpedia export's time is the correlated features' Gram
+matrix (1.2e11 multiply-adds for this SAE, 3.3 CPU-seconds); ``docs/DASHBOARDS.md`` has the details.
 """
 
 from __future__ import annotations
