@@ -139,7 +139,7 @@ def export_neuronpedia(fs: FeatureStore, hook: str, out: str | Path, features: r
     texts: dict[tuple[int, int], list[str]] = {}  # the text of each window shown in the batch, looked up once
     # a batch's bytes are written on another thread (writing lets go of the GIL) while the next is built
     with ThreadPoolExecutor(1, thread_name_prefix="neuronpedia-write") as writer, collector_paused():
-        writes = []  # (the collector is paused: a batch is tens of thousands of small objects, none in a cycle)
+        writing = None  # (the collector is paused: a batch is tens of thousands of small objects, none in a cycle)
         for dashboard in builder.build(features, progress=progress):
             if dashboard.feature not in tables:  # the decoder's tables, for the next batch of features at once
                 ahead = range(dashboard.feature, min(features.stop, dashboard.feature + batch_size))
@@ -149,11 +149,13 @@ def export_neuronpedia(fs: FeatureStore, hook: str, out: str | Path, features: r
                 path = out / f"batch-{len(written)}.json"
                 # orjson: ten times json's speed here; float32 arrays written as their shortest exact text
                 data = orjson.dumps({**header, "features": batch}, option=orjson.OPT_SERIALIZE_NUMPY)
-                writes.append(writer.submit(path.write_bytes, data))
+                if writing is not None:  # the batch before (its error, if any, raised here); one batch waits at most
+                    writing.result()
+                writing = writer.submit(path.write_bytes, data)
                 written.append(path)
                 batch, texts = [], {}
-        for write in writes:
-            write.result()
+        if writing is not None:
+            writing.result()
     return written
 
 
