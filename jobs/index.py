@@ -17,6 +17,7 @@ from store.errors import StoreIncompleteError
 from store.lease import hold_lease
 
 log = logging.getLogger(__name__)
+MIN_SPLIT_NNZ = 1 << 20  # entries of an SAE below which its index is not split further to use more CPUs
 
 
 def run_index(location: str, workers: int | None = None, address: str | None = None,
@@ -43,8 +44,10 @@ def run_index(location: str, workers: int | None = None, address: str | None = N
         todo, n_parts = [], {}
         for hook in fs.hooks:
             counts = fs.stats(hook).count
+            # a part per task at least, unless the SAE's entries are too few to be worth splitting
+            min_parts = workers or min(n_workers, -(-int(counts.sum()) // MIN_SPLIT_NNZ))
             parts, done = index_mod.begin(fs.location, hook, counts, shards, fs.value_dtype,
-                                          min_parts=n_workers, part_nnz=part_nnz)
+                                          min_parts=min_parts, part_nnz=part_nnz)
             n_parts[hook] = len(parts)
             todo += [(hook, part) for part in parts if part.part_id not in done]
         pending = [build.remote(fs.location, hook, part, shards, token_dtype) for hook, part in todo]

@@ -27,10 +27,7 @@ from pipeline.shard_builder import ShardBuilder, pool_size
 from pipeline.models import hook_point, load_model, loader_name, weights_hash
 from pipeline.saes import SAESource, is_transcoder, load_sae, model_hook_problems, output_hook
 from store.errors import ConfigError, DataError
-from store.format import shard_path
-from store.location import open_root
 from store.stats import DEFAULT_TOP_K
-from store.elements import read_marker
 from store.writer import ShardData, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -188,11 +185,5 @@ class ExtractWorker:
         return windows
 
     def _existing_marker(self, shard: Shard) -> dict | None:
-        try:
-            group = open_root(self.writer.location, mode="r")[shard_path(shard.shard_id)]
-        except KeyError:
-            return None
-        marker = read_marker(group)
-        if marker is not None and shard.is_written_by(marker):
-            return marker
-        return None
+        marker = self.writer.shard_marker(shard.shard_id)
+        return marker if marker is not None and shard.is_written_by(marker) else None

@@ -1,19 +1,28 @@
-"""What writers and readers of a store share: the root's attributes, and the completion markers by
-which every part (a shard, an index part, a sweep part) becomes visible.
+"""What writers and readers of a store share: the root's attributes, its arrays, and the completion
+markers by which every part (a shard, an index part, a sweep part) becomes visible.
 
-Every part is written the same way: its arrays first, then its marker, a ``complete`` group whose
-attributes (``latentstore.complete``) say what the part holds. A part without a readable marker is
-absent to every reader, so a crash, a kill or a torn upload never shows half a part. This module is
-the one place that writes and reads markers.
+Every part is written the same way, by ``write_part``: a group stamped with its encoding, its arrays,
+then its marker, a ``complete`` group whose attributes (``latentstore.complete``) say what the part
+holds and the checksum of every array. A part without a readable marker is absent to every reader,
+so a crash, a kill or a torn upload never shows half a part. This module is the one place that
+writes arrays and writes and reads markers.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+from concurrent.futures import Executor
+
+import numpy as np
 import zarr
 
-from store import format as fmt
-from store.checked import ROOT_METADATA, corrupt
+from store import codecs, format as fmt
+from store.checked import ROOT_METADATA, block_checksums, checksum, corrupt
 from store.location import is_url, normalize, open_root, subgroup_names
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def read_root_attrs(location: str) -> dict | None:
@@ -30,6 +39,51 @@ def read_root_attrs(location: str) -> dict | None:
     if attrs is not None:
         fmt.check_version(attrs, fmt.STORE_ENCODING, f"store {location}")
     return attrs
+
+
+def write_array(group: zarr.Group, name: str, data: np.ndarray, encoding: codecs.Encoding,
+                chunk: int | None = None, attributes: dict | None = None) -> str:
+    """Create ``group/name`` holding ``data``, in chunks of ``chunk`` entries (default: the codecs'
+    size); returns the checksum that markers record."""
+    array = group.create_array(
+        name, shape=data.shape, dtype=data.dtype,
+        chunks=codecs.chunk_shape(len(data)) if chunk is None else (max(1, min(len(data), chunk)),),
+        filters=encoding.filters(data.dtype), compressors=encoding.compressors(), fill_value=0,
+        attributes=None if attributes is None else {fmt.ATTRS_KEY: attributes},
+    )
+    if len(data):
+        array[:] = data
+    return checksum(data)
+
+
+def write_part(parent: zarr.Group, name: str, attributes: dict, arrays: dict[str, tuple[np.ndarray, codecs.Encoding]],
+               marker: dict, *, groups: dict[str, dict] | None = None, chunk: int | None = None,
+               array_attributes: dict | None = None, pool: Executor | None = None) -> dict:
+    """Write the part ``parent/name`` whole, then mark it complete; returns its marker as stamped.
+
+    Whatever is at ``parent/name`` goes first (a retry, or what a crashed attempt left). The part's
+    group gets ``attributes`` (its encoding stamp first), each of ``groups`` (paths within the part,
+    parents first) its attributes, and each array of ``arrays`` (by path) is written, on ``pool``
+    when given (Blosc releases the GIL). The marker records every array's checksum by path and, with
+    ``chunk``, one checksum per chunk, so that readers check what they read block by block."""
+    if name in parent:
+        del parent[name]
+    part = parent.create_group(name, attributes={fmt.ATTRS_KEY: attributes})
+    made = {"": part}
+    for path, attrs in (groups or {}).items():
+        made[path] = part.create_group(path, attributes={fmt.ATTRS_KEY: attrs})
+
+    def write(item: tuple[str, tuple[np.ndarray, codecs.Encoding]]) -> tuple[str, str]:
+        path, (data, encoding) = item
+        within, _, leaf = path.rpartition("/")
+        return path, write_array(made[within], leaf, data, encoding, chunk, array_attributes)
+
+    checksums = dict(pool.map(write, arrays.items()) if pool is not None else map(write, arrays.items()))
+    marker = {**marker, "checksums": checksums, "written_at": now()}
+    if chunk is not None:
+        marker["checksum_block"] = chunk
+        marker["chunk_checksums"] = {path: block_checksums(data, chunk) for path, (data, _) in arrays.items()}
+    return write_marker(part, marker)
 
 
 def write_marker(part: zarr.Group, marker: dict) -> dict:
@@ -52,6 +106,14 @@ def read_marker(part: zarr.Group) -> dict | None:
         return None
     fmt.check_version(marker, fmt.MARKER_ENCODING, f"part {part.path}")
     return marker
+
+
+def part_marker(parent: zarr.Group, name: str) -> dict | None:
+    """The marker of the part ``parent/name``, or None while it is absent or incomplete."""
+    try:
+        return read_marker(parent[name])
+    except KeyError:
+        return None
 
 
 def complete_markers(parent: zarr.Group) -> dict[str, dict]:

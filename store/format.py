@@ -10,7 +10,7 @@ import numpy as np
 
 from store.errors import FormatVersionError
 
-FORMAT_VERSION = "1.3"
+FORMAT_VERSION = "1.4"
 ATTRS_KEY = "latentstore"  # every latentstore attribute lives under this key
 
 STORE_ENCODING = "latentstore.store"
@@ -19,6 +19,8 @@ CSR_ENCODING = "latentstore.csr"
 MARKER_ENCODING = "latentstore.complete"
 STATS_ENCODING = "latentstore.stats"
 INDEX_ENCODING = "latentstore.index"
+INDEX_PART_ENCODING = "latentstore.index_part"  # since 1.4
+VOCAB_ENCODING = "latentstore.vocab"  # since 1.4
 
 SHARDS_GROUP = "shards"
 SAES_GROUP = "saes"
@@ -34,6 +36,9 @@ POSITIONS = "pos"
 INDPTR = "indptr"
 INDICES = "indices"
 VALUES = "values"
+TOKEN = "token"  # an index part's store-wide token of each entry
+VOCAB_OFFSETS = "offsets"
+VOCAB_UTF8 = "utf8"
 
 STATUS_WRITING = "writing"
 STATUS_COMPLETE = "complete"
@@ -56,6 +61,13 @@ def shard_path(shard_id: int) -> str:
 def encoding(kind: str) -> dict[str, str]:
     """The attributes that stamp an element with its encoding type and version."""
     return {"encoding-type": kind, "encoding-version": FORMAT_VERSION}
+
+
+def check_stamp(attrs: dict, kind: str, where: str) -> None:
+    """``check_version`` of an element that is stamped since format 1.4 (vocabulary, index parts):
+    the same element written before then has no stamp."""
+    if "encoding-type" in attrs:
+        check_version(attrs, kind, where)
 
 
 def check_version(attrs: dict, kind: str, where: str) -> None:

@@ -18,10 +18,9 @@ import numpy as np
 import zarr
 
 from store import checked, codecs, format as fmt
-from store.elements import read_marker, write_marker
+from store.elements import now, part_marker, write_array, write_part
 from store.location import open_root
 from store.stats import sort_stored_by_feature_then_value
-from store.writer import now
 
 CHUNK = 1 << 16  # entries per chunk: a top-k read decodes one small chunk
 DEFAULT_PART_NNZ = 1 << 24  # entries per part: bounds a worker's memory (~200 MB)
@@ -72,7 +71,7 @@ def begin(location: str, hook: str, counts: np.ndarray, shards: list[dict], valu
         **fmt.encoding(fmt.INDEX_ENCODING), "complete": False, "value_dtype": value_dtype,
         "built_for": record, "parts": [[p.part_id, p.start, p.stop] for p in parts],
         "checksums": {fmt.INDPTR: checked.checksum(indptr)}}})
-    group.create_array(fmt.INDPTR, data=indptr, chunks=(CHUNK,), compressors=codecs.TOKEN_LEVEL.compressors())
+    write_array(group, fmt.INDPTR, indptr, codecs.TOKEN_LEVEL, chunk=CHUNK)
     group.create_group(fmt.PARTS_GROUP)
     return parts, set()
 
@@ -92,23 +91,10 @@ def build_part(location: str, hook: str, part: Part, shards: list[dict], token_d
     token, feature, values = (np.concatenate(arrays) for arrays in zip(*found)) if found else \
         (np.zeros(0, token_dtype), np.zeros(0, np.uint32), np.zeros(0, fmt.storage_dtype(value_dtype)))
     order = sort_stored_by_feature_then_value(feature, values, value_dtype)
-    arrays = {"token": token[order], fmt.VALUES: values[order]}
-    parts = group[fmt.PARTS_GROUP]
-    name = str(part.part_id)
-    if name in parts:
-        del parts[name]
-    sub = parts.create_group(name)
-    for key, data in arrays.items():
-        sub.create_array(key, shape=data.shape, dtype=data.dtype, chunks=(max(1, min(len(data), CHUNK)),),
-                         compressors=codecs.VALUES.compressors(), fill_value=0)
-        if len(data):
-            sub[key][:] = data
-    marker = {"part_id": part.part_id, "start": part.start,
-              "stop": part.stop, "nnz": int(len(token)), "written_at": now(),
-              "checksums": {key: checked.checksum(data) for key, data in arrays.items()},
-              "checksum_block": CHUNK,
-              "chunk_checksums": {key: checked.block_checksums(data, CHUNK) for key, data in arrays.items()}}
-    return write_marker(sub, marker)
+    arrays = {fmt.TOKEN: (token[order], codecs.VALUES), fmt.VALUES: (values[order], codecs.VALUES)}
+    where = {"part_id": part.part_id, "start": part.start, "stop": part.stop}
+    return write_part(group[fmt.PARTS_GROUP], str(part.part_id), {**fmt.encoding(fmt.INDEX_PART_ENCODING), **where},
+                      arrays, {**where, "nnz": int(len(token))}, chunk=CHUNK)
 
 
 def _entries_in(root: zarr.Group, shard_id: int, hook: str, part: Part, offset: int,
@@ -133,10 +119,7 @@ def finalize(location: str, hook: str) -> None:
 
 
 def _marker(group: zarr.Group, part_id: int) -> dict | None:
-    try:
-        return read_marker(group[f"{fmt.PARTS_GROUP}/{part_id}"])
-    except KeyError:
-        return None
+    return part_marker(group[fmt.PARTS_GROUP], str(part_id))
 
 
 class IndexReader:
@@ -163,7 +146,7 @@ class IndexReader:
         if hi <= lo:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         part = self._part_ids[i]
-        tokens = self._array(part, "token")[lo:hi].astype(np.int64)
+        tokens = self._array(part, fmt.TOKEN)[lo:hi].astype(np.int64)
         values = fmt.decode_values(self._array(part, fmt.VALUES)[lo:hi], self.value_dtype)
         return tokens, values
 
@@ -181,7 +164,7 @@ class IndexReader:
             base = self.indptr[part_start]
             lo, hi = int(self.indptr[a] - base), int(self.indptr[b] - base)
             if hi > lo:
-                tokens.append(self._array(self._part_ids[i], "token")[lo:hi].astype(np.int64))
+                tokens.append(self._array(self._part_ids[i], fmt.TOKEN)[lo:hi].astype(np.int64))
                 values.append(fmt.decode_values(self._array(self._part_ids[i], fmt.VALUES)[lo:hi], self.value_dtype))
         indptr = self.indptr[start:stop + 1] - self.indptr[start]
         return (indptr, np.concatenate(tokens) if tokens else np.zeros(0, np.int64),
@@ -193,6 +176,9 @@ class IndexReader:
         if (part_id, name) not in self._arrays:
             part = f"{self.path}/{fmt.PARTS_GROUP}/{part_id}"
             marker = _marker(self.root[self.path], part_id)
+            if marker is not None:
+                fmt.check_stamp(self.root[part].attrs.asdict().get(fmt.ATTRS_KEY, {}), fmt.INDEX_PART_ENCODING,
+                                f"{self.location}: {part}")
             if marker is None:
                 raise checked.corrupt(self.location, f"{part}/{fmt.MARKER_GROUP}", "the index says it is complete, "
                                       "but this part's completion marker is missing or unreadable")

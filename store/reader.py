@@ -210,7 +210,8 @@ class FeatureStore(Queries):
             group = self._root[fmt.VOCAB_GROUP]
         except KeyError:
             return None
-        offsets, data = group["offsets"][:], group["utf8"][:].tobytes()
+        fmt.check_stamp(group.attrs.asdict().get(fmt.ATTRS_KEY, {}), fmt.VOCAB_ENCODING, f"{self.location} vocabulary")
+        offsets, data = group[fmt.VOCAB_OFFSETS][:], group[fmt.VOCAB_UTF8][:].tobytes()
         return [data[a:b].decode("utf-8", errors="replace") for a, b in zip(offsets[:-1], offsets[1:])]
 
     @cached_property

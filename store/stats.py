@@ -257,18 +257,14 @@ DENSE = ("count", "sum", "sum_sq", "max")
 MERGED = (*DENSE, "top_value", "top_token", "hist")  # the arrays of stats/<hook>
 
 
-def create(group: zarr.Group, stats: FeatureStats, value_dtype: str) -> tuple[zarr.Group, dict[str, np.ndarray]]:
-    """A new ``stats`` subgroup of a shard's SAE, and the arrays for its writer to write there, by name.
+def element(stats: FeatureStats, value_dtype: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """The attributes and arrays (by name) of a shard SAE's ``stats`` subgroup, for its writer.
 
     Compact, since the shard's own arrays already hold every value: a feature's top-K list
     (feature-major, best first, ``min(count, K)`` entries each) keeps shard-local token indices
     and values in the value dtype; histogram counts are kept only for features with more than
     K entries, the others being exactly the histogram of their complete top-K list."""
-    sub = group.create_group(
-        fmt.STATS_GROUP,
-        attributes={fmt.ATTRS_KEY: {**fmt.encoding(fmt.STATS_ENCODING), "top_k": stats.top_k,
-                                    "hist_edges_log2": [-12, 12, 4]}},
-    )
+    attributes = {**fmt.encoding(fmt.STATS_ENCODING), "top_k": stats.top_k, "hist_edges_log2": [-12, 12, 4]}
     filled = stats.top_token >= 0
     large = stats.count > stats.top_k
     nz = np.nonzero(stats.hist * large[:, None])
@@ -280,7 +276,7 @@ def create(group: zarr.Group, stats: FeatureStats, value_dtype: str) -> tuple[za
         "hist_bin": nz[1].astype("u1"),
         "hist_count": stats.hist[nz].astype("<u4"),
     }
-    return sub, arrays
+    return attributes, arrays
 
 
 def _encode(values: np.ndarray, value_dtype: str) -> np.ndarray:

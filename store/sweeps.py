@@ -20,9 +20,9 @@ import zarr
 from store import codecs, format as fmt
 from store.errors import ConfigError, StoreConflictError, StoreIncompleteError, StoreNotFoundError, did_you_mean
 from store.location import normalize, open_root, subgroup_names
-from store.checked import checksum, read_whole
-from store.elements import complete_markers, read_marker, write_marker
-from store.writer import canonical, diff_runs, now
+from store.checked import read_whole
+from store.elements import complete_markers, now, part_marker, write_array, write_part
+from store.writer import canonical, diff_runs
 
 SWEEPS_GROUP = "sweeps"
 PARTS_GROUP = "parts"
@@ -111,9 +111,10 @@ class SweepWriter:
             del sweeps[self.name]
         attrs = {**fmt.encoding(SWEEP_ENCODING), "status": fmt.STATUS_WRITING, "created_at": now(), "n_parts": n_parts}
         group = sweeps.create_group(self.name, attributes={fmt.ATTRS_KEY: attrs})
-        _write_column(group, FEATURES, np.asarray(features, dtype=np.int64))
-        if prompt_rows is not None:
-            _write_column(group, PROMPT_ROWS, np.asarray(prompt_rows, dtype=np.int64))
+        for name, data in ((FEATURES, features), (PROMPT_ROWS, prompt_rows)):
+            if data is not None:
+                write_array(group, name, *_column(name, np.asarray(data, dtype=np.int64)),
+                            attributes=fmt.encoding(COLUMN_ENCODING))
         group.create_group(PARTS_GROUP, attributes={fmt.ATTRS_KEY: fmt.encoding(PARTS_ENCODING)})
         # The spec last: a driver killed before this point leaves a sweep that a rerun makes anew,
         # never one that it would resume without its features.
@@ -131,26 +132,19 @@ class SweepWriter:
 
     def completed_part(self, part_id: int) -> dict | None:
         """The part's completion marker, or None while it is not complete."""
-        path = f"{sweep_path(self.name)}/{PARTS_GROUP}/{part_name(part_id)}"
-        try:
-            return read_marker(open_root(self.location, mode="r")[path])
-        except KeyError:
-            return None
+        return part_marker(open_root(self.location, mode="r")[f"{sweep_path(self.name)}/{PARTS_GROUP}"],
+                           part_name(part_id))
 
     def write_part(self, part: SweepPart) -> dict:
         """Write a part's columns, then its completion marker. Writing a part again replaces it."""
         parts = open_root(self.location, mode="a")[f"{sweep_path(self.name)}/{PARTS_GROUP}"]
-        name = part_name(part.part_id)
-        if name in parts:
-            del parts[name]  # a retry, or what a crashed attempt left
-        group = parts.create_group(name, attributes={fmt.ATTRS_KEY: {**fmt.encoding(PART_ENCODING),
-                                                                     "part_id": part.part_id}})
         columns = {"prompt": part.prompt, "feature": part.feature, "delta": part.delta, "method": part.method}
         if part.attribution is not None:
             columns["attribution"] = part.attribution
-        checksums = {key: _write_column(group, key, values) for key, values in columns.items()}
-        return write_marker(group, {"part_id": part.part_id, "n_lines": len(part.prompt), "checksums": checksums,
-                                    "written_at": now()})
+        return write_part(parts, part_name(part.part_id), {**fmt.encoding(PART_ENCODING), "part_id": part.part_id},
+                          {key: _column(key, values) for key, values in columns.items()},
+                          {"part_id": part.part_id, "n_lines": len(part.prompt)},
+                          array_attributes=fmt.encoding(COLUMN_ENCODING))
 
     def finalize(self, counts: dict) -> None:
         """Mark the sweep complete. Written last."""
@@ -218,14 +212,7 @@ def _sweep_attrs(group: zarr.Group, location: str, name: str) -> dict:
     return attrs
 
 
-def _write_column(group: zarr.Group, name: str, data: np.ndarray) -> str:
+def _column(name: str, data: np.ndarray) -> tuple[np.ndarray, codecs.Encoding]:
+    """A column in its dtype, with its encoding."""
     data = np.ascontiguousarray(data, dtype=COLUMNS.get(name, data.dtype))
-    encoding = codecs.VALUES if data.dtype.kind == "f" else codecs.TOKEN_LEVEL
-    array = group.create_array(
-        name, shape=data.shape, dtype=data.dtype, chunks=codecs.chunk_shape(len(data)),
-        filters=encoding.filters(data.dtype), compressors=encoding.compressors(), fill_value=0,
-        attributes={fmt.ATTRS_KEY: fmt.encoding(COLUMN_ENCODING)},
-    )
-    if len(data):
-        array[:] = data
-    return checksum(data)
+    return data, codecs.VALUES if data.dtype.kind == "f" else codecs.TOKEN_LEVEL

@@ -568,10 +568,10 @@ def _verify_index(walker: _Walker, root: dict, markers: dict[int, dict]) -> None
                 if not walker.damaged(f"{part}/{fmt.MARKER_GROUP}"):
                     report.add(part, "has no completion marker, yet the index says it is complete")
                 continue
-            token = walker.read(f"{part}/token", marker.get("checksums", {}).get("token"))
+            token = walker.read(f"{part}/{fmt.TOKEN}", marker.get("checksums", {}).get(fmt.TOKEN))
             values = walker.read(f"{part}/{fmt.VALUES}", marker.get("checksums", {}).get(fmt.VALUES))
             want = int(indptr[stop] - indptr[start])
-            for name, data in (("token", token), (fmt.VALUES, values)):
+            for name, data in ((fmt.TOKEN, token), (fmt.VALUES, values)):
                 if data is not None and len(data) != want:
                     report.add(f"{part}/{name}", f"has {len(data)} entries, the index pointers say {want}")
             if token is not None and len(token) and int(token.max()) >= n_tokens:

@@ -8,7 +8,6 @@ shard that is written again replaces its group wholesale.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 from concurrent.futures import Executor
@@ -20,8 +19,8 @@ import zarr
 
 from store import codecs, format as fmt
 from store import stats as stats_mod
-from store.checked import checksum
-from store.elements import complete_markers, has_shard_markers, read_root_attrs, write_marker
+from store.elements import (complete_markers, has_shard_markers, now, part_marker, read_root_attrs, write_array,
+                            write_part)
 from store.errors import StoreConflictError, StoreCorruptError
 from store.location import check_writable, has_content, normalize, open_root, open_zarr_store, subgroup_names
 
@@ -72,10 +71,6 @@ def latentstore_version() -> str:
         return version("latentstore")
     except PackageNotFoundError:
         return "unknown"
-
-
-def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def canonical(obj) -> dict:
@@ -161,10 +156,18 @@ def _write_group_metadata(location: str, path: str, attributes: dict) -> None:
 
 
 class StoreWriter:
-    """Writes one store. The driver creates it; each worker opens its own instance."""
+    """Writes one store, through one handle on its root, opened at first use. The driver creates the
+    store with it; each worker opens its own instance."""
 
     def __init__(self, location: str):
         self.location = normalize(location)
+        self._root: zarr.Group | None = None
+
+    @property
+    def root(self) -> zarr.Group:
+        if self._root is None:
+            self._root = open_root(self.location, mode="a")
+        return self._root
 
     # -- driver side -------------------------------------------------------------------------
 
@@ -187,9 +190,9 @@ class StoreWriter:
             }
             # the root's metadata is written once, with its attributes: a reader never finds a root that
             # is not yet a store (readers take a missing shards group for no shards yet)
-            root = zarr.open_group(open_root(self.location, mode="w").store, mode="w",
-                                   attributes={fmt.ATTRS_KEY: attrs})
-            root.create_group(fmt.SHARDS_GROUP)
+            self._root = zarr.open_group(open_root(self.location, mode="w").store, mode="w",
+                                         attributes={fmt.ATTRS_KEY: attrs})
+            self._root.create_group(fmt.SHARDS_GROUP)
             return {}
         if existing.get("status") == fmt.STATUS_COMPLETE:
             self._set_root(status=fmt.STATUS_WRITING)  # it is about to change again
@@ -217,8 +220,9 @@ class StoreWriter:
                  "status": fmt.STATUS_WRITING, "created_at": now(), "run": run, "plan": canonical(plan)}
         _write_group_metadata(self.location, "", {fmt.ATTRS_KEY: attrs})
         _write_group_metadata(self.location, fmt.SHARDS_GROUP, {})
+        self._root = None  # written past the handle: opened anew
         hooks = {sae["hook"] for sae in run["saes"]}
-        shards = open_root(self.location, mode="r")[fmt.SHARDS_GROUP]
+        shards = self.root[fmt.SHARDS_GROUP]
         done, kept = self.completed_shards(), {}
         for shard_id, marker in done.items():
             try:
@@ -241,23 +245,21 @@ class StoreWriter:
         encoded = [t.encode("utf-8", errors="replace") for t in strings]
         offsets = np.concatenate([[0], np.cumsum([len(b) for b in encoded])]).astype(np.int64)
         data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-        root = open_root(self.location, mode="a")
-        if fmt.VOCAB_GROUP in root:
-            del root[fmt.VOCAB_GROUP]
-        group = root.create_group(fmt.VOCAB_GROUP)
-        _write_array(group, "offsets", offsets, codecs.TOKEN_LEVEL)
-        _write_array(group, "utf8", data if len(data) else np.zeros(0, np.uint8), codecs.VALUES)
+        if fmt.VOCAB_GROUP in self.root:
+            del self.root[fmt.VOCAB_GROUP]
+        group = self.root.create_group(fmt.VOCAB_GROUP, attributes={fmt.ATTRS_KEY: fmt.encoding(fmt.VOCAB_ENCODING)})
+        write_array(group, fmt.VOCAB_OFFSETS, offsets, codecs.TOKEN_LEVEL)
+        write_array(group, fmt.VOCAB_UTF8, data if len(data) else np.zeros(0, np.uint8), codecs.VALUES)
 
     def completed_shards(self) -> dict[int, dict]:
-        shards = open_root(self.location, mode="r")[fmt.SHARDS_GROUP]
-        return {int(name): marker for name, marker in complete_markers(shards).items()}
+        return {int(name): marker for name, marker in complete_markers(self.root[fmt.SHARDS_GROUP]).items()}
 
     def shard_ids(self) -> set[int]:
         """Every shard with a group in the store, complete or not."""
-        return {int(name) for name in subgroup_names(open_root(self.location, mode="r")[fmt.SHARDS_GROUP])}
+        return {int(name) for name in subgroup_names(self.root[fmt.SHARDS_GROUP])}
 
     def delete_shard(self, shard_id: int) -> None:
-        shards = open_root(self.location, mode="a")[fmt.SHARDS_GROUP]
+        shards = self.root[fmt.SHARDS_GROUP]
         name = fmt.shard_name(shard_id)
         if name in shards:
             del shards[name]
@@ -282,10 +284,9 @@ class StoreWriter:
         self._set_root(status=fmt.STATUS_COMPLETE, completed_at=now(), shards=shards, counts=counts)
 
     def _set_root(self, **changes) -> None:
-        root = open_root(self.location, mode="a")
-        attrs = dict(root.attrs[fmt.ATTRS_KEY])
+        attrs = dict(self.root.attrs[fmt.ATTRS_KEY])
         attrs.update(canonical(changes))
-        root.attrs.update({fmt.ATTRS_KEY: attrs})
+        self.root.attrs.update({fmt.ATTRS_KEY: attrs})
 
     # -- worker side -------------------------------------------------------------------------
 
@@ -293,57 +294,40 @@ class StoreWriter:
                     top_k: int = stats_mod.DEFAULT_TOP_K, pool: Executor | None = None) -> dict:
         """Write a shard's arrays and per-feature statistics, then its completion marker. Arrays are
         compressed and written on ``pool`` when given (Blosc and zstd release the GIL)."""
-        shards = open_root(self.location, mode="a")[fmt.SHARDS_GROUP]
-        name = fmt.shard_name(shard.shard_id)
-        if name in shards:
-            del shards[name]  # a retry, or leftovers of a crashed attempt
-        group = shards.create_group(
-            name,
-            attributes={
-                fmt.ATTRS_KEY: {
-                    **fmt.encoding(fmt.SHARD_ENCODING),
-                    "shard_id": shard.shard_id,
-                    "row_start": shard.row_start,
-                    "row_stop": shard.row_stop,
-                }
-            },
-        )
-        arrays = [(group, fmt.TOKEN_IDS, shard.token_ids.astype("<i4"), codecs.TOKEN_LEVEL),
-                  (group, fmt.ROWS, shard.rows.astype("<i8"), codecs.TOKEN_LEVEL),
-                  (group, fmt.POSITIONS, shard.positions.astype("<i4"), codecs.TOKEN_LEVEL)]
-        saes = group.create_group(fmt.SAES_GROUP)
+        groups: dict[str, dict] = {fmt.SAES_GROUP: {}}
+        arrays = {fmt.TOKEN_IDS: (shard.token_ids.astype("<i4"), codecs.TOKEN_LEVEL),
+                  fmt.ROWS: (shard.rows.astype("<i8"), codecs.TOKEN_LEVEL),
+                  fmt.POSITIONS: (shard.positions.astype("<i4"), codecs.TOKEN_LEVEL)}
         for hook, acts in shard.saes.items():
-            sae = saes.create_group(
-                hook, attributes={fmt.ATTRS_KEY: {**fmt.encoding(fmt.CSR_ENCODING), "value_dtype": value_dtype}}
-            )
-            arrays += [(sae, fmt.INDPTR, acts.indptr.astype("<i8"), codecs.TOKEN_LEVEL),
-                       (sae, fmt.INDICES, acts.indices, codecs.FEATURE_INDICES),
-                       (sae, fmt.VALUES, acts.values, codecs.VALUES)]
+            base = f"{fmt.SAES_GROUP}/{hook}"
+            groups[base] = {**fmt.encoding(fmt.CSR_ENCODING), "value_dtype": value_dtype}
+            arrays |= {f"{base}/{fmt.INDPTR}": (acts.indptr.astype("<i8"), codecs.TOKEN_LEVEL),
+                       f"{base}/{fmt.INDICES}": (acts.indices, codecs.FEATURE_INDICES),
+                       f"{base}/{fmt.VALUES}": (acts.values, codecs.VALUES)}
             feature_stats = shard.stats.get(hook)
             if feature_stats is None:
                 accumulator = stats_mod.Accumulator(d_sae[hook], value_dtype, top_k)
                 accumulator.add(np.diff(acts.indptr), acts.indices, acts.values)
                 feature_stats = accumulator.result()
-            sub, stat_arrays = stats_mod.create(sae, feature_stats, value_dtype)
-            arrays += [(sub, name, data, codecs.VALUES) for name, data in stat_arrays.items()]
-        write = lambda job: (f"{job[0].path}/{job[1]}", _write_array(*job))  # noqa: E731
-        written = list(pool.map(write, arrays) if pool is not None else map(write, arrays))
-        checksums = {path.removeprefix(group.path + "/"): crc for path, crc in written}
+            groups[f"{base}/{fmt.STATS_GROUP}"], stat_arrays = stats_mod.element(feature_stats, value_dtype)
+            arrays |= {f"{base}/{fmt.STATS_GROUP}/{name}": (data, codecs.VALUES) for name, data in stat_arrays.items()}
+        where = {"shard_id": shard.shard_id, "row_start": shard.row_start, "row_stop": shard.row_stop}
         marker = {
-            "shard_id": shard.shard_id,
-            "row_start": shard.row_start,
-            "row_stop": shard.row_stop,
+            **where,
             "token_limit": shard.token_limit,
             "window_start": shard.window_start,
             "n_windows": shard.n_windows,
             "n_tokens": shard.n_tokens,
             "nnz": {hook: acts.nnz for hook, acts in shard.saes.items()},
-            "checksums": checksums,
-            "written_at": now(),
         }
         if shard.rows_digest is not None:
             marker["rows_digest"] = shard.rows_digest
-        return write_marker(group, marker)
+        return write_part(self.root[fmt.SHARDS_GROUP], fmt.shard_name(shard.shard_id),
+                          {**fmt.encoding(fmt.SHARD_ENCODING), **where}, arrays, marker, groups=groups, pool=pool)
+
+    def shard_marker(self, shard_id: int) -> dict | None:
+        """A shard's completion marker, or None while it is absent or incomplete."""
+        return part_marker(self.root[fmt.SHARDS_GROUP], fmt.shard_name(shard_id))
 
 
 def shard_entry(marker: dict) -> dict:
@@ -351,18 +335,3 @@ def shard_entry(marker: dict) -> dict:
     keys = ("shard_id", "row_start", "row_stop", "window_start", "n_windows", "token_limit", "n_tokens", "nnz",
             "rows_digest")  # the rows' digest: an index built from other rows is stale
     return {k: marker[k] for k in keys if k in marker}
-
-
-def _write_array(group: zarr.Group, name: str, data: np.ndarray, encoding: codecs.Encoding) -> str:
-    array = group.create_array(
-        name,
-        shape=data.shape,
-        dtype=data.dtype,
-        chunks=codecs.chunk_shape(len(data)),
-        filters=encoding.filters(data.dtype),
-        compressors=encoding.compressors(),
-        fill_value=0,
-    )
-    if len(data):
-        array[:] = data
-    return checksum(data)

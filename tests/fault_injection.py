@@ -16,6 +16,7 @@ module, and must not pay for torch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -62,6 +63,19 @@ def calls(directory: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+@contextlib.contextmanager
+def stalled_before_marking(fault: "Fault", target: str):
+    """Stall where a part is about to be marked complete: every array of it is written."""
+    import store.elements as elements
+
+    original = elements.write_marker
+    elements.write_marker = lambda part, marker: fault.stall(target)
+    try:
+        yield
+    finally:
+        elements.write_marker = original
+
+
 def build_part(location, hook, part, shards, token_dtype):
     """``store.index.build_part`` (unpatched in Ray's workers), with the planned faults."""
     import store.index as index_mod
@@ -69,12 +83,8 @@ def build_part(location, hook, part, shards, token_dtype):
     fault, target = Fault(fault_dir(location, "index")), f"{hook}/{part.part_id}"
     fault.log(target)
     if fault.stalls(target, "before"):
-        original = index_mod.now
-        index_mod.now = lambda: fault.stall(target)  # asked for the marker's time: every array is written
-        try:
+        with stalled_before_marking(fault, target):
             return index_mod.build_part(location, hook, part, shards, token_dtype)
-        finally:
-            index_mod.now = original
     marker = index_mod.build_part(location, hook, part, shards, token_dtype)
     if fault.stalls(target, "after"):
         fault.stall(target)
@@ -83,7 +93,6 @@ def build_part(location, hook, part, shards, token_dtype):
 
 def sweep_worker_class():
     """``jobs.sweep.SweepWorker``, with the planned faults."""
-    import store.sweeps as sweeps_mod
     from jobs.sweep import SweepWorker
 
     class FaultySweepWorker(SweepWorker):
@@ -92,12 +101,8 @@ def sweep_worker_class():
             fault, target = Fault(fault_dir(cfg.store, f"sweep-{cfg.name}")), str(part.part_id)
             fault.log(target)
             if fault.stalls(target, "before"):
-                original = sweeps_mod.now
-                sweeps_mod.now = lambda: fault.stall(target)  # asked for the marker's time: every column is written
-                try:
+                with stalled_before_marking(fault, target):
                     return super().run_part(part)
-                finally:
-                    sweeps_mod.now = original
             marker = super().run_part(part)
             if fault.stalls(target, "after"):
                 fault.stall(target)

@@ -49,14 +49,14 @@ class FaultyWorker(ExtractWorker):
 
     def run_shard(self, shard):
         import ray
-        import store.writer as writer_module
+        import store.elements as elements
         from store.format import shard_path
 
         flag = os.path.join(self.fault_dir, "stopped.json")
         if shard.shard_id == self.target_shard and not os.path.exists(flag):
             # The worker writes a shard's arrays on threads while another shard may be under way:
             # only the target shard's writes are counted, and the patch stays (this process dies).
-            real, torn, calls = writer_module._write_array, shard_path(shard.shard_id), []
+            real, torn, calls = elements.write_array, shard_path(shard.shard_id), []
 
             def stop_part_way(group, *args, **kwargs):
                 if group.path.startswith(torn):
@@ -71,7 +71,7 @@ class FaultyWorker(ExtractWorker):
                             time.sleep(0.5)
                 return real(group, *args, **kwargs)
 
-            writer_module._write_array = stop_part_way
+            elements.write_array = stop_part_way
         marker = super().run_shard(shard)
         with open(os.path.join(self.fault_dir, "completed.jsonl"), "a") as f:
             f.write(json.dumps({"shard_id": shard.shard_id, "pid": os.getpid(),
