@@ -83,11 +83,23 @@ class SweepWriter:
     def __init__(self, location: str, name: str):
         self.location = normalize(location)
         self.name = check_name(name)
+        self._root: zarr.Group | None = None
+
+    @property
+    def root(self) -> zarr.Group:
+        """The one handle on the store's root, opened at first use (made if there is none yet)."""
+        if self._root is None:
+            self._root = open_root(self.location, mode="a")
+        return self._root
+
+    def _group(self) -> zarr.Group | None:
+        path = sweep_path(self.name)
+        return self.root[path] if path in self.root else None
 
     def existing_spec(self) -> dict | None:
         """The spec of a sweep of this name already in the store, or None. A sweep whose ``begin``
         was cut short has no spec yet (it is written last): it counts as absent and is made anew."""
-        group = _sweep_group(self.location, self.name)
+        group = self._group()
         return None if group is None else _sweep_attrs(group, self.location, self.name).get("spec")
 
     def begin(self, spec: dict, features: np.ndarray, prompt_rows: np.ndarray | None, n_parts: int,
@@ -103,10 +115,9 @@ class SweepWriter:
                     + "\nChoose another --name, or pass --overwrite to replace it."
                 )
             return self.completed_parts()
-        root = open_root(self.location, mode="a")
-        if SWEEPS_GROUP not in root:
-            root.create_group(SWEEPS_GROUP, attributes={fmt.ATTRS_KEY: fmt.encoding(SWEEPS_ENCODING)})
-        sweeps = root[SWEEPS_GROUP]
+        if SWEEPS_GROUP not in self.root:
+            self.root.create_group(SWEEPS_GROUP, attributes={fmt.ATTRS_KEY: fmt.encoding(SWEEPS_ENCODING)})
+        sweeps = self.root[SWEEPS_GROUP]
         if self.name in sweeps:
             del sweeps[self.name]
         attrs = {**fmt.encoding(SWEEP_ENCODING), "status": fmt.STATUS_WRITING, "created_at": now(), "n_parts": n_parts}
@@ -122,22 +133,21 @@ class SweepWriter:
         return {}
 
     def features(self) -> np.ndarray:
-        return _sweep_group(self.location, self.name)[FEATURES][:]
+        return self._group()[FEATURES][:]
 
     def completed_parts(self) -> dict[int, dict]:
-        group = _sweep_group(self.location, self.name)
+        group = self._group()
         if group is None or PARTS_GROUP not in group:
             return {}
         return {int(name): marker for name, marker in complete_markers(group[PARTS_GROUP]).items()}
 
     def completed_part(self, part_id: int) -> dict | None:
         """The part's completion marker, or None while it is not complete."""
-        return part_marker(open_root(self.location, mode="r")[f"{sweep_path(self.name)}/{PARTS_GROUP}"],
-                           part_name(part_id))
+        return part_marker(self.root[f"{sweep_path(self.name)}/{PARTS_GROUP}"], part_name(part_id))
 
     def write_part(self, part: SweepPart) -> dict:
         """Write a part's columns, then its completion marker. Writing a part again replaces it."""
-        parts = open_root(self.location, mode="a")[f"{sweep_path(self.name)}/{PARTS_GROUP}"]
+        parts = self.root[f"{sweep_path(self.name)}/{PARTS_GROUP}"]
         columns = {"prompt": part.prompt, "feature": part.feature, "delta": part.delta, "method": part.method}
         if part.attribution is not None:
             columns["attribution"] = part.attribution
@@ -148,7 +158,7 @@ class SweepWriter:
 
     def finalize(self, counts: dict) -> None:
         """Mark the sweep complete. Written last."""
-        group = open_root(self.location, mode="a")[sweep_path(self.name)]
+        group = self.root[sweep_path(self.name)]
         attrs = dict(group.attrs[fmt.ATTRS_KEY])
         attrs.update(canonical({"status": fmt.STATUS_COMPLETE, "completed_at": now(), "counts": counts}))
         group.attrs.update({fmt.ATTRS_KEY: attrs})
@@ -173,14 +183,14 @@ def read_sweep(location: str, name: str, allow_incomplete: bool = False) -> pd.D
         names = list_sweeps(location)
         raise StoreNotFoundError(f"store {location} has no sweep {name!r}; it has: {did_you_mean(name, names) or 'none'}.")
     attrs = _sweep_attrs(group, location, name)
-    if attrs["status"] != fmt.STATUS_COMPLETE and not allow_incomplete:
-        raise StoreIncompleteError(
-            f"sweep {name!r} in {location} is not complete ({len(SweepWriter(location, name).completed_parts())} "
-            f"of {attrs['n_parts']} parts written). Run the same `latentstore sweep` command again to finish it, "
-            "or pass allow_incomplete=True to read the parts written so far."
-        )
     parts = group[PARTS_GROUP] if PARTS_GROUP in group else None  # absent until ``begin`` is done
     complete = complete_markers(parts) if parts is not None else {}
+    if attrs["status"] != fmt.STATUS_COMPLETE and not allow_incomplete:
+        raise StoreIncompleteError(
+            f"sweep {name!r} in {location} is not complete ({len(complete)} of {attrs['n_parts']} parts "
+            "written). Run the same `latentstore sweep` command again to finish it, "
+            "or pass allow_incomplete=True to read the parts written so far."
+        )
     root, base = open_root(location, mode="r"), f"{sweep_path(name)}/{PARTS_GROUP}"
     pieces = []
     for part, marker in complete.items():
