@@ -103,9 +103,8 @@ def nonzeros(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
         values = coalesced.values()
         kept = values != 0
         return token[kept], feature[kept], values[kept]
-    active = features != 0
-    token, feature = active.nonzero().unbind(1)
-    return token, feature, features[active]
+    token, feature = (features != 0).nonzero().unbind(1)
+    return token, feature, features[token, feature]  # a gather of the nonzeros: no second pass over the mask
 
 
 def to_index(feature: torch.Tensor, dtype: np.dtype) -> torch.Tensor:
