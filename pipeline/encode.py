@@ -29,6 +29,7 @@ class SparseBatch:
     indices: np.ndarray  # uint16/uint32 [nnz], ascending within a token
     values: np.ndarray  # storage dtype of the value dtype [nnz]
     copied: object = None  # the CUDA event recorded after the copies, or None when already on the host
+    entries: tuple | None = None  # (token within the batch, feature, stored value) on the device, for statistics there
 
     def wait(self) -> "SparseBatch":
         if self.copied is not None:
@@ -41,6 +42,16 @@ def to_storage(values: torch.Tensor, value_dtype: str) -> torch.Tensor:
     if value_dtype == "bfloat16":
         return values.to(torch.bfloat16).view(torch.uint16)
     return values.to(getattr(torch, value_dtype))
+
+
+def host_copies(tensors: list[torch.Tensor]) -> tuple[list[np.ndarray], object]:
+    """Host arrays of ``tensors`` (``to_host``) and, from a GPU, the CUDA event recorded after their
+    copies: the host waits on it, the device goes on (None from the CPU)."""
+    copied = torch.cuda.Event() if tensors and tensors[0].device.type == "cuda" else None
+    arrays = [to_host(t) for t in tensors]
+    if copied is not None:
+        copied.record()
+    return arrays, copied
 
 
 def to_host(tensor: torch.Tensor) -> np.ndarray:
@@ -74,10 +85,10 @@ class SparseEncoder:
                 # real tokens only, before encoding: padding is never encoded, and nothing dense is copied
                 features = sae.encode(activation[valid].to(sae.dtype))  # [n_tokens, d_sae]
                 token, feature, values = nonzeros(features)
-                # only these leave the device
+                stored = to_storage(values, self.value_dtype)
+                # only the first three leave the device
                 found[hook_name] = (torch.bincount(token, minlength=features.shape[0]),
-                                    to_index(feature, self._index_dtypes[hook_name]),
-                                    to_storage(values, self.value_dtype))
+                                    to_index(feature, self._index_dtypes[hook_name]), stored, (token, feature, stored))
 
             return hook
 
@@ -86,11 +97,9 @@ class SparseEncoder:
             fwd_hooks=[(hook, encode_at(hook, sae)) for hook, sae in self.saes.items()],
             stop_at_layer=self.stop_at_layer,
         )
-        copied = torch.cuda.Event() if tokens.device.type == "cuda" else None
-        out = {hook: SparseBatch(*(to_host(t) for t in arrays), copied) for hook, arrays in found.items()}
-        if copied is not None:
-            copied.record()  # after every copy above: the host waits on it, the device goes on
-        return out
+        hooks = list(found)
+        arrays, copied = host_copies([t for hook in hooks for t in found[hook][:3]])
+        return {hook: SparseBatch(*arrays[3 * i : 3 * i + 3], copied, found[hook][3]) for i, hook in enumerate(hooks)}
 
 
 def nonzeros(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

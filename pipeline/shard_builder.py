@@ -1,6 +1,8 @@
 """A shard's host side, overlapped with the device: batches arrive in order as the device encodes
 them; on a thread pool, each SAE's statistics accumulate batch by batch (in order), while the
-device encodes the next batch. ``finish`` joins the batches into the shard's CSR arrays.
+device encodes the next batch. On a GPU the sums, histogram and top-K candidates are accumulated
+on the device itself (``pipeline.device_stats``), and the pool only keeps the candidates that
+arrive. ``finish`` joins the batches into the shard's CSR arrays.
 
 numpy releases the GIL in most of the work done here (sorts, element-wise passes, compression),
 so the pool's threads run beside the forward.
@@ -12,8 +14,12 @@ from __future__ import annotations
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 
-from pipeline.encode import SparseBatch, concat_batches
+import torch
+
+from pipeline.device_stats import DeviceStats
+from pipeline.encode import SparseBatch, concat_batches, host_copies
 from store import stats
 from store.format import index_dtype, storage_dtype
 from store.writer import SparseActivations
@@ -21,28 +27,43 @@ from store.writer import SparseActivations
 
 class ShardBuilder:
     def __init__(self, pool: ThreadPoolExecutor, d_sae: dict[str, int], value_dtype: str,
-                 top_k: int = stats.DEFAULT_TOP_K, max_pending: int = 8):
+                 top_k: int = stats.DEFAULT_TOP_K, max_pending: int = 8, stats_device: torch.device | None = None):
         self.pool, self.d_sae, self.value_dtype, self.max_pending = pool, d_sae, value_dtype, max_pending
         self.stats = {hook: stats.Accumulator(d, value_dtype, top_k) for hook, d in d_sae.items()}
+        self.on_device = {hook: DeviceStats(accumulator, stats_device) for hook, accumulator in self.stats.items()} \
+            if stats_device is not None else {}
         self.batches: dict[str, list[SparseBatch]] = {hook: [] for hook in d_sae}
         self._latest: dict[str, Future | None] = {hook: None for hook in d_sae}
         self._pending: deque[Future] = deque()
 
     def add(self, encoded: dict[str, SparseBatch]) -> None:
         for hook, batch in encoded.items():
-            self.batches[hook].append(batch)
+            self.batches[hook].append(replace(batch, entries=None))  # the device's copies are not kept
+            if hook in self.on_device:
+                candidates = host_copies(list(self.on_device[hook].add(*batch.entries, len(batch.counts))))
+                work = self._keep, candidates
+            else:
+                work = self._accumulate, batch
             # each SAE's batches are added in order: a task waits for its SAE's previous one, which the
             # pool's FIFO queue has always started already
-            self._latest[hook] = self.pool.submit(self._accumulate, hook, batch, self._latest[hook])
+            self._latest[hook] = self.pool.submit(*work, hook, self._latest[hook])
             self._pending.append(self._latest[hook])
         while len(self._pending) > self.max_pending:
             self._pending.popleft().result()
 
-    def _accumulate(self, hook: str, batch: SparseBatch, before: Future | None) -> None:
+    def _accumulate(self, batch: SparseBatch, hook: str, before: Future | None) -> None:
         if before is not None:
             before.result()
         batch.wait()
         self.stats[hook].add(batch.counts, batch.indices, batch.values)
+
+    def _keep(self, candidates: tuple[list, object], hook: str, before: Future | None) -> None:
+        (feature, stored, token), copied = candidates
+        if before is not None:
+            before.result()
+        if copied is not None:
+            copied.synchronize()
+        self.stats[hook].keep(feature, stored.view(storage_dtype(self.value_dtype)), token)
 
     def finish(self, n_tokens: int) -> tuple[dict[str, SparseActivations], dict[str, stats.FeatureStats]]:
         """The shard's activations and statistics, per SAE, once every batch is in."""
@@ -52,6 +73,8 @@ class ShardBuilder:
                                                      storage_dtype(self.value_dtype), n_tokens)
             if self._latest[hook] is not None:
                 self._latest[hook].result()
+            if hook in self.on_device:
+                self.stats[hook].add_totals(*self.on_device[hook].totals())
             return SparseActivations(indptr, indices, values), self.stats[hook].result()
 
         done = {hook: self.pool.submit(one, hook) for hook in self.d_sae}

@@ -136,7 +136,9 @@ class ExtractWorker:
             return existing
         started = time.perf_counter()
         d_sae = {hook: sae.cfg.d_sae for hook, sae in self.saes.items()}
-        builder = ShardBuilder(self.host, d_sae, self.job.value_dtype, self.job.top_k)
+        # on a GPU, statistics accumulate there; on a CPU the host's pool does it beside the forward
+        builder = ShardBuilder(self.host, d_sae, self.job.value_dtype, self.job.top_k,
+                               stats_device=self.device if self.device.type == "cuda" else None)
         with self.device_lock:
             rows = self.dataset[shard.row_start : shard.row_stop][self.job.dataset.column]
             windows = self._windows(rows, shard)

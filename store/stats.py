@@ -20,6 +20,7 @@ import zarr
 from store import checked, codecs, format as fmt
 
 DEFAULT_TOP_K = 100
+COMPACT_AT = 1 << 18  # top-K candidates an Accumulator gathers before it first compacts them
 # Log2-spaced edges, 4 bins per octave from 2^-12 to 2^12, with open ends: data-independent,
 # so histograms from different shards add exactly. Bin i holds edges[i] <= a < edges[i+1].
 HIST_EDGES = np.concatenate([[-np.inf], 2.0 ** (np.arange(-48, 49) / 4), [np.inf]])
@@ -131,7 +132,7 @@ def _histogram(features: np.ndarray, values: np.ndarray, d_sae: int) -> np.ndarr
     return flat.reshape(d_sae, N_BINS)
 
 
-def _bin_table(value_dtype: str) -> np.ndarray | None:
+def bin_table(value_dtype: str) -> np.ndarray | None:
     """The histogram bin of every 16-bit stored value (None for float32): a lookup replaces a search."""
     if value_dtype == "float32":
         return None
@@ -156,7 +157,7 @@ class Accumulator:
         self.sum = np.zeros(d_sae)
         self.sum_sq = np.zeros(d_sae)
         self.hist = np.zeros((d_sae, N_BINS), np.int64)
-        self._bins = _bin_table(value_dtype)
+        self._bins = bin_table(value_dtype)
         self._kth = np.full(d_sae, -np.inf, np.float32)  # what an entry must beat to enter a full top-K
         self._kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # candidates (feature, stored, token)
         self._n_kept = self._compacted = 0
@@ -179,11 +180,29 @@ class Accumulator:
             floor = (at_or_above >= self.top_k).sum(axis=1) - 1
             keep = np.flatnonzero((bins >= floor[features]) & (values > self._kth[features]))
             tokens = np.searchsorted(np.cumsum(counts), keep, side="right") + self.n_tokens
-            self._kept.append((features[keep], stored[keep], tokens))
-            self._n_kept += len(keep)
-            if self._n_kept > max(1 << 18, 2 * self._compacted):
-                self._compact()
+            self.keep(features[keep], stored[keep], tokens)
         self.n_tokens += len(counts)
+
+    @property
+    def kth(self) -> np.ndarray:
+        """Per feature, what an entry must beat to enter its full top-K list (-inf until full). It
+        only rises, so an older copy of it prunes less, never wrongly."""
+        return self._kth
+
+    def keep(self, features: np.ndarray, stored: np.ndarray, tokens: np.ndarray) -> None:
+        """Candidates for the top-K lists (features, stored values, tokens), in token order; ``add``
+        picks them from a batch, or the device that encoded it does (``pipeline.device_stats``)."""
+        self._kept.append((features, stored, tokens))
+        self._n_kept += len(features)
+        if self._n_kept > max(COMPACT_AT, 2 * self._compacted):
+            self._compact()
+
+    def add_totals(self, sums: np.ndarray, sums_sq: np.ndarray, hist: np.ndarray, n_tokens: int) -> None:
+        """Sums and histogram of ``n_tokens`` tokens accumulated elsewhere, whose candidates went to ``keep``."""
+        self.sum += sums
+        self.sum_sq += sums_sq
+        self.hist += hist
+        self.n_tokens += n_tokens
 
     def _compact(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Keep each feature's K best candidates (earlier token first on ties); returns them grouped by
