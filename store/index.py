@@ -79,11 +79,11 @@ def begin(location: str, hook: str, counts: np.ndarray, shards: list[dict], valu
 def build_part(location: str, hook: str, part: Part, shards: list[dict], token_dtype: str) -> dict:
     """Scan every shard for the part's features, sort, write the part and then its marker.
     Safe to call again: a part that is already complete is kept as it is."""
-    root = open_root(location, mode="r")
-    existing = _marker(root[f"{fmt.INDEX_GROUP}/{hook}"], part.part_id)
+    root = open_root(location, mode="a")
+    group = root[f"{fmt.INDEX_GROUP}/{hook}"]
+    existing = _marker(group, part.part_id)
     if existing is not None:  # a retried call whose first attempt finished (its worker died returning)
         return existing
-    group = open_root(location, mode="a")[f"{fmt.INDEX_GROUP}/{hook}"]
     value_dtype = group.attrs[fmt.ATTRS_KEY]["value_dtype"]
     offsets = np.cumsum([0] + [s["n_tokens"] for s in shards[:-1]])
     found = [_entries_in(root, shard["shard_id"], hook, part, offset, token_dtype)
