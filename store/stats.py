@@ -85,7 +85,7 @@ def sort_stored_by_feature_then_value(features: np.ndarray, stored: np.ndarray, 
     _, bucket = np.unique(starts // SORT_BUCKET, return_inverse=True)  # each feature's bucket, ascending
     by_bucket = np.argsort(bucket.astype(np.uint16)[local], kind="stable")
     bounds = np.append(starts[np.searchsorted(bucket, np.arange(bucket[-1] + 1))], len(local))
-    order = np.empty(len(local), np.intp)
+    order = np.empty(len(local), np.int32 if len(local) < 1 << 31 else np.intp)  # half the memory where it fits
     for a, b in zip(bounds[:-1], bounds[1:]):
         within = by_bucket[a:b]
         order[a:b] = within[_value_then_feature(local[within], descending[within])]
