@@ -58,9 +58,12 @@ def add_commands(commands) -> None:
     parser.add_argument("store", help="the store's path or URL")
     parser.add_argument("--hook", required=True, help="the SAE's hook")
     parser.add_argument("--out", required=True, help="the folder to write batch-N.json files into")
-    parser.add_argument("--features", type=feature_range, help="START:STOP (default: every feature)")
+    parser.add_argument("--features", type=feature_range,
+                        help="START:STOP (default: every feature); batches are numbered over the whole SAE, so "
+                             "pieces whose bounds are multiples of --batch-size can share one folder")
     parser.add_argument("--batch-size", type=int, default=BATCH_FEATURES,
-                        help="features per batch file (default: %(default)s)")
+                        help="features per batch file: batch-N.json holds features N*SIZE to (N+1)*SIZE-1 "
+                             "(default: %(default)s)")
     parser.add_argument("--model-id", help="Neuronpedia's model id, the TransformerLens name such as gpt2-small "
                                            "(default: the model name recorded in the store; for a local model "
                                            "folder, the folder's name)")
@@ -111,12 +114,25 @@ def export_neuronpedia(fs: FeatureStore, hook: str, out: str | Path, features: r
                        batch_size: int = BATCH_FEATURES, logits: bool = True,
                        names: NeuronpediaNames = NeuronpediaNames(), progress: bool = False,
                        correlated_features: bool = True) -> list[Path]:
-    """Write ``batch-N.json`` files (N counts batches from 0) and return their paths. Tokens are
-    shown by ``fs.token_display`` (``pipeline.tokens.use_tokenizer(fs)`` makes it from the run's
-    tokenizer, as the command does). ``correlated_features=False`` leaves those lists empty."""
+    """Write ``batch-N.json`` files and return their paths. Batches are numbered over the whole SAE,
+    as SAEDashboard's runner numbers them: ``batch-N`` holds the features from ``N * batch_size`` to
+    ``(N + 1) * batch_size - 1`` that ``features`` includes, so that pieces of one SAE exported apart
+    (``0:4096``, then ``4096:8192``) never write two batches of one name, into one folder or, through
+    Neuronpedia's converter (which names its files after the batch's), into one ``exports/`` folder.
+    Tokens are shown by ``fs.token_display`` (``pipeline.tokens.use_tokenizer(fs)`` makes it from the
+    run's tokenizer, as the command does). ``correlated_features=False`` leaves those lists empty."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: give at least 1 feature per batch.")
     features = checked_features(fs, hook, features)
+    # a bound inside a batch: this piece's file of that batch holds only part of it
+    partial = sorted({end // batch_size for end in (features.start, features.stop)
+                      if end % batch_size and end != fs.d_sae(hook)})
+    if partial:
+        log.warning("--features %d:%d: %s only part of a batch of %d features, and another piece of this SAE "
+                    "would write a file of the same name. To export an SAE in pieces, start and stop each at a "
+                    "multiple of --batch-size.", features.start, features.stop,
+                    " and ".join(f"batch-{n}.json" for n in partial) + (" holds" if len(partial) == 1 else " hold"),
+                    batch_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     W_dec = load_decoder(fs, hook) if logits else None
@@ -141,12 +157,13 @@ def export_neuronpedia(fs: FeatureStore, hook: str, out: str | Path, features: r
     with ThreadPoolExecutor(1, thread_name_prefix="neuronpedia-write") as writer, collector_paused():
         writing = None  # (the collector is paused: a batch is tens of thousands of small objects, none in a cycle)
         for dashboard in builder.build(features, progress=progress):
-            if dashboard.feature not in tables:  # the decoder's tables, for the next batch of features at once
-                ahead = range(dashboard.feature, min(features.stop, dashboard.feature + batch_size))
+            number = dashboard.feature // batch_size  # the batch's place in the whole SAE
+            if dashboard.feature not in tables:  # the decoder's tables, for the rest of this batch at once
+                ahead = range(dashboard.feature, min(features.stop, (number + 1) * batch_size))
                 tables = decoder_tables(None if W_dec is None else W_dec[ahead.start:ahead.stop].numpy(), ahead, heads)
             batch.append(neuronpedia_feature(dashboard, display, n_tokens, tables.pop(dashboard.feature), common, texts))
-            if len(batch) == batch_size or dashboard.feature == features.stop - 1:
-                path = out / f"batch-{len(written)}.json"
+            if (dashboard.feature + 1) % batch_size == 0 or dashboard.feature == features.stop - 1:
+                path = out / f"batch-{number}.json"
                 # orjson: ten times json's speed here; float32 arrays written as their shortest exact text
                 data = orjson.dumps({**header, "features": batch}, option=orjson.OPT_SERIALIZE_NUMPY)
                 if writing is not None:  # the batch before (its error, if any, raised here); one batch waits at most
@@ -288,19 +305,31 @@ def activations_json(d: FeatureDashboard, texts: list[list[str]], n_tokens: int)
     return out
 
 
+# the converter's options that only the user can fill in (author, release, where the weights are published)
+CONVERTER_USER_OPTIONS = {
+    "creator-name": "YOUR_NAME", "release-id": "YOUR_RELEASE_ID", "release-title": "YOUR_RELEASE_TITLE",
+    "url": "YOUR_URL", "neuronpedia-source-set-description": "YOUR_SET_DESCRIPTION",
+    "hf-weights-repo-id": "YOUR_HF_USER/YOUR_HF_REPO", "hf-weights-path": "PATH/IN/THE/REPO/sae.safetensors",
+}
+
+
 def converter_command(fs: FeatureStore, hook: str, out: str | Path, names: NeuronpediaNames) -> str:
-    """The command line of Neuronpedia's converter for this export, its values filled in from the
-    store (the author, release and weights options are the user's to give)."""
+    """The command line of Neuronpedia's converter for this export: every option it asks for, so that
+    it runs without prompting. Its values are filled in from the store, but for the author, release
+    and weights options (``CONVERTER_USER_OPTIONS``' placeholders, the user's to replace). It ends
+    with ``--zero-out-bos-token``, a flag the converter otherwise stops to ask about (it has no
+    ``--no-`` form): the flag zeroes the values at tokens shown ``<bos>``, and this export already
+    shows 0 at every BOS, EOS and padding token, so it changes nothing."""
     header, provenance = batch_header(fs, hook, names), fs.provenance()
     options = {
-        "saedashboard-output-dir": str(out), "model-name": header["model_id"],
+        "saedashboard-output-dir": str(out), **CONVERTER_USER_OPTIONS, "model-name": header["model_id"],
         "neuronpedia-source-set-id": header["sae_set"], "hook-point": hook_point(hook),
         "layer-num": header["layer"], "prompts-huggingface-dataset-path": names.dataset or fs.run["dataset"]["name"],
         "n-prompts-total": len(window_starts(provenance["row"].to_numpy(), provenance["pos"].to_numpy())),
         "n-tokens-in-prompt": int(fs.run["context_size"]),
     }
     return "python convert-saedashboard-to-neuronpedia-export.py " + " ".join(
-        f"--{key}={shlex.quote(str(value))}" for key, value in options.items())
+        f"--{key}={shlex.quote(str(value))}" for key, value in options.items()) + " --zero-out-bos-token"
 
 
 def _handle(args: argparse.Namespace) -> None:
@@ -312,7 +341,8 @@ def _handle(args: argparse.Namespace) -> None:
     paths = export_neuronpedia(fs, args.hook, args.out, args.features, args.batch_size, args.logits, names,
                                args.progress, args.correlated_features)
     print(f"wrote {len(paths)} batch files to {args.out}")
-    print("next, Neuronpedia's converter (utils/neuronpedia-utils in its repository), with your release's options:")
+    print("next, Neuronpedia's converter (utils/neuronpedia-utils/neuronpedia_utils in its repository), with "
+          "DEFAULT_CREATOR_ID set and the YOUR_... and PATH/... options replaced by your release's:")
     print("  " + converter_command(fs, args.hook, args.out, names))
     if hook_point(args.hook) not in CONVERTER_HOOK_POINTS:
         print(f"  (the converter takes --hook-point {', '.join(CONVERTER_HOOK_POINTS)}: "

@@ -4,7 +4,10 @@ equal to the store's own numbers.
 The key lists are those of Neuronpedia's converter, ``convert-saedashboard-to-neuronpedia-export.py`` in
 ``utils/neuronpedia-utils/neuronpedia_utils`` of the neuronpedia repository (github.com/hijohnnylin/neuronpedia),
 read at commit 4d6d6c6de4a3 of its zazer0/neuronpedia mirror: the keys it indexes, and those it reads only
-when present (``vector``, ``dfa_*``). The types are those SAEDashboard writes
+when present (``vector``, ``dfa_*``), and the options it asks for. That converter, with its
+``neuronpedia_utils.db_models`` as stored at ab1e24c1d632, was also run by hand on an export of the embedded
+default (``docs/DASHBOARDS.md``, "Checked by hand"): it found what the tests below hold it to, and two SAE
+pieces exported apart lost one's features to the other's ``batch-0``, which the batch numbering test covers. The types are those SAEDashboard writes
 (``sae_dashboard/neuronpedia/neuronpedia_dashboard.py``, the version whose batch has ``sae_id_suffix`` and
 whose features have ``vector``)."""
 
@@ -57,6 +60,13 @@ CONVERTER_FEATURE = {
     "decoder_weights_dist", "activations",
 }
 CONVERTER_ACTIVATION = {"tokens", "values", "bin_contains", "bin_max", "bin_min", "qualifying_token_index"}
+# the converter's options: it prompts for any not given (--zero-out-bos-token is a flag with no --no- form)
+CONVERTER_OPTIONS = {
+    "--saedashboard-output-dir", "--creator-name", "--release-id", "--release-title", "--url", "--model-name",
+    "--neuronpedia-source-set-id", "--neuronpedia-source-set-description", "--hf-weights-repo-id",
+    "--hf-weights-path", "--hook-point", "--layer-num", "--prompts-huggingface-dataset-path", "--n-prompts-total",
+    "--n-tokens-in-prompt", "--zero-out-bos-token",
+}
 
 
 def has_type(value, kind) -> bool:
@@ -123,6 +133,12 @@ def test_batches_hold_every_key_the_converter_reads_in_saedashboards_types(store
     assert features[0]["n_prompts_total"] == int((store.provenance()["pos"] == -1).sum()) > len(store.shards)
     dead = [f for f in features if not f["activations"]]
     assert all(f["frac_nonzero"] == 0 and type(f["frac_nonzero"]) is int for f in dead)  # as SAEDashboard writes it
+    # the converter's feature maximum (maxActApprox, and the default steering strength) is the largest value of
+    # any window it is given: the top example's, as windows show 0 at BOS, EOS and padding
+    for f in features:
+        if f["activations"]:
+            shown_max = max(max(a["values"]) for a in f["activations"])
+            assert np.float32(shown_max) == np.float32(f["activations"][0]["bin_max"]) > 0
 
 
 def counted_matrix(fs: FeatureStore) -> np.ndarray:
@@ -322,6 +338,8 @@ def test_command_line_names_help_and_the_converters_command(store, tmp_path, cap
     out = capsys.readouterr().out
     assert "wrote 1 batch files" in out
     command = next(line for line in out.splitlines() if "convert-saedashboard-to-neuronpedia-export.py" in line)
+    # every option the converter asks for is given, so that it runs without stopping to prompt
+    assert {word.split("=")[0] for word in command.split() if word.startswith("--")} == CONVERTER_OPTIONS
     for option in (f"--saedashboard-output-dir={tmp_path}", "--model-name=tiny-model",
                    "--neuronpedia-source-set-id=res-test", "--hook-point=hook_resid_post", "--layer-num=0",
                    "--prompts-huggingface-dataset-path=me/my-data", "--n-tokens-in-prompt=16",
@@ -377,3 +395,27 @@ def test_dense_gram_multiplies_the_upper_blocks_and_mirrors_them(block, chunk_en
     reference = dense.astype(np.float32).astype(np.float64)
     np.testing.assert_allclose(gram, reference.T @ reference, rtol=1e-6, atol=1e-9)
     np.testing.assert_array_equal(gram, gram.T)
+
+
+def test_batches_are_numbered_over_the_whole_sae_so_pieces_share_a_folder(store, tmp_path, caplog):
+    # SAEDashboard's runner names a batch by its place in the whole SAE, and the converter names its files after
+    # the batch's: pieces numbered from 0 each would overwrite one another's batch-0
+    whole = {p.name: p.read_bytes() for p in export_neuronpedia(store, HOOK, tmp_path / "whole", batch_size=16,
+                                                                 logits=False)}
+    assert sorted(whole) == [f"batch-{n}.json" for n in range(6)]
+    pieces = tmp_path / "pieces"
+    first = export_neuronpedia(store, HOOK, pieces, range(0, 32), batch_size=16, logits=False)
+    second = export_neuronpedia(store, HOOK, pieces, range(32, 96), batch_size=16, logits=False)
+    assert [p.name for p in first] == ["batch-0.json", "batch-1.json"]
+    assert [p.name for p in second] == [f"batch-{n}.json" for n in range(2, 6)]
+    assert {p.name: p.read_bytes() for p in pieces.iterdir()} == whole  # byte for byte
+    assert "multiple of --batch-size" not in caplog.text
+    for n in range(6):
+        batch = json.loads(whole[f"batch-{n}.json"])
+        assert [f["feature_index"] for f in batch["features"]] == list(range(16 * n, 16 * n + 16))
+    # a piece that starts or stops inside a batch writes only part of it, and says so
+    partial = export_neuronpedia(store, HOOK, tmp_path / "partial", range(10, 20), batch_size=8, logits=False)
+    assert [p.name for p in partial] == ["batch-1.json", "batch-2.json"]
+    assert [[f["feature_index"] for f in json.loads(p.read_text())["features"]] for p in partial] == \
+        [list(range(10, 16)), list(range(16, 20))]
+    assert "--features 10:20: batch-1.json and batch-2.json hold only part of a batch of 8 features" in caplog.text
