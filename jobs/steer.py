@@ -54,7 +54,7 @@ def resolve_model_and_sae(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def steer_command(args: argparse.Namespace) -> None:
-    from jobs.cli import terminal_text
+    from jobs.terminal import terminal_text
     from pipeline.models import load_model
     from pipeline.saes import SAESource, load_sae
     from pipeline.steering import steer

@@ -6,7 +6,7 @@ import argparse
 
 import numpy as np
 
-from jobs.cli import terminal_text
+from jobs.terminal import terminal_text
 from store import FeatureStore
 from store.queries import check_examples
 

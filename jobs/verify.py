@@ -50,7 +50,7 @@ def verify_command(args: argparse.Namespace) -> int:
                           "in_progress": report.in_progress, "to_come": report.to_come, "fixes": report.fixes(),
                           "problems": [{"part": p.part, "message": p.message} for p in report.problems]}, indent=2))
     else:
-        from jobs.cli import terminal_text
+        from jobs.terminal import terminal_text
 
         print(terminal_text(report.format(), keep_newlines=True))  # part names come from the store
     if not report.ok:
