@@ -24,8 +24,7 @@ def run_index(location: str, workers: int | None = None, address: str | None = N
               part_nnz: int = index_mod.DEFAULT_PART_NNZ, progress: bool = True) -> dict[str, int]:
     """Build (or finish) every SAE's index, holding the store's writer lease. Returns the number of
     parts per hook."""
-    from tqdm.auto import tqdm
-
+    from jobs import pool
     from jobs.ray_session import connect
 
     with hold_lease(location, "latentstore index") as lease:  # re-entrant: `latentstore extract` holds it already
@@ -40,7 +39,6 @@ def run_index(location: str, workers: int | None = None, address: str | None = N
         n_workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         shards = fs.attrs["shards"]
         token_dtype = "<u4" if fs.n_tokens < 2**32 else "<u8"
-        build = ray.remote(num_cpus=1, max_retries=3)(index_mod.build_part)
         todo, n_parts = [], {}
         for hook in fs.hooks:
             counts = fs.stats(hook).count
@@ -50,12 +48,14 @@ def run_index(location: str, workers: int | None = None, address: str | None = N
                                           min_parts=min_parts, part_nnz=part_nnz)
             n_parts[hook] = len(parts)
             todo += [(hook, part) for part in parts if part.part_id not in done]
-        pending = [build.remote(fs.location, hook, part, shards, token_dtype) for hook, part in todo]
-        with tqdm(total=len(pending), unit="part", desc="index", disable=not progress) as bar:
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
-                ray.get(ready)
-                bar.update(1)
+        # Tasks, not actors: each part is one call of build_part, n_workers at once, retried where a worker died.
+        build = ray.remote(num_cpus=1, max_retries=3)(index_mod.build_part)
+        policy = pool.Policy(
+            label="index", location=fs.location,
+            submit=lambda task, item: task.remote(fs.location, item[0], item[1], shards, token_dtype),
+            describe=lambda item: f"building index part {item[1].part_id} of {item[0]}")
+        for _ in pool.run(ray, [build] * n_workers, todo, policy, progress=progress):
+            pass
         lease.check()
         for hook in fs.hooks:
             index_mod.finalize(fs.location, hook)
