@@ -71,9 +71,10 @@ def extract(args, folder: Path) -> tuple[str, float]:
     sae = args.sae or str(next(p for p in default.default_sae_dirs() if p.is_dir()))
     store = args.store or str(folder / "bench.zarr")
     start = time.perf_counter()
-    run_extract(ExtractConfig(model=str(default.MODEL_DIR), saes=(sae,), dataset=DatasetSpec(str(default.TRAIN_CORPUS)),
-                              store=store, context_size=args.context_size, max_tokens=args.tokens,
-                              workers=args.workers, progress=False))
+    run_extract(ExtractConfig.build(model=str(default.MODEL_DIR), saes=(sae,),
+                                    dataset=DatasetSpec(str(default.TRAIN_CORPUS)), store=store,
+                                    context_size=args.context_size, max_tokens=args.tokens, workers=args.workers,
+                                    progress=False))
     return store, time.perf_counter() - start
 
 

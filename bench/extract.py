@@ -52,6 +52,7 @@ import torch
 from pipeline.dataset import DEFAULT_SHARD_TOKENS, DatasetSpec, plan_shards, row_lengths
 from pipeline.models import save_model, stop_layer
 from pipeline.shard_builder import ShardBuilder
+from pipeline.specs import ExtractConfig
 from pipeline.worker import SHARDS_IN_FLIGHT, ExtractJob, ExtractWorker
 from store import stats as stats_mod
 from store.writer import ShardData, StoreWriter
@@ -136,10 +137,9 @@ def main() -> None:
 
 def run(args, work: Path, model_dir: str, sae_dirs: list[str], spec: DatasetSpec) -> None:
     store = work / "bench.zarr"
-    job = ExtractJob(model=model_dir, saes=tuple(sae_dirs), dataset=spec, store=str(store),
-                     context_size=args.context_size, batch_size=args.batch_size,
-                     prepend_bos=spec.tokens_column is None, value_dtype="bfloat16", device=args.device,
-                     n_threads=os.cpu_count())
+    config = ExtractConfig.build(model=model_dir, saes=tuple(sae_dirs), dataset=spec, store=str(store),
+                                 context_size=args.context_size, batch_size=args.batch_size, value_dtype="bfloat16")
+    job = ExtractJob(config, prepend_bos=spec.tokens_column is None, device=args.device, n_threads=os.cpu_count())
     worker = ExtractWorker(job)
     device = worker.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

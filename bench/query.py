@@ -114,11 +114,11 @@ def extract_vs_index(args, work: Path) -> None:
     from pipeline import default
     from pipeline.dataset import DatasetSpec
 
-    cfg = ExtractConfig(model=str(default.MODEL_DIR), saes=tuple(str(p) for p in default.default_sae_dirs()),
-                        dataset=DatasetSpec(str(default.TRAIN_CORPUS)), store=str(work / "default.zarr"),
-                        max_tokens=args.extract_tokens, index=False, workers=1, progress=False)
+    cfg = ExtractConfig.build(model=str(default.MODEL_DIR), saes=tuple(str(p) for p in default.default_sae_dirs()),
+                              dataset=DatasetSpec(str(default.TRAIN_CORPUS)), store=str(work / "default.zarr"),
+                              max_tokens=args.extract_tokens, index=False, workers=1, progress=False)
     extract_s = timed(lambda: run_extract(cfg))
-    index_s = timed(lambda: run_index(cfg.store, workers=args.workers, progress=False))
+    index_s = timed(lambda: run_index(cfg.store.path, workers=args.workers, progress=False))
     print(f"embedded default, {args.extract_tokens:,} tokens: extraction {extract_s:.1f} s, "
           f"index build {index_s:.1f} s ({index_s / extract_s:.1%} of extraction)")
 

@@ -8,6 +8,8 @@ import logging
 import sys
 import textwrap
 
+from jobs.settings import SettingsError
+from jobs.terminal import terminal_text
 from store.errors import LatentStoreError, disk_full, is_disk_full
 
 EXTRACT_HELP = """\
@@ -39,6 +41,8 @@ On a cluster, the same command under Ray's job API:
 Rerunning the same command resumes: complete shards are kept, the rest is done.
 """
 
+DEFAULT_STORE = "latentstore.zarr"
+
 SAE_HELP = """\
 an SAE, once per hook (repeat the flag). One of:
 RELEASE/SAE_ID (sae_lens pretrained, e.g. gpt2-small-res-jb/blocks.8.hook_resid_pre);
@@ -69,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
         "extract", help="extract SAE activations over a dataset into a store",
         description=EXTRACT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # The defaults are the specs' own (pipeline.specs: numpy, no torch, so that --help stays quick).
+    from jobs.settings import default_of
+    from pipeline.specs import ExtractConfig
+    from store.format import VALUE_DTYPES
+
     what = extract.add_argument_group("what to run")
     what.add_argument("--model", help="a TransformerLens model name, or a local model directory of config.json + "
                       "model.safetensors: latentstore's (pipeline.models.save_model), loaded as a "
@@ -81,11 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     data = extract.add_argument_group("the dataset")
     data.add_argument("--dataset", help="a hub dataset name, a local .jsonl/.json/.parquet/.csv/.txt file, "
                       "or a folder written by Dataset.save_to_disk. Default: the embedded corpus")
-    data.add_argument("--split", default="train", help="the split to read (default: %(default)s)")
+    data.add_argument("--split", default=default_of(ExtractConfig, "split"),
+                      help="the split to read (default: %(default)s)")
     data.add_argument("--subset", help="the hub dataset's configuration, where it has several")
-    data.add_argument("--text-column", default="text", help="the column holding text (default: %(default)s)")
+    data.add_argument("--text-column", default=default_of(ExtractConfig, "text_column"),
+                      help="the column holding text (default: %(default)s)")
     data.add_argument("--tokens-column", help="a column of pre-tokenized rows, used exactly as given (no BOS added)")
-    data.add_argument("--context-size", type=_int, default=128,
+    data.add_argument("--context-size", type=_int, default=default_of(ExtractConfig, "context_size"),
                       help="tokens per window; longer rows are split into several windows (default: %(default)s)")
     data.add_argument("--max-tokens", type=_int, help="stop after exactly this many tokens (default: the whole dataset)")
     bos = data.add_mutually_exclusive_group()
@@ -93,11 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="start every window with BOS (default: as the SAEs were trained)")
     bos.add_argument("--no-prepend-bos", dest="prepend_bos", action="store_false")
     out = extract.add_argument_group("the store")
-    out.add_argument("--store", default="latentstore.zarr",
+    out.add_argument("--store", default=DEFAULT_STORE,
                      help="a local path or an fsspec URL such as s3://bucket/run.zarr (default: %(default)s)")
-    out.add_argument("--value-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+    out.add_argument("--value-dtype", choices=VALUE_DTYPES, default=default_of(ExtractConfig, "value_dtype"),
                      help="precision of stored activations (default: %(default)s)")
-    out.add_argument("--top-k", type=_int, default=100,
+    out.add_argument("--top-k", type=_int, default=default_of(ExtractConfig, "top_k"),
                      help="top activations kept per feature in the store's statistics (default: %(default)s)")
     out.add_argument("--no-index", dest="index", action="store_false",
                      help="skip the feature-major index at the end (build it later with `latentstore index`)")
@@ -111,10 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--cpu", dest="use_gpu", action="store_false",
                         help="CPU workers, even on a cluster with GPUs (default: GPUs if the cluster has them)")
     run.add_argument("--cpus-per-worker", type=float, help="CPU cores per CPU worker (default: share them all)")
-    run.add_argument("--batch-size", type=_int, default=32, help="windows per forward pass (default: %(default)s)")
-    from pipeline.dataset import DEFAULT_SHARD_TOKENS  # numpy only: --help stays quick
-
-    run.add_argument("--shard-tokens", type=_int, default=DEFAULT_SHARD_TOKENS,
+    run.add_argument("--batch-size", type=_int, default=default_of(ExtractConfig, "batch_size"),
+                     help="windows per forward pass (default: %(default)s)")
+    run.add_argument("--shard-tokens", type=_int, default=default_of(ExtractConfig, "shard_tokens"),
                      help="tokens per shard, the unit of work, of memory and of resuming; whole windows, so a long "
                           "row spans several shards (default: %(default)s)")
     run.add_argument("--address", help="a Ray cluster to join (default: $RAY_ADDRESS, else start one here)")
@@ -150,6 +160,8 @@ def _int(text: str) -> int:
 
 
 def extract_config(args: argparse.Namespace):
+    """The config of ``latentstore extract``'s arguments: the embedded default when none of
+    --model, --sae and --dataset is given."""
     from jobs.extract import ExtractConfig
     from pipeline.dataset import DatasetSpec
 
@@ -164,28 +176,8 @@ def extract_config(args: argparse.Namespace):
             f"latentstore extract: give {', '.join(missing)} as well, or none of --model/--sae/--dataset "
             "to run the embedded default."
         )
-    return ExtractConfig(
-        model=model,
-        saes=saes,
-        dataset=DatasetSpec(name=dataset, split=args.split, subset=args.subset,
-                            text_column=args.text_column, tokens_column=args.tokens_column),
-        store=args.store,
-        context_size=args.context_size,
-        max_tokens=args.max_tokens,
-        batch_size=args.batch_size,
-        shard_tokens=args.shard_tokens,
-        prepend_bos=args.prepend_bos,
-        value_dtype=args.value_dtype,
-        top_k=args.top_k,
-        index=args.index,
-        model_dtype=args.model_dtype,
-        workers=args.workers,
-        use_gpu=args.use_gpu,
-        cpus_per_worker=args.cpus_per_worker,
-        address=args.address,
-        overwrite=args.overwrite,
-        progress=args.progress,
-    )
+    settings = {k: v for k, v in vars(args).items() if k in ExtractConfig.settings()}
+    return ExtractConfig.build(**{**settings, "model": model, "saes": saes, "dataset": DatasetSpec(dataset)})
 
 
 def format_info(info: dict) -> str:
@@ -207,22 +199,6 @@ def format_info(info: dict) -> str:
     return "\n".join(lines)
 
 
-# Control characters shown escaped: C0 (but the newline, shown as ⏎), DEL and C1. Printed raw, dataset
-# text such as "\x1b[31m" or "\x1b]0;TITLE\x07" would recolour the terminal or retitle its window.
-_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
-_CONTROL.update({ord("\t"): "\\t", ord("\r"): "\\r"})
-_ESCAPED = str.maketrans({**_CONTROL, ord("\n"): "⏎"})
-_ESCAPED_KEEP_LINES = str.maketrans({k: v for k, v in _CONTROL.items() if k != ord("\n")})
-
-
-def terminal_text(text: str, keep_newlines: bool = False) -> str:
-    """``text`` made safe to print: every control character (C0, DEL, C1) shown escaped, as ``\\x1b``,
-    ``\\t``, ``\\r``; a newline shown as ``⏎``, or kept with ``keep_newlines`` (for our own multi-line
-    output that quotes names from a store or a dataset). Every output path that prints dataset or
-    store text goes through it."""
-    return text.translate(_ESCAPED_KEEP_LINES if keep_newlines else _ESCAPED)
-
-
 def _store_locations(args: argparse.Namespace) -> list[str]:
     """The store paths or URLs a command was given."""
     return [args.store] if isinstance(getattr(args, "store", None), str) else []
@@ -242,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = extract_config(args)
             counts = run_extract(cfg)
-            print(f"wrote {counts['n_tokens']:,} tokens in {counts['n_shards']} shards to {cfg.store}")
-            print(f"next: latentstore info {cfg.store}")
+            print(f"wrote {counts['n_tokens']:,} tokens in {counts['n_shards']} shards to {cfg.store.path}")
+            print(f"next: latentstore info {cfg.store.path}")
         elif args.command == "info":
             from store import FeatureStore
 
@@ -256,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(status, int) and status:
                 return status
     except (LatentStoreError, OSError) as e:
+        if isinstance(e, SettingsError):  # its problems name the config's fields: say the flags instead
+            e = e.for_command_line()
         # a full disk met by this process, or by a Ray task whose error was not converted (``ray.get``'s
         # RayTaskError(OSError) carries it as its cause); a worker's arrives as a StoreFullError already
         full = next((x for x in (e, getattr(e, "cause", None)) if is_disk_full(x)), None)

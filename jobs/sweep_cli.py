@@ -1,10 +1,14 @@
 """The `latentstore sweep` command line. Kept apart from the Ray driver in ``jobs.sweep`` so that
-building the parser (``latentstore --help``) imports neither torch nor sae_lens."""
+building the parser (``latentstore --help``) imports neither torch nor sae_lens. The defaults are
+the specs' own (``pipeline.specs``)."""
 
 from __future__ import annotations
 
 import argparse
-METRICS = ("logit_diff", "loss", "kl")
+
+from jobs.settings import default_of
+from pipeline.metric_names import METRICS
+from pipeline.specs import SweepConfig
 
 SWEEP_HELP = """\
 Ablate every live SAE feature at a position of each prompt and record the change in a metric,
@@ -36,40 +40,61 @@ def add_commands(subparsers) -> None:
     sweep.add_argument("--model", help="default: the store's model")
     sweep.add_argument("--sae", help="default: the store's SAE at --hook")
     sweep.add_argument("--hook", help="which of the store's SAEs (needed when it holds several)")
-    sweep.add_argument("--metric", choices=METRICS, default="logit_diff",
+    sweep.add_argument("--metric", choices=METRICS, default=argparse.SUPPRESS,
                        help="logit_diff: answer minus wrong answer at the last position; loss: of the answer "
                             "(file prompts) or the prompt's mean next-token loss (store rows: only positions after "
                             "the ablated one can change it, so pair it with an early --position or 'all'); kl: from "
-                            "the clean model at the last position (default: %(default)s)")
-    sweep.add_argument("--position", type=_position, default=-1,
-                       help="the position ablated, negative from the end, or 'all' (default: %(default)s)")
-    sweep.add_argument("--features", type=_features, help="comma-separated feature ids (default: every live feature)")
-    sweep.add_argument("--ablation", type=_ablation, default="zero",
-                       help="zero, mean (the store's mean over all tokens) or a scale factor (default: %(default)s)")
-    sweep.add_argument("--error-term", dest="use_error_term", action="store_true",
+                            f"the clean model at the last position (default: {default_of(SweepConfig, 'metric')})")
+    sweep.add_argument("--position", type=_position, default=argparse.SUPPRESS,
+                       help="the position ablated, negative from the end, or 'all' "
+                            f"(default: {default_of(SweepConfig, 'position')})")
+    sweep.add_argument("--features", type=_features, default=argparse.SUPPRESS,
+                       help="comma-separated feature ids (default: every live feature)")
+    sweep.add_argument("--ablation", type=_ablation, default=argparse.SUPPRESS,
+                       help="zero, mean (the store's mean over all tokens) or a scale factor "
+                            f"(default: {default_of(SweepConfig, 'ablation')})")
+    sweep.add_argument("--error-term", dest="use_error_term", action="store_true", default=argparse.SUPPRESS,
                        help="splice the SAE with its error term (sae_lens's use_error_term)")
-    sweep.add_argument("--method", choices=["exact", "attribution"], default="exact")
-    sweep.add_argument("--verify-top", type=int, help="with attribution: recompute the N strongest features exactly")
-    sweep.add_argument("--prompts-per-part", type=int, default=16)
-    sweep.add_argument("--features-per-part", type=int, default=256)
-    sweep.add_argument("--batch-size", type=int, default=32, help="prompt copies per forward (default: %(default)s)")
-    sweep.add_argument("--workers", type=int)
-    sweep.add_argument("--cpus-per-worker", type=float)
-    sweep.add_argument("--address", help="a Ray cluster to join (default: $RAY_ADDRESS, else start one here)")
-    sweep.add_argument("--overwrite", action="store_true", help="replace a different sweep of the same name")
-    sweep.add_argument("--no-progress", dest="progress", action="store_false")
+    sweep.add_argument("--method", choices=["exact", "attribution"], default=argparse.SUPPRESS,
+                       help=f"(default: {default_of(SweepConfig, 'method')})")
+    sweep.add_argument("--verify-top", type=int, default=argparse.SUPPRESS,
+                       help="with attribution: recompute the N strongest features exactly")
+    sweep.add_argument("--prompts-per-part", type=int, default=argparse.SUPPRESS,
+                       help=f"(default: {default_of(SweepConfig, 'prompts_per_part')})")
+    sweep.add_argument("--features-per-part", type=int, default=argparse.SUPPRESS,
+                       help=f"(default: {default_of(SweepConfig, 'features_per_part')})")
+    sweep.add_argument("--batch-size", type=int, default=argparse.SUPPRESS,
+                       help=f"prompt copies per forward (default: {default_of(SweepConfig, 'batch_size')})")
+    sweep.add_argument("--workers", type=int, default=argparse.SUPPRESS)
+    device = sweep.add_mutually_exclusive_group()
+    device.add_argument("--gpu", dest="use_gpu", action="store_true", default=argparse.SUPPRESS,
+                        help="one GPU per worker, even if the cluster has none yet (it scales up; give --workers)")
+    device.add_argument("--cpu", dest="use_gpu", action="store_false", default=argparse.SUPPRESS,
+                        help="CPU workers, even on a cluster with GPUs (default: GPUs if the cluster has them)")
+    sweep.add_argument("--cpus-per-worker", type=float, default=argparse.SUPPRESS)
+    sweep.add_argument("--address", default=argparse.SUPPRESS,
+                       help="a Ray cluster to join (default: $RAY_ADDRESS, else start one here)")
+    sweep.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,
+                       help="replace a different sweep of the same name")
+    sweep.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS)
     sweep.set_defaults(handler=sweep_command)
 
 
-def sweep_command(args: argparse.Namespace) -> None:
-    from jobs.sweep import SweepConfig, run_sweep
+def sweep_config(args: argparse.Namespace) -> SweepConfig:
+    """The config of the settings given on the command line; every other one keeps its spec's default."""
+    names = SweepConfig.settings()
+    return SweepConfig.build(**{k: v for k, v in vars(args).items() if k in names})
 
-    fields = {k: v for k, v in vars(args).items() if k in SweepConfig.__dataclass_fields__}
-    cfg = SweepConfig(**fields)
+
+def sweep_command(args: argparse.Namespace) -> None:
+    from jobs.sweep import run_sweep
+
+    cfg = sweep_config(args)
     counts = run_sweep(cfg)
+    store = cfg.store.path
     print(f"sweep {cfg.name!r}: {counts['n_lines']:,} (prompt, feature) lines over {counts['n_prompts']} prompts "
-          f"and {counts['n_features']} features, in {cfg.store}")
-    print(f"read it: store.sweeps.read_sweep({cfg.store!r}, {cfg.name!r})")
+          f"and {counts['n_features']} features, in {store}")
+    print(f"read it: store.sweeps.read_sweep({store!r}, {cfg.name!r})")
 
 
 def _rows(text: str) -> tuple[int, int]:

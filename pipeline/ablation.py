@@ -94,14 +94,9 @@ class StorePrompts:
                 f"dataset rows {long_rows[:10].tolist()} span several {context}-token windows of the store; "
                 "a prompt must be one window. Choose shorter rows."
             )
-        seq = int(lengths.max())
-        tokens = torch.full((len(rows), seq), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), seq), dtype=torch.long)
-        for i, (start, n) in enumerate(zip(starts, lengths)):
-            tokens[i, seq - n:] = torch.from_numpy(store.token_ids(int(start), int(start + n)).astype(np.int64))
-            mask[i, seq - n:] = 1
-        return cls(store, rows, starts.astype(np.int64), lengths.astype(np.int64), tokens,
-                   None if bool(mask.all()) else mask)
+        tokens, mask = left_pad([torch.from_numpy(store.token_ids(int(start), int(start + n)).astype(np.int64))
+                                 for start, n in zip(starts, lengths)], pad_token_id)
+        return cls(store, rows, starts.astype(np.int64), lengths.astype(np.int64), tokens, mask)
 
     def live_features(self, hook: str, positions: torch.Tensor | None) -> np.ndarray:
         """Features the store saw firing at each prompt's ablated position (all its tokens for None)."""
@@ -116,6 +111,17 @@ class StorePrompts:
         lo, hi = int(index.min()), int(index.max()) + 1
         csr = self.store.csr(hook, lo, hi)[index - lo]
         return np.unique(csr.indices).astype(np.int64)
+
+
+def left_pad(prompts: Sequence[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token sequences as one left-padded batch (as notebook 000 pads), and its attention mask:
+    1 at each real token, 0 at padding; None when nothing is padded."""
+    seq = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), seq), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), seq), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, seq - len(p):], mask[i, seq - len(p):] = p, 1
+    return tokens, None if bool(mask.all()) else mask
 
 
 def mean_activations(store, hook: str) -> np.ndarray:

@@ -30,17 +30,21 @@ COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4"}
 # past a few batches; smaller shards spread a small run over more workers and bound a worker's memory,
 # larger ones shrink the per-shard statistics (top-K of every feature) beside the activations.
 DEFAULT_SHARD_TOKENS = 1 << 16
+DEFAULT_CONTEXT_SIZE = 128  # tokens per window
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Where the rows come from and which column holds them."""
+    """Where the rows come from, which column holds them, and how they are cut into windows."""
 
     name: str  # a hub dataset name, a local file, or a folder written by Dataset.save_to_disk
     split: str = "train"  # hub datasets and save_to_disk DatasetDicts; a local file is one split
     subset: str | None = None  # the hub dataset's configuration, where it has several
     text_column: str = "text"
     tokens_column: str | None = None  # pre-tokenized rows, used exactly as given (no BOS added)
+    context_size: int = DEFAULT_CONTEXT_SIZE  # tokens per window; longer rows become several windows
+    max_tokens: int | None = None  # keep exactly this many tokens, in row order; None: the whole dataset
+    prepend_bos: bool | None = None  # start each window with BOS; None: as the SAEs were trained
 
     @property
     def is_local(self) -> bool:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.metric_names import DEFAULT_METRIC, METRICS, PROMPT_FIELDS  # noqa: F401  (the names, without torch)
 from store.errors import ConfigError
 
 Metric = Callable[..., torch.Tensor]

@@ -26,8 +26,8 @@ from pipeline.encode import SparseEncoder
 from pipeline.shard_builder import ShardBuilder, pool_size
 from pipeline.models import hook_point, load_model, loader_name, weights_hash
 from pipeline.saes import SAESource, is_transcoder, load_sae, model_hook_problems, output_hook
+from pipeline.specs import ExtractConfig
 from store.errors import ConfigError, DataError
-from store.stats import DEFAULT_TOP_K
 from store.writer import ShardData, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -37,20 +37,49 @@ SHARDS_IN_FLIGHT = 2  # calls of run_shard a worker takes at once: one encoding,
 
 @dataclass(frozen=True)
 class ExtractJob:
-    """What every worker needs to know, already validated by the driver."""
+    """What every worker needs: the config, validated by the driver, and what it resolved."""
 
-    model: str
-    saes: tuple[str, ...]  # --sae texts, parsed by SAESource.parse
-    dataset: DatasetSpec
-    store: str
-    context_size: int
-    batch_size: int  # windows per forward
-    prepend_bos: bool
-    value_dtype: str
-    model_dtype: str | None = None
+    config: ExtractConfig  # its store path normalized
+    prepend_bos: bool  # the config's, or else what the SAEs were trained with
     device: str | None = None  # None: the GPU Ray gave this worker, else the CPU
     n_threads: int | None = None  # torch threads on a CPU worker
-    top_k: int = DEFAULT_TOP_K  # top activations kept per feature in the statistics
+
+    # The settings the worker reads, by their short names.
+    @property
+    def model(self) -> str:
+        return self.config.model.name
+
+    @property
+    def model_dtype(self) -> str | None:
+        return self.config.model.dtype
+
+    @property
+    def saes(self) -> tuple[str, ...]:
+        return tuple(self.config.saes)
+
+    @property
+    def dataset(self) -> DatasetSpec:
+        return self.config.dataset
+
+    @property
+    def context_size(self) -> int:
+        return self.config.dataset.context_size
+
+    @property
+    def store(self) -> str:
+        return self.config.store.path
+
+    @property
+    def value_dtype(self) -> str:
+        return self.config.store.value_dtype
+
+    @property
+    def top_k(self) -> int:
+        return self.config.store.top_k
+
+    @property
+    def batch_size(self) -> int:  # windows per forward
+        return self.config.resources.batch_size
 
 
 def pick_device(requested: str | None) -> torch.device:

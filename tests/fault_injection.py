@@ -92,13 +92,13 @@ def build_part(location, hook, part, shards, token_dtype):
 
 
 def sweep_worker_class():
-    """``jobs.sweep.SweepWorker``, with the planned faults."""
-    from jobs.sweep import SweepWorker
+    """``pipeline.sweep_worker.SweepWorker``, with the planned faults."""
+    from pipeline.sweep_worker import SweepWorker
 
     class FaultySweepWorker(SweepWorker):
         def run_part(self, part):
             cfg = self.job.config
-            fault, target = Fault(fault_dir(cfg.store, f"sweep-{cfg.name}")), str(part.part_id)
+            fault, target = Fault(fault_dir(cfg.store.path, f"sweep-{cfg.name}")), str(part.part_id)
             fault.log(target)
             if fault.stalls(target, "before"):
                 with stalled_before_marking(fault, target):
@@ -128,7 +128,7 @@ def _drive(argv: list[str]) -> None:
 
         fields = json.loads(Path(argv[1]).read_text())
         jobs.sweep.SweepWorker = fault_injection.sweep_worker_class()
-        run_sweep(SweepConfig(**fields))
+        run_sweep(SweepConfig.build(**fields))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ only reads a store (tests that damage one work on a copy).
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,9 @@ from store import FeatureStore
 
 
 def config(assets, store, **changes) -> ExtractConfig:
-    """The test extraction: every SAE of ``assets`` over its jsonl, small windows and shards."""
-    base = ExtractConfig(
+    """The test extraction: every SAE of ``assets`` over its jsonl, small windows and shards.
+    ``changes``: settings by their short names (``ExtractConfig.build``'s)."""
+    base = dict(
         model=str(assets["model_dir"]),
         saes=tuple(str(d) for d in assets["sae_dirs"].values()),
         dataset=DatasetSpec(str(assets["jsonl"])),
@@ -31,7 +31,7 @@ def config(assets, store, **changes) -> ExtractConfig:
         top_k=7,  # small, so that queries past a feature's top-K read the index or scan the shards
         progress=False,
     )
-    return replace(base, **changes)
+    return ExtractConfig.build(**{**base, **changes})
 
 
 def shared_store(assets, tmp_path_factory) -> FeatureStore:

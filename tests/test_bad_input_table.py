@@ -14,7 +14,6 @@ import subprocess
 import threading
 import urllib.error
 import urllib.request
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -41,7 +40,7 @@ def good_store(assets, ray_cluster, tmp_path_factory) -> str:
     cfg = config(assets, tmp_path_factory.mktemp("good") / "good.zarr", saes=(str(assets["sae_dirs"][HOOK]),),
                  max_tokens=300)
     run_extract(cfg)
-    return cfg.store
+    return cfg.store.path
 
 
 # -- how to make each bad input ---------------------------------------------------------------
@@ -102,8 +101,8 @@ def _store_of_another_model(assets, tmp: Path) -> str:
     run = validate(cfg).run_metadata()
     run["model"]["name"] = "gpt2-small"
     run["model"]["config"]["d_model"] = 768
-    StoreWriter(cfg.store).begin(run, {"n_shards": 8, "n_rows": 37}, overwrite=False)
-    return cfg.store
+    StoreWriter(cfg.store.path).begin(run, {"n_shards": 8, "n_rows": 37}, overwrite=False)
+    return cfg.store.path
 
 
 def _newer_format_store(assets, tmp: Path, source: str | None = None) -> str:
@@ -113,7 +112,7 @@ def _newer_format_store(assets, tmp: Path, source: str | None = None) -> str:
         from store.writer import StoreWriter
 
         cfg = config(assets, path)
-        StoreWriter(cfg.store).begin(validate(cfg).run_metadata(), {"n_shards": 8, "n_rows": 37}, overwrite=False)
+        StoreWriter(cfg.store.path).begin(validate(cfg).run_metadata(), {"n_shards": 8, "n_rows": 37}, overwrite=False)
     else:
         shutil.copytree(source, path)
     meta = json.loads((path / "zarr.json").read_text())
@@ -239,7 +238,7 @@ def _extract(**changes):
         from jobs.extract import validate
 
         made = {k: (v(assets, tmp) if callable(v) else v) for k, v in changes.items()}
-        validate(replace(config(assets, tmp / "store.zarr"), **made))
+        validate(config(assets, made.pop("store", tmp / "store.zarr"), **made))
 
     return run
 
@@ -249,7 +248,7 @@ def _run_extract(**changes):
         from jobs.extract import run_extract
 
         made = {k: (v(assets, tmp) if callable(v) else v) for k, v in changes.items()}
-        run_extract(replace(config(assets, tmp / "store.zarr"), **made))
+        run_extract(config(assets, made.pop("store", tmp / "store.zarr"), **made))
 
     return run
 
@@ -263,7 +262,7 @@ def _sweep(**fields):
         from jobs.sweep import SweepConfig, validate
 
         made = {k: (v(assets, tmp) if callable(v) else v) for k, v in fields.items()}
-        validate(SweepConfig(**{"name": "s", "store": store, "rows": (0, 4), "metric": "kl", **made}))
+        validate(SweepConfig.build(**{"name": "s", "store": store, "rows": (0, 4), "metric": "kl", **made}))
 
     return run
 
@@ -342,17 +341,17 @@ BAD_INPUTS = {
     "extract: every row is empty text": (
         _extract(dataset=lambda a, t: DatasetSpec(_jsonl(t, "blank.jsonl", [{"text": ""}] * 3))),
         ConfigError, r"every row of column 'text' is empty text \(3 rows\): there is nothing to extract\. "
-                     r"Check that --text-column names"),
+                     r"Check that ExtractConfig\.dataset\.text_column names"),
     "extract: --shard-tokens 0": (
-        _extract(shard_tokens=0), ConfigError, r"^--shard-tokens must be positive, got 0\.$"),
+        _extract(shard_tokens=0), ConfigError, r"^ExtractConfig\.store\.shard_tokens must be positive, got 0\.$"),
     "extract: --context-size 1 leaves no room after BOS": (
         _extract(context_size=1), ConfigError,
-        r"--context-size 1 leaves no room for text: every window starts with the BOS token\. "
-        r"Use --context-size 2 or more, or --no-prepend-bos"),
+        r"ExtractConfig\.dataset\.context_size=1 leaves no room for text: every window starts with the BOS token\. "
+        r"Use ExtractConfig\.dataset\.context_size=2 or more, or ExtractConfig\.dataset\.prepend_bos=False"),
     "extract: a pre-tokenized column of strings": (
         _extract(dataset=lambda a, t: DatasetSpec(_jsonl(t, "tok.jsonl", [{"tokens": "2 3 4"}]), tokens_column="tokens")),
-        ConfigError, r"--tokens-column 'tokens' of --dataset .* holds text \(strings\), not lists of token ids\. "
-                     r"Pass --text-column tokens instead"),
+        ConfigError, r"ExtractConfig\.dataset\.tokens_column 'tokens' of ExtractConfig\.dataset\.name .* holds text "
+                     r"\(strings\), not lists of token ids\. Pass ExtractConfig\.dataset\.text_column tokens instead"),
     "extract: a pre-tokenized row that is a string among lists": (
         _extract(dataset=lambda a, t: DatasetSpec(_jsonl(t, "mixed.jsonl", [{"tokens": [2, 3]}, {"tokens": "4 5"}]),
                                                   tokens_column="tokens")),
@@ -363,16 +362,19 @@ BAD_INPUTS = {
         r"MiB free\)\. Make room there .* rerun the same command: it resumes, keeping every complete shard"),
     "extract: --store an empty read-only mount point": (
         _extract(store=lambda a, t: _mount(t, "ro", "ro,size=1m")),
-        ConfigError, r"--store .*/ro: .*/ro is on a read-only file system\. Choose a path on a writable disk"),
+        ConfigError, r"ExtractConfig\.store\.path .*/ro: .*/ro is on a read-only file system\. Choose a path on a "
+                     r"writable disk"),
     "extract: --store an empty mount point": (
         _extract(store=lambda a, t: _mount(t, "mnt", "size=1m")),
-        ConfigError, r"--store .*/mnt is a mount point\. .* give a folder inside it, such as --store .*/mnt/latentstore\.zarr"),
+        ConfigError, r"ExtractConfig\.store\.path .*/mnt is a mount point\. .* give a folder inside it, such as "
+                     r"ExtractConfig\.store\.path .*/mnt/latentstore\.zarr"),
     "extract: a column that does not exist": (
         _extract(dataset=lambda a, t: DatasetSpec(str(a["jsonl"]), text_column="body")),
         ConfigError, r"has no column 'body'; its columns are: text, label"),
     "extract: several problems at once": (
         _extract(context_size=65, batch_size=0, value_dtype="int8"),
-        ConfigError, r"3 problems:\n  - --batch-size must be positive.*\n  - --value-dtype 'int8'.*\n  - --context-size 65"),
+        ConfigError, r"3 problems:\n  - ExtractConfig\.resources\.batch_size must be positive.*\n"
+                     r"  - ExtractConfig\.store\.value_dtype='int8'.*\n  - ExtractConfig\.dataset\.context_size=65"),
     # queries
     "query: csr of a hook the store lacks": (
         _query(lambda fs: fs.csr("blocks.2.hook_resid_post")),
@@ -397,20 +399,22 @@ BAD_INPUTS = {
         lambda a, t, s: FeatureStore.open(_unknown_codec(s, t)).csr(HOOK), StoreCorruptError,
         r"(?s)shards/000000/saes/blocks\.0\.hook_resid_post/values is damaged.*lz-future.*latentstore verify"),
     # sweeps
-    "sweep: empty row range": (_sweep(rows=(5, 5)), ConfigError, r"--rows 5:5 is empty"),
+    "sweep: empty row range": (_sweep(rows=(5, 5)), ConfigError, r"SweepConfig\.prompts\.rows=\(5, 5\) is empty"),
     "sweep: hook the store lacks": (
-        _sweep(hook="blocks.1.hook_mlp_out"), ConfigError, r"--hook 'blocks\.1\.hook_mlp_out' is not in store"),
+        _sweep(hook="blocks.1.hook_mlp_out"), ConfigError,
+        r"SweepConfig\.hook='blocks\.1\.hook_mlp_out' is not in store"),
     "sweep: name with a slash": (_sweep(name="a/b"), ConfigError, r"sweep name 'a/b': use letters, digits"),
     "sweep: logit_diff without answers": (
-        _sweep(metric="logit_diff"), ConfigError, r"--metric logit_diff needs answers"),
+        _sweep(metric="logit_diff"), ConfigError, r"SweepConfig\.ablation\.metric='logit_diff' needs answers"),
     "sweep: prompt file with a broken line": (
         _sweep(rows=None, prompts=lambda a, t: _file(t, "p.jsonl", b'{"prompt": "a"}\n{not json\n'), model="m", sae="s"),
-        ConfigError, r"--prompts .*p\.jsonl: line 2 is not JSON"),
+        ConfigError, r"SweepConfig\.prompts\.file .*p\.jsonl: line 2 is not JSON"),
     "sweep: --hook that is not where the --sae reads": (
         _sweep(rows=None, prompts=lambda a, t: _file(t, "p.jsonl", b'{"prompt": "a cat"}\n'),
                model=lambda a, t: str(a["model_dir"]), sae=lambda a, t: str(a["sae_dirs"]["blocks.0.hook_resid_post"]),
                hook="blocks.1.hook_mlp_out"),
-        ConfigError, r"--hook 'blocks\.1\.hook_mlp_out' is not where --sae .* reads: it was trained at "
+        ConfigError, r"SweepConfig\.hook='blocks\.1\.hook_mlp_out' is not where SweepConfig\.sae='.*' reads: it "
+                     r"was trained at "
                      r"'blocks\.0\.hook_resid_post'"),
     "sweep: reading a sweep that does not exist": (
         lambda a, t, s: __import__("store.sweeps", fromlist=["read_sweep"]).read_sweep(s, "nope"),
@@ -514,7 +518,7 @@ def _unfinished(assets, tmp: Path) -> None:
     from store.writer import StoreWriter
 
     cfg = config(assets, tmp / "unfinished.zarr")
-    StoreWriter(cfg.store).begin(validate(cfg).run_metadata(), {"n_shards": 8, "n_rows": 37}, overwrite=False)
+    StoreWriter(cfg.store.path).begin(validate(cfg).run_metadata(), {"n_shards": 8, "n_rows": 37}, overwrite=False)
 
 
 def test_stderr_of_a_store_error_names_the_command(good_store, tmp_path, capsys):
@@ -609,7 +613,7 @@ def test_no_credential_appears_anywhere(assets, url, tmp_path, monkeypatch, caps
     from jobs.sweep import SweepConfig, run_sweep
 
     jobs = {"run_extract": lambda url: run_extract(config(assets, url)), "run_index": run_index,
-            "run_sweep": lambda url: run_sweep(SweepConfig(name="s", store=url, rows=(0, 4), metric="kl"))}
+            "run_sweep": lambda url: run_sweep(SweepConfig.build(name="s", store=url, rows=(0, 4), metric="kl"))}
     for name, entry in {**ENTRY_POINTS, **jobs}.items():
         with pytest.raises(ConfigError, match=r"holds credentials") as refused:
             entry(url)

@@ -171,13 +171,13 @@ def bridge_store(hf_dir, saes, ray_cluster, tmp_path_factory):
     texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))) for _ in range(24)]
     jsonl = root / "data.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    cfg = ExtractConfig(model=str(hf_dir), saes=tuple(str(d) for d in sae_dirs.values()),
-                        dataset=DatasetSpec(str(jsonl)), store=str(root / "s.zarr"), context_size=16,
-                        batch_size=5, shard_tokens=200, value_dtype="float32", workers=2, progress=False)
+    cfg = ExtractConfig.build(model=str(hf_dir), saes=tuple(str(d) for d in sae_dirs.values()),
+                              dataset=DatasetSpec(str(jsonl)), store=str(root / "s.zarr"), context_size=16,
+                              batch_size=5, shard_tokens=200, value_dtype="float32", workers=2, progress=False)
     run_extract(cfg)
     from store import FeatureStore
 
-    return FeatureStore.open(cfg.store), texts
+    return FeatureStore.open(cfg.store.path), texts
 
 
 def test_store_equals_sae_lens_bridge_and_records_both_hook_names(bridge_store, reference, saes, hf_dir):
@@ -297,8 +297,8 @@ def test_a_bridge_directory_without_config_is_refused_before_any_work(hf_dir, tm
         load_model_config(str(broken))
 
     store = tmp_path / "never.zarr"
-    cfg = ExtractConfig(model=str(broken), saes=(str(tmp_path),), dataset=DatasetSpec(str(assets["jsonl"])),
-                        store=str(store), progress=False)
+    cfg = ExtractConfig.build(model=str(broken), saes=(str(tmp_path),), dataset=DatasetSpec(str(assets["jsonl"])),
+                              store=str(store), progress=False)
     with pytest.raises(ConfigError, match="no config.json"):
         validate(cfg)
     assert not store.exists()

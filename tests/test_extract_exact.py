@@ -42,7 +42,7 @@ def assert_matches_reference(fs: FeatureStore, expected: dict[str, np.ndarray], 
 @pytest.mark.ray
 @pytest.mark.parametrize("value_dtype, rtol", [("bfloat16", BF16_RTOL), ("float32", 1e-5)])
 def test_store_equals_run_with_cache_with_saes(assets, ray_cluster, tmp_path, value_dtype, rtol):
-    cfg = ExtractConfig(
+    cfg = ExtractConfig.build(
         model=str(assets["model_dir"]),
         saes=tuple(str(d) for d in assets["sae_dirs"].values()),
         dataset=DatasetSpec(str(assets["jsonl"])),
@@ -55,7 +55,7 @@ def test_store_equals_run_with_cache_with_saes(assets, ray_cluster, tmp_path, va
         progress=False,
     )
     counts = run_extract(cfg)
-    fs = FeatureStore.open(cfg.store)
+    fs = FeatureStore.open(cfg.store.path)
     assert fs.complete and set(fs.hooks) == set(assets["sae_dirs"])
 
     tok = assets["tokenizer"]
@@ -89,11 +89,11 @@ def test_gemma_scope_npz_sae_equals_reference(assets, ray_cluster, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(f'{{"text": "{t}"}}\n' for t in texts))
     disk = str(assets["sae_dirs"]["blocks.0.hook_resid_post"])
-    cfg = ExtractConfig(model=str(assets["model_dir"]), saes=(f"{npz}@blocks.2.hook_resid_pre", disk),
-                        dataset=DatasetSpec(str(data)), store=str(tmp_path / "npz.zarr"), context_size=16,
-                        value_dtype="float32", workers=1, index=False, progress=False)
+    cfg = ExtractConfig.build(model=str(assets["model_dir"]), saes=(f"{npz}@blocks.2.hook_resid_pre", disk),
+                              dataset=DatasetSpec(str(data)), store=str(tmp_path / "npz.zarr"), context_size=16,
+                              value_dtype="float32", workers=1, index=False, progress=False)
     run_extract(cfg)
-    fs = FeatureStore.open(cfg.store)
+    fs = FeatureStore.open(cfg.store.path)
     assert {s["source"] for s in fs.run["saes"]} == {f"{npz}@blocks.2.hook_resid_pre", disk}
     tok = assets["tokenizer"]
     windows = make_windows([np.array(tok(t, add_special_tokens=False)["input_ids"]) for t in texts],

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ def test_more_workers_equal_one(assets, reference_store, tmp_path, workers):
     """The plan depends on the data alone: the same shards, the same store, for 1, 2 or 3 workers."""
     cfg = config(assets, tmp_path / "many.zarr", workers=workers)
     run_extract(cfg)
-    fs = FeatureStore.open(cfg.store)
+    fs = FeatureStore.open(cfg.store.path)
     assert_same_store(fs, reference_store)
     assert fs.attrs["shards"] == reference_store.attrs["shards"]
 
@@ -42,32 +41,32 @@ def test_max_tokens_is_exact_and_a_prefix(assets, reference_store, tmp_path):
     assert row[0] == row[1]
     cfg = config(assets, tmp_path / "cut.zarr", workers=2, max_tokens=cut)
     counts = run_extract(cfg)
-    fs = FeatureStore.open(cfg.store)
+    fs = FeatureStore.open(cfg.store.path)
     assert counts["n_tokens"] == fs.n_tokens == cut and len(fs.shards) == 3
     np.testing.assert_array_equal(fs.token_ids(), reference_store.token_ids(0, cut))
     assert fs.provenance().equals(reference_store.provenance(0, cut))
     for hook in fs.hooks:
         assert (fs.csr(hook) != reference_store.csr(hook, 0, cut)).nnz == 0
     # shards past the cut are gone from the store, not just unlisted
-    assert StoreWriter(cfg.store).shard_ids() == {s.shard_id for s in fs.shards}
+    assert StoreWriter(cfg.store.path).shard_ids() == {s.shard_id for s in fs.shards}
 
 
 def test_rerun_after_partial_run_resumes_to_identical_store(assets, reference_store, tmp_path, ray_cluster):
     cfg = config(assets, tmp_path / "resume.zarr")
-    shutil.copytree(reference_store.location, cfg.store)  # a finished run of this config
-    writer = StoreWriter(cfg.store)
+    shutil.copytree(reference_store.location, cfg.store.path)  # a finished run of this config
+    writer = StoreWriter(cfg.store.path)
     # Make the store look like a crash: two shards gone, one half-written (no marker), root not final.
     writer.delete_shard(1)
     writer.delete_shard(4)
-    marker_dir = Path(cfg.store) / "shards" / "000006" / "complete"
+    marker_dir = Path(cfg.store.path) / "shards" / "000006" / "complete"
     for f in marker_dir.iterdir():
         f.unlink()
     marker_dir.rmdir()
     writer._set_root(status="writing")
-    partial = FeatureStore.open(cfg.store)
+    partial = FeatureStore.open(cfg.store.path)
     assert not partial.complete and {s.shard_id for s in partial.shards}.isdisjoint({1, 4, 6})
     run_extract(cfg)
-    assert_same_store(FeatureStore.open(cfg.store), reference_store)
+    assert_same_store(FeatureStore.open(cfg.store.path), reference_store)
 
 
 def test_killed_driver_then_rerun_gives_identical_store(assets, reference_store, tmp_path, ray_cluster):
@@ -79,7 +78,7 @@ def test_killed_driver_then_rerun_gives_identical_store(assets, reference_store,
     argv = [sys.executable, "-m", "jobs.cli", "extract", "--model", str(assets["model_dir"]),
             *[a for d in assets["sae_dirs"].values() for a in ("--sae", str(d))],
             "--dataset", str(assets["jsonl"]), "--store", str(store), "--context-size", "16",
-            "--batch-size", str(config(assets, store).batch_size), "--shard-tokens", "384", "--top-k", "7", "--workers", "1", "--address", address,
+            "--batch-size", str(config(assets, store).resources.batch_size), "--shard-tokens", "384", "--top-k", "7", "--workers", "1", "--address", address,
             "--no-progress"]
     proc = subprocess.Popen(argv, cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
@@ -105,7 +104,7 @@ def test_pretokenized_rows_are_used_exactly(assets, tmp_path):
     cfg = config(assets, tmp_path / "tok.zarr", dataset=DatasetSpec(str(path), tokens_column="ids"),
                  context_size=4)
     run_extract(cfg)
-    fs = FeatureStore.open(cfg.store)
+    fs = FeatureStore.open(cfg.store.path)
     np.testing.assert_array_equal(fs.token_ids(), np.concatenate(rows))  # no BOS added anywhere
     prov = fs.provenance()
     np.testing.assert_array_equal(prov["row"], np.repeat([0, 1, 2], [7, 1, 10]))
@@ -175,11 +174,11 @@ BAD_INPUTS = {
         ConfigError, r"are both at blocks\.0\.hook_resid_post: one SAE per hook",
     ),
     "context longer than n_ctx": (
-        lambda a, t: {"context_size": 65}, ConfigError, r"--context-size 65 is longer than the model's context \(n_ctx=64\)",
+        lambda a, t: {"context_size": 65}, ConfigError, r"ExtractConfig\.dataset\.context_size=65 is longer than the model's context \(n_ctx=64\)",
     ),
     "missing text column": (
         lambda a, t: {"dataset": DatasetSpec(str(a["jsonl"]), text_column="body")},
-        ConfigError, r"has no column 'body'; its columns are: text, label\. Pass --text-column",
+        ConfigError, r"has no column 'body'; its columns are: text, label\. Pass ExtractConfig\.dataset\.text_column",
     ),
     "empty dataset": (
         lambda a, t: {"dataset": DatasetSpec(_empty_dataset(t))}, ConfigError, r"is empty: there is nothing to extract",
@@ -196,7 +195,8 @@ BAD_INPUTS = {
     ),
     "several problems at once": (
         lambda a, t: {"context_size": 65, "batch_size": 0}, ConfigError,
-        r"2 problems:\n  - --batch-size must be positive, got 0\.\n  - --context-size 65",
+        r"2 problems:\n  - ExtractConfig\.resources\.batch_size must be positive, got 0\.\n"
+        r"  - ExtractConfig\.dataset\.context_size=65",
     ),
 }
 
@@ -231,8 +231,8 @@ def _folder_with_files(tmp_path):
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_refused_before_work(assets, tmp_path, case):
     changes, error, message = BAD_INPUTS[case]
-    cfg = config(assets, tmp_path / "store.zarr")
-    cfg = replace(cfg, **changes(assets, tmp_path))
+    made = changes(assets, tmp_path)
+    cfg = config(assets, made.pop("store", tmp_path / "store.zarr"), **made)
     with pytest.raises(error, match=message):
         validate(cfg)
     assert not (tmp_path / "store.zarr").exists()
@@ -243,10 +243,10 @@ def test_bad_input_is_refused_before_work(assets, tmp_path, case):
 def test_conflicting_store_is_refused_unless_overwrite(assets, reference_store, tmp_path):
     shutil.copytree(reference_store.location, tmp_path / "c.zarr")
     cfg = config(assets, tmp_path / "c.zarr")
-    other = replace(cfg, context_size=8, max_tokens=50)
+    other = cfg.changed(context_size=8, max_tokens=50)
     with pytest.raises(StoreConflictError, match=r"(?s)context_size: store has 16, this run has 8.*--overwrite"):
         run_extract(other)
-    assert_same_store(FeatureStore.open(cfg.store), reference_store)  # untouched
-    run_extract(replace(other, overwrite=True))
-    fs = FeatureStore.open(cfg.store)
+    assert_same_store(FeatureStore.open(cfg.store.path), reference_store)  # untouched
+    run_extract(other.changed(overwrite=True))
+    fs = FeatureStore.open(cfg.store.path)
     assert fs.complete and fs.run["context_size"] == 8 and fs.n_tokens == 50

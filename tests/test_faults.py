@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +116,7 @@ def _driver(config_path: str) -> None:
 
         if scenario.get("remove_node"):
             threading.Thread(target=remove_node_on_request, daemon=True).start()
-        cfg = ExtractConfig(model=spec["model"], saes=tuple(spec["saes"]), dataset=DatasetSpec(spec["dataset"]),
+        cfg = ExtractConfig.build(model=spec["model"], saes=tuple(spec["saes"]), dataset=DatasetSpec(spec["dataset"]),
                             store=scenario["store"], context_size=16, batch_size=4, shard_tokens=384, workers=2,
                             max_tokens=spec["max_tokens"],
                             use_gpu=True, cpus_per_worker=1, progress=False, index=False)
@@ -298,7 +297,7 @@ def test_rerun_after_editing_rows_redoes_only_their_shards(assets, tmp_path, ray
     assert again[1] == after[1] and again[2] == after[2]
 
     fresh = tmp_path / "fresh.zarr"
-    run_extract(replace(cfg, store=str(fresh)))
+    run_extract(cfg.changed(store=str(fresh)))
     rerun, reference = FeatureStore.open(str(store)), FeatureStore.open(str(fresh))
     assert_same_store(rerun, reference)
     for hook in reference.hooks:  # the index built before the edit was not kept: it is the fresh one

@@ -327,7 +327,7 @@ def sweep_spec(assets, tmp_path_factory) -> dict:
 
 
 def sweep_config(sweep_spec: dict, path: Path) -> SweepConfig:
-    return SweepConfig(name="faults", store=str(path), **sweep_spec)
+    return SweepConfig.build(name="faults", store=str(path), **sweep_spec)
 
 
 @pytest.fixture(scope="module")

@@ -289,7 +289,7 @@ def test_overwrite_index_and_sweep_are_refused_while_another_run_holds_the_store
         with pytest.raises(StoreLockedError, match=message):
             run_index(str(small_store))
         with pytest.raises(StoreLockedError, match=message):
-            run_sweep(SweepConfig(name="s", store=str(small_store), rows=(0, 4), metric="loss"))
+            run_sweep(SweepConfig.build(name="s", store=str(small_store), rows=(0, 4), metric="loss"))
     finally:
         holder.kill()
     assert _snapshot(small_store) == before  # untouched
@@ -315,7 +315,7 @@ def test_a_failed_run_gives_the_lease_back_and_leaves_nothing(assets, tmp_path):
     from tests.stores import config
 
     store = tmp_path / "missing" / "run.zarr"
-    with pytest.raises(ConfigError, match="--context-size must be positive"):
+    with pytest.raises(ConfigError, match=r"ExtractConfig\.dataset\.context_size must be positive"):
         run_extract(config(assets, store, context_size=0))
     assert read_lease(str(store)) is None
     assert not (tmp_path / "missing").exists()  # the folder made for the lease went with it

@@ -238,7 +238,7 @@ def test_store_of_every_kind_equals_sae_lens(assets, ray_cluster, tmp_path):
     cfg = config(assets, tmp_path / "kinds.zarr", saes=tuple(d for _, _, d in directories), value_dtype="float32",
                  max_tokens=600)
     run_extract(cfg)
-    fs = FeatureStore.open(cfg.store)
+    fs = FeatureStore.open(cfg.store.path)
     assert fs.complete and set(fs.hooks) == {hook for hook, _, _ in directories}
 
     recorded = {sae["hook"]: sae for sae in fs.run["saes"]}

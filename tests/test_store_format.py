@@ -29,9 +29,9 @@ def tiny_store(assets, path) -> FeatureStore:
     data = path.parent / "tiny.parquet"
     datasets.Dataset.from_dict({"text": ["the cat sat on the mat", "a big red fox ran", "it was", "and then"]}).to_parquet(str(data))
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
-    run_extract(ExtractConfig(model=str(assets["model_dir"]), saes=tuple(str(assets["sae_dirs"][h]) for h in hooks),
-                              dataset=DatasetSpec(str(data)), store=str(path), context_size=8, shard_tokens=12,
-                              workers=1, progress=False))
+    run_extract(ExtractConfig.build(model=str(assets["model_dir"]), saes=tuple(str(assets["sae_dirs"][h]) for h in hooks),
+                                    dataset=DatasetSpec(str(data)), store=str(path), context_size=8, shard_tokens=12,
+                                    workers=1, progress=False))
     return FeatureStore.open(str(path))
 
 

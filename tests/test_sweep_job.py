@@ -36,11 +36,11 @@ def store(assets, ray_cluster, tmp_path_factory):
     data = root / "short.jsonl"
     data.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9)))}) + "\n"
                             for _ in range(14)))
-    cfg = ExtractConfig(model=str(assets["model_dir"]), saes=(str(assets["sae_dirs"][HOOK]),),
-                        dataset=DatasetSpec(str(data)), store=str(root / "s.zarr"), context_size=16,
-                        shard_tokens=384, value_dtype="float32", workers=1, progress=False)
+    cfg = ExtractConfig.build(model=str(assets["model_dir"]), saes=(str(assets["sae_dirs"][HOOK]),),
+                              dataset=DatasetSpec(str(data)), store=str(root / "s.zarr"), context_size=16,
+                              shard_tokens=384, value_dtype="float32", workers=1, progress=False)
     run_extract(cfg)
-    return cfg.store
+    return cfg.store.path
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,8 @@ def prompt_file(tmp_path_factory):
 
 def test_store_rows_sweep_equals_ablation_sweep_and_resumes(store, loaded, tmp_path):
     model, sae = loaded
-    cfg = SweepConfig(name="rows-last", store=store, rows=(2, 12), metric="kl", prompts_per_part=5,
-                      features_per_part=30, workers=2, cpus_per_worker=1, progress=False)
+    cfg = SweepConfig.build(name="rows-last", store=store, rows=(2, 12), metric="kl", prompts_per_part=5,
+                            features_per_part=30, workers=2, cpus_per_worker=1, progress=False)
     counts = run_sweep(cfg)
     stored = read_sweep(store, "rows-last")
     assert stored.attrs["sweep"]["metric"] == "kl" and stored.attrs["sweep"]["position"] == -1
@@ -87,7 +87,7 @@ def test_store_rows_sweep_equals_ablation_sweep_and_resumes(store, loaded, tmp_p
         read_sweep(store, "rows-last")
     before = {name: parts[name]["complete"].attrs["latentstore"]["written_at"]
               for name in parts.group_keys() if name != "000002"}
-    run_sweep(SweepConfig(**{**cfg.__dict__, "workers": 1}))  # the spec is the same: it resumes
+    run_sweep(cfg.changed(workers=1))  # the spec is the same: it resumes
     parts = open_root(store, mode="r")["sweeps/rows-last/parts"]
     assert {name: parts[name]["complete"].attrs["latentstore"]["written_at"] for name in before} == before
     again = read_sweep(store, "rows-last")
@@ -97,8 +97,8 @@ def test_store_rows_sweep_equals_ablation_sweep_and_resumes(store, loaded, tmp_p
 def test_worker_alone_on_a_prompt_file(assets, prompt_file, loaded, tmp_path):
     path, lines = prompt_file
     model, sae = loaded
-    cfg = SweepConfig(name="file", store=str(tmp_path / "out.zarr"), prompts=str(path),
-                      model=str(assets["model_dir"]), sae=str(assets["sae_dirs"][HOOK]), position=None)
+    cfg = SweepConfig.build(name="file", store=str(tmp_path / "out.zarr"), prompts=str(path),
+                            model=str(assets["model_dir"]), sae=str(assets["sae_dirs"][HOOK]), position=None)
     worker = SweepWorker(validate(cfg))
     live = worker.live_features()
     tokens, mask = worker.tokens, worker.mask
@@ -127,15 +127,15 @@ def test_cli_sweep_from_prompt_file_and_steer(assets, prompt_file, ray_cluster, 
 
 def test_errors_name_the_problem(store, assets, tmp_path):
     with pytest.raises(ConfigError, match="needs answers"):
-        validate(SweepConfig(name="x", store=store, rows=(0, 3)))
-    with pytest.raises(ConfigError, match="--hook 'blocks.5.hook_resid_post' is not in store"):
-        validate(SweepConfig(name="x", store=store, rows=(0, 3), metric="kl", hook="blocks.5.hook_resid_post"))
+        validate(SweepConfig.build(name="x", store=store, rows=(0, 3)))
+    with pytest.raises(ConfigError, match="SweepConfig.hook='blocks.5.hook_resid_post' is not in store"):
+        validate(SweepConfig.build(name="x", store=store, rows=(0, 3), metric="kl", hook="blocks.5.hook_resid_post"))
     with pytest.raises(ConfigError, match="sweep name"):
-        validate(SweepConfig(name="a/b", store=store, rows=(0, 3), metric="kl"))
+        validate(SweepConfig.build(name="a/b", store=store, rows=(0, 3), metric="kl"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "the cat", "answer": "cat dog", "wrong_answer": "red"}) + "\n")
-    cfg = SweepConfig(name="bad", store=str(tmp_path / "o.zarr"), prompts=str(bad), model=str(assets["model_dir"]),
-                      sae=str(assets["sae_dirs"][HOOK]))
+    cfg = SweepConfig.build(name="bad", store=str(tmp_path / "o.zarr"), prompts=str(bad),
+                            model=str(assets["model_dir"]), sae=str(assets["sae_dirs"][HOOK]))
     worker = SweepWorker(validate(cfg))
     with pytest.raises(ConfigError, match="'cat dog' is 2 tokens"):
         worker.prompts(0, 1)
@@ -150,8 +150,8 @@ def test_a_worker_that_cannot_load_its_sae_reports_the_real_error(assets, prompt
     shutil.copytree(assets["sae_dirs"][HOOK], sae)
     weights = sae / "sae_weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    cfg = SweepConfig(name="bad-sae", store=str(tmp_path / "out.zarr"), prompts=str(prompt_file[0]),
-                      model=str(assets["model_dir"]), sae=str(sae), workers=1, progress=False)
+    cfg = SweepConfig.build(name="bad-sae", store=str(tmp_path / "out.zarr"), prompts=str(prompt_file[0]),
+                            model=str(assets["model_dir"]), sae=str(sae), workers=1, progress=False)
     with pytest.raises(ConfigError, match=r"sae_weights\.safetensors is not a readable safetensors file") as err:
         run_sweep(cfg)
     assert "(while loading the model, the SAE and the prompts)" in err.value.__notes__
@@ -164,16 +164,17 @@ def test_a_part_given_again_after_it_was_finished_is_kept(assets, prompt_file, t
     from jobs.sweep import plan_parts
     from store.sweeps import SweepWriter
 
-    cfg = SweepConfig(name="again", store=str(tmp_path / "out.zarr"), prompts=str(prompt_file[0]),
-                      model=str(assets["model_dir"]), sae=str(assets["sae_dirs"][HOOK]), features=(1, 2, 3))
+    cfg = SweepConfig.build(name="again", store=str(tmp_path / "out.zarr"), prompts=str(prompt_file[0]),
+                            model=str(assets["model_dir"]), sae=str(assets["sae_dirs"][HOOK]), features=(1, 2, 3))
     job = validate(cfg)
     worker = SweepWorker(job)
-    parts = plan_parts(worker.n_prompts(), np.array(cfg.features), cfg.prompts_per_part, cfg.features_per_part)
-    SweepWriter(cfg.store, cfg.name).begin(cfg.spec(job.model, job.sae, job.hook, worker.n_prompts()),
-                                           np.array(cfg.features), None, len(parts), overwrite=False)
+    features = np.array(cfg.ablation.features)
+    parts = plan_parts(worker.n_prompts(), features, cfg.store.prompts_per_part, cfg.store.features_per_part)
+    SweepWriter(cfg.store.path, cfg.name).begin(cfg.record(job.model, job.sae, job.hook, worker.n_prompts()),
+                                                features, None, len(parts), overwrite=False)
     first = worker.run_part(parts[0])
     marker = tmp_path / "out.zarr" / "sweeps" / "again" / "parts" / "000000" / MARKER_GROUP / "zarr.json"
     written = marker.stat().st_mtime_ns
     assert worker.run_part(parts[0]) == first
     assert marker.stat().st_mtime_ns == written
-    assert len(read_sweep(cfg.store, "again", allow_incomplete=True)) == 9 * 3
+    assert len(read_sweep(cfg.store.path, "again", allow_incomplete=True)) == 9 * 3

@@ -295,13 +295,20 @@ def test_extraction_refuses_a_missing_output_hook_before_any_work(assets, tmp_pa
     cfg = config(assets, tmp_path / "s.zarr", saes=(str(tmp_path / "missing"), str(tmp_path / "narrow")))
     with pytest.raises(ConfigError) as raised:
         extract.run_extract(cfg)
+    missing, narrow = str(tmp_path / "missing"), str(tmp_path / "narrow")
     assert raised.value.problems == [
-        f"--sae {tmp_path / 'missing'}: it is a transcoder that writes to hook 'blocks.1.hook_mlp_outt' "
+        f"ExtractConfig.saes[0]={missing!r}: it is a transcoder that writes to hook 'blocks.1.hook_mlp_outt' "
         f"(metadata.hook_name_out), which model {assets['model_dir']} does not have. Hooks there include: "
         + raised.value.problems[0].split("Hooks there include: ")[1],
-        f"--sae {tmp_path / 'narrow'}: the transcoder writes d_out=16, but {assets['model_dir']} has width 32 at "
+        f"ExtractConfig.saes[1]={narrow!r}: the transcoder writes d_out=16, but {assets['model_dir']} has width 32 "
+        "at its output hook blocks.1.hook_mlp_out. Is the transcoder for another model?",
+        f"ExtractConfig.saes[0]={missing!r} and ExtractConfig.saes[1]={narrow!r} are both at {HOOK_IN}: one SAE "
+        "per hook. Extract them into separate stores.",
+    ]
+    assert raised.value.for_command_line().problems[1:] == [  # the command line's names
+        f"--sae {narrow}: the transcoder writes d_out=16, but {assets['model_dir']} has width 32 at "
         "its output hook blocks.1.hook_mlp_out. Is the transcoder for another model?",
-        f"--sae {tmp_path / 'missing'} and --sae {tmp_path / 'narrow'} are both at {HOOK_IN}: one SAE per hook. "
+        f"--sae {missing} and --sae {narrow} are both at {HOOK_IN}: one SAE per hook. "
         "Extract them into separate stores.",
     ]
     assert raised.value.problems[0].split("Hooks there include: ")[1].startswith("blocks.1.hook_mlp_out")
@@ -318,8 +325,8 @@ def test_sweep_worker_takes_a_transcoder(assets, tmp_path):
     make_transcoder("jumprelu_skip_transcoder", seed=7).save_model(tmp_path / "tc")
     lines = [{"prompt": p, "answer": "mat", "wrong_answer": "dog"} for p in ("the cat sat", "a big red fox ran", "it")]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    cfg = SweepConfig(name="tc", store=str(tmp_path / "out.zarr"), prompts=str(tmp_path / "p.jsonl"),
-                      model=str(assets["model_dir"]), sae=str(tmp_path / "tc"), position=None)
+    cfg = SweepConfig.build(name="tc", store=str(tmp_path / "out.zarr"), prompts=str(tmp_path / "p.jsonl"),
+                            model=str(assets["model_dir"]), sae=str(tmp_path / "tc"), position=None)
     job = validate(cfg)
     assert job.hook == HOOK_IN
     worker = SweepWorker(job)

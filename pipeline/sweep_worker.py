@@ -1,0 +1,161 @@
+"""The sweep worker: a plain class (no Ray import) that computes and writes a sweep's parts.
+
+``__init__`` loads the model, the SAE and the prompts once; ``run_part`` runs ``ablation_sweep``
+on one (prompt block, feature block) and writes it under ``sweeps/<name>/parts/``, returning only
+its small completion marker. Ray wraps this class as an actor in ``jobs/sweep.py``; tests call it
+directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.ablation import StorePrompts, ablation_sweep, left_pad, mean_activations, resolve_positions
+from pipeline.metrics import KLFromClean, LogitDiff, NextTokenLoss, TargetLoss
+from pipeline.specs import SweepConfig
+from pipeline.worker import pick_device
+from store.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """What every worker needs: the config, validated by the driver, and what it resolved."""
+
+    model: str  # the config's, or else the store's
+    sae: str  # the config's, or else the store's SAE at ``hook``
+    hook: str  # where the SAE reads
+    config: SweepConfig
+    device: str | None = None  # None: the GPU Ray gave this worker, else the CPU
+    n_threads: int | None = None  # torch threads on a CPU worker
+
+
+@dataclass(frozen=True)
+class Part:
+    part_id: int
+    prompt_start: int
+    prompt_stop: int
+    features: tuple[int, ...]
+
+
+def read_prompt_file(path: str) -> list[dict]:
+    """A prompt file's lines, one JSON object each (blank lines skipped)."""
+    lines = []
+    with open(path) as f:
+        for i, text in enumerate(f):
+            if not text.strip():
+                continue
+            try:
+                line = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"--prompts {path}: line {i + 1} is not JSON ({e}).") from e
+            if not isinstance(line, dict):
+                raise DataError(f"--prompts {path}: line {i + 1} is not a JSON object.")
+            lines.append(line)
+    return lines
+
+
+class SweepWorker:
+    """Loads the model, the SAE and the prompts once; computes and writes parts."""
+
+    def __init__(self, job: SweepJob):
+        from pipeline.models import load_model
+        from pipeline.saes import SAESource, load_sae
+        from store import FeatureStore
+        from store.sweeps import SweepWriter
+
+        self.job, cfg = job, job.config
+        self.device = pick_device(job.device)
+        if self.device.type == "cpu" and job.n_threads:
+            torch.set_num_threads(job.n_threads)
+        self.model = load_model(job.model, self.device)
+        self.sae = load_sae(SAESource.parse(job.sae), device=str(self.device),
+                            dtype=str(self.model.cfg.dtype).removeprefix("torch."))
+        self.writer = SweepWriter(cfg.store.path, cfg.name)
+        self.means = None
+        if cfg.prompts.rows is not None:
+            self.store = FeatureStore.open(cfg.store.path)
+            self.rows = np.arange(*cfg.prompts.rows)
+            self.texts = None
+            if cfg.ablation.kind == "mean":
+                self.means = mean_activations(self.store, job.hook)
+        else:
+            self.store = None
+            self.texts = read_prompt_file(cfg.prompts.file)
+            self.tokens, self.mask = self._tokenize([line["prompt"] for line in self.texts])
+
+    def n_prompts(self) -> int:
+        return len(self.rows) if self.texts is None else len(self.texts)
+
+    def _tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Left-padded, with BOS, as notebook 000 tokenizes."""
+        if self.model.tokenizer is None:
+            raise ConfigError(f"--model {self.job.model} has no tokenizer, so text prompts cannot be tokenized.")
+        pieces = [self.model.to_tokens(p, prepend_bos=True)[0].cpu() for p in prompts]
+        return left_pad(pieces, self.model.tokenizer.pad_token_id or 0)
+
+    def prompts(self, start: int, stop: int):
+        """(tokens or StorePrompts, attention mask, metric) for prompts [start, stop)."""
+        metric_name = self.job.config.ablation.metric
+        if self.texts is None:
+            prompts = StorePrompts.from_store(self.store, self.rows[start:stop])
+            tokens, mask = prompts.tokens, prompts.attention_mask
+        else:
+            tokens, mask = self.tokens[start:stop], None if self.mask is None else self.mask[start:stop]
+            prompts = tokens
+        lines = None if self.texts is None else self.texts[start:stop]
+        if metric_name == "logit_diff":
+            metric = LogitDiff.from_strings(self.model, [l["answer"] for l in lines], [l["wrong_answer"] for l in lines])
+        elif metric_name == "loss" and lines is not None:
+            metric = TargetLoss.from_strings(self.model, [l["answer"] for l in lines])
+        elif metric_name == "loss":
+            metric = NextTokenLoss(tokens, mask)
+        else:
+            metric = KLFromClean.from_model(self.model, tokens.to(self.device), attention_mask=mask)
+        return prompts, mask, metric
+
+    def live_features(self) -> np.ndarray:
+        """The union over all prompts of the features active at the ablated position."""
+        cfg = self.job.config
+        step, found = cfg.store.prompts_per_part, []
+        for start in range(0, self.n_prompts(), step):
+            prompts, mask, _ = self.prompts(start, min(self.n_prompts(), start + step))
+            if isinstance(prompts, StorePrompts):
+                positions = resolve_positions(cfg.ablation.position, len(prompts.rows), prompts.tokens.shape[1], mask)
+                found.append(prompts.live_features(self.job.hook, positions))
+            else:
+                found.append(self._live_from_run(prompts, mask))
+        return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+
+    @torch.no_grad()
+    def _live_from_run(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> np.ndarray:
+        from pipeline.ablation import latents, live_features
+
+        acts = latents(self.model, self.sae, tokens.to(self.device), None if mask is None else mask.to(self.device))
+        positions = resolve_positions(self.job.config.ablation.position, len(tokens), tokens.shape[1], mask)
+        return live_features(acts, positions, mask)
+
+    def run_part(self, part: Part) -> dict:
+        """Compute and write one part; returns its completion marker. Safe to call again."""
+        from store.sweeps import SweepPart
+
+        existing = self.writer.completed_part(part.part_id)
+        if existing is not None:  # a retried call whose first attempt finished
+            return existing
+        cfg = self.job.config
+        a = cfg.ablation
+        prompts, mask, metric = self.prompts(part.prompt_start, part.prompt_stop)
+        frame = ablation_sweep(
+            self.model, self.sae, prompts, metric, features=list(part.features), position=a.position,
+            use_error_term=a.use_error_term, ablation=a.kind, method=a.method,
+            verify_top=a.verify_top, means=self.means,
+            attention_mask=None if isinstance(prompts, StorePrompts) else mask, batch_size=cfg.resources.batch_size,
+        )
+        frame["prompt"] += part.prompt_start
+        return self.writer.write_part(SweepPart.from_frame(part.part_id, frame))
