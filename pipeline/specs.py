@@ -115,6 +115,28 @@ class _Settings:
         nested = {names[k]: v for k, v in settings.items() if "." in names[k]}
         return config._with(nested) if nested else config
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """The config from its nested dict (``dataclasses.asdict``'s, or that read back from JSON, whose
+        lists become tuples); an unknown key is refused with the valid ones."""
+        from store.errors import ConfigError, did_you_mean
+
+        problems: list[str] = []
+
+        def known(owner: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+            names = [f.name for f in dataclasses.fields(owner)]
+            problems.extend(f"{where} has no field {k!r}; its fields are: {did_you_mean(k, names)}"
+                            for k in values if k not in names)
+            return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
+
+        fields = known(cls, data, cls.__name__)
+        for name, spec in cls.SPECS.items():
+            if isinstance(fields.get(name), dict):
+                fields[name] = spec(**known(spec, fields[name], f"{cls.__name__}.{name}"))
+        if problems:
+            raise ConfigError(problems)
+        return cls(**fields)
+
     def changed(self, **settings: Any):
         """A copy with these settings changed, by their short names (as ``build`` takes them)."""
         from store.errors import ConfigError, did_you_mean

@@ -112,8 +112,8 @@ def sweep_worker_class():
 
 
 def _drive(argv: list[str]) -> None:
-    """A driver to be killed: ``index STORE WORKERS`` or ``sweep CONFIG.json`` (a SweepConfig's
-    fields, of a sweep of prompts from a file)."""
+    """A driver to be killed: ``index STORE WORKERS`` or ``sweep CONFIG.json`` (a SweepConfig as
+    ``dataclasses.asdict`` gives it, of a sweep of prompts from a file)."""
     from tests import fault_injection  # by this name, so that Ray's workers import it rather than get a copy
 
     if argv[0] == "index":
@@ -128,7 +128,7 @@ def _drive(argv: list[str]) -> None:
 
         fields = json.loads(Path(argv[1]).read_text())
         jobs.sweep.SweepWorker = fault_injection.sweep_worker_class()
-        run_sweep(SweepConfig.build(**fields))
+        run_sweep(SweepConfig.from_dict(fields))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,19 @@ def test_an_unknown_setting_is_refused_with_the_valid_ones():
         SweepConfig.build(name="n", store="s.zarr", rows=(0, 4)).changed(metrc="kl")
 
 
+def test_a_config_comes_back_from_its_dict_and_refuses_unknown_keys():
+    cfg = SweepConfig.build(name="n", store="s.zarr", rows=(0, 4), features=(3, 1), workers=2)
+    assert SweepConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+    extract = ExtractConfig.build(model="m", saes=("a", "b"), dataset="d", store="s.zarr", context_size=16)
+    assert ExtractConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(extract)))) == extract
+    data = {**dataclasses.asdict(extract), "dataset": {"name": "d", "context_sise": 16}, "extra": 1}
+    with pytest.raises(ConfigError) as refused:
+        ExtractConfig.from_dict(data)
+    assert refused.value.problems[0].startswith("ExtractConfig has no field 'extra'; its fields are: ")
+    assert refused.value.problems[1].startswith("ExtractConfig.dataset has no field 'context_sise'; its fields are: "
+                                                "context_size, ")
+
+
 def test_sweep_settings_go_to_their_specs():
     cfg = SweepConfig.build(name="n", store="s.zarr", rows=(0, 4), metric="kl", ablation=0.5, prompts_per_part=5,
                             workers=2)
