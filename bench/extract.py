@@ -262,8 +262,9 @@ def host_path(worker: ExtractWorker, shards: list, writer: StoreWriter, repeats:
 
 def index_build(writer: StoreWriter, markers: list[dict], saes: list[tuple[str, int]]) -> float:
     """Seconds to build the feature-major index of the bench store, in this process, as `latentstore
-    index` plans and runs it: at least one part per CPU, one part at a time on each CPU (threads here
-    for Ray's tasks; the work releases the GIL)."""
+    index` plans and runs it: its parts, one at a time on each CPU (threads here for Ray's tasks; the
+    work releases the GIL)."""
+    from jobs.index import plan
     from store import index
 
     counts = {}
@@ -273,10 +274,7 @@ def index_build(writer: StoreWriter, markers: list[dict], saes: list[tuple[str, 
         counts[hook] = merged.count
     start = time.perf_counter()
     with ThreadPoolExecutor(os.cpu_count()) as tasks:
-        todo = []
-        for hook, _ in saes:
-            parts, _ = index.begin(writer.location, hook, counts[hook], markers, "bfloat16", min_parts=os.cpu_count())
-            todo += [(hook, part) for part in parts]
+        todo, _ = plan(writer.location, counts, markers, "bfloat16", os.cpu_count())
         list(tasks.map(lambda job: index.build_part(writer.location, job[0], job[1], markers, "<u4"), todo))
     for hook, _ in saes:
         index.finalize(writer.location, hook)

@@ -39,15 +39,8 @@ def run_index(location: str, workers: int | None = None, address: str | None = N
         n_workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         shards = fs.attrs["shards"]
         token_dtype = "<u4" if fs.n_tokens < 2**32 else "<u8"
-        todo, n_parts = [], {}
-        for hook in fs.hooks:
-            counts = fs.stats(hook).count
-            # a part per task at least, unless the SAE's entries are too few to be worth splitting
-            min_parts = workers or min(n_workers, -(-int(counts.sum()) // MIN_SPLIT_NNZ))
-            parts, done = index_mod.begin(fs.location, hook, counts, shards, fs.value_dtype,
-                                          min_parts=min_parts, part_nnz=part_nnz)
-            n_parts[hook] = len(parts)
-            todo += [(hook, part) for part in parts if part.part_id not in done]
+        todo, n_parts = plan(fs.location, {hook: fs.stats(hook).count for hook in fs.hooks}, shards,
+                             fs.value_dtype, n_workers, workers, part_nnz)
         # Tasks, not actors: each part is one call of build_part, n_workers at once, retried where a worker died.
         build = ray.remote(num_cpus=1, max_retries=3)(index_mod.build_part)
         policy = pool.Policy(
@@ -60,6 +53,22 @@ def run_index(location: str, workers: int | None = None, address: str | None = N
         for hook in fs.hooks:
             index_mod.finalize(fs.location, hook)
         return n_parts
+
+
+def plan(location: str, counts: dict[str, np.ndarray], shards: list[dict], value_dtype: str, n_workers: int,
+         min_parts: int | None = None, part_nnz: int = index_mod.DEFAULT_PART_NNZ
+         ) -> tuple[list[tuple[str, index_mod.Part]], dict[str, int]]:
+    """Begin (or reopen) each SAE's index (``counts``: its features' entry counts). Returns the parts
+    still to build, the longest first, and each SAE's number of parts. An SAE gets ``min_parts``
+    parts at least, by default one per worker unless its entries are too few to be worth splitting."""
+    todo, n_parts = [], {}
+    for hook, feature_counts in counts.items():
+        at_least = min_parts or min(n_workers, -(-int(feature_counts.sum()) // MIN_SPLIT_NNZ))
+        parts, done = index_mod.begin(location, hook, feature_counts, shards, value_dtype,
+                                      min_parts=at_least, part_nnz=part_nnz)
+        n_parts[hook] = len(parts)
+        todo += [(int(feature_counts[p.start:p.stop].sum()), hook, p) for p in parts if p.part_id not in done]
+    return [(hook, part) for _, hook, part in sorted(todo, key=lambda job: -job[0])], n_parts
 
 
 def add_commands(commands) -> None:
