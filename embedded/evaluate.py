@@ -6,9 +6,11 @@ numbers reproduce from the shipped files in seconds:
 - the model's loss per token, against a unigram model fitted on the train split;
 - per SAE: explained variance and mean L0 (over every position but the BOS one,
   whose activation is the same in every window), the fraction of features that
-  never fire on any position, and the loss with the SAE spliced in (no error
-  term) against the clean loss and the loss with the hook's output zeroed. The
-  fraction of the zero-ablation gap that splicing recovers is
+  never fire on any position, the firing rate of the densest feature (the share
+  of non-BOS positions on which the most often active feature fires), and the
+  loss with the SAE spliced in (no error term) against the clean loss and the
+  loss with the hook's output zeroed. The fraction of the zero-ablation gap
+  that splicing recovers is
   ``(zero_ablation - spliced) / (zero_ablation - clean)``.
 
 ``--write`` stores the result in ``metrics.json`` and rewrites the table
@@ -47,7 +49,7 @@ class EvalConfig:
     n_windows: int = 64
     context_size: int = 128
     batch_size: int = 16  # windows per forward pass
-    n_threads: int = 2
+    n_threads: int = 2  # torch CPU threads
 
 
 def eval_windows(cfg: EvalConfig, tokenizer: Any) -> torch.Tensor:
@@ -76,6 +78,7 @@ def batched_loss(run: Any, tokens: torch.Tensor, batch_size: int) -> float:
 def evaluate_sae(model: Any, sae: SAE, tokens: torch.Tensor, batch_size: int) -> dict[str, float]:
     hook = sae.cfg.metadata.hook_name
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    body_fire_counts = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     sse = l0_sum = 0.0
     body_acts = []
     for i in range(0, len(tokens), batch_size):
@@ -85,6 +88,7 @@ def evaluate_sae(model: Any, sae: SAE, tokens: torch.Tensor, batch_size: int) ->
         body = cache[hook][:, 1:]  # the BOS position is left out of EV and L0
         sse += (sae.decode(features[:, 1:]) - body).pow(2).sum().item()
         l0_sum += (features[:, 1:] > 0).sum().item()
+        body_fire_counts += (features[:, 1:] > 0).flatten(0, 1).sum(0)
         body_acts.append(body.reshape(-1, sae.cfg.d_in))
     acts = torch.cat(body_acts)
     sst = (acts - acts.mean(0)).pow(2).sum().item()
@@ -104,6 +108,7 @@ def evaluate_sae(model: Any, sae: SAE, tokens: torch.Tensor, batch_size: int) ->
         "explained_variance": 1 - sse / sst,
         "mean_l0": l0_sum / len(acts),
         "dead_fraction": 1 - fired.float().mean().item(),
+        "max_firing_rate": body_fire_counts.max().item() / len(acts),
         "loss_clean": clean,
         "loss_spliced": spliced,
         "loss_zero_ablation": ablated,
@@ -142,14 +147,15 @@ def metrics_table(metrics: dict[str, Any]) -> str:
         f"Model loss {metrics['model_loss']:.3f} (perplexity {math.exp(metrics['model_loss']):.1f}); "
         f"unigram baseline {metrics['unigram_loss']:.3f} (perplexity {math.exp(metrics['unigram_loss']):.1f}).",
         "",
-        "| SAE | hook | arch | d_sae | explained var. | mean L0 | dead | loss clean | spliced | zero-ablated | gap recovered |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| SAE | hook | arch | d_sae | explained var. | mean L0 | dead | densest feature fires | loss clean | spliced "
+        "| zero-ablated | gap recovered |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in metrics["saes"].items():
         lines.append(
             f"| `{name}` | `{m['hook_name']}` | {m['architecture']} | {m['d_sae']} | {m['explained_variance']:.3f} "
-            f"| {m['mean_l0']:.1f} | {m['dead_fraction']:.1%} | {m['loss_clean']:.3f} | {m['loss_spliced']:.3f} "
-            f"| {m['loss_zero_ablation']:.3f} | {m['fraction_recovered']:.1%} |"
+            f"| {m['mean_l0']:.1f} | {m['dead_fraction']:.1%} | {m['max_firing_rate']:.1%} | {m['loss_clean']:.3f} "
+            f"| {m['loss_spliced']:.3f} | {m['loss_zero_ablation']:.3f} | {m['fraction_recovered']:.1%} |"
         )
     return "\n".join(lines)
 
@@ -176,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--eval-corpus", type=Path, default=default.EVAL_CORPUS)
     parser.add_argument("--n-windows", type=int, default=EvalConfig.n_windows)
     parser.add_argument("--context-size", type=int, default=EvalConfig.context_size)
+    parser.add_argument("--n-threads", type=int, default=EvalConfig.n_threads)
     parser.add_argument("--write", type=Path, default=None, metavar="METRICS_JSON",
                         help="write metrics here and update the metrics table of the README.md beside it")
     args = parser.parse_args(argv)
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sae_dirs = default.SAE_DIRS if args.sae_dirs is None else {p.name: p for p in args.sae_dirs}
     metrics = evaluate(EvalConfig(model_dir=args.model_dir, sae_dirs=sae_dirs, train_corpus=args.train_corpus,
                                   eval_corpus=args.eval_corpus, n_windows=args.n_windows,
-                                  context_size=args.context_size))
+                                  context_size=args.context_size, n_threads=args.n_threads))
     if args.write is not None:
         readme = args.write.parent / "README.md"
         write_metrics(metrics, args.write, readme if readme.is_file() else None)
