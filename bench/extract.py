@@ -285,7 +285,7 @@ def peak_rss(job: ExtractJob, shards: list, work: Path) -> int:
     """The peak resident memory, in bytes, of a fresh process that loads a worker and runs the shards."""
     import multiprocessing
 
-    job = replace(job, store=str(work / "rss.zarr"))
+    job = replace(job, config=job.config.changed(store=str(work / "rss.zarr")))
     StoreWriter(job.store).begin({"bench": True}, {}, overwrite=True)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(_run_and_measure, (job, shards))

@@ -38,12 +38,13 @@ class ShardBuilder:
 
     def add(self, encoded: dict[str, SparseBatch]) -> None:
         for hook, batch in encoded.items():
-            self.batches[hook].append(replace(batch, entries=None))  # the device's copies are not kept
+            on_host = replace(batch, entries=None)  # the device's copies are not kept
+            self.batches[hook].append(on_host)
             if hook in self.on_device:
                 candidates = host_copies(list(self.on_device[hook].add(*batch.entries, len(batch.counts))))
                 work = self._keep, candidates
             else:
-                work = self._accumulate, batch
+                work = self._accumulate, on_host
             # each SAE's batches are added in order: a task waits for its SAE's previous one, which the
             # pool's FIFO queue has always started already
             self._latest[hook] = self.pool.submit(*work, hook, self._latest[hook])
