@@ -44,8 +44,11 @@ Measured twice on the 2-core CPU while three other people worked on it (load ave
 noisy; the extraction took 24.6 s and 27.7 s, about 17 s quiet), standard SAE, 50,000 tokens:
 neuronpedia 5.6 s and 5.7 s (22.6% and 20.4% of the extraction: **the goal is missed**; 166 MiB
 in 16 files), without correlated features 1.3 s and 2.4 s (5.2% and 8.8%), delphi 1.5 s and 1.3 s
-(6.3% and 4.7%). What is left of the Neuronpedia export's time is the correlated features' Gram
-matrix (1.2e11 multiply-adds for this SAE, 3.3 CPU-seconds); ``docs/DASHBOARDS.md`` has the details.
+(6.3% and 4.7%). Measured again quiet, after the embedded TopK SAE was retrained (the standard SAE
+measured is unchanged): extraction 17.6 s, neuronpedia 3.7 s (21.0%: **missed**), without
+correlated features 1.3 s (7.3%), delphi 1.5 s (8.7%). What is left of the Neuronpedia export's
+time is the correlated features' Gram matrix (1.2e11 multiply-adds for this SAE, 3.3
+CPU-seconds); ``docs/DASHBOARDS.md`` has the details.
 """
 
 from __future__ import annotations
