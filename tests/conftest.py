@@ -107,3 +107,12 @@ def reference_store(assets, ray_cluster, tmp_path_factory):
     from tests.stores import shared_store
 
     return shared_store(assets, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread, above all on a shared machine (modules ask for it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

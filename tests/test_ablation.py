@@ -15,6 +15,8 @@ from pipeline.ablation import ablation_sweep, heatmap
 from pipeline.metrics import KLFromClean, LogitDiff, TargetLoss
 from store.errors import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models run fastest on one thread
+
 N_PROMPTS, SEQ = 6, 12
 SAES = {  # one per architecture, each at a hook that resumes the forward differently
     "standard": ("blocks.0.hook_resid_post", {}),
@@ -75,15 +77,6 @@ def assert_close(ours: np.ndarray, naive: np.ndarray) -> None:
     """Within 1e-4 relative to the sweep's scale (float32 sums differ in order only)."""
     scale = max(1e-6, float(np.abs(naive).max()))
     np.testing.assert_allclose(ours, naive, rtol=1e-4, atol=1e-4 * scale)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

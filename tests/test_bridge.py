@@ -16,20 +16,14 @@ from conftest import D_MODEL, N_CTX, WORDS, make_sae, make_tokenizer
 from pipeline.models import BRIDGE, HOOKED, hook_names, hook_point, load_model, load_model_config, model_format
 from store.errors import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models run fastest on one thread
+
 SAES = {  # hook -> (architecture, extra config, the bridge's own name for the hook)
     "blocks.0.hook_resid_post": ("standard", {}, "blocks.0.hook_out"),
     "blocks.1.hook_resid_pre": ("jumprelu", {}, "blocks.1.hook_in"),
     "blocks.1.hook_mlp_out": ("topk", {"k": 8}, "blocks.1.mlp.hook_out"),
 }
 ATOL = 5e-6  # float32 matmuls of another batch shape differ by a few ulps (as in test_extract_exact)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

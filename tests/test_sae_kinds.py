@@ -25,6 +25,8 @@ from store.errors import ConfigError
 from test_ablation import as_grid, assert_close, naive_live, naive_sweep
 from test_transcoders import make_transcoder
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models run fastest on one thread
+
 D_SAE = 64
 
 
@@ -98,14 +100,6 @@ def kinds(tmp_path) -> dict:
         "jumprelu_skip_transcoder": ("blocks.1.hook_resid_post", make_transcoder(
             "jumprelu_skip_transcoder", "blocks.1.hook_resid_post", "blocks.2.hook_mlp_out", seed=12)),
     }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

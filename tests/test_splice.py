@@ -11,15 +11,9 @@ from pipeline.metrics import LogitDiff
 from pipeline.splice import splice_eval, splice_summary
 from store.errors import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models run fastest on one thread
+
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,8 @@ from pipeline.splice import splice_eval
 from pipeline.steering import steer
 from store.errors import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models run fastest on one thread
+
 N_PROMPTS, SEQ = 5, 9
 HOOK_IN, HOOK_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
 KINDS = {
@@ -81,14 +83,6 @@ def zero_feature(acts, feature, pos):
     else:
         acts[:, pos, feature] = 0
     return acts
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
