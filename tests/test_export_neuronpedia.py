@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from jobs.cli import main
-from jobs.export import NeuronpediaNames, export_neuronpedia
+from jobs.export import export_neuronpedia
 from pipeline import dashboard_data
 from pipeline.dashboard_data import (DashboardBuilder, DashboardSettings, effective_unembed, load_logit_weights,
                                      model_unembed)

@@ -5,8 +5,6 @@ sae_lens's own computation, and ablation sweeps equal notebook 000's loop."""
 
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 import pytest
 import torch
