@@ -142,6 +142,21 @@ def open_root(location: str, mode: str = "r") -> zarr.Group:
     return zarr.open_group(open_zarr_store(location, read_only=(mode == "r")), mode=mode)
 
 
+class RootHandle:
+    """A store's root, opened for writing at first use and kept: the one handle a writer (of a
+    store, of a sweep) works through, instead of opening the store again for every step."""
+
+    def __init__(self, location: str):
+        self.location = normalize(location)
+        self._root: zarr.Group | None = None
+
+    @property
+    def root(self) -> zarr.Group:
+        if self._root is None:
+            self._root = open_root(self.location, mode="a")
+        return self._root
+
+
 def has_content(location: str) -> bool:
     """Whether anything at all lives at ``location``."""
     location = normalize(location)

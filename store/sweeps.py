@@ -19,7 +19,7 @@ import zarr
 
 from store import codecs, format as fmt
 from store.errors import ConfigError, StoreConflictError, StoreIncompleteError, StoreNotFoundError, did_you_mean
-from store.location import normalize, open_root, subgroup_names
+from store.location import RootHandle, normalize, open_root, subgroup_names
 from store.checked import read_whole
 from store.elements import complete_markers, now, part_marker, write_array, write_part
 from store.writer import canonical, diff_runs
@@ -77,20 +77,13 @@ def check_name(name: str) -> str:
     return name
 
 
-class SweepWriter:
-    """Writes one named sweep. The driver calls ``begin`` and ``finalize``; workers ``write_part``."""
+class SweepWriter(RootHandle):
+    """Writes one named sweep, through one handle on the store's root (made if there is none yet).
+    The driver calls ``begin`` and ``finalize``; workers ``write_part``."""
 
     def __init__(self, location: str, name: str):
-        self.location = normalize(location)
+        super().__init__(location)
         self.name = check_name(name)
-        self._root: zarr.Group | None = None
-
-    @property
-    def root(self) -> zarr.Group:
-        """The one handle on the store's root, opened at first use (made if there is none yet)."""
-        if self._root is None:
-            self._root = open_root(self.location, mode="a")
-        return self._root
 
     def _group(self) -> zarr.Group | None:
         path = sweep_path(self.name)

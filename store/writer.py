@@ -22,7 +22,8 @@ from store import stats as stats_mod
 from store.elements import (complete_markers, has_shard_markers, now, part_marker, read_root_attrs, write_array,
                             write_part)
 from store.errors import StoreConflictError, StoreCorruptError
-from store.location import check_writable, has_content, normalize, open_root, open_zarr_store, subgroup_names
+from store.location import (RootHandle, check_writable, has_content, normalize, open_root, open_zarr_store,
+                            subgroup_names)
 
 log = logging.getLogger(__name__)
 
@@ -155,19 +156,9 @@ def _write_group_metadata(location: str, path: str, attributes: dict) -> None:
         sync(store.set(f"{path}/{key}" if path else key, buffer))
 
 
-class StoreWriter:
+class StoreWriter(RootHandle):
     """Writes one store, through one handle on its root, opened at first use. The driver creates the
     store with it; each worker opens its own instance."""
-
-    def __init__(self, location: str):
-        self.location = normalize(location)
-        self._root: zarr.Group | None = None
-
-    @property
-    def root(self) -> zarr.Group:
-        if self._root is None:
-            self._root = open_root(self.location, mode="a")
-        return self._root
 
     # -- driver side -------------------------------------------------------------------------
 
