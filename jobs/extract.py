@@ -60,13 +60,13 @@ class Plan:
             model["loader"] = described["model_loader"]
         saes = []
         for sae in self.saes:
-            entry = {"hook": sae.hook, "source": sae.source, "architecture": sae.architecture,
+            entry = {"name": sae.name, "hook": sae.hook, "source": sae.source, "architecture": sae.architecture,
                      "d_in": sae.d_in, "d_sae": sae.d_sae, "config": _jsonable(sae.config)}
             if sae.hook_out is not None:  # a transcoder: where its decoder writes (format 1.4)
                 entry["hook_out"] = sae.hook_out
             if described:
-                entry["weights_hash"] = hashes[sae.hook]
-                entry["hook_point"] = described["hook_points"][sae.hook]
+                entry["weights_hash"] = hashes[sae.name]
+                entry["hook_point"] = described["hook_points"][sae.name]
             saes.append(entry)
         run = {
             "model": model,
@@ -160,15 +160,16 @@ def validate(cfg: ExtractConfig) -> Plan:
 
 
 def _sae_problems(cfg: ExtractConfig, plan: Plan, model_cfg) -> list[Problem]:
-    """Each SAE's config is readable, and fits the model (its hooks, their widths); one SAE per hook."""
+    """Each SAE's config is readable, and fits the model (its hooks, their widths); each SAE's name is its own."""
     problems: list[Problem] = []
     model = cfg.model.name
     valid_hooks = set(hook_names(model_cfg)) if model_cfg is not None else set()
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple[int, SAESource]] = {}  # name -> the first SAE of that name
     for i, text in enumerate(cfg.saes):
         this = Setting(f"saes[{i}]", text)
         try:
-            sae = read_sae_config(SAESource.parse(text))
+            source = SAESource.parse(text)
+            sae = read_sae_config(source)
         except ConfigError as e:
             problems += [_about(this, p) for p in e.problems]
             continue
@@ -183,11 +184,18 @@ def _sae_problems(cfg: ExtractConfig, plan: Plan, model_cfg) -> list[Problem]:
                                        "Is the SAE for another model?"))
         if model_cfg is not None:
             problems += [_about(this, p) for p in output_hook_problems(text, sae, valid_hooks, model_cfg, model)]
-        if sae.hook in seen:
-            j = seen[sae.hook]
-            problems.append(Problem.of(Setting(f"saes[{j}]", cfg.saes[j]), " and ", this,
-                                       f" are both at {sae.hook}: one SAE per hook. Extract them into separate stores."))
-        seen[sae.hook] = i
+        if sae.name not in seen:
+            seen[sae.name] = (i, source)
+            continue
+        j, first = seen[sae.name]
+        other = Setting(f"saes[{j}]", cfg.saes[j])
+        if source.name is None and first.name is None:
+            problems.append(Problem.of(
+                other, " and ", this, f" both read {sae.hook}, and an SAE without a name is named by its hook. "
+                f"Name each of them, NAME=SOURCE: e.g. --sae a={cfg.saes[j]} --sae b={text}"))
+        else:
+            problems.append(Problem.of(other, " and ", this, f" are both named {sae.name!r}: give each SAE its own "
+                                       "name (NAME=SOURCE)."))
     return problems
 
 
@@ -272,7 +280,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
                 writer.write_vocab(vocab)
             done = _schedule(ray, actors, plan, policy, done)
         lease.check()
-        counts = writer.complete(done, {sae.hook: sae.d_sae for sae in plan.saes}, cfg.store.value_dtype)
+        counts = writer.complete(done, {sae.name: sae.d_sae for sae in plan.saes}, cfg.store.value_dtype)
         if cfg.store.index:
             from jobs.index import run_index
 

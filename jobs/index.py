@@ -23,7 +23,7 @@ MIN_SPLIT_NNZ = 1 << 20  # entries of an SAE below which its index is not split 
 def run_index(location: str, workers: int | None = None, address: str | None = None,
               part_nnz: int = index_mod.DEFAULT_PART_NNZ, progress: bool = True) -> dict[str, int]:
     """Build (or finish) every SAE's index, holding the store's writer lease. Returns the number of
-    parts per hook."""
+    parts per SAE (by name)."""
     from jobs import pool
     from jobs.ray_session import connect
 
@@ -39,7 +39,7 @@ def run_index(location: str, workers: int | None = None, address: str | None = N
         n_workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         shards = fs.attrs["shards"]
         token_dtype = "<u4" if fs.n_tokens < 2**32 else "<u8"
-        todo, n_parts = plan(fs.location, {hook: fs.stats(hook).count for hook in fs.hooks}, shards,
+        todo, n_parts = plan(fs.location, {name: fs.stats(name).count for name in fs.saes}, shards,
                              fs.value_dtype, n_workers, workers, part_nnz)
         # Tasks, not actors: each part is one call of build_part, n_workers at once, retried where a worker died.
         build = ray.remote(num_cpus=1, max_retries=3)(index_mod.build_part)
@@ -50,8 +50,8 @@ def run_index(location: str, workers: int | None = None, address: str | None = N
         for _ in pool.run(ray, [build] * n_workers, todo, policy, progress=progress):
             pass
         lease.check()
-        for hook in fs.hooks:
-            index_mod.finalize(fs.location, hook)
+        for name in fs.saes:
+            index_mod.finalize(fs.location, name)
         return n_parts
 
 
@@ -62,13 +62,13 @@ def plan(location: str, counts: dict[str, np.ndarray], shards: list[dict], value
     still to build, the longest first, and each SAE's number of parts. An SAE gets ``min_parts``
     parts at least, by default one per worker unless its entries are too few to be worth splitting."""
     todo, n_parts = [], {}
-    for hook, feature_counts in counts.items():
+    for name, feature_counts in counts.items():
         at_least = min_parts or min(n_workers, -(-int(feature_counts.sum()) // MIN_SPLIT_NNZ))
-        parts, done = index_mod.begin(location, hook, feature_counts, shards, value_dtype,
+        parts, done = index_mod.begin(location, name, feature_counts, shards, value_dtype,
                                       min_parts=at_least, part_nnz=part_nnz)
-        n_parts[hook] = len(parts)
-        todo += [(int(feature_counts[p.start:p.stop].sum()), hook, p) for p in parts if p.part_id not in done]
-    return [(hook, part) for _, hook, part in sorted(todo, key=lambda job: -job[0])], n_parts
+        n_parts[name] = len(parts)
+        todo += [(int(feature_counts[p.start:p.stop].sum()), name, p) for p in parts if p.part_id not in done]
+    return [(name, part) for _, name, part in sorted(todo, key=lambda job: -job[0])], n_parts
 
 
 def add_commands(commands) -> None:

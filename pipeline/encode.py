@@ -1,6 +1,6 @@
-"""Sparse encoding: the model's activations at each hook, through that SAE's own ``encode``.
+"""Sparse encoding: the model's activations at each hook, through the own ``encode`` of each SAE there.
 
-One forward per batch serves every SAE, stops after the deepest hooked layer and
+One forward per batch serves every SAE (several may read one hook), stops after the deepest hooked layer and
 builds no autograd graph. The hooks leave the model's activations untouched, so
 each SAE sees what it would see under ``run_with_cache_with_saes(...,
 use_error_term=True)``. The dense ``[tokens, d_sae]`` activations never leave the
@@ -68,10 +68,13 @@ class SparseEncoder:
 
     def __init__(self, model, saes: dict, value_dtype: str):
         self.model = model
-        self.saes = saes  # hook name -> sae_lens SAE
+        self.saes = saes  # SAE name -> sae_lens SAE; several may read one hook
         self.value_dtype = value_dtype
-        self.stop_at_layer = stop_layer(list(saes))
-        self._index_dtypes = {hook: index_dtype(sae.cfg.d_sae) for hook, sae in saes.items()}
+        self.at_hook: dict[str, list[str]] = {}  # hook -> the names of the SAEs that read it
+        for name, sae in saes.items():
+            self.at_hook.setdefault(sae.cfg.metadata.hook_name, []).append(name)
+        self.stop_at_layer = stop_layer(list(self.at_hook))
+        self._index_dtypes = {name: index_dtype(sae.cfg.d_sae) for name, sae in saes.items()}
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor) -> dict[str, SparseBatch]:
@@ -80,26 +83,28 @@ class SparseEncoder:
         valid = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
         found: dict[str, tuple] = {}
 
-        def encode_at(hook_name: str, sae):
+        def encode_at(names: list[str]):
             def hook(activation: torch.Tensor, hook) -> None:
-                # real tokens only, before encoding: padding is never encoded, and nothing dense is copied
-                features = sae.encode(activation[valid].to(sae.dtype))  # [n_tokens, d_sae]
-                token, feature, values = nonzeros(features)
-                stored = to_storage(values, self.value_dtype)
-                # only the first three leave the device
-                found[hook_name] = (torch.bincount(token, minlength=features.shape[0]),
-                                    to_index(feature, self._index_dtypes[hook_name]), stored, (token, feature, stored))
+                real = activation[valid]  # real tokens only: padding is never encoded, nothing dense is copied
+                for name in names:
+                    sae = self.saes[name]
+                    features = sae.encode(real.to(sae.dtype))  # [n_tokens, d_sae]
+                    token, feature, values = nonzeros(features)
+                    stored = to_storage(values, self.value_dtype)
+                    # only the first three leave the device
+                    found[name] = (torch.bincount(token, minlength=features.shape[0]),
+                                   to_index(feature, self._index_dtypes[name]), stored, (token, feature, stored))
 
             return hook
 
         self.model.run_with_hooks(
             tokens,
-            fwd_hooks=[(hook, encode_at(hook, sae)) for hook, sae in self.saes.items()],
+            fwd_hooks=[(hook, encode_at(names)) for hook, names in self.at_hook.items()],
             stop_at_layer=self.stop_at_layer,
         )
-        hooks = list(found)
-        arrays, copied = host_copies([t for hook in hooks for t in found[hook][:3]])
-        return {hook: SparseBatch(*arrays[3 * i : 3 * i + 3], copied, found[hook][3]) for i, hook in enumerate(hooks)}
+        names = list(found)
+        arrays, copied = host_copies([t for name in names for t in found[name][:3]])
+        return {name: SparseBatch(*arrays[3 * i : 3 * i + 3], copied, found[name][3]) for i, name in enumerate(names)}
 
 
 def nonzeros(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,6 +1,8 @@
 """Loading SAEs: sae_lens pretrained releases, sae_lens directories, Gemma Scope ``params.npz`` files.
 
-What follows ``--sae`` takes one of three forms, parsed by ``SAESource.parse``:
+What follows ``--sae`` is ``[NAME=]SOURCE``, parsed by ``SAESource.parse``. The name keys the
+SAE's data in the store; without one, the SAE is named by the hook it reads, and two SAEs at one
+hook need names (``--sae res_16k=DIR16 --sae res_65k=DIR65``). The source takes one of three forms:
 
 - ``DIR``: an existing directory as sae_lens's ``SAE.save_model`` writes it,
   ``cfg.json`` and ``sae_weights.safetensors``;
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import json
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,6 +54,7 @@ from sae_lens.util import DTYPE_MAP
 
 from pipeline.models import PICKLE_SUFFIXES, hook_width, load_safetensors
 from store.errors import ConfigError, did_you_mean
+from store.format import sae_name_problem
 
 SAE_FORMS = (
     "DIR: a directory written by sae_lens's SAE.save_model (cfg.json, sae_weights.safetensors)",
@@ -80,10 +83,25 @@ class SAESource:
     """The SAE's id within its release; ``pretrained`` only."""
     hook: str | None = None
     """The hook given by the user; ``npz`` only (other kinds record their hook in their config)."""
+    name: str | None = None
+    """The name given by the user (``NAME=SOURCE``); None: the SAE is named by its hook."""
 
     @classmethod
     def parse(cls, text: str) -> SAESource:
+        """``[NAME=]SOURCE``: a name is what comes before the first ``=`` when it holds no ``/``
+        (a path such as ``runs/lr=3e-4/sae`` is a source), unless the whole text is a directory."""
         if text and Path(text).is_dir():  # Path("") is the working directory
+            return cls("disk", text)
+        name, eq, rest = text.partition("=")
+        if eq and "/" not in name:
+            if problem := sae_name_problem(name):
+                raise ConfigError(f"--sae {text}: {problem}. Write --sae NAME=SOURCE.")
+            return replace(cls._parse_source(rest), name=name)
+        return cls._parse_source(text)
+
+    @classmethod
+    def _parse_source(cls, text: str) -> SAESource:
+        if text and Path(text).is_dir():
             return cls("disk", text)
         path, at, hook = text.rpartition("@")
         if at and path.endswith(".npz"):
@@ -105,6 +123,7 @@ class SAESource:
         raise ConfigError(f"--sae {text!r} is not an SAE this tool can load. Accepted forms:\n{forms}")
 
     def __str__(self) -> str:
+        """The source as the user wrote it, without its name."""
         if self.kind == "pretrained":
             return f"{self.location}/{self.sae_id}"
         if self.kind == "npz":
@@ -116,6 +135,8 @@ class SAESource:
 class SAEDescription:
     """An SAE as far as a run needs to know it before loading weights."""
 
+    name: str
+    """What the store keys its data by: the name the user gave, else its hook."""
     source: str
     """``str(SAESource)``: what the user wrote."""
     architecture: str
@@ -150,10 +171,12 @@ def read_sae_config(source: SAESource) -> SAEDescription:
     config = cfg.to_dict()
     del config["device"]  # where to run is the loader's choice, not the SAE's
     transcoder = cfg.architecture() in TRANSCODER_ARCHITECTURES
+    hook = _hook_name(source, cfg)
     return SAEDescription(
+        name=source.name or hook,
         source=str(source),
         architecture=cfg.architecture(),
-        hook=_hook_name(source, cfg),
+        hook=hook,
         d_in=cfg.d_in,
         d_sae=cfg.d_sae,
         prepend_bos=cfg.metadata.get("prepend_bos"),

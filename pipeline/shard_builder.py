@@ -29,57 +29,57 @@ class ShardBuilder:
     def __init__(self, pool: ThreadPoolExecutor, d_sae: dict[str, int], value_dtype: str,
                  top_k: int = stats.DEFAULT_TOP_K, max_pending: int = 8, stats_device: torch.device | None = None):
         self.pool, self.d_sae, self.value_dtype, self.max_pending = pool, d_sae, value_dtype, max_pending
-        self.stats = {hook: stats.Accumulator(d, value_dtype, top_k) for hook, d in d_sae.items()}
-        self.on_device = {hook: DeviceStats(accumulator, stats_device) for hook, accumulator in self.stats.items()} \
+        self.stats = {name: stats.Accumulator(d, value_dtype, top_k) for name, d in d_sae.items()}
+        self.on_device = {name: DeviceStats(accumulator, stats_device) for name, accumulator in self.stats.items()} \
             if stats_device is not None else {}
-        self.batches: dict[str, list[SparseBatch]] = {hook: [] for hook in d_sae}
-        self._latest: dict[str, Future | None] = {hook: None for hook in d_sae}
+        self.batches: dict[str, list[SparseBatch]] = {name: [] for name in d_sae}
+        self._latest: dict[str, Future | None] = {name: None for name in d_sae}
         self._pending: deque[Future] = deque()
 
     def add(self, encoded: dict[str, SparseBatch]) -> None:
-        for hook, batch in encoded.items():
+        for name, batch in encoded.items():
             on_host = replace(batch, entries=None)  # the device's copies are not kept
-            self.batches[hook].append(on_host)
-            if hook in self.on_device:
-                candidates = host_copies(list(self.on_device[hook].add(*batch.entries, len(batch.counts))))
+            self.batches[name].append(on_host)
+            if name in self.on_device:
+                candidates = host_copies(list(self.on_device[name].add(*batch.entries, len(batch.counts))))
                 work = self._keep, candidates
             else:
                 work = self._accumulate, on_host
             # each SAE's batches are added in order: a task waits for its SAE's previous one, which the
             # pool's FIFO queue has always started already
-            self._latest[hook] = self.pool.submit(*work, hook, self._latest[hook])
-            self._pending.append(self._latest[hook])
+            self._latest[name] = self.pool.submit(*work, name, self._latest[name])
+            self._pending.append(self._latest[name])
         while len(self._pending) > self.max_pending:
             self._pending.popleft().result()
 
-    def _accumulate(self, batch: SparseBatch, hook: str, before: Future | None) -> None:
+    def _accumulate(self, batch: SparseBatch, name: str, before: Future | None) -> None:
         if before is not None:
             before.result()
         batch.wait()
-        self.stats[hook].add(batch.counts, batch.indices, batch.values)
+        self.stats[name].add(batch.counts, batch.indices, batch.values)
 
-    def _keep(self, candidates: tuple[list, object], hook: str, before: Future | None) -> None:
+    def _keep(self, candidates: tuple[list, object], name: str, before: Future | None) -> None:
         (feature, stored, token), copied = candidates
         if before is not None:
             before.result()
         if copied is not None:
             copied.synchronize()
-        self.stats[hook].keep(feature, stored.view(storage_dtype(self.value_dtype)), token)
+        self.stats[name].keep(feature, stored.view(storage_dtype(self.value_dtype)), token)
 
     def finish(self, n_tokens: int) -> tuple[dict[str, SparseActivations], dict[str, stats.FeatureStats]]:
         """The shard's activations and statistics, per SAE, once every batch is in."""
 
-        def one(hook: str) -> tuple[SparseActivations, stats.FeatureStats]:
-            indptr, indices, values = concat_batches(self.batches[hook], index_dtype(self.d_sae[hook]),
+        def one(name: str) -> tuple[SparseActivations, stats.FeatureStats]:
+            indptr, indices, values = concat_batches(self.batches[name], index_dtype(self.d_sae[name]),
                                                      storage_dtype(self.value_dtype), n_tokens)
-            if self._latest[hook] is not None:
-                self._latest[hook].result()
-            if hook in self.on_device:
-                self.stats[hook].add_totals(*self.on_device[hook].totals())
-            return SparseActivations(indptr, indices, values), self.stats[hook].result()
+            if self._latest[name] is not None:
+                self._latest[name].result()
+            if name in self.on_device:
+                self.stats[name].add_totals(*self.on_device[name].totals())
+            return SparseActivations(indptr, indices, values), self.stats[name].result()
 
-        done = {hook: self.pool.submit(one, hook) for hook in self.d_sae}
-        results = {hook: future.result() for hook, future in done.items()}
+        done = {name: self.pool.submit(one, name) for name in self.d_sae}
+        results = {name: future.result() for name, future in done.items()}
         self._pending.clear()
         return {h: r[0] for h, r in results.items()}, {h: r[1] for h, r in results.items()}
 

@@ -25,7 +25,7 @@ from pipeline.dataset import DatasetSpec, Shard, make_windows, open_dataset, row
 from pipeline.encode import SparseEncoder
 from pipeline.shard_builder import ShardBuilder, pool_size
 from pipeline.models import hook_point, load_model, loader_name, weights_hash
-from pipeline.saes import SAESource, is_transcoder, load_sae, model_hook_problems, output_hook
+from pipeline.saes import SAESource, input_hook, is_transcoder, load_sae, model_hook_problems, output_hook
 from pipeline.specs import ExtractConfig
 from store.errors import ConfigError, DataError
 from store.writer import ShardData, StoreWriter
@@ -101,10 +101,11 @@ class ExtractWorker:
         if self.device.type == "cpu" and job.n_threads:
             torch.set_num_threads(job.n_threads)
         self.model = load_model(job.model, self.device, job.model_dtype)
-        self.saes = {}
+        self.saes = {}  # by name: what the store keys each SAE's data by
         for text in job.saes:
-            sae = load_sae(SAESource.parse(text), device=str(self.device), dtype=str(self.model.cfg.dtype).removeprefix("torch."))
-            self.saes[sae.cfg.metadata.hook_name] = sae
+            source = SAESource.parse(text)
+            sae = load_sae(source, device=str(self.device), dtype=str(self.model.cfg.dtype).removeprefix("torch."))
+            self.saes[source.name or input_hook(sae)] = sae
         self._check_hooks()
         self.encoder = SparseEncoder(self.model, self.saes, job.value_dtype)
         self.host = ThreadPoolExecutor(pool_size(job.n_threads), thread_name_prefix="host")
@@ -122,7 +123,7 @@ class ExtractWorker:
         problems = [p for sae in self.saes.values() for p in model_hook_problems(sae, self.model.hook_dict)]
         if problems:
             raise ConfigError(problems)
-        widths = {hook: ("d_in", sae.cfg.d_in) for hook, sae in self.saes.items()}
+        widths = {input_hook(sae): ("d_in", sae.cfg.d_in) for sae in self.saes.values()}
         widths.update({output_hook(sae): ("d_out", sae.cfg.d_out) for sae in self.saes.values() if is_transcoder(sae)})
         with torch.inference_mode():
             _, cache = self.model.run_with_cache(
@@ -142,8 +143,9 @@ class ExtractWorker:
         return {
             "model_weights_hash": weights_hash(self.model),
             "model_loader": loader_name(self.model),
-            "sae_weights_hashes": {hook: weights_hash(sae) for hook, sae in self.saes.items()},
-            "hook_points": {hook: hook_point(self.model, hook) for hook in self.saes},  # the model's own names
+            "sae_weights_hashes": {name: weights_hash(sae) for name, sae in self.saes.items()},
+            # the model's own names of the hooks
+            "hook_points": {name: hook_point(self.model, input_hook(sae)) for name, sae in self.saes.items()},
             "tokenizer": None
             if tokenizer is None
             else {
@@ -164,7 +166,7 @@ class ExtractWorker:
         if existing is not None:  # a retried call whose first attempt finished
             return existing
         started = time.perf_counter()
-        d_sae = {hook: sae.cfg.d_sae for hook, sae in self.saes.items()}
+        d_sae = {name: sae.cfg.d_sae for name, sae in self.saes.items()}
         # on a GPU, statistics accumulate there; on a CPU the host's pool does it beside the forward
         builder = ShardBuilder(self.host, d_sae, self.job.value_dtype, self.job.top_k,
                                stats_device=self.device if self.device.type == "cuda" else None)

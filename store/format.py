@@ -6,11 +6,14 @@ accept any minor version of the majors they know and refuse newer majors.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from store.errors import FormatVersionError
 
-FORMAT_VERSION = "1.4"
+FORMAT_VERSION = "2.0"
+MAJOR = int(FORMAT_VERSION.split(".")[0])
 ATTRS_KEY = "latentstore"  # every latentstore attribute lives under this key
 
 STORE_ENCODING = "latentstore.store"
@@ -80,11 +83,42 @@ def check_version(attrs: dict, kind: str, where: str) -> None:
         )
     version = str(attrs.get("encoding-version", "0.0"))
     major = int(version.split(".")[0])
-    if major > int(FORMAT_VERSION.split(".")[0]):
+    if major > MAJOR:
         raise FormatVersionError(
             f"{where} was written in latentstore format {version}; this latentstore reads format "
-            f"{FORMAT_VERSION.split('.')[0]}.x. Upgrade latentstore: pip install -U latentstore."
+            f"{MAJOR}.x. Upgrade latentstore: pip install -U latentstore."
         )
+
+
+def check_writes(attrs: dict, location: str) -> None:
+    """Refuse to write into a store of an older major format: it opens read-only (a 2.x element
+    inside a 1.x store would be read by rules it was not written for)."""
+    version = str(attrs.get("encoding-version", "0.0"))
+    if int(version.split(".")[0]) < MAJOR:
+        raise FormatVersionError(
+            f"{location} was written in latentstore format {version}, by an older latentstore. It opens "
+            f"read-only: queries, dashboards and exports read it as before, but nothing is written into it "
+            f"(this latentstore writes format {FORMAT_VERSION}). Extract into a new store to index it, resume it "
+            "or add sweeps to it, or pass --overwrite to replace it."
+        )
+
+
+# An SAE's name keys its groups (``saes/<name>``, ``stats/<name>``, ``index/<name>``) since 2.0:
+# a zarr node name, kept to characters that are safe in any store URL and shell.
+SAE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}")
+
+
+def sae_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name an SAE in a store, or None when it can."""
+    if SAE_NAME.fullmatch(name) and not name.startswith("__"):  # zarr reserves names starting "__"
+        return None
+    return (f"{name!r} cannot name an SAE: a name is 1 to 200 letters, digits, '_', '.' or '-', and starts "
+            "with a letter, digit or one '_' (it is a group's name in the store), e.g. res_16k or blocks.8.hook_resid_pre")
+
+
+def sae_name(record: dict) -> str:
+    """An SAE's name from its entry in the run record; a 1.x store named none, so its hook is its name."""
+    return record.get("name") or record["hook"]
 
 
 def storage_dtype(value_dtype: str) -> np.dtype:

@@ -1,6 +1,6 @@
 """The feature-major index: each SAE's activations ordered by feature, highest first.
 
-``index/<hook>`` holds ``indptr`` (feature ``f``'s entries are ``[indptr[f], indptr[f+1])``
+``index/<name>`` holds ``indptr`` (feature ``f``'s entries are ``[indptr[f], indptr[f+1])``
 in the index's global order) and one part per contiguous feature range, each part
 written by one worker with its own arrays and a completion marker, so no two
 workers ever write the same chunk and a crashed build resumes part by part. Within
@@ -53,21 +53,22 @@ def built_for(shards: list[dict]) -> dict:
                        for s in shards]}
 
 
-def begin(location: str, hook: str, counts: np.ndarray, shards: list[dict], value_dtype: str,
+def begin(location: str, name: str, counts: np.ndarray, shards: list[dict], value_dtype: str,
           min_parts: int = 1, part_nnz: int = DEFAULT_PART_NNZ) -> tuple[list[Part], set[int]]:
-    """Create (or reopen, to resume) a hook's index. Returns its parts and the ids already complete."""
+    """Create (or reopen, to resume) an SAE's index. Returns its parts and the ids already complete."""
     root = open_root(location, mode="a")
+    fmt.check_writes(root.attrs.asdict().get(fmt.ATTRS_KEY, {}), location)
     parent = root.require_group(fmt.INDEX_GROUP)
     record = built_for(shards)
-    if hook in parent:
-        attrs = parent[hook].attrs[fmt.ATTRS_KEY]
+    if name in parent:
+        attrs = parent[name].attrs[fmt.ATTRS_KEY]
         if attrs.get("built_for") == record:
             parts = [Part(*p) for p in attrs["parts"]]
-            return parts, {p.part_id for p in parts if _marker(parent[hook], p.part_id) is not None}
-        del parent[hook]  # built for other contents of the store
+            return parts, {p.part_id for p in parts if _marker(parent[name], p.part_id) is not None}
+        del parent[name]  # built for other contents of the store
     parts = plan_parts(counts, min_parts, part_nnz)
     indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    group = parent.create_group(hook, attributes={fmt.ATTRS_KEY: {
+    group = parent.create_group(name, attributes={fmt.ATTRS_KEY: {
         **fmt.encoding(fmt.INDEX_ENCODING), "complete": False, "value_dtype": value_dtype,
         "built_for": record, "parts": [[p.part_id, p.start, p.stop] for p in parts],
         "checksums": {fmt.INDPTR: checked.checksum(indptr)}}})
@@ -76,17 +77,17 @@ def begin(location: str, hook: str, counts: np.ndarray, shards: list[dict], valu
     return parts, set()
 
 
-def build_part(location: str, hook: str, part: Part, shards: list[dict], token_dtype: str) -> dict:
+def build_part(location: str, name: str, part: Part, shards: list[dict], token_dtype: str) -> dict:
     """Scan every shard for the part's features, sort, write the part and then its marker.
     Safe to call again: a part that is already complete is kept as it is."""
     root = open_root(location, mode="a")
-    group = root[f"{fmt.INDEX_GROUP}/{hook}"]
+    group = root[f"{fmt.INDEX_GROUP}/{name}"]
     existing = _marker(group, part.part_id)
     if existing is not None:  # a retried call whose first attempt finished (its worker died returning)
         return existing
     value_dtype = group.attrs[fmt.ATTRS_KEY]["value_dtype"]
     offsets = np.cumsum([0] + [s["n_tokens"] for s in shards[:-1]])
-    found = [_entries_in(root, shard["shard_id"], hook, part, offset, token_dtype)
+    found = [_entries_in(root, shard["shard_id"], name, part, offset, token_dtype)
              for shard, offset in zip(shards, offsets)]
     token, feature, values = (np.concatenate(arrays) for arrays in zip(*found)) if found else \
         (np.zeros(0, token_dtype), np.zeros(0, np.uint32), np.zeros(0, fmt.storage_dtype(value_dtype)))
@@ -99,11 +100,11 @@ def build_part(location: str, hook: str, part: Part, shards: list[dict], token_d
                       arrays, {**where, "nnz": int(len(token))}, chunk=CHUNK)
 
 
-def _entries_in(root: zarr.Group, shard_id: int, hook: str, part: Part, offset: int,
+def _entries_in(root: zarr.Group, shard_id: int, name: str, part: Part, offset: int,
                 token_dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A shard's entries of the part's features: (store-wide token, feature less the part's start,
     stored value), in the shard's order."""
-    base = f"{fmt.shard_path(shard_id)}/{fmt.SAES_GROUP}/{hook}/"
+    base = f"{fmt.shard_path(shard_id)}/{fmt.SAES_GROUP}/{name}/"
     indices = root[base + fmt.INDICES][:]
     # one unsigned comparison tests both bounds: features below the start wrap round to large numbers
     local = indices - indices.dtype.type(part.start)
@@ -114,8 +115,8 @@ def _entries_in(root: zarr.Group, shard_id: int, hook: str, part: Part, offset: 
     return (token_of + offset).astype(token_dtype), local[at], root[base + fmt.VALUES][:][at]
 
 
-def finalize(location: str, hook: str) -> None:
-    group = open_root(location, mode="a")[f"{fmt.INDEX_GROUP}/{hook}"]
+def finalize(location: str, name: str) -> None:
+    group = open_root(location, mode="a")[f"{fmt.INDEX_GROUP}/{name}"]
     attrs = dict(group.attrs[fmt.ATTRS_KEY], complete=True, completed_at=now())
     group.attrs[fmt.ATTRS_KEY] = attrs
 
@@ -125,11 +126,11 @@ def _marker(group: zarr.Group, part_id: int) -> dict | None:
 
 
 class IndexReader:
-    """Reads one hook's complete index. Every read is checked against the checksums recorded when
+    """Reads one SAE's complete index. Every read is checked against the checksums recorded when
     the index was written: the pointers whole, at open; a part's entries block by block."""
 
-    def __init__(self, root: zarr.Group, hook: str, location: str):
-        self.root, self.location, self.path = root, location, f"{fmt.INDEX_GROUP}/{hook}"
+    def __init__(self, root: zarr.Group, name: str, location: str):
+        self.root, self.location, self.path = root, location, f"{fmt.INDEX_GROUP}/{name}"
         attrs = root[self.path].attrs[fmt.ATTRS_KEY]
         fmt.check_version(attrs, fmt.INDEX_ENCODING, f"index {self.path}")
         self.value_dtype = attrs["value_dtype"]
@@ -193,9 +194,9 @@ class IndexReader:
         return self._arrays[part_id, name]
 
 
-def open_index(root: zarr.Group, hook: str, shards: list[dict], location: str) -> IndexReader | None:
-    """The hook's index if it is complete and was built from exactly these shards, else None."""
-    path = f"{fmt.INDEX_GROUP}/{hook}"
+def open_index(root: zarr.Group, name: str, shards: list[dict], location: str) -> IndexReader | None:
+    """The SAE's index if it is complete and was built from exactly these shards, else None."""
+    path = f"{fmt.INDEX_GROUP}/{name}"
     try:
         group = checked.open_node(root, path, location)
     except KeyError:
@@ -203,4 +204,4 @@ def open_index(root: zarr.Group, hook: str, shards: list[dict], location: str) -
     attrs = group.attrs.asdict().get(fmt.ATTRS_KEY, {})
     if not attrs.get("complete") or attrs.get("built_for") != built_for(shards):
         return None
-    return IndexReader(root, hook, location)
+    return IndexReader(root, name, location)

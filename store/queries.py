@@ -6,6 +6,7 @@ index, and only when neither can answer, a scan of the token-major shards. The
 answers are the same either way.
 
 Conventions, on every query where they apply:
+- ``sae`` is an SAE's name (``fs.saes``), or its hook where exactly one SAE sits there;
 - ``exclude_special_tokens=True`` leaves out the tokenizer's BOS, EOS and padding
   tokens (they often carry outsized activations that say nothing about a feature);
 - ``min_activation=0.0`` keeps activations strictly above it;
@@ -37,25 +38,25 @@ class Queries:
 
     # -- one feature's entries -----------------------------------------------------------------
 
-    def check_feature(self, hook: str, feature: int) -> int:
-        """``feature`` as an int, or a ConfigError when ``hook`` has no such feature."""
-        d_sae = self.d_sae(hook)
+    def check_feature(self, sae: str, feature: int) -> int:
+        """``feature`` as an int, or a ConfigError when ``sae`` has no such feature."""
+        d_sae = self.d_sae(sae)
         if not 0 <= int(feature) < d_sae:
-            raise ConfigError(f"feature {feature} is out of range for {hook}: it has features 0 to {d_sae - 1}.")
+            raise ConfigError(f"feature {feature} is out of range for {sae}: it has features 0 to {d_sae - 1}.")
         return int(feature)
 
-    def _entries(self, hook: str, feature: int) -> tuple[np.ndarray, np.ndarray]:
+    def _entries(self, sae: str, feature: int) -> tuple[np.ndarray, np.ndarray]:
         """All of a feature's (token index, activation), highest first."""
-        index = self.index(hook)
+        index = self.index(sae)
         if index is not None:
             return index.entries(feature)
-        return self._scan_feature(hook, feature)
+        return self._scan_feature(sae, feature)
 
-    def _scan_feature(self, hook: str, feature: int) -> tuple[np.ndarray, np.ndarray]:
+    def _scan_feature(self, sae: str, feature: int) -> tuple[np.ndarray, np.ndarray]:
         """The slow path: read every shard's CSR and pick one feature's column."""
         tokens, values = [], []
         for shard in self.shards:
-            m = self.csr(hook, shard.token_start, shard.token_stop)
+            m = self.csr(sae, shard.token_start, shard.token_stop)
             column = m[:, feature].tocoo()
             tokens.append(column.row.astype(np.int64) + shard.token_start)
             values.append(column.data)
@@ -71,40 +72,40 @@ class Queries:
             keep &= ~np.isin(self._token_table[0][tokens], list(self.special_token_ids))
         return keep
 
-    def _top(self, hook: str, feature: int, k: int, exclude_special_tokens: bool,
+    def _top(self, sae: str, feature: int, k: int, exclude_special_tokens: bool,
              min_activation: float) -> tuple[np.ndarray, np.ndarray]:
-        stats = self.stats(hook)
+        stats = self.stats(sae)
         tokens, values = stats.top_token[feature], stats.top_value[feature]
         filled = tokens >= 0
         tokens, values = tokens[filled], values[filled]
         keep = self._keep(tokens, values, exclude_special_tokens, min_activation)
         complete = stats.count[feature] <= stats.top_k  # the top-K list holds every entry
         if keep.sum() < k and not complete:
-            tokens, values = self._entries(hook, feature)
+            tokens, values = self._entries(sae, feature)
             keep = self._keep(tokens, values, exclude_special_tokens, min_activation)
         return tokens[keep][:k], values[keep][:k]
 
     # -- examples --------------------------------------------------------------------------------
 
-    def feature_activations(self, hook: str, feature: int, *, exclude_special_tokens: bool = False,
+    def feature_activations(self, sae: str, feature: int, *, exclude_special_tokens: bool = False,
                             min_activation: float = 0.0) -> pd.DataFrame:
         """Every nonzero of one feature, in store order: token_index, row, pos, token, activation."""
-        feature = self.check_feature(hook, feature)
-        tokens, values = self._entries(hook, feature)
+        feature = self.check_feature(sae, feature)
+        tokens, values = self._entries(sae, feature)
         keep = self._keep(tokens, values, exclude_special_tokens, min_activation)
         order = np.argsort(tokens[keep], kind="stable")
         return self._examples(tokens[keep][order], values[keep][order], context=None)
 
-    def top_activations(self, hook: str, feature: int, k: int = 20, context: tuple[int, int] = DEFAULT_CONTEXT, *,
+    def top_activations(self, sae: str, feature: int, k: int = 20, context: tuple[int, int] = DEFAULT_CONTEXT, *,
                         exclude_special_tokens: bool = True, min_activation: float = 0.0) -> pd.DataFrame:
         """The k highest activations: token_index, row, pos, token, activation, and the context around
         each (``context`` tokens left and right, within the same window) with the active token marked."""
-        feature = self.check_feature(hook, feature)
+        feature = self.check_feature(sae, feature)
         check_examples(k, context)
-        tokens, values = self._top(hook, feature, k, exclude_special_tokens, min_activation)
+        tokens, values = self._top(sae, feature, k, exclude_special_tokens, min_activation)
         return self._examples(tokens, values, context)
 
-    def quantile_samples(self, hook: str, feature: int, n_groups: int = 10, per_group: int = 5,
+    def quantile_samples(self, sae: str, feature: int, n_groups: int = 10, per_group: int = 5,
                          method: str = "rank", seed: int = 0, context: tuple[int, int] = DEFAULT_CONTEXT, *,
                          exclude_special_tokens: bool = True, min_activation: float = 0.0) -> pd.DataFrame:
         """Random examples from slices of the feature's nonzero activations, with each group's bounds.
@@ -112,11 +113,11 @@ class Queries:
         ``method="rank"``: equal-count slices (true quantiles; group 0 holds the highest);
         ``method="interval"``: SAEDashboard's equal-width intervals of [0, max] (group 0 the highest).
         """
-        feature = self.check_feature(hook, feature)
+        feature = self.check_feature(sae, feature)
         check_method(method)  # before any work
         check_examples(per_group, context, name="per_group")
         check_examples(n_groups, None, name="n_groups")
-        tokens, values = self._entries(hook, feature)
+        tokens, values = self._entries(sae, feature)
         keep = self._keep(tokens, values, exclude_special_tokens, min_activation)
         tokens, values = tokens[keep], values[keep]
         first, past = group_slices(values, n_groups, method)
@@ -159,36 +160,36 @@ class Queries:
 
     # -- distributions ---------------------------------------------------------------------------
 
-    def histogram(self, hook: str, feature: int, bins: int | np.ndarray | str = 50, *,
+    def histogram(self, sae: str, feature: int, bins: int | np.ndarray | str = 50, *,
                   exclude_special_tokens: bool = False, min_activation: float = 0.0) -> pd.DataFrame:
         """Counts of the feature's nonzero activations: bin_start, bin_end, count.
 
         ``bins``: a number of equal-width bins over [0, max] (SAEDashboard's default is 50), explicit
         edges, or ``"stored"``: the fixed log2 bins kept in the statistics (no scan, all tokens)."""
-        feature = self.check_feature(hook, feature)
+        feature = self.check_feature(sae, feature)
         if isinstance(bins, str):
             if bins != "stored":
                 raise ConfigError(f"bins={bins!r}: give a number of bins, their edges, or 'stored'.")
             from store.stats import HIST_EDGES
 
-            counts = self.stats(hook).hist[feature]
+            counts = self.stats(sae).hist[feature]
             return pd.DataFrame({"bin_start": HIST_EDGES[:-1], "bin_end": HIST_EDGES[1:], "count": counts})
-        tokens, values = self._entries(hook, feature)
+        tokens, values = self._entries(sae, feature)
         values = values[self._keep(tokens, values, exclude_special_tokens, min_activation)]
         if np.ndim(bins) == 0:
             bins = np.linspace(0, float(values.max()) if len(values) else 1.0, int(bins) + 1)
         counts, edges = np.histogram(values, bins=bins)
         return pd.DataFrame({"bin_start": edges[:-1], "bin_end": edges[1:], "count": counts})
 
-    def density(self, hook: str) -> pd.Series:
+    def density(self, sae: str) -> pd.Series:
         """The fraction of tokens where each feature fires, at full precision (count / n_tokens)."""
-        count = self.stats(hook).count
+        count = self.stats(sae).count
         return pd.Series(count / max(1, self.n_tokens), name="density").rename_axis("feature")
 
-    def feature_stats(self, hook: str) -> pd.DataFrame:
+    def feature_stats(self, sae: str) -> pd.DataFrame:
         """One line per feature: count, density, max, mean (over tokens where it fires), mean_all
         (over all tokens), std (over tokens where it fires)."""
-        s = self.stats(hook)
+        s = self.stats(sae)
         fired = np.maximum(s.count, 1)
         mean = s.sum / fired
         return pd.DataFrame({
@@ -202,31 +203,31 @@ class Queries:
 
     # -- relations ---------------------------------------------------------------------------------
 
-    def cofiring(self, hook: str, feature: int, k: int = 10, *, exclude_special_tokens: bool = True) -> pd.DataFrame:
+    def cofiring(self, sae: str, feature: int, k: int = 10, *, exclude_special_tokens: bool = True) -> pd.DataFrame:
         """The k features that fire most often on the same tokens as this one, over the whole store:
         feature, count (tokens shared), fraction (of this feature's tokens), jaccard."""
-        feature = self.check_feature(hook, feature)
+        feature = self.check_feature(sae, feature)
         check_examples(k, None)
-        tokens, values = self._entries(hook, feature)
+        tokens, values = self._entries(sae, feature)
         tokens = np.sort(tokens[self._keep(tokens, values, exclude_special_tokens, 0.0)])
-        counts = np.zeros(self.d_sae(hook), np.int64)
+        counts = np.zeros(self.d_sae(sae), np.int64)
         for shard in self.shards:
             lo, hi = np.searchsorted(tokens, [shard.token_start, shard.token_stop])
             if lo == hi:
                 continue
-            m = self.csr(hook, shard.token_start, shard.token_stop)[tokens[lo:hi] - shard.token_start]
+            m = self.csr(sae, shard.token_start, shard.token_stop)[tokens[lo:hi] - shard.token_start]
             counts += np.bincount(m.indices, minlength=len(counts))
         counts[feature] = 0
         order = np.lexsort((np.arange(len(counts)), -counts))[:k]
         order = order[counts[order] > 0]
-        own = self.stats(hook).count
+        own = self.stats(sae).count
         return pd.DataFrame({
             "feature": order, "count": counts[order],
             "fraction": counts[order] / max(1, len(tokens)),
             "jaccard": counts[order] / np.maximum(1, len(tokens) + own[order] - counts[order]),
         })
 
-    def prompt_features(self, row: int, hook: str, k: int = 10, *, exclude_special_tokens: bool = False,
+    def prompt_features(self, row: int, sae: str, k: int = 10, *, exclude_special_tokens: bool = False,
                         min_activation: float = 0.0) -> pd.DataFrame:
         """For one dataset row, the top k features at each of its tokens:
         token_index, pos, token, rank, feature, activation."""
@@ -235,7 +236,7 @@ class Queries:
         lo, hi = np.searchsorted(rows, [row, row + 1])
         if lo == hi:
             raise ConfigError(f"dataset row {row} is not in the store (it holds rows {rows[0]} to {rows[-1]}).")
-        m = self.csr(hook, int(lo), int(hi))
+        m = self.csr(sae, int(lo), int(hi))
         records = []
         for t in range(hi - lo):
             token = lo + t
@@ -255,22 +256,22 @@ class Queries:
 
     # -- plots -------------------------------------------------------------------------------------
 
-    def plot_histogram(self, hook: str, feature: int, bins: int | np.ndarray | str = 50, **kwargs):
+    def plot_histogram(self, sae: str, feature: int, bins: int | np.ndarray | str = 50, **kwargs):
         """A plotly bar chart of ``histogram(...)``."""
         import plotly.graph_objects as go
 
-        h = self.histogram(hook, feature, bins, **kwargs)
+        h = self.histogram(sae, feature, bins, **kwargs)
         if isinstance(bins, str):
             h = h[h["count"] > 0]
         fig = go.Figure(go.Bar(x=(h["bin_start"] + h["bin_end"]) / 2, y=h["count"],
                                width=h["bin_end"] - h["bin_start"]))
-        fig.update_layout(title=f"{hook} feature {feature}: activations", xaxis_title="activation",
+        fig.update_layout(title=f"{sae} feature {feature}: activations", xaxis_title="activation",
                           yaxis_title="tokens", bargap=0.02)
         if isinstance(bins, str):
             fig.update_xaxes(type="log")
         return fig
 
-    def plot_activations(self, row: int, hook: str, feature: int):
+    def plot_activations(self, row: int, sae: str, feature: int):
         """A plotly bar chart of one feature's activation at each token of a dataset row."""
         import plotly.graph_objects as go
 
@@ -278,11 +279,11 @@ class Queries:
         lo, hi = np.searchsorted(rows, [row, row + 1])
         if lo == hi:
             raise ConfigError(f"dataset row {row} is not in the store.")
-        feature = self.check_feature(hook, feature)
-        column = self.csr(hook, int(lo), int(hi))[:, feature].toarray().ravel()
+        feature = self.check_feature(sae, feature)
+        column = self.csr(sae, int(lo), int(hi))[:, feature].toarray().ravel()
         labels = [f"{j}:{text}" for j, text in enumerate(self.token_display.text(ids[lo:hi]))]
         fig = go.Figure(go.Bar(x=labels, y=column, hovertext=[f"pos {p}" for p in pos[lo:hi]]))
-        fig.update_layout(title=f"row {row}: {hook} feature {feature}", xaxis_title="token",
+        fig.update_layout(title=f"row {row}: {sae} feature {feature}", xaxis_title="token",
                           yaxis_title="activation")
         return fig
 

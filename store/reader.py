@@ -86,11 +86,18 @@ class FeatureStore(Queries):
 
     @cached_property
     def _saes(self) -> dict[str, dict]:
-        return {sae["hook"]: sae for sae in self.run["saes"]}
+        """Each SAE's entry in the run record, by name (a 1.x store named none: its hooks are its names)."""
+        return {fmt.sae_name(sae): {**sae, "name": fmt.sae_name(sae)} for sae in self.run["saes"]}
+
+    @property
+    def saes(self) -> list[str]:
+        """The names of the store's SAEs, in the order they were given."""
+        return list(self._saes)
 
     @property
     def hooks(self) -> list[str]:
-        return list(self._saes)
+        """The hooks the store's SAEs read, each once."""
+        return list(dict.fromkeys(sae["hook"] for sae in self._saes.values()))
 
     @property
     def n_tokens(self) -> int:
@@ -100,24 +107,35 @@ class FeatureStore(Queries):
     def value_dtype(self) -> str:
         """The dtype the activations are stored in: the run's record, once the first shard's own groups
         confirm it (what decodes by it, such as an index build, never meets a hand-edited record)."""
-        for hook in self.hooks if self.shards else ():
-            self._value_dtype(self.shards[0], hook)
+        for name in self.saes if self.shards else ():
+            self._value_dtype(self.shards[0], name)
         return self.run["value_dtype"]
 
-    def d_sae(self, hook: str) -> int:
-        return int(self._sae(hook)["d_sae"])
+    def d_sae(self, sae: str) -> int:
+        return int(self.sae_record(sae)["d_sae"])
 
-    def nnz(self, hook: str) -> int:
-        self._sae(hook)
-        return sum(s.nnz[hook] for s in self.shards)
+    def nnz(self, sae: str) -> int:
+        name = self.resolve(sae)
+        return sum(s.nnz[name] for s in self.shards)
 
-    def _sae(self, hook: str) -> dict:
-        try:
-            return self._saes[hook]
-        except KeyError:
-            raise ConfigError(
-                f"hook {hook!r} is not in store {self.location}; it holds: {did_you_mean(hook, self.hooks)}"
-            ) from None
+    def resolve(self, sae: str) -> str:
+        """The name of the SAE called ``sae``, or of the one SAE at hook ``sae``. Every method that
+        takes an SAE takes either."""
+        if sae in self._saes:
+            return sae
+        at_hook = [name for name, record in self._saes.items() if record["hook"] == sae]
+        if len(at_hook) == 1:
+            return at_hook[0]
+        if at_hook:
+            raise ConfigError(f"hook {sae!r} holds {len(at_hook)} SAEs in store {self.location}: "
+                              f"{', '.join(at_hook)}. Name one of them instead of the hook.")
+        raise ConfigError(f"store {self.location} has no SAE named {sae!r} (nor one at a hook of that name); "
+                          f"its SAEs: {did_you_mean(sae, self.saes)}")
+
+    def sae_record(self, sae: str) -> dict:
+        """The run record's entry of one SAE (by name, or by its hook): ``name``, ``hook``, ``source``,
+        ``architecture``, ``d_in``, ``d_sae``, ``config``, and a transcoder's ``hook_out``."""
+        return self._saes[self.resolve(sae)]
 
     def info(self) -> dict:
         """A plain summary of the store: what ran, over what, and how much it holds."""
@@ -139,14 +157,15 @@ class FeatureStore(Queries):
             "n_tokens": self.n_tokens,
             "saes": [
                 {
-                    "hook": hook,
+                    "name": name,
+                    "hook": sae["hook"],
                     "source": sae["source"],
                     "architecture": sae["architecture"],
                     "d_sae": sae["d_sae"],
-                    "nnz": self.nnz(hook),
-                    "mean_l0": self.nnz(hook) / max(1, self.n_tokens),
+                    "nnz": self.nnz(name),
+                    "mean_l0": self.nnz(name) / max(1, self.n_tokens),
                 }
-                for hook, sae in self._saes.items()
+                for name, sae in self._saes.items()
             ],
         }
 
@@ -171,28 +190,29 @@ class FeatureStore(Queries):
 
     def __repr__(self) -> str:
         state = "" if self.complete else ", incomplete"
-        return f"FeatureStore({self.location!r}, {self.n_tokens:,} tokens, hooks={self.hooks}{state})"
+        return f"FeatureStore({self.location!r}, {self.n_tokens:,} tokens, saes={self.saes}{state})"
 
     # -- statistics, index, vocabulary --------------------------------------------------------
 
-    def stats(self, hook: str) -> stats_mod.FeatureStats:
+    def stats(self, sae: str) -> stats_mod.FeatureStats:
         """Per-feature statistics over the whole store (merged from the shards when still writing)."""
-        if hook not in self._stats:
-            self._sae(hook)
+        name = self.resolve(sae)
+        if name not in self._stats:
             if self.complete:
-                self._stats[hook] = stats_mod.read_merged(self.location, hook)
+                self._stats[name] = stats_mod.read_merged(self.location, name)
             else:
                 markers = [self._marker(s.shard_id) for s in self.shards]
                 for shard in self.shards:  # each shard's statistics are decoded by the run's value dtype
-                    self._value_dtype(shard, hook)
-                self._stats[hook] = stats_mod.merge_shards(self.location, markers, hook, self.d_sae(hook), self.value_dtype)
-        return self._stats[hook]
+                    self._value_dtype(shard, name)
+                self._stats[name] = stats_mod.merge_shards(self.location, markers, name, self.d_sae(name),
+                                                           self.value_dtype)
+        return self._stats[name]
 
-    def index(self, hook: str) -> index_mod.IndexReader | None:
-        """The hook's feature-major index, or None when it is missing or stale (queries then scan)."""
-        if hook not in self._indexes:
-            self._sae(hook)
-            index = (index_mod.open_index(self._root, hook, self.attrs["shards"], self.location)
+    def index(self, sae: str) -> index_mod.IndexReader | None:
+        """The SAE's feature-major index, or None when it is missing or stale (queries then scan)."""
+        name = self.resolve(sae)
+        if name not in self._indexes:
+            index = (index_mod.open_index(self._root, name, self.attrs["shards"], self.location)
                      if self.complete else None)
             if index is not None and index.value_dtype != self.value_dtype:
                 raise StoreCorruptError(
@@ -200,8 +220,8 @@ class FeatureStore(Queries):
                     f"record ({ROOT_METADATA}, run.value_dtype) says {self.value_dtype}. Run `latentstore verify "
                     f"{self.location}`: it names the damaged one and how to repair it."
                 )
-            self._indexes[hook] = index
-        return self._indexes[hook]
+            self._indexes[name] = index
+        return self._indexes[name]
 
     @cached_property
     def vocab(self) -> list[str] | None:
@@ -242,14 +262,15 @@ class FeatureStore(Queries):
             }
         )
 
-    def csr(self, hook: str, start: int = 0, stop: int | None = None) -> sp.csr_matrix:
+    def csr(self, sae: str, start: int = 0, stop: int | None = None) -> sp.csr_matrix:
         """One SAE's activations as a ``(n_tokens, d_sae)`` float32 CSR matrix, or a row range of it."""
-        d_sae = self.d_sae(hook)
+        name = self.resolve(sae)  # which keys its groups
+        d_sae = self.d_sae(name)
         start, stop = self._range(start, stop)
-        base = f"{fmt.SAES_GROUP}/{hook}/"
+        base = f"{fmt.SAES_GROUP}/{name}/"
         pieces = []
         for shard, lo, hi in self._pieces(start, stop):
-            self._value_dtype(shard, hook)  # the shard's group against the run's record first: there, same dtype
+            self._value_dtype(shard, name)  # the shard's group against the run's record first: there, same dtype
             pieces.append((shard, self._array(shard, base + fmt.INDPTR)[lo : hi + 1]))
         nnz = sum(int(ptr[-1] - ptr[0]) for _, ptr in pieces)
         # decoded straight into the matrix's arrays: no per-shard copies to concatenate
@@ -259,7 +280,7 @@ class FeatureStore(Queries):
             a, b = int(ptr[0]), int(ptr[-1])
             if b > a:
                 indices[offset : offset + b - a] = self._array(shard, base + fmt.INDICES)[a:b]
-                fmt.decode_values(self._array(shard, base + fmt.VALUES)[a:b], self._value_dtype(shard, hook),
+                fmt.decode_values(self._array(shard, base + fmt.VALUES)[a:b], self._value_dtype(shard, name),
                                   out=values[offset : offset + b - a])
             indptr[row + 1 : row + len(ptr)] = ptr[1:] - a + offset
             row, offset = row + len(ptr) - 1, offset + b - a
@@ -309,18 +330,18 @@ class FeatureStore(Queries):
             markers[shard_id] = marker
         return markers[shard_id]
 
-    def _value_dtype(self, shard: ShardInfo, hook: str) -> str:
+    def _value_dtype(self, shard: ShardInfo, name: str) -> str:
         """The value dtype a shard's CSR group recorded when it was written, which its values are
         decoded by; one that disagrees with the run's record, or with the values array's own dtype,
         is damage (decoding by the wrong one would return wrong numbers)."""
         dtypes = self.__dict__.setdefault("_value_dtypes", {})
-        if (shard.shard_id, hook) not in dtypes:
-            path = f"{fmt.shard_path(shard.shard_id)}/{fmt.SAES_GROUP}/{hook}"
+        if (shard.shard_id, name) not in dtypes:
+            path = f"{fmt.shard_path(shard.shard_id)}/{fmt.SAES_GROUP}/{name}"
             try:
                 attrs = open_node(self._root, path, self.location).attrs.asdict().get(fmt.ATTRS_KEY, {})
-            except KeyError:  # the shard, or the run record that lists the hook, was changed
+            except KeyError:  # the shard, or the run record that lists the SAE, was changed
                 raise StoreCorruptError(
-                    f"{self.location}: the store's run record ({ROOT_METADATA}) lists an SAE at {hook}, but the "
+                    f"{self.location}: the store's run record ({ROOT_METADATA}) lists an SAE named {name}, but the "
                     f"complete shard {fmt.shard_path(shard.shard_id)} holds none. Reads are refused. Run "
                     f"`latentstore verify {self.location}`: it names the damaged one and how to repair it."
                 ) from None
@@ -333,9 +354,9 @@ class FeatureStore(Queries):
                     f"was written. Reads are refused rather than decode the values wrongly. Run `latentstore verify "
                     f"{self.location}`: it names the damaged one and how to repair it."
                 )
-            stored = self._array(shard, f"{fmt.SAES_GROUP}/{hook}/{fmt.VALUES}").array.dtype
+            stored = self._array(shard, f"{fmt.SAES_GROUP}/{name}/{fmt.VALUES}").array.dtype
             if recorded not in fmt.VALUE_DTYPES or stored != fmt.storage_dtype(recorded):
                 raise corrupt(self.location, f"{path}/{fmt.VALUES}", f"its dtype is {stored}, but its group records "
                                                                       f"the values as {recorded}")
-            dtypes[shard.shard_id, hook] = recorded
-        return dtypes[shard.shard_id, hook]
+            dtypes[shard.shard_id, name] = recorded
+        return dtypes[shard.shard_id, name]

@@ -98,6 +98,9 @@ class SweepWriter(RootHandle):
     def begin(self, spec: dict, features: np.ndarray, prompt_rows: np.ndarray | None, n_parts: int,
               overwrite: bool) -> dict[int, dict]:
         """Create the sweep, or reopen a sweep with the same spec to resume it. Returns its complete parts."""
+        store_attrs = self.root.attrs.asdict().get(fmt.ATTRS_KEY)
+        if store_attrs is not None:  # the sweep goes into an extraction store (else a bare group of sweeps)
+            fmt.check_writes(store_attrs, self.location)
         existing = self.existing_spec()
         if existing is not None and not overwrite:
             problems = diff_runs(existing, canonical(spec))

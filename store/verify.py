@@ -355,7 +355,7 @@ def _verify_shards(walker: _Walker, root: dict | None) -> dict[int, dict]:
     complete = root is not None and root.get("status") == fmt.STATUS_COMPLETE
     listed = {s["shard_id"] for s in root.get("shards", [])} if complete else set()
     run = (root or {}).get("run", {})
-    saes = {s["hook"]: s for s in run.get("saes", [])} if root is not None else None
+    saes = {fmt.sae_name(s): s for s in run.get("saes", [])} if root is not None else None
     markers, disagreements = {}, {}
     for name in walker.children(fmt.SHARDS_GROUP):
         node = f"{fmt.SHARDS_GROUP}/{name}"
@@ -444,15 +444,15 @@ def _verify_shard(walker: _Walker, node: str, marker: dict, saes: dict | None,
         elif np.any(np.diff(rows) < 0):
             report.add(f"{node}/{fmt.ROWS}", "rows are not in store order (they decrease)")
     nnz = marker.get("nnz", {})
-    for hook in sorted(set(saes if saes is not None else nnz) | set(nnz)):
-        base = f"{fmt.SAES_GROUP}/{hook}"
-        if hook not in nnz:
-            disagreements.append((f"{node}/{base}", f"the run records an SAE at {hook}, the shard's marker has none"))
+    for sae in sorted(set(saes if saes is not None else nnz) | set(nnz)):
+        base = f"{fmt.SAES_GROUP}/{sae}"
+        if sae not in nnz:
+            disagreements.append((f"{node}/{base}", f"the run records an SAE named {sae}, the shard's marker has none"))
             continue
-        if saes is not None and hook not in saes:
-            disagreements.append((f"{node}/{base}", f"the shard's marker has an SAE at {hook}, the run records none"))
+        if saes is not None and sae not in saes:
+            disagreements.append((f"{node}/{base}", f"the shard's marker has an SAE named {sae}, the run records none"))
             continue
-        d_sae = int(saes[hook]["d_sae"]) if saes is not None else None
+        d_sae = int(saes[sae]["d_sae"]) if saes is not None else None
         written_as = (walker.attrs(f"{node}/{base}") or {}).get("value_dtype", value_dtype)
         if value_dtype is not None and written_as != value_dtype:
             disagreements.append((f"{node}/{base}", f"the run records value_dtype {value_dtype}, the shard's "
@@ -466,10 +466,10 @@ def _verify_shard(walker: _Walker, node: str, marker: dict, saes: dict | None,
                 report.add(where, f"starts at {int(indptr[0])}, not 0")
             elif np.any(np.diff(indptr) < 0):
                 report.add(where, "decreases somewhere (a pointer array never decreases)")
-            elif len(indptr) and indptr[-1] != nnz[hook]:
-                report.add(where, f"ends at {int(indptr[-1])}, but the marker records nnz={nnz[hook]}")
-        expect_len(f"{base}/{fmt.VALUES}", values, nnz[hook])
-        if expect_len(f"{base}/{fmt.INDICES}", indices, nnz[hook]) and len(indices):
+            elif len(indptr) and indptr[-1] != nnz[sae]:
+                report.add(where, f"ends at {int(indptr[-1])}, but the marker records nnz={nnz[sae]}")
+        expect_len(f"{base}/{fmt.VALUES}", values, nnz[sae])
+        if expect_len(f"{base}/{fmt.INDICES}", indices, nnz[sae]) and len(indices):
             where = f"{node}/{base}/{fmt.INDICES}"
             if d_sae is not None and int(indices.max()) >= d_sae:
                 report.add(where, f"holds feature {int(indices.max())}, outside [0, {d_sae})")
@@ -521,24 +521,24 @@ def _verify_root_lists(walker: _Walker, root: dict, markers: dict[int, dict]) ->
         report.add(METADATA, f"counts.n_tokens is {counts.get('n_tokens')}, the shards hold {n_tokens}")
     if counts.get("n_shards") != len(listed):
         report.add(METADATA, f"counts.n_shards is {counts.get('n_shards')}, the root lists {len(listed)}")
-    for hook, total in counts.get("nnz", {}).items():
-        found = sum(e.get("nnz", {}).get(hook, 0) for e in listed)
+    for sae, total in counts.get("nnz", {}).items():
+        found = sum(e.get("nnz", {}).get(sae, 0) for e in listed)
         if total != found:
-            report.add(METADATA, f"counts.nnz[{hook}] is {total}, the shards hold {found}")
+            report.add(METADATA, f"counts.nnz[{sae}] is {total}, the shards hold {found}")
 
 
 def _verify_index(walker: _Walker, root: dict, markers: dict[int, dict]) -> None:
     """Each complete, current index: its pointer array and parts cover every feature once."""
     report = walker.report
     n_tokens = root.get("counts", {}).get("n_tokens", 0)
-    saes = {s["hook"]: s for s in root.get("run", {}).get("saes", [])}
-    for hook in walker.children(INDEX_GROUP):
-        node = f"{INDEX_GROUP}/{hook}"
+    saes = {fmt.sae_name(s): s for s in root.get("run", {}).get("saes", [])}
+    for sae in walker.children(INDEX_GROUP):
+        node = f"{INDEX_GROUP}/{sae}"
         attrs = walker.attrs(node)
-        if attrs is None or not attrs.get("complete") or hook not in saes:
+        if attrs is None or not attrs.get("complete") or sae not in saes:
             continue
-        d_sae = int(saes[hook]["d_sae"])
-        written = {(walker.attrs(f"{fmt.shard_path(i)}/{fmt.SAES_GROUP}/{hook}") or {}).get("value_dtype")
+        d_sae = int(saes[sae]["d_sae"])
+        written = {(walker.attrs(f"{fmt.shard_path(i)}/{fmt.SAES_GROUP}/{sae}") or {}).get("value_dtype")
                    for i in markers} - {None}
         if len(written) == 1 and attrs.get("value_dtype") not in written:
             report.add(node, f"records its values as {attrs.get('value_dtype')}, but the shards' were written as "
@@ -547,7 +547,7 @@ def _verify_index(walker: _Walker, root: dict, markers: dict[int, dict]) -> None
         if indptr is None:
             continue
         where = f"{node}/{fmt.INDPTR}"
-        nnz = root.get("counts", {}).get("nnz", {}).get(hook)
+        nnz = root.get("counts", {}).get("nnz", {}).get(sae)
         if len(indptr) != d_sae + 1:
             report.add(where, f"has {len(indptr)} entries, expected d_sae + 1 = {d_sae + 1}")
             continue
@@ -555,7 +555,7 @@ def _verify_index(walker: _Walker, root: dict, markers: dict[int, dict]) -> None
             report.add(where, "does not start at 0 or decreases somewhere")
             continue
         if nnz is not None and indptr[-1] != nnz:
-            report.add(where, f"ends at {int(indptr[-1])}, but the store holds {nnz} entries for {hook}")
+            report.add(where, f"ends at {int(indptr[-1])}, but the store holds {nnz} entries for {sae}")
         expected_start = 0
         for part_id, start, stop in attrs.get("parts", []):
             part = f"{node}/{PARTS_GROUP}/{part_id}"
@@ -583,8 +583,8 @@ def _verify_index(walker: _Walker, root: dict, markers: dict[int, dict]) -> None
 
 def _verify_merged_stats(walker: _Walker) -> None:
     """The store-wide statistics of each SAE, against the checksums recorded with them (format 1.2)."""
-    for hook in walker.children(fmt.STATS_GROUP):
-        node = f"{fmt.STATS_GROUP}/{hook}"
+    for sae in walker.children(fmt.STATS_GROUP):
+        node = f"{fmt.STATS_GROUP}/{sae}"
         for name, recorded in ((walker.attrs(node) or {}).get("checksums") or {}).items():
             walker.read(f"{node}/{name}", recorded)
 

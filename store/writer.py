@@ -121,6 +121,7 @@ def check_conflict(location: str, run: dict, overwrite: bool, only_shared: bool 
         )
     if attrs is None or overwrite:
         return attrs
+    fmt.check_writes(attrs, location)
     problems = diff_runs(attrs.get("run", {}), canonical(run), only_shared=only_shared)
     problems = [p for p in problems if p.split(":", 1)[0] not in ignore]
     if problems:
@@ -212,16 +213,16 @@ class StoreWriter(RootHandle):
         _write_group_metadata(self.location, "", {fmt.ATTRS_KEY: attrs})
         _write_group_metadata(self.location, fmt.SHARDS_GROUP, {})
         self._root = None  # written past the handle: opened anew
-        hooks = {sae["hook"] for sae in run["saes"]}
+        names = {fmt.sae_name(sae) for sae in run["saes"]}
         shards = self.root[fmt.SHARDS_GROUP]
         done, kept = self.completed_shards(), {}
         for shard_id, marker in done.items():
             try:
                 csr = shards[f"{fmt.shard_name(shard_id)}/{fmt.SAES_GROUP}"]
-                dtypes = {csr[hook].attrs.asdict().get(fmt.ATTRS_KEY, {}).get("value_dtype") for hook in hooks}
+                dtypes = {csr[name].attrs.asdict().get(fmt.ATTRS_KEY, {}).get("value_dtype") for name in names}
             except (KeyError, ValueError, UnicodeDecodeError):  # missing or unreadable: redone
                 continue
-            if set(marker.get("nnz", {})) == hooks and dtypes == {run["value_dtype"]} and \
+            if set(marker.get("nnz", {})) == names and dtypes == {run["value_dtype"]} and \
                     (keep_shard is None or keep_shard(marker)):
                 kept[shard_id] = marker
         for shard_id in sorted(done.keys() - kept.keys()):
@@ -263,10 +264,10 @@ class StoreWriter(RootHandle):
             self.delete_shard(shard_id)
         markers = [done[i] for i in sorted(done)]
         counts = {"n_tokens": sum(m["n_tokens"] for m in markers), "n_shards": len(markers),
-                  "nnz": {hook: sum(m["nnz"][hook] for m in markers) for hook in d_sae}}
-        for hook, width in d_sae.items():
-            merged = stats_mod.merge_shards(self.location, markers, hook, width, value_dtype)
-            stats_mod.write_merged(self.location, hook, merged, counts["n_tokens"])
+                  "nnz": {name: sum(m["nnz"][name] for m in markers) for name in d_sae}}
+        for name, width in d_sae.items():
+            merged = stats_mod.merge_shards(self.location, markers, name, width, value_dtype)
+            stats_mod.write_merged(self.location, name, merged, counts["n_tokens"])
         self.finalize([shard_entry(m) for m in markers], counts)
         return counts
 
@@ -289,15 +290,15 @@ class StoreWriter(RootHandle):
         arrays = {fmt.TOKEN_IDS: (shard.token_ids.astype("<i4"), codecs.TOKEN_LEVEL),
                   fmt.ROWS: (shard.rows.astype("<i8"), codecs.TOKEN_LEVEL),
                   fmt.POSITIONS: (shard.positions.astype("<i4"), codecs.TOKEN_LEVEL)}
-        for hook, acts in shard.saes.items():
-            base = f"{fmt.SAES_GROUP}/{hook}"
+        for name, acts in shard.saes.items():
+            base = f"{fmt.SAES_GROUP}/{name}"
             groups[base] = {**fmt.encoding(fmt.CSR_ENCODING), "value_dtype": value_dtype}
             arrays |= {f"{base}/{fmt.INDPTR}": (acts.indptr.astype("<i8"), codecs.TOKEN_LEVEL),
                        f"{base}/{fmt.INDICES}": (acts.indices, codecs.FEATURE_INDICES),
                        f"{base}/{fmt.VALUES}": (acts.values, codecs.VALUES)}
-            feature_stats = shard.stats.get(hook)
+            feature_stats = shard.stats.get(name)
             if feature_stats is None:
-                accumulator = stats_mod.Accumulator(d_sae[hook], value_dtype, top_k)
+                accumulator = stats_mod.Accumulator(d_sae[name], value_dtype, top_k)
                 accumulator.add(np.diff(acts.indptr), acts.indices, acts.values)
                 feature_stats = accumulator.result()
             groups[f"{base}/{fmt.STATS_GROUP}"], stat_arrays = stats_mod.element(feature_stats, value_dtype)
@@ -309,7 +310,7 @@ class StoreWriter(RootHandle):
             "window_start": shard.window_start,
             "n_windows": shard.n_windows,
             "n_tokens": shard.n_tokens,
-            "nnz": {hook: acts.nnz for hook, acts in shard.saes.items()},
+            "nnz": {name: acts.nnz for name, acts in shard.saes.items()},
         }
         if shard.rows_digest is not None:
             marker["rows_digest"] = shard.rows_digest

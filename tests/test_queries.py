@@ -153,7 +153,7 @@ def test_queries_name_bad_arguments(stores):
     fs = stores[0]
     with pytest.raises(ConfigError, match=r"feature 96 is out of range for .*features 0 to 95"):
         fs.top_activations(HOOK, 96)
-    with pytest.raises(ConfigError, match=r"hook 'blocks\.9\.hook_resid_post' is not in store"):
+    with pytest.raises(ConfigError, match=r"has no SAE named 'blocks\.9\.hook_resid_post'"):
         fs.density("blocks.9.hook_resid_post")
     with pytest.raises(ConfigError, match=r"dataset row 9999 is not in the store"):
         fs.prompt_features(9999, HOOK)
