@@ -48,8 +48,8 @@ def assert_same_store(a: FeatureStore, b: FeatureStore) -> None:
     assert a.run == b.run
     np.testing.assert_array_equal(a.token_ids(), b.token_ids())
     assert a.provenance().equals(b.provenance())
-    for hook in a.hooks:
-        x, y = a.csr(hook), b.csr(hook)
+    for name in a.saes:
+        x, y = a.csr(name), b.csr(name)
         np.testing.assert_array_equal(x.indptr, y.indptr)
         np.testing.assert_array_equal(x.indices, y.indices)
         np.testing.assert_array_equal(x.data, y.data)
@@ -61,5 +61,5 @@ def assert_prefix_of(fs: FeatureStore, reference: FeatureStore) -> None:
     assert 0 < n < reference.n_tokens
     np.testing.assert_array_equal(fs.token_ids(), reference.token_ids(0, n))
     assert fs.provenance().equals(reference.provenance(0, n))
-    for hook in fs.hooks:
-        assert (fs.csr(hook) != reference.csr(hook, 0, n)).nnz == 0
+    for name in fs.saes:
+        assert (fs.csr(name) != reference.csr(name, 0, n)).nnz == 0

@@ -168,10 +168,30 @@ BAD_INPUTS = {
         lambda a, t: {"saes": (_saved_sae(t, "s16", hook="blocks.0.hook_resid_post", d_in=16),)},
         ConfigError, r"d_in=16, but .* has width 32 at blocks\.0\.hook_resid_post",
     ),
-    "two SAEs at one hook": (
+    "two SAEs at one hook, neither named": (
         lambda a, t: {"saes": (str(a["sae_dirs"]["blocks.0.hook_resid_post"]),
                                _saved_sae(t, "dup", hook="blocks.0.hook_resid_post"))},
-        ConfigError, r"are both at blocks\.0\.hook_resid_post: one SAE per hook",
+        ConfigError, r"both read blocks\.0\.hook_resid_post, and an SAE without a name is named by its hook\. Name "
+                     r"each of them, NAME=SOURCE: e\.g\. --sae a=.* --sae b=.*dup",
+    ),
+    "two SAEs of one name": (
+        lambda a, t: {"saes": ("x=" + str(a["sae_dirs"]["blocks.0.hook_resid_post"]),
+                               "x=" + str(a["sae_dirs"]["blocks.1.hook_mlp_out"]))},
+        ConfigError, r"ExtractConfig\.saes\[0\]='x=.*' and ExtractConfig\.saes\[1\]='x=.*' are both named 'x': give "
+                     r"each SAE its own name",
+    ),
+    "a name that cannot be a store key": (
+        lambda a, t: {"saes": ("res/16k=" + str(a["sae_dirs"]["blocks.0.hook_resid_post"]),)},
+        ConfigError, r"'res/16k' cannot name an SAE",
+    ),
+    "a name with a space": (
+        lambda a, t: {"saes": ("my sae=" + str(a["sae_dirs"]["blocks.0.hook_resid_post"]),)},
+        ConfigError, r"'my sae' cannot name an SAE: a name is 1 to 200 letters, digits, '_', '\.' or '-'.*"
+                     r"e\.g\. res_16k",
+    ),
+    "a name zarr reserves": (
+        lambda a, t: {"saes": ("__x=" + str(a["sae_dirs"]["blocks.0.hook_resid_post"]),)},
+        ConfigError, r"'__x' cannot name an SAE",
     ),
     "context longer than n_ctx": (
         lambda a, t: {"context_size": 65}, ConfigError, r"ExtractConfig\.dataset\.context_size=65 is longer than the model's context \(n_ctx=64\)",
