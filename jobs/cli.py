@@ -44,10 +44,15 @@ Rerunning the same command resumes: complete shards are kept, the rest is done.
 DEFAULT_STORE = "latentstore.zarr"
 
 SAE_HELP = """\
-an SAE, once per hook (repeat the flag). One of:
+an SAE, as [NAME=]SOURCE; repeat the flag for more, any number per hook. NAME keys the SAE's data
+in the store (default: the hook it reads); two SAEs at one hook need names, e.g.
+--sae res_16k=DIR16 --sae res_65k=DIR65. SOURCE is one of:
 RELEASE/SAE_ID (sae_lens pretrained, e.g. gpt2-small-res-jb/blocks.8.hook_resid_pre);
 a directory in sae_lens's disk format (cfg.json + sae_weights.safetensors);
-PATH/params.npz@HOOK (a Gemma Scope JumpReLU SAE and the hook it reads)"""
+PATH/params.npz@HOOK (a Gemma Scope JumpReLU SAE and the hook it reads).
+Every sae_lens architecture loads: standard, JumpReLU, TopK, gated, BatchTopK and Matryoshka
+(saved as JumpReLU), SAEs that normalise at run time, and transcoders and skip transcoders
+(latents from their input hook; the store records their output hook)"""
 
 
 class Parser(argparse.ArgumentParser):
