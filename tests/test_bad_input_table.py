@@ -116,7 +116,7 @@ def _newer_format_store(assets, tmp: Path, source: str | None = None) -> str:
     else:
         shutil.copytree(source, path)
     meta = json.loads((path / "zarr.json").read_text())
-    meta["attributes"][fmt.ATTRS_KEY]["encoding-version"] = "2.0"
+    meta["attributes"][fmt.ATTRS_KEY]["encoding-version"] = f"{fmt.MAJOR + 1}.0"
     (path / "zarr.json").write_text(json.dumps(meta))
     return str(path)
 

@@ -138,11 +138,11 @@ def test_newer_major_version_is_refused_with_upgrade_hint(tmp_path):
     import zarr
 
     root = zarr.open_group(str(tmp_path / "v.zarr"), mode="a")
-    attrs = dict(root.attrs[fmt.ATTRS_KEY], **{"encoding-version": "2.0"})
+    attrs = dict(root.attrs[fmt.ATTRS_KEY], **{"encoding-version": "3.0"})
     root.attrs[fmt.ATTRS_KEY] = attrs
-    with pytest.raises(FormatVersionError, match=r"format 2\.0; this latentstore reads format 1\.x\. Upgrade"):
+    with pytest.raises(FormatVersionError, match=r"format 3\.0; this latentstore reads format 2\.x\. Upgrade"):
         FeatureStore.open(str(tmp_path / "v.zarr"))
-    attrs["encoding-version"] = "1.7"  # a newer minor only adds: still readable
+    attrs["encoding-version"] = "2.7"  # a newer minor only adds: still readable
     root.attrs[fmt.ATTRS_KEY] = attrs
     assert FeatureStore.open(str(tmp_path / "v.zarr")).n_tokens == 3
 
