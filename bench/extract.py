@@ -59,6 +59,7 @@ import torch
 
 from pipeline.dataset import DEFAULT_SHARD_TOKENS, DatasetSpec, plan_shards, row_lengths
 from pipeline.models import save_model, stop_layer
+from pipeline.saes import input_hook
 from pipeline.shard_builder import ShardBuilder
 from pipeline.specs import ExtractConfig
 from pipeline.worker import SHARDS_IN_FLIGHT, ExtractJob, ExtractWorker
@@ -163,13 +164,13 @@ def run(args, work: Path, model_dir: str, sae_dirs: list[str], spec: DatasetSpec
         for w in windows for i in range(0, len(w.lengths), args.batch_size)
     ]
     model, saes = worker.model, list(worker.saes.values())
-    hooks = list(worker.saes)
+    hooks = [input_hook(sae) for sae in saes]  # the worker keys its SAEs by name
     stop = stop_layer(hooks)
 
     @torch.inference_mode()
     def bare() -> None:
         for tokens, _ in batches:
-            _, cache = model.run_with_cache(tokens.to(device), names_filter=hooks, stop_at_layer=stop)
+            _, cache = model.run_with_cache(tokens.to(device), names_filter=list(dict.fromkeys(hooks)), stop_at_layer=stop)
             for sae, hook in zip(saes, hooks):
                 sae.encode(cache[hook])
         sync()
