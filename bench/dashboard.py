@@ -81,13 +81,13 @@ def extract(args, folder: Path) -> tuple[str, float]:
     return store, time.perf_counter() - start
 
 
-def cofiring_only(fs, hook: str) -> float:
+def cofiring_only(fs, sae: str) -> float:
     """Seconds for every feature's co-firing counts over the whole store (the dashboard's extra)."""
     from pipeline.dashboard_data import DashboardBuilder, DashboardSettings
 
     start = time.perf_counter()
     settings = DashboardSettings(n_top=0, n_groups=0, n_bins=1)
-    for _ in DashboardBuilder(fs, hook, None, settings).build():
+    for _ in DashboardBuilder(fs, sae, None, settings).build():
         pass
     return time.perf_counter() - start
 
@@ -148,14 +148,14 @@ class Recompute:
     """SAEDashboard's side: the model, the SAE and the prompts, loaded once; then a forward over
     every prompt for each batch of features."""
 
-    def __init__(self, fs, hook: str, args):
+    def __init__(self, fs, sae: str, args):
         from pipeline.dashboard_data import effective_unembed
         from pipeline.models import load_model
         from pipeline.saes import SAESource, load_sae
 
-        source = next(s["source"] for s in fs.run["saes"] if s["hook"] == hook)
-        self.hook, self.args = hook, args
-        self.sae = load_sae(SAESource.parse(source))
+        record = fs.sae_record(sae)
+        self.hook, self.args = record["hook"], args
+        self.sae = load_sae(SAESource.parse(record["source"]))
         self.model = load_model(fs.run["model"]["name"])
         self.W_U = effective_unembed(self.model.W_U, self.model.ln_final.w, self.model.cfg.normalization_type)
         self.batches = prompts(fs)
@@ -167,20 +167,20 @@ class Recompute:
                                self.args.minibatch, self.special, self.rng)
 
 
-def side_by_side(fs, hook: str, args) -> dict:
+def side_by_side(fs, sae: str, args) -> dict:
     """Both sides over the same blocks of features, in turn (store block, then the recompute batches
     of the same features), so that load on a shared machine slows both alike."""
     from pipeline.dashboard_data import DashboardBuilder, DashboardSettings, load_logit_weights
 
     t = time.perf_counter()
     # without co-firing counts, which the recompute side does not make either (timed on their own)
-    builder = DashboardBuilder(fs, hook, load_logit_weights(fs, hook), DashboardSettings(n_cofiring=0))
+    builder = DashboardBuilder(fs, sae, load_logit_weights(fs, sae), DashboardSettings(n_cofiring=0))
     store_s = setup_s = time.perf_counter() - t
     t = time.perf_counter()
-    theirs = Recompute(fs, hook, args)
+    theirs = Recompute(fs, sae, args)
     recompute_s = time.perf_counter() - t
     theirs([0], [b[:1] for b in theirs.batches])  # warm-up, untimed: the first forward pays one-off costs
-    d_sae, ours, top, blocks = fs.d_sae(hook), {}, {}, []
+    d_sae, ours, top, blocks = fs.d_sae(sae), {}, {}, []
     for start in range(0, d_sae, TURN_FEATURES):
         block = range(start, min(d_sae, start + TURN_FEATURES))
         t = time.perf_counter()
@@ -200,8 +200,8 @@ def side_by_side(fs, hook: str, args) -> dict:
             "blocks": blocks}
 
 
-def exports(fs, hook: str, folder: Path, extract_s: float) -> dict[str, float]:
-    """Seconds for each export of every feature of ``hook``, printed against the extraction's."""
+def exports(fs, sae: str, folder: Path, extract_s: float) -> dict[str, float]:
+    """Seconds for each export of every feature of SAE ``sae``, printed against the extraction's."""
     from jobs.export import export_neuronpedia
     from jobs.export_delphi import export_delphi
     from pipeline.tokens import use_tokenizer
@@ -209,17 +209,17 @@ def exports(fs, hook: str, folder: Path, extract_s: float) -> dict[str, float]:
     times = {}
     t = time.perf_counter()
     use_tokenizer(fs)
-    written = export_neuronpedia(fs, hook, folder / "neuronpedia")
+    written = export_neuronpedia(fs, sae, folder / "neuronpedia")
     times["neuronpedia"] = time.perf_counter() - t
     size = sum(p.stat().st_size for p in written)
     t = time.perf_counter()
-    export_neuronpedia(fs, hook, folder / "neuronpedia-bare", correlated_features=False)
+    export_neuronpedia(fs, sae, folder / "neuronpedia-bare", correlated_features=False)
     times["neuronpedia_bare"] = time.perf_counter() - t
     t = time.perf_counter()
-    splits = export_delphi(fs, folder / "delphi", [hook])[hook]
+    splits = export_delphi(fs, folder / "delphi", [sae])[sae]
     times["delphi"] = time.perf_counter() - t
     size_delphi = sum(p.stat().st_size for p in splits)
-    print(f"exports of all {fs.d_sae(hook):,} features of {hook} (extraction {extract_s:.1f} s; goal: at most 10%)")
+    print(f"exports of all {fs.d_sae(sae):,} features of {sae} (extraction {extract_s:.1f} s; goal: at most 10%)")
     print(f"  neuronpedia  {times['neuronpedia']:8.1f} s  {100 * times['neuronpedia'] / extract_s:5.1f}% of the "
           f"extraction  ({len(written)} batch files, {size / 2**20:.1f} MiB)")
     print(f"    without correlated features (--no-correlated-features)  {times['neuronpedia_bare']:.1f} s  "
@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=50_000, help="tokens extracted (default: %(default)s)")
     parser.add_argument("--context-size", type=int, default=128, help="tokens per prompt (default: %(default)s)")
-    parser.add_argument("--sae", help="an SAE directory (default: the embedded default's first SAE)")
+    parser.add_argument("--sae", help="an SAE, [NAME=]SOURCE as `latentstore extract --sae` takes it (default: the "
+                                      "embedded default's first SAE)")
     parser.add_argument("--batch-features", type=int, default=128,
                         help="features per recompute batch, as Neuronpedia runs use (default: %(default)s)")
     parser.add_argument("--minibatch", type=int, default=64, help="prompts per forward (default: %(default)s)")
@@ -251,17 +252,18 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as folder:
         store, extract_s = extract(args, Path(folder))
         fs = FeatureStore.open(store)
-        hook = fs.hooks[0]
-        print(f"{fs.n_tokens:,} tokens, {hook}, {fs.d_sae(hook):,} features; extraction (once) {extract_s:.1f} s")
-        exports(fs, hook, Path(folder), extract_s)
+        sae = fs.saes[0]
+        print(f"{fs.n_tokens:,} tokens, SAE {sae} at {fs.sae_record(sae)['hook']}, {fs.d_sae(sae):,} features; "
+              f"extraction (once) {extract_s:.1f} s")
+        exports(fs, sae, Path(folder), extract_s)
         if args.exports_only:
             return
-        run = side_by_side(fs, hook, args)
-        cofiring_s = cofiring_only(fs, hook)
+        run = side_by_side(fs, sae, args)
+        cofiring_s = cofiring_only(fs, sae)
     ours, theirs = run["ours"], run["theirs"]
     compared = [f for f in theirs if len(theirs[f]) and len(ours[f]) == len(theirs[f])]
     diff = max((np.max(np.abs(ours[f] - theirs[f]) / np.abs(theirs[f]).max()) for f in compared), default=0.0)
-    print(f"dashboard data for all {fs.d_sae(hook):,} features (each side's set-up included)")
+    print(f"dashboard data for all {fs.d_sae(sae):,} features (each side's set-up included)")
     print(f"  from the store      {run['store_s']:8.1f} s  (set-up {run['setup_s']:.1f} s: the weights, and the "
           "activations read and made feature-major)")
     print(f"  recompute (model)   {run['recompute_s']:8.1f} s")

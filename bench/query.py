@@ -27,6 +27,7 @@ from store import stats as stats_mod
 from store.writer import ShardData, SparseActivations, StoreWriter
 
 HOOK = "blocks.6.hook_resid_pre"
+SAE = "synthetic"  # the synthetic SAE's name, which keys its data (not its hook)
 
 
 def synthetic_store(location: str, n_tokens: int, d_sae: int, l0: int, shard_tokens: int, seed: int = 0) -> float:
@@ -38,7 +39,7 @@ def synthetic_store(location: str, n_tokens: int, d_sae: int, l0: int, shard_tok
     writer = StoreWriter(location)
     run = {"model": {"name": "synthetic"}, "dataset": {"name": "synthetic"}, "context_size": 128,
            "prepend_bos": False, "value_dtype": "bfloat16", "top_k": stats_mod.DEFAULT_TOP_K,
-           "saes": [{"hook": HOOK, "d_sae": d_sae, "source": "synthetic", "architecture": "synthetic"}]}
+           "saes": [{"name": SAE, "hook": HOOK, "d_sae": d_sae, "source": "synthetic", "architecture": "synthetic"}]}
     writer.begin(run, {"n_shards": -(-n_tokens // shard_tokens)}, overwrite=True)
     markers, start = [], time.perf_counter()
     for shard_id, first in enumerate(range(0, n_tokens, shard_tokens)):
@@ -54,11 +55,11 @@ def synthetic_store(location: str, n_tokens: int, d_sae: int, l0: int, shard_tok
         shard = ShardData(shard_id, int(rows[0]), int(rows[-1]) + 1, None,
                           rng.integers(0, 50_000, n).astype(np.int32), rows.astype(np.int64),
                           (np.arange(n) % 128).astype(np.int32),
-                          {HOOK: SparseActivations(indptr, indices, bits.astype(np.uint16))})
-        markers.append(writer.write_shard(shard, "bfloat16", {HOOK: d_sae}))
+                          {SAE: SparseActivations(indptr, indices, bits.astype(np.uint16))})
+        markers.append(writer.write_shard(shard, "bfloat16", {SAE: d_sae}))
     seconds = time.perf_counter() - start
-    merged = stats_mod.merge_shards(location, markers, HOOK, d_sae, "bfloat16")
-    stats_mod.write_merged(location, HOOK, merged, n_tokens)
+    merged = stats_mod.merge_shards(location, markers, SAE, d_sae, "bfloat16")
+    stats_mod.write_merged(location, SAE, merged, n_tokens)
     keys = ("shard_id", "row_start", "row_stop", "token_limit", "n_tokens", "nnz")
     writer.finalize([{k: m[k] for k in keys} for m in markers], {"n_tokens": n_tokens})
     return seconds
@@ -77,27 +78,27 @@ def query_latency(args, work: Path) -> None:
     write_s = synthetic_store(location, args.tokens, args.d_sae, args.l0, args.shard_tokens)
     index_s = timed(lambda: run_index(location, workers=args.workers, progress=False))
     fs = FeatureStore.open(location)
-    nnz = fs.nnz(HOOK)
+    nnz = fs.nnz(SAE)
     print(f"synthetic store: {fs.n_tokens:,} tokens, {nnz:,} nonzeros (mean L0 {nnz / fs.n_tokens:.1f}), "
           f"d_sae {args.d_sae}, {len(fs.shards)} shards")
     print(f"  writing shards {write_s:.1f} s, index build {index_s:.1f} s")
 
     rng = np.random.default_rng(1)
-    live = np.nonzero(fs.stats(HOOK).count > 0)[0]
+    live = np.nonzero(fs.stats(SAE).count > 0)[0]
     features = rng.choice(live, size=200, replace=False)
-    warm = timed(lambda: fs.top_activations(HOOK, int(features[0]), k=20))  # loads the token table once
-    fast = [timed(lambda f=f: fs.top_activations(HOOK, int(f), k=20)) for f in features]
+    warm = timed(lambda: fs.top_activations(SAE, int(features[0]), k=20))  # loads the token table once
+    fast = [timed(lambda f=f: fs.top_activations(SAE, int(f), k=20)) for f in features]
     plain = FeatureStore.open(location)
-    plain._indexes[HOOK] = None  # the same store read as if it had no index or statistics: a scan
+    plain._indexes[SAE] = None  # the same store read as if it had no index or statistics: a scan
 
     def scan(feature: int):
-        tokens, values = plain._scan_feature(HOOK, feature)
+        tokens, values = plain._scan_feature(SAE, feature)
         return plain._examples(tokens[:20], values[:20], (8, 4))
 
     plain._examples(np.zeros(0, np.int64), np.zeros(0, np.float32), (8, 4))  # same warm token table
     slow = [timed(lambda f=f: scan(int(f))) for f in features[: args.scan_samples]]
     same = all(
-        np.array_equal(fs.top_activations(HOOK, int(f), k=20, exclude_special_tokens=False)["token_index"],
+        np.array_equal(fs.top_activations(SAE, int(f), k=20, exclude_special_tokens=False)["token_index"],
                        scan(int(f))["token_index"])
         for f in features[:2]
     )

@@ -197,10 +197,10 @@ def format_info(info: dict) -> str:
     ]
     for sae in info["saes"]:
         lines.append(
-            f"  {sae['hook']:<32} {sae['architecture']:<9} d_sae {sae['d_sae']:<7} "
+            f"  {sae['name']:<32} {sae['architecture']:<9} d_sae {sae['d_sae']:<7} "
             f"nonzeros {sae['nnz']:,} (mean L0 {sae['mean_l0']:.1f})"
         )
-        lines.append(textwrap.indent(f"from {sae['source']}", "    "))
+        lines.append(textwrap.indent(f"hook {sae['hook']}\nfrom {sae['source']}", "    "))
     return "\n".join(lines)
 
 

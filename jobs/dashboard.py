@@ -11,7 +11,7 @@ Layout of ``--out``::
 
     index.html  feature.html  prompt.html  site.css  site.js
     server.js                         says "no model here" (``--serve`` answers it with what is loaded)
-    data/meta.js                      the run, the hook, the busiest features, the rows
+    data/meta.js                      the run, the SAE (its name and hook), the busiest features, the rows
     data/features/<f // 1000>/<f>.js  one feature's dashboard
     data/rows/<r // 1000>/<r>.js      one dataset row's tokens and top features at each
 """
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from jobs.export import feature_range
+from jobs.export import SAE_HELP, feature_range
 from pipeline.dashboard_data import DashboardBuilder, DashboardSettings, FeatureDashboard, checked_features, load_logit_weights
 from store import FeatureStore
 from store.errors import ConfigError
@@ -40,10 +40,10 @@ SETTINGS = DashboardSettings(group_method="rank", context=(24, 8))  # true quant
 BUSIEST = 200  # features listed on the front page
 SERVE_EPILOG = """\
 examples:
-  latentstore dashboard demo.zarr --hook blocks.1.hook_resid_post --out site/
+  latentstore dashboard demo.zarr --sae blocks.1.hook_resid_post --out site/
       then open site/index.html: no server and no network needed
 
-  latentstore dashboard demo.zarr --hook blocks.1.hook_resid_post --out site/ --serve
+  latentstore dashboard demo.zarr --sae blocks.1.hook_resid_post --out site/ --serve
       writes the same site, loads the model and SAE recorded in the store, and serves the site
       at http://127.0.0.1:8000; its prompt page (prompt.html) then also shows the top features
       at each token of text you type, computed as the extraction computes them. Prompts may be
@@ -62,7 +62,7 @@ def add_commands(commands) -> None:
         epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("store", help="the store's path or URL")
-    parser.add_argument("--hook", required=True, help="the SAE's hook")
+    parser.add_argument("--sae", "--hook", dest="sae", required=True, metavar="NAME", help=SAE_HELP)
     parser.add_argument("--out", required=True, help="the folder to write the site into")
     parser.add_argument("--features", type=feature_range, help="START:STOP (default: every feature)")
     parser.add_argument("--max-rows", type=int, default=500,
@@ -79,26 +79,28 @@ def add_commands(commands) -> None:
     parser.set_defaults(handler=_handle)
 
 
-def write_dashboard(fs: FeatureStore, hook: str, out: str | Path, features: range | None = None,
+def write_dashboard(fs: FeatureStore, sae: str, out: str | Path, features: range | None = None,
                     max_rows: int = 500, logits: bool = True, progress: bool = False) -> Path:
-    """Write the site into ``out`` and return the path of its ``index.html``."""
-    features = checked_features(fs, hook, features)
+    """Write the site of SAE ``sae`` (its name, or the hook where it is the only SAE) into ``out`` and
+    return the path of its ``index.html``."""
+    sae = fs.resolve(sae)
+    features = checked_features(fs, sae, features)
     out = check_site_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     for name in sorted(PAGES, key=lambda n: n != "server.js"):  # server.js first: it marks the folder as a site
         shutil.copyfile(SITE / name, out / name)
-    weights = load_logit_weights(fs, hook) if logits else None
+    weights = load_logit_weights(fs, sae) if logits else None
     display = fs.token_display
     summary = []  # (feature, density, max) as each feature page shows them, for the front page
-    for d in DashboardBuilder(fs, hook, weights, SETTINGS).build(features, progress=progress):
-        write_data(out, "features", d.feature, feature_json(d, hook, display))
+    for d in DashboardBuilder(fs, sae, weights, SETTINGS).build(features, progress=progress):
+        write_data(out, "features", d.feature, feature_json(d, fs.sae_record(sae), display))
         summary.append((d.feature, d.frac_nonzero, d.max))
     token_rows = fs.provenance()["row"].to_numpy()
     rows = np.unique(token_rows)[:max_rows].tolist()
     for row in tqdm(rows, desc="prompt pages", unit="row", disable=not progress):
         lo, hi = np.searchsorted(token_rows, [row, row + 1])
-        write_data(out, "rows", row, row_json(fs, hook, row, range(int(lo), int(hi)), display))
-    write_script(out / "data" / "meta.js", "meta", meta_json(fs, hook, features, rows, summary))
+        write_data(out, "rows", row, row_json(fs, sae, row, range(int(lo), int(hi)), display))
+    write_script(out / "data" / "meta.js", "meta", meta_json(fs, sae, features, rows, summary))
     return out / "index.html"
 
 
@@ -151,7 +153,8 @@ def write_script(path: Path, key: str, data: dict[str, Any]) -> None:
     path.write_text(f"LS.receive({json.dumps(key)},{text});\n", encoding="utf-8")
 
 
-def feature_json(d: FeatureDashboard, hook: str, display: TokenDisplay) -> dict[str, Any]:
+def feature_json(d: FeatureDashboard, record: dict, display: TokenDisplay) -> dict[str, Any]:
+    """One feature's page data; ``record`` is its SAE's run-record entry (``FeatureStore.sae_record``)."""
     logits = None
     if d.logits is not None:
         t = d.logits
@@ -159,7 +162,8 @@ def feature_json(d: FeatureDashboard, hook: str, display: TokenDisplay) -> dict[
                   "neg": [display.text(t.bottom_ids), t.bottom_values],
                   "hist": [t.hist_centers, t.hist_counts]}
     return {
-        "feature": d.feature, "hook": hook, "n_fired": d.n_fired, "frac_nonzero": d.frac_nonzero, "max": d.max,
+        "feature": d.feature, "sae": record["name"], "hook": record["hook"], "n_fired": d.n_fired,
+        "frac_nonzero": d.frac_nonzero, "max": d.max,
         "hist": [d.hist_centers, d.hist_counts], "logits": logits, "cofiring": d.cofiring,
         "groups": [{"kind": g.kind, "bin_min": g.bin_min, "bin_max": g.bin_max, "bin_contains": g.bin_contains,
                     "examples": [{"token_index": e.token_index, "row": e.row, "pos": e.pos,
@@ -170,10 +174,10 @@ def feature_json(d: FeatureDashboard, hook: str, display: TokenDisplay) -> dict[
     }
 
 
-def row_json(fs: FeatureStore, hook: str, row: int, span: range, display: TokenDisplay,
+def row_json(fs: FeatureStore, sae: str, row: int, span: range, display: TokenDisplay,
              k: int = 5) -> dict[str, Any]:
-    """A dataset row's tokens (store tokens ``span``), and the k strongest features at each."""
-    top = fs.prompt_features(row, hook, k=k)
+    """A dataset row's tokens (store tokens ``span``), and the k strongest features of SAE ``sae`` at each."""
+    top = fs.prompt_features(row, sae, k=k)
     tokens = fs.token_ids(span.start, span.stop).tolist()
     features: list[list[list[float]]] = [[] for _ in tokens]
     for token_index, feature, activation in zip(top["token_index"], top["feature"], top["activation"]):
@@ -182,13 +186,14 @@ def row_json(fs: FeatureStore, hook: str, row: int, span: range, display: TokenD
             "pos": fs.provenance(span.start, span.stop)["pos"].tolist(), "features": features}
 
 
-def meta_json(fs: FeatureStore, hook: str, features: range, rows: list[int],
+def meta_json(fs: FeatureStore, sae: str, features: range, rows: list[int],
               summary: list[tuple[int, float, float]]) -> dict[str, Any]:
     """The front page's data; ``summary`` holds each built feature's (feature, density, max)."""
     busiest = sorted(summary, key=lambda s: -s[1])[:BUSIEST]  # stable: ties keep the lower feature
     return {
-        "hook": hook, "model": fs.run["model"]["name"], "dataset": fs.run["dataset"]["name"],
-        "n_tokens": fs.n_tokens, "d_sae": fs.d_sae(hook), "features": [features.start, features.stop],
+        "sae": fs.resolve(sae), "hook": fs.sae_record(sae)["hook"], "model": fs.run["model"]["name"],
+        "dataset": fs.run["dataset"]["name"], "n_tokens": fs.n_tokens, "d_sae": fs.d_sae(sae),
+        "features": [features.start, features.stop],
         "busiest": [[f, density, top] for f, density, top in busiest],
         "rows": rows,
     }
@@ -201,14 +206,15 @@ def _handle(args: argparse.Namespace) -> None:
         raise ConfigError("--port and --host say where to serve: give --serve with them.")
     check_site_folder(args.out)  # before the store is read or the model loaded
     fs = FeatureStore.open(args.store)
+    sae = fs.resolve(args.sae)  # an unknown name, or a hook shared by several SAEs: refused before any work
     use_tokenizer(fs)  # tokens shown from the run's tokenizer's own strings (store.tokens)
     server = None
     if args.serve:  # load the model and open the port first, so that a failure costs no site writing
         from jobs.dashboard_serve import open_server, serve
 
-        server = open_server(fs, args.hook, Path(args.out), args.host or "127.0.0.1",
+        server = open_server(fs, sae, Path(args.out), args.host or "127.0.0.1",
                              8000 if args.port is None else args.port)
-    index = write_dashboard(fs, args.hook, args.out, args.features, args.max_rows, args.logits, args.progress)
+    index = write_dashboard(fs, sae, args.out, args.features, args.max_rows, args.logits, args.progress)
     print(f"wrote the dashboard to {args.out}; open {index} in a browser")
     if server is not None:
         serve(server)

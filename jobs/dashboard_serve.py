@@ -2,7 +2,7 @@
 
 The standard library's threading HTTP server serves the site's folder as files, plus:
 
-- ``GET /api/info``: ``{"hook", "model", "max_tokens", "k"}``, what the prompt box needs to know;
+- ``GET /api/info``: ``{"sae", "hook", "model", "max_tokens", "k"}``, what the prompt box needs to know;
 - ``GET /server.js``: the same, handed to the page as ``LS.receive("server", info)``. The written
   site's own ``server.js`` hands ``null``, so from ``file://`` or a plain static server the page
   learns that no model is there without a request that fails;
@@ -53,7 +53,7 @@ class PromptServer(http.server.ThreadingHTTPServer):
         self.encoder = encoder
         self.display = display if isinstance(display, TokenDisplay) else TokenDisplay.from_decoded(display)
         self.loopback = is_loopback(self.server_address[0])
-        self.info = {"hook": encoder.hook, "model": encoder.model_name,
+        self.info = {"sae": encoder.name, "hook": encoder.hook, "model": encoder.model_name,
                      "max_tokens": encoder.max_text_tokens, "k": TOP_K}
         # One forward at a time: run_with_hooks attaches its hooks to the shared model, so two
         # requests' forwards at once would each see the other's hooks.
@@ -154,9 +154,10 @@ def is_loopback_address(text: str) -> bool:
         return False
 
 
-def open_server(fs: FeatureStore, hook: str, site: Path, host: str = "127.0.0.1", port: int = 8000) -> PromptServer:
-    """Load the run's model and SAE for ``hook`` and open the port (the site need not be written yet)."""
-    encoder = PromptEncoder(fs.run, hook)
+def open_server(fs: FeatureStore, sae: str, site: Path, host: str = "127.0.0.1", port: int = 8000) -> PromptServer:
+    """Load the run's model and SAE ``sae`` (its name, or the hook where it is the only SAE) and open the
+    port (the site need not be written yet)."""
+    encoder = PromptEncoder(fs.run, fs.resolve(sae))
     return PromptServer((host, port), Path(site), encoder, fs.token_display)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import orjson
 
 from pipeline.dashboard_data import (DashboardBuilder, checked_features, collector_paused, DashboardSettings,
-                                     FeatureDashboard, load_decoder, load_logit_weights, window_starts)
+                                     FeatureDashboard, load_decoder, load_logit_weights, output_hook, window_starts)
 from store import FeatureStore
 from store.errors import ConfigError
 from store.tokens import TokenDisplay
@@ -39,6 +39,8 @@ TABLE_ROWS = 3
 # the hook points Neuronpedia's converter takes (its --hook-point choices)
 CONVERTER_HOOK_POINTS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_in", "hook_mlp_out",
                          "hook_attn_in", "hook_attn_out", "hook_z")
+# the option that picks one of a store's SAEs, in every command that reads one
+SAE_HELP = "the SAE, by its name (`latentstore info` lists them), or by its hook where it is the only SAE"
 
 
 def add_commands(commands) -> None:
@@ -52,11 +54,11 @@ def add_commands(commands) -> None:
                     "interval groups, histogram, density and correlated features from the stored activations; "
                     "the logit tables, neuron alignment and decoder vector from the SAE's W_dec and the "
                     "model's W_U (loaded, never run). Prints the converter's command line to run next.",
-        epilog="example: latentstore export neuronpedia demo.zarr --hook blocks.1.hook_resid_post --out np/ "
+        epilog="example: latentstore export neuronpedia demo.zarr --sae blocks.1.hook_resid_post --out np/ "
                "--model-id gpt2-small --sae-set res-demo",
     )
     parser.add_argument("store", help="the store's path or URL")
-    parser.add_argument("--hook", required=True, help="the SAE's hook")
+    parser.add_argument("--sae", "--hook", dest="sae", required=True, metavar="NAME", help=SAE_HELP)
     parser.add_argument("--out", required=True, help="the folder to write batch-N.json files into")
     parser.add_argument("--features", type=feature_range,
                         help="START:STOP (default: every feature); batches are numbered over the whole SAE, so "
@@ -70,7 +72,9 @@ def add_commands(commands) -> None:
     parser.add_argument("--sae-set", help="Neuronpedia's SAE set, without the layer, such as res-jb (default: the "
                                           "hook's kind, e.g. resid-post for blocks.1.hook_resid_post)")
     parser.add_argument("--sae-id-suffix", help="Neuronpedia's suffix after the set, as in 1-res-jb__SUFFIX, for "
-                                                "several SAEs of one set and layer (default: none)")
+                                                "several SAEs of one set and layer (default: the SAE's name when "
+                                                "it was given one, so that two SAEs at one hook get two ids; "
+                                                "none for an SAE named by its hook)")
     parser.add_argument("--dataset", help="the dataset named on Neuronpedia, such as monology/pile-uncopyrighted "
                                           "(default: the dataset name recorded in the store)")
     parser.add_argument("--no-logits", dest="logits", action="store_false",
@@ -106,16 +110,17 @@ class NeuronpediaNames:
 
     model_id: str | None = None  # default: the recorded model name (a local folder: its name)
     sae_set: str | None = None  # default: the hook's kind, e.g. resid-post
-    sae_id_suffix: str | None = None  # default: none (null, as SAEDashboard writes it)
+    sae_id_suffix: str | None = None  # default: the SAE's name when it is not its hook, else none (null)
     dataset: str | None = None  # default: the recorded dataset name
 
 
-def export_neuronpedia(fs: FeatureStore, hook: str, out: str | Path, features: range | None = None,
+def export_neuronpedia(fs: FeatureStore, sae: str, out: str | Path, features: range | None = None,
                        batch_size: int = BATCH_FEATURES, logits: bool = True,
                        names: NeuronpediaNames = NeuronpediaNames(), progress: bool = False,
                        correlated_features: bool = True) -> list[Path]:
-    """Write ``batch-N.json`` files and return their paths. Batches are numbered over the whole SAE,
-    as SAEDashboard's runner numbers them: ``batch-N`` holds the features from ``N * batch_size`` to
+    """Write ``batch-N.json`` files of SAE ``sae`` (its name, or the hook where it is the only SAE) and
+    return their paths. Batches are numbered over the whole SAE, as SAEDashboard's runner numbers
+    them: ``batch-N`` holds the features from ``N * batch_size`` to
     ``(N + 1) * batch_size - 1`` that ``features`` includes, so that pieces of one SAE exported apart
     (``0:4096``, then ``4096:8192``) never write two batches of one name, into one folder or, through
     Neuronpedia's converter (which names its files after the batch's), into one ``exports/`` folder.
@@ -123,10 +128,11 @@ def export_neuronpedia(fs: FeatureStore, hook: str, out: str | Path, features: r
     run's tokenizer, as the command does). ``correlated_features=False`` leaves those lists empty."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: give at least 1 feature per batch.")
-    features = checked_features(fs, hook, features)
+    record = fs.sae_record(sae)
+    features = checked_features(fs, sae, features)
     # a bound inside a batch: this piece's file of that batch holds only part of it
     partial = sorted({end // batch_size for end in (features.start, features.stop)
-                      if end % batch_size and end != fs.d_sae(hook)})
+                      if end % batch_size and end != record["d_sae"]})
     if partial:
         log.warning("--features %d:%d: %s only part of a batch of %d features, and another piece of this SAE "
                     "would write a file of the same name. To export an SAE in pieces, start and stop each at a "
@@ -135,19 +141,19 @@ def export_neuronpedia(fs: FeatureStore, hook: str, out: str | Path, features: r
                     batch_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    W_dec = load_decoder(fs, hook) if logits else None
+    W_dec = load_decoder(fs, sae) if logits else None
     weights = None
     if W_dec is not None:
         try:
-            weights = load_logit_weights(fs, hook, W_dec=W_dec)
+            weights = load_logit_weights(fs, sae, W_dec=W_dec)
         except ConfigError as e:  # an SAE that does not write the residual stream (hook_z): no logit tables
             log.warning("%s The logit tables are left empty; the decoder's tables and vector are written.", e)
     settings = NEURONPEDIA_SETTINGS if correlated_features else replace(NEURONPEDIA_SETTINGS, n_correlated=0)
-    builder = DashboardBuilder(fs, hook, weights, settings)
-    header = batch_header(fs, hook, names)
+    builder = DashboardBuilder(fs, sae, weights, settings)
+    header = batch_header(fs, sae, names)
     common = {"n_prompts_total": n_windows(builder), "n_tokens_in_prompt": int(fs.run["context_size"]),
               "dataset": names.dataset or fs.run["dataset"]["name"]}
-    heads = n_heads(fs) if hook.endswith(".hook_z") else None
+    heads = n_heads(fs) if output_hook(record).endswith(".hook_z") else None  # where its decoder writes
     display, n_tokens = fs.token_display, fs.n_tokens
     written: list[Path] = []
     batch: list[dict[str, Any]] = []
@@ -186,11 +192,15 @@ def hook_layer(hook: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def batch_header(fs: FeatureStore, hook: str, names: NeuronpediaNames) -> dict[str, Any]:
-    """SAEDashboard's batch fields, but ``features``."""
+def batch_header(fs: FeatureStore, sae: str, names: NeuronpediaNames) -> dict[str, Any]:
+    """SAEDashboard's batch fields, but ``features``. Neuronpedia's id of the SAE is
+    ``LAYER-SET__SUFFIX``: the layer and the set's default come from the hook the SAE reads, and the
+    suffix's from its name, unless the SAE is named by that hook."""
+    record = fs.sae_record(sae)
+    hook, name = record["hook"], record["name"]
     return {"model_id": names.model_id or Path(fs.run["model"]["name"]).name, "layer": hook_layer(hook),
             "sae_set": names.sae_set or hook_point(hook).removeprefix("hook_").replace("_", "-"),
-            "sae_id_suffix": names.sae_id_suffix}
+            "sae_id_suffix": names.sae_id_suffix or (name if name != hook else None)}
 
 
 def n_windows(builder: DashboardBuilder) -> int:
@@ -313,17 +323,17 @@ CONVERTER_USER_OPTIONS = {
 }
 
 
-def converter_command(fs: FeatureStore, hook: str, out: str | Path, names: NeuronpediaNames) -> str:
+def converter_command(fs: FeatureStore, sae: str, out: str | Path, names: NeuronpediaNames) -> str:
     """The command line of Neuronpedia's converter for this export: every option it asks for, so that
     it runs without prompting. Its values are filled in from the store, but for the author, release
     and weights options (``CONVERTER_USER_OPTIONS``' placeholders, the user's to replace). It ends
     with ``--zero-out-bos-token``, a flag the converter otherwise stops to ask about (it has no
     ``--no-`` form): the flag zeroes the values at tokens shown ``<bos>``, and this export already
     shows 0 at every BOS, EOS and padding token, so it changes nothing."""
-    header, provenance = batch_header(fs, hook, names), fs.provenance()
+    header, provenance = batch_header(fs, sae, names), fs.provenance()
     options = {
         "saedashboard-output-dir": str(out), **CONVERTER_USER_OPTIONS, "model-name": header["model_id"],
-        "neuronpedia-source-set-id": header["sae_set"], "hook-point": hook_point(hook),
+        "neuronpedia-source-set-id": header["sae_set"], "hook-point": hook_point(fs.sae_record(sae)["hook"]),
         "layer-num": header["layer"], "prompts-huggingface-dataset-path": names.dataset or fs.run["dataset"]["name"],
         "n-prompts-total": len(window_starts(provenance["row"].to_numpy(), provenance["pos"].to_numpy())),
         "n-tokens-in-prompt": int(fs.run["context_size"]),
@@ -336,14 +346,15 @@ def _handle(args: argparse.Namespace) -> None:
     from pipeline.tokens import use_tokenizer
 
     fs = FeatureStore.open(args.store)
+    sae = fs.resolve(args.sae)  # an unknown name, or a hook shared by several SAEs: refused before any work
     use_tokenizer(fs)  # tokens as Neuronpedia shows them, from the run's tokenizer (store.tokens)
     names = NeuronpediaNames(args.model_id, args.sae_set, args.sae_id_suffix, args.dataset)
-    paths = export_neuronpedia(fs, args.hook, args.out, args.features, args.batch_size, args.logits, names,
+    paths = export_neuronpedia(fs, sae, args.out, args.features, args.batch_size, args.logits, names,
                                args.progress, args.correlated_features)
     print(f"wrote {len(paths)} batch files to {args.out}")
     print("next, Neuronpedia's converter (utils/neuronpedia-utils/neuronpedia_utils in its repository), with "
           "DEFAULT_CREATOR_ID set and the YOUR_... and PATH/... options replaced by your release's:")
-    print("  " + converter_command(fs, args.hook, args.out, names))
-    if hook_point(args.hook) not in CONVERTER_HOOK_POINTS:
-        print(f"  (the converter takes --hook-point {', '.join(CONVERTER_HOOK_POINTS)}: "
-              f"{hook_point(args.hook)} is not one of them)")
+    print("  " + converter_command(fs, sae, args.out, names))
+    point = hook_point(fs.sae_record(sae)["hook"])
+    if point not in CONVERTER_HOOK_POINTS:
+        print(f"  (the converter takes --hook-point {', '.join(CONVERTER_HOOK_POINTS)}: {point} is not one of them)")

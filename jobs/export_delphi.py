@@ -3,10 +3,11 @@
 delphi (PyPI ``eai-delphi``) explains and scores latents from a cache folder per module, which
 ``delphi.latents.LatentDataset(raw_dir, SamplerConfig(), ConstructorConfig(), tokenizer,
 modules=[...])`` loads. This writes that layout from the store's feature-major index, a range of
-features at a time, never a whole SAE's activations at once::
+features at a time, never a whole SAE's activations at once. Each SAE's folder is named by its
+name in the store (an SAE named by its hook: the hook, delphi's usual module name)::
 
-    DIR/<hook>/config.json                  what delphi reads (model_name, cache_ctx_len, dataset, ...)
-    DIR/<hook>/<first>_<last>.safetensors   latents first..last (inclusive):
+    DIR/<name>/config.json                  what delphi reads (model_name, cache_ctx_len, dataset, ...)
+    DIR/<name>/<first>_<last>.safetensors   latents first..last (inclusive):
         locations    [n, 3] uint16 (uint32 when a window or latent offset does not fit): window,
                      position in the window, latent - first; by latent, then in token order (delphi
                      pools a latent's activations into windows by runs of equal window)
@@ -46,13 +47,14 @@ def add_command(formats) -> None:
         description="Write delphi's latent cache (one folder per SAE: split files {first}_{last}.safetensors "
                     "with locations, activations and the token windows, and config.json) from the store's "
                     "feature-major index, a range of features at a time. Load it with "
-                    "delphi.latents.LatentDataset(DIR, ..., modules=[HOOK]).",
+                    "delphi.latents.LatentDataset(DIR, ..., modules=[NAME]).",
         epilog="example: latentstore export delphi demo.zarr --out delphi-cache/ --sae blocks.1.hook_resid_post",
     )
     parser.add_argument("store", help="the store's path or URL (its index built: latentstore index STORE)")
     parser.add_argument("--out", required=True, help="the cache folder: one folder per SAE is written inside")
-    parser.add_argument("--sae", action="append", dest="hooks", metavar="HOOK",
-                        help="an SAE to export, by its hook (repeat for several; default: every SAE of the store)")
+    parser.add_argument("--sae", action="append", dest="saes", metavar="NAME",
+                        help="an SAE to export, by its name, or by its hook where it is the only SAE (repeat for "
+                             "several; default: every SAE of the store)")
     parser.add_argument("--n-splits", type=int, default=N_SPLITS,
                         help="split files per SAE, at least (default: %(default)s, as delphi's)")
     parser.add_argument("--split-entries", type=int, default=DEFAULT_PART_NNZ,
@@ -63,17 +65,17 @@ def add_command(formats) -> None:
     parser.set_defaults(handler=_handle)
 
 
-def export_delphi(fs: FeatureStore, out: str | Path, hooks: list[str] | None = None, n_splits: int = N_SPLITS,
+def export_delphi(fs: FeatureStore, out: str | Path, saes: list[str] | None = None, n_splits: int = N_SPLITS,
                   split_entries: int = DEFAULT_PART_NNZ, value_dtype: str = "float16") -> dict[str, list[Path]]:
-    """Write each SAE's cache folder ``out/<hook>``; returns the split files written per hook."""
+    """Write each SAE's cache folder ``out/<name>`` (``saes``: names, or hooks where one SAE sits;
+    default: every SAE); returns the split files written per SAE name."""
     from safetensors.numpy import save_file
 
-    hooks = list(hooks or fs.hooks)
-    for hook in hooks:
-        fs.d_sae(hook)  # names the valid hooks when this one is not in the store
-        if fs.index(hook) is None:
-            raise ConfigError(f"{fs.location} has no complete index for {hook}; delphi's cache is written from it. "
-                              f"Build it first: latentstore index {fs.location}")
+    names = list(dict.fromkeys(fs.resolve(sae) for sae in saes or fs.saes))  # every one checked before writing
+    for name in names:
+        if fs.index(name) is None:
+            raise ConfigError(f"{fs.location} has no complete index for SAE {name}; delphi's cache is written "
+                              f"from it. Build it first: latentstore index {fs.location}")
     if n_splits < 1 or split_entries < 1:
         raise ConfigError(f"--n-splits {n_splits} and --split-entries {split_entries} must be at least 1.")
     tokens, windows, positions = token_windows(fs)
@@ -83,11 +85,11 @@ def export_delphi(fs: FeatureStore, out: str | Path, hooks: list[str] | None = N
                     "%d by default) does not divide: give delphi an example_ctx_len that divides %d.",
                     ctx_len, EXAMPLE_CTX_LEN, ctx_len)
     written = {}
-    for hook in hooks:
-        folder = _module_folder(Path(out), hook)
-        index = fs.index(hook)
+    for name in names:
+        folder = _module_folder(Path(out), name)
+        index = fs.index(name)
         parts = plan_parts(np.diff(index.indptr), min_parts=n_splits, part_nnz=split_entries)
-        written[hook] = []
+        written[name] = []
         for part in parts:
             indptr, entry_tokens, values = index.feature_block(part.start, part.stop)
             latents = np.repeat(np.arange(part.stop - part.start), np.diff(indptr))
@@ -102,8 +104,8 @@ def export_delphi(fs: FeatureStore, out: str | Path, hooks: list[str] | None = N
             save_file({"locations": locations.astype(np.uint16 if fits else np.uint32),
                        "activations": values.astype(value_dtype), "tokens": tokens}, str(partial))
             os.replace(partial, path)
-            written[hook].append(path)
-        config = cache_config(fs, hook, ctx_len, len(parts), value_dtype)
+            written[name].append(path)
+        config = cache_config(fs, name, ctx_len, len(parts), value_dtype)
         (folder / "config.json").write_text(json.dumps(config, indent=2))
     return written
 
@@ -123,7 +125,7 @@ def token_windows(fs: FeatureStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return tokens, windows, positions
 
 
-def cache_config(fs: FeatureStore, hook: str, ctx_len: int, n_splits: int, value_dtype: str) -> dict[str, Any]:
+def cache_config(fs: FeatureStore, sae: str, ctx_len: int, n_splits: int, value_dtype: str) -> dict[str, Any]:
     """delphi's ``config.json``: its ``CacheConfig`` fields and ``model_name`` (which it loads the
     tokenizer from when none is given), and where the cache came from."""
     dataset = fs.run["dataset"]
@@ -132,14 +134,15 @@ def cache_config(fs: FeatureStore, hook: str, ctx_len: int, n_splits: int, value
         "dataset_name": dataset.get("subset") or "", "dataset_column": dataset.get("column") or "text",
         "cache_ctx_len": ctx_len, "ctx_len": ctx_len, "n_tokens": fs.n_tokens, "n_splits": n_splits,
         "model_name": fs.run["model"]["name"],
-        "latentstore": {"store": fs.location, "hook": hook, "d_sae": fs.d_sae(hook), "activations": value_dtype},
+        "latentstore": {"store": fs.location, "sae": fs.resolve(sae), "hook": fs.sae_record(sae)["hook"],
+                        "d_sae": fs.d_sae(sae), "activations": value_dtype},
     }
 
 
-def _module_folder(out: Path, hook: str) -> Path:
-    """``out/<hook>``, emptied of an earlier export's split files (whose ranges may differ, and delphi
+def _module_folder(out: Path, name: str) -> Path:
+    """``out/<name>``, emptied of an earlier export's split files (whose ranges may differ, and delphi
     reads every split file it finds); a folder holding split files latentstore did not write is refused."""
-    folder = out / hook
+    folder = out / name
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for delphi's cache.")
     splits = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
@@ -159,6 +162,6 @@ def _module_folder(out: Path, hook: str) -> Path:
 
 def _handle(args: argparse.Namespace) -> None:
     fs = FeatureStore.open(args.store)
-    written = export_delphi(fs, args.out, args.hooks, args.n_splits, args.split_entries, args.value_dtype)
-    for hook, paths in written.items():
-        print(f"wrote {len(paths)} split files for {hook} to {Path(args.out) / hook}")
+    written = export_delphi(fs, args.out, args.saes, args.n_splits, args.split_entries, args.value_dtype)
+    for name, paths in written.items():
+        print(f"wrote {len(paths)} split files for {name} to {Path(args.out) / name}")

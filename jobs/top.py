@@ -6,6 +6,7 @@ import argparse
 
 import numpy as np
 
+from jobs.export import SAE_HELP
 from jobs.terminal import terminal_text
 from store import FeatureStore
 from store.queries import check_examples
@@ -17,10 +18,11 @@ def add_commands(commands) -> None:
         description="Print the highest activations of SAE features, each with the text around it and the "
                     "active token marked «like this». Without --feature, shows a few features that fire often "
                     "enough to be interesting.",
-        epilog="example: latentstore top demo.zarr --hook blocks.1.hook_resid_post --feature 12 -k 10",
+        epilog="example: latentstore top demo.zarr --sae blocks.1.hook_resid_post --feature 12 -k 10",
     )
     parser.add_argument("store", help="the store's path or URL")
-    parser.add_argument("--hook", help="the SAE's hook (default: the store's first)")
+    parser.add_argument("--sae", "--hook", dest="sae", metavar="NAME",
+                        help=f"{SAE_HELP} (default: the store's first SAE)")
     parser.add_argument("--feature", type=int, action="append", dest="features",
                         help="a feature index (repeat for several)")
     parser.add_argument("-k", type=int, default=10, help="examples per feature (default: %(default)s)")
@@ -30,9 +32,9 @@ def add_commands(commands) -> None:
     parser.set_defaults(handler=_handle)
 
 
-def pick_features(fs: FeatureStore, hook: str, n: int = 3, seed: int = 0) -> list[int]:
+def pick_features(fs: FeatureStore, sae: str, n: int = 3, seed: int = 0) -> list[int]:
     """A few features that fire on between 0.1% and 5% of tokens, chosen reproducibly."""
-    density = fs.density(hook).to_numpy()
+    density = fs.density(sae).to_numpy()
     candidates = np.nonzero((density >= 1e-3) & (density <= 5e-2))[0]
     if len(candidates) < n:
         candidates = np.argsort(-density)[: max(n, 1)]
@@ -43,15 +45,18 @@ def _handle(args: argparse.Namespace) -> None:
     from pipeline.tokens import use_tokenizer
 
     fs = FeatureStore.open(args.store)
-    hook = args.hook or fs.hooks[0]
+    record = fs.sae_record(args.sae or fs.saes[0])  # an unknown name, or a hook shared by several SAEs: refused
+    sae = record["name"]
     check_examples(args.k, tuple(args.context))  # every argument checked before anything is printed
-    features = [fs.check_feature(hook, f) for f in args.features] if args.features else pick_features(fs, hook)
-    stats = fs.feature_stats(hook)
+    features = [fs.check_feature(sae, f) for f in args.features] if args.features else pick_features(fs, sae)
+    stats = fs.feature_stats(sae)
+    title = sae if sae == record["hook"] else f"{sae} ({record['hook']})"
     use_tokenizer(fs)  # the context column's tokens, shown from the run's tokenizer (store.tokens)
     for feature in features:
         s = stats.loc[feature]
-        print(f"\n{terminal_text(hook)}  feature {feature}   fires on {s['density']:.3%} of tokens, max {s['max']:.3g}")
-        top = fs.top_activations(hook, feature, k=args.k, context=tuple(args.context),
+        print(f"\n{terminal_text(title)}  feature {feature}   fires on {s['density']:.3%} of tokens, "
+              f"max {s['max']:.3g}")
+        top = fs.top_activations(sae, feature, k=args.k, context=tuple(args.context),
                                  exclude_special_tokens=not args.include_special_tokens)
         for _, example in top.iterrows():
             text = terminal_text(example["context"])

@@ -183,35 +183,44 @@ def model_unembed(name: str, device: str = "cpu") -> Any:
     return effective_unembed(model.W_U, getattr(model.ln_final, "w", None), model.cfg.normalization_type)
 
 
-def load_decoder(fs: FeatureStore, hook: str, device: str = "cpu") -> Any:
-    """The run's SAE's ``W_dec`` (a float32 tensor ``[d_sae, d_out]``), loaded as recorded in the store."""
+def output_hook(record: dict) -> str:
+    """Where an SAE's decoder writes, from its run-record entry: a transcoder's output hook, else the
+    hook it reads."""
+    return record.get("hook_out") or record["hook"]
+
+
+def load_decoder(fs: FeatureStore, sae: str, device: str = "cpu") -> Any:
+    """The SAE's ``W_dec`` (a float32 tensor ``[d_sae, d_out]``), loaded as recorded in the store;
+    ``sae`` is its name, or the hook where it is the only SAE."""
     from pipeline.saes import SAESource, load_sae
 
-    fs.d_sae(hook)  # names the valid hooks when this one is not in the store
-    source = next(sae["source"] for sae in fs.run["saes"] if sae["hook"] == hook)
+    source = fs.sae_record(sae)["source"]  # an unknown name or a shared hook: a ConfigError naming the SAEs
     return load_sae(SAESource.parse(source), device=device).W_dec.detach().float()
 
 
-def load_logit_weights(fs: FeatureStore, hook: str, device: str = "cpu", W_dec: Any | None = None) -> LogitWeights:
-    """Load the run's SAE (for ``W_dec``, unless given) and the model's unembedding, as recorded in the store."""
-    W_dec = load_decoder(fs, hook, device) if W_dec is None else W_dec
+def load_logit_weights(fs: FeatureStore, sae: str, device: str = "cpu", W_dec: Any | None = None) -> LogitWeights:
+    """Load the SAE (for ``W_dec``, unless given) and the model's unembedding, as recorded in the store.
+    The decoder writes at its output hook (a transcoder's differs from the hook it reads), so the
+    logit tables exist when that hook is as wide as the residual stream."""
+    record = fs.sae_record(sae)
+    W_dec = load_decoder(fs, sae, device) if W_dec is None else W_dec
     W_U = model_unembed(fs.run["model"]["name"], device)
     if W_dec.shape[1] != W_U.shape[0]:
         raise ConfigError(
-            f"{hook}: the SAE writes vectors of size {W_dec.shape[1]}, not the residual stream's "
-            f"{W_U.shape[0]}, so W_dec @ W_U has no meaning for it. Leave the logit tables out "
-            "(--no-logits)."
+            f"SAE {record['name']}: its decoder writes vectors of size {W_dec.shape[1]} at {output_hook(record)}, "
+            f"not the residual stream's {W_U.shape[0]}, so W_dec @ W_U has no meaning for it. Leave the logit "
+            "tables out (--no-logits)."
         )
     return LogitWeights(W_dec.cpu().numpy(), W_U.cpu().numpy())
 
 
-def checked_features(fs: FeatureStore, hook: str, features: range | None) -> range:
+def checked_features(fs: FeatureStore, sae: str, features: range | None) -> range:
     """The features to build (all of the SAE's by default), refused if they run past its width."""
-    d_sae = fs.d_sae(hook)
+    d_sae = fs.d_sae(sae)
     features = features or range(d_sae)
     if features.stop > d_sae:
-        raise ConfigError(f"--features {features.start}:{features.stop} goes past {hook}'s {d_sae} features; "
-                          f"give a STOP of at most {d_sae}.")
+        raise ConfigError(f"--features {features.start}:{features.stop} goes past SAE {fs.resolve(sae)}'s {d_sae} "
+                          f"features; give a STOP of at most {d_sae}.")
     return features
 
 
@@ -332,19 +341,19 @@ class _BlockNumbers:
 class DashboardBuilder:
     """Dashboard data for one SAE's features, from a store (and the weights for the logit tables)."""
 
-    def __init__(self, fs: FeatureStore, hook: str, weights: LogitWeights | None = None,
+    def __init__(self, fs: FeatureStore, sae: str, weights: LogitWeights | None = None,
                  settings: DashboardSettings = DashboardSettings()):
-        self.fs, self.hook, self.weights, self.settings = fs, hook, weights, settings
-        self.d_sae = fs.d_sae(hook)
+        self.fs, self.sae, self.weights, self.settings = fs, fs.resolve(sae), weights, settings
+        self.d_sae = fs.d_sae(self.sae)
         if weights is not None and weights.W_dec.shape[0] != self.d_sae:
-            raise ConfigError(f"{hook}: the store has {self.d_sae} features but W_dec has "
+            raise ConfigError(f"SAE {self.sae}: the store has {self.d_sae} features but W_dec has "
                               f"{weights.W_dec.shape[0]} rows: the weights are not this run's SAE.")
         self.token_ids = fs.token_ids()
         provenance = fs.provenance()
         self.rows, self.positions = provenance["row"].to_numpy(), provenance["pos"].to_numpy()
         self._window_starts = np.append(window_starts(self.rows, self.positions), len(self.rows))
         # every counted activation (queries count those above 0), feature-major once for all blocks
-        counted_rows = fs.csr(hook)
+        counted_rows = fs.csr(self.sae)
         if settings.exclude_special_tokens and fs.special_token_ids:
             special = np.flatnonzero(np.isin(self.token_ids, list(fs.special_token_ids)))
             counted_rows.data[concatenated_ranges(counted_rows.indptr[special], counted_rows.indptr[special + 1])] = 0
@@ -369,17 +378,17 @@ class DashboardBuilder:
         if settings.n_cofiring:  # which features fire on each token, for the co-firing counts
             self._fired = counted_rows
             self._fired.data[:] = 1.0
-        self._all_counts = fs.stats(hook).count
+        self._all_counts = fs.stats(self.sae).count
 
     def build(self, features: range | None = None, progress: bool = False) -> Iterator[FeatureDashboard]:
         """Each feature's dashboard data, in order."""
         features = range(self.d_sae) if features is None else features
         if features.start < 0 or features.stop > self.d_sae or features.step != 1:
             raise ConfigError(f"features {features.start}:{features.stop} are not a range within "
-                              f"0:{self.d_sae} of {self.hook}.")
+                              f"0:{self.d_sae} of SAE {self.sae}.")
         blocks = [range(a, min(features.stop, a + BLOCK_FEATURES))
                   for a in range(features.start, features.stop, BLOCK_FEATURES)]
-        bar = tqdm(total=len(features), desc=f"dashboards {self.hook}", unit="feature", disable=not progress)
+        bar = tqdm(total=len(features), desc=f"dashboards {self.sae}", unit="feature", disable=not progress)
         # blocks' numbers (sorts, bisections, products: numpy and torch let go of the GIL) are made on
         # other threads, AHEAD blocks at a time, while the one before them becomes Python objects and is used
         with ThreadPoolExecutor(AHEAD, thread_name_prefix="dashboard-numbers") as pool:

@@ -79,7 +79,7 @@ def prompt(url: str, text: str) -> dict:
 
 def reference(assets, fs, token_ids: list[int]) -> np.ndarray:
     """The SAE's activations [tokens, d_sae] from sae_lens's forward with the SAE attached."""
-    source = next(sae["source"] for sae in fs.run["saes"] if sae["hook"] == HOOK)
+    source = fs.sae_record(HOOK)["source"]
     model = load_model(str(assets["model_dir"]))
     sae = load_sae(SAESource.parse(source))
     with torch.no_grad():
@@ -150,17 +150,17 @@ def test_requests_are_checked_and_answered_with_a_reason(served):
     assert prompt(url, " ".join(["cat"] * 15))["pos"] == list(range(-1, 15))  # the longest that fits
     got, text = request(f"{url}/api/nothing", b"{}")
     assert got == 404 and "POST to /api/prompt" in json.loads(text)["error"]
-    info = {"hook": HOOK, "model": fs.run["model"]["name"], "max_tokens": 15, "k": 5}
+    info = {"sae": HOOK, "hook": HOOK, "model": fs.run["model"]["name"], "max_tokens": 15, "k": 5}
     assert request(f"{url}/api/info") == (200, json.dumps(info))
     assert request(f"{url}/server.js") == (200, f'LS.receive("server",{json.dumps(info)});\n')
     assert request(f"{url}/api/info", headers={"Host": "attacker.example:80"})[0] == 403
     assert request(f"{url}/api/info", headers={"Host": "localhost"})[0] == 200
 
 
-def test_encoder_names_hooks_and_says_when_weights_changed(served, caplog):
+def test_encoder_names_the_saes_and_says_when_weights_changed(served, caplog):
     _, fs, _, _ = served
-    with pytest.raises(ConfigError, match=r"--hook blocks.9.hook_resid_post: the run has no SAE there. "
-                                          r"Its hooks: blocks.0.hook_resid_post"):
+    with pytest.raises(ConfigError, match=r"the run has no SAE named 'blocks.9.hook_resid_post'; "
+                                          r"its SAEs: blocks.0.hook_resid_post"):
         PromptEncoder(fs.run, "blocks.9.hook_resid_post", device="cpu")
     with caplog.at_level(logging.WARNING, logger="pipeline.prompts"):
         PromptEncoder(fs.run, HOOK, device="cpu")

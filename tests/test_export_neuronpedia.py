@@ -312,7 +312,7 @@ def test_a_feature_with_one_distinct_value_has_one_bin_at_it(store, tmp_path):
             if d.feature in once:
                 value = float(column[:, d.feature].data[0])
                 assert (d.hist_centers, d.hist_counts) == ([value], [1])
-                assert feature_json(d, hook, store.token_display)["hist"] == [[value], [1]]
+                assert feature_json(d, store.sae_record(hook), store.token_display)["hist"] == [[value], [1]]
     exported = json.loads(export_neuronpedia(store, hook, tmp_path, range(once[0], once[0] + 1),
                                              logits=False)[0].read_text())["features"][0]
     value = float(column[:, once[0]].data[0])

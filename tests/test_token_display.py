@@ -86,12 +86,12 @@ def test_queries_and_top_show_tokens_through_the_runs_tokenizer(assets, ray_clus
     from tests.stores import shared_store
 
     fs = shared_store(assets, tmp_path_factory)
-    hook, feature = fs.hooks[0], int(fs.stats(fs.hooks[0]).count.argmax())
-    before = fs.top_activations(hook, feature, k=3, context=(2, 1))
+    sae, feature = fs.saes[0], int(fs.stats(fs.saes[0]).count.argmax())
+    before = fs.top_activations(sae, feature, k=3, context=(2, 1))
     assert before["token"].tolist() == [fs.vocab[i] for i in before["token_id"]]  # the decoded vocabulary
     display = tokens.use_tokenizer(fs, bpe)
     assert fs.token_display is display and display.kind == "byte_level"
-    after = fs.top_activations(hook, feature, k=3, context=(2, 1))
+    after = fs.top_activations(sae, feature, k=3, context=(2, 1))
     assert after["token"].tolist() == display.text(after["token_id"])
     ids = fs.token_ids()
     t = int(after["token_index"][0])
@@ -100,7 +100,7 @@ def test_queries_and_top_show_tokens_through_the_runs_tokenizer(assets, ray_clus
     monkeypatch.setattr(pipeline.models, "load_tokenizer", lambda spec: bpe)
     tokens._tokenizer_display.cache_clear()
     try:
-        assert main(["top", fs.location, "--hook", hook, "--feature", str(feature), "-k", "3",
+        assert main(["top", fs.location, "--sae", sae, "--feature", str(feature), "-k", "3",
                      "--context", "2", "1"]) == 0
     finally:
         tokens._tokenizer_display.cache_clear()

@@ -120,6 +120,11 @@ const LS = (() => {
     target.append(chart);
   }
 
+  // The SAE as the pages title it: its name, and the hook it reads when the name is not that hook.
+  function saeTitle(meta) {
+    return meta.sae === meta.hook ? meta.sae : `${meta.sae} (${meta.hook})`;
+  }
+
   function searchBox() {
     const form = document.getElementById("search");
     if (!form) return;
@@ -133,7 +138,7 @@ const LS = (() => {
   // -- pages ------------------------------------------------------------------------------------
 
   function indexPage(meta) {
-    document.getElementById("title").textContent = `${meta.hook}`;
+    document.getElementById("title").textContent = saeTitle(meta);
     document.getElementById("summary").textContent =
       `${meta.model} over ${meta.dataset}: ${meta.n_tokens.toLocaleString("en")} tokens, ` +
       `${meta.d_sae.toLocaleString("en")} features (pages for ${meta.features[0]} to ${meta.features[1] - 1}), ` +
@@ -159,7 +164,7 @@ const LS = (() => {
     const [first, stop] = meta.features;
     document.getElementById("prev").href = `#${Math.max(first, (feature || first) - 1)}`;
     document.getElementById("next").href = `#${Math.min(stop - 1, (feature || first) + 1)}`;
-    document.getElementById("title").textContent = `${meta.hook} · feature ${Number.isNaN(feature) ? "?" : feature}`;
+    document.getElementById("title").textContent = `${saeTitle(meta)} · feature ${Number.isNaN(feature) ? "?" : feature}`;
     document.title = `feature ${feature} · latentstore`;
     if (Number.isNaN(feature) || feature < first || feature >= stop) {
       panel.hidden = true;
@@ -261,7 +266,7 @@ const LS = (() => {
       return;
     }
     select.value = String(row);
-    document.getElementById("title").textContent = `${meta.hook} · dataset row ${row}`;
+    document.getElementById("title").textContent = `${saeTitle(meta)} · dataset row ${row}`;
     message.textContent = "loading…";
     const data = await LS.load("rows", row);
     if (shown !== promptShown) return;
@@ -283,7 +288,7 @@ const LS = (() => {
       event.preventDefault();
       const message = document.getElementById("message");
       const shown = ++promptShown;
-      document.getElementById("title").textContent = `${meta.hook} · typed prompt`;
+      document.getElementById("title").textContent = `${saeTitle(meta)} · typed prompt`;
       document.getElementById("row-select").value = "";
       message.textContent = "running the model…";
       let answer;
