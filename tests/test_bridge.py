@@ -325,3 +325,31 @@ def test_help_says_how_to_pass_a_bridge_model(capsys):
         build_parser().parse_args(["extract", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "save_pretrained" in text and "TransformerBridge" in text and "model_type" in text
+
+
+def test_encoder_on_the_bridge_takes_a_transcoder_and_two_saes_at_one_hook(model, reference, saes):
+    """Named SAEs on a bridge model: a skip transcoder (read at the MLP's input, by the bridge's own
+    name for it) and two SAEs at one hook each give exactly their ``encode`` of what sae_lens's bridge
+    caches at the hook they read."""
+    from pipeline.encode import SparseEncoder, concat_batches
+    from test_transcoders import make_transcoder
+
+    hook = "blocks.0.hook_resid_post"
+    named = {"tc": make_transcoder("jumprelu_skip_transcoder", seed=7), "a": saes[hook],
+             "b": make_sae("topk", hook, d_sae=40, seed=9, k=6)}
+    tokens = torch.randint(1, len(WORDS) + 2, (3, 9), generator=torch.Generator().manual_seed(4))
+    lengths = torch.tensor([9, 4, 6])
+    batches = SparseEncoder(model, named, "float32")(tokens, lengths)
+    real = torch.arange(9)[None, :] < lengths[:, None]
+    points = {name: hook_point(model, sae.cfg.metadata.hook_name) for name, sae in named.items()}
+    with torch.no_grad():
+        _, cache = reference.run_with_cache(tokens, names_filter=list(set(points.values())))
+    for name, sae in named.items():
+        with torch.no_grad():
+            expected = sae.encode(cache[points[name]][real]).numpy()
+        indptr, indices, values = concat_batches([batches[name]], np.dtype("<u2"), np.dtype("<f4"), int(real.sum()))
+        ours = np.zeros_like(expected)
+        ours[np.repeat(np.arange(len(expected)), np.diff(indptr)), indices] = values
+        assert (expected != 0).sum() > 10, name  # it fires, so the comparison says something
+        np.testing.assert_array_equal(ours != 0, expected != 0, err_msg=name)
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=ATOL, err_msg=name)
