@@ -204,7 +204,7 @@ SWEEP_FLAGS = {
     "prompts.rows": Flag("--rows", show=lambda rows: f"{rows[0]}:{rows[1]}"),
     "model": Flag("--model"),
     "sae": Flag("--sae"),
-    "hook": Flag("--hook"),
+    "sae_name": Flag("--sae-name"),
     "ablation": Flag("--ablation"),
     "ablation.kind": Flag("--ablation"),
     "ablation.metric": Flag("--metric"),

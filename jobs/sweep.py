@@ -11,6 +11,7 @@ computes it. A rerun of the same command skips complete parts.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from jobs.settings import (SWEEP_FLAGS, Problem, Setting, SettingsError, as_sett
 from pipeline.metric_names import METRICS, PROMPT_FIELDS
 from pipeline.specs import AblationSpec, PromptSpec, Resources, SweepConfig, SweepStoreSpec  # noqa: F401 (the API)
 from pipeline.sweep_worker import Part, SweepJob, SweepWorker, read_prompt_file
-from store.errors import ConfigError, DataError, did_you_mean
+from store.errors import ConfigError, DataError
 from store.lease import hold_lease
 
 log = logging.getLogger(__name__)
@@ -61,23 +62,13 @@ def validate(cfg: SweepConfig) -> SweepJob:
         problems.append(Problem.of(Setting("ablation.kind", "mean"), " takes each feature's mean from the store: "
                                    "give prompts as ", Setting("prompts.rows"), " of ", Setting("store.path"), "."))
 
-    model, sae, hook = cfg.model, cfg.sae, cfg.hook
+    model, fs = cfg.model, None
     if prompts.rows is not None:
         start, stop = prompts.rows
         if not 0 <= start < stop:
             problems.append(Problem.of(Setting("prompts.rows", (start, stop)),
                                        " is empty: write START:STOP with START < STOP."))
         fs = FeatureStore.open(cfg.store.path)
-        if hook is None and len(fs.hooks) == 1:
-            hook = fs.hooks[0]
-        elif hook is None and sae is None:
-            problems.append(Problem.of(f"store {fs.location} holds SAEs at several hooks: choose one with ",
-                                       Setting("hook"), f" ({', '.join(fs.hooks)})."))
-        if hook is not None and hook not in fs.hooks:
-            problems.append(Problem.of(Setting("hook", hook, quoted=True), f" is not in store {fs.location}; "
-                                       f"it holds: {did_you_mean(hook, fs.hooks)}"))
-        elif hook is not None:
-            sae = sae or next(s["source"] for s in fs.run["saes"] if s["hook"] == hook)
         model = model or fs.run["model"]["name"]
         if a.metric == "logit_diff":
             problems.append(Problem.of(
@@ -85,26 +76,61 @@ def validate(cfg: SweepConfig) -> SweepJob:
                 Setting("ablation.metric", "loss"), " or kl, or give ", Setting("prompts.file"),
                 " FILE.jsonl with answer and wrong_answer fields."))
     elif prompts.file is not None:
-        if model is None or sae is None:
+        if model is None or cfg.sae is None:
             problems.append(Problem.of("with ", Setting("prompts.file"), ", name the ", Setting("model"), " and the ",
                                        Setting("sae"), " to ablate."))
         problems += _check_prompt_file(cfg)
     if problems:
         raise SettingsError("SweepConfig", problems, SWEEP_FLAGS)
-    if hook is None or cfg.sae is not None:  # the SAE's own hook (a small config read, no weights)
+    source, described = None, None
+    if cfg.sae is not None:  # its name and hook (a small config read, no weights)
         from pipeline.saes import SAESource, read_sae_config
 
         try:
-            sae_hook = read_sae_config(SAESource.parse(sae)).hook
+            source = SAESource.parse(cfg.sae)
+            described = read_sae_config(source)
         except ConfigError as e:
             raise SettingsError("SweepConfig", problems_of(e, SWEEP_FLAGS), SWEEP_FLAGS) from e
-        if hook is not None and hook != sae_hook:
+    if fs is None:
+        if cfg.sae_name not in (None, described.name, described.hook):
             raise SettingsError("SweepConfig", [Problem.of(
-                Setting("hook", hook, quoted=True), " is not where ", Setting("sae", sae),
-                f" reads: it was trained at {sae_hook!r}. Leave ", Setting("hook"),
-                f" out, or give an SAE trained at {hook!r}.")], SWEEP_FLAGS)
-        hook = sae_hook
-    return SweepJob(model=model, sae=sae, hook=hook, config=cfg)
+                Setting("sae_name", cfg.sae_name, quoted=True), " is not ", Setting("sae", cfg.sae),
+                f", which is named {described.name!r} and reads {described.hook!r}. With ", Setting("prompts.file"),
+                " the SAE swept is that of ", Setting("sae"), " (NAME=SOURCE names it): leave ", Setting("sae_name"),
+                " out.")], SWEEP_FLAGS)
+        return SweepJob(model=model, sae=str(source), sae_name=described.name, hook=described.hook, config=cfg)
+    record = _store_sae(fs, cfg, source, described)
+    return SweepJob(model=model, sae=record["source"] if source is None else str(source), sae_name=record["name"],
+                    hook=record["hook"], config=cfg)
+
+
+def _store_sae(fs, cfg: SweepConfig, source, described) -> dict:
+    """The run-record entry of the store's SAE that the sweep reads live features and means from:
+    the one ``sae_name`` names, else the one ``sae`` names (NAME=SOURCE), else the store's only SAE,
+    else the one at the hook of ``sae``. An ``sae`` given must be of its hook and width."""
+    if cfg.sae_name is not None and source is not None and source.name not in (None, cfg.sae_name):
+        raise SettingsError("SweepConfig", [Problem.of(
+            Setting("sae_name", cfg.sae_name, quoted=True), " and ", Setting("sae", cfg.sae),
+            " name two SAEs: name the store's SAE once.")], SWEEP_FLAGS)
+    key = (cfg.sae_name or (source and source.name) or (fs.saes[0] if len(fs.saes) == 1 else None)
+           or (described and described.hook))
+    if key is None:
+        raise SettingsError("SweepConfig", [Problem.of(
+            f"store {fs.location} holds several SAEs: choose one with ", Setting("sae_name"),
+            f" ({', '.join(fs.saes)}).")], SWEEP_FLAGS)
+    try:
+        record = fs.sae_record(key)
+    except ConfigError as e:  # an unknown name, or a hook that several SAEs read: the message lists them
+        given = Setting("sae_name", key, quoted=True) if cfg.sae_name is not None else Setting("sae", cfg.sae)
+        fix = [] if cfg.sae_name is not None else [" Choose the store's SAE with ", Setting("sae_name"), "."]
+        raise SettingsError("SweepConfig", [Problem.of(given, f": {e}", *fix)], SWEEP_FLAGS) from None
+    if described is not None and (described.hook, described.d_sae) != (record["hook"], record["d_sae"]):
+        raise SettingsError("SweepConfig", [Problem.of(
+            Setting("sae", cfg.sae), f" reads {described.hook!r} with {described.d_sae} features, but the store's "
+            f"SAE {record['name']!r}, whose live features and means the sweep reads, reads {record['hook']!r} with "
+            f"{record['d_sae']}. Leave ", Setting("sae"), " out to sweep the store's SAE, or give one trained "
+            "like it.")], SWEEP_FLAGS)
+    return record
 
 
 def _check_prompt_file(cfg: SweepConfig) -> list[Problem]:
@@ -145,15 +171,14 @@ def run_sweep(cfg: SweepConfig) -> dict:
                                          cfg.resources.use_gpu)
         except ConfigError as e:
             raise as_settings_error("SweepConfig", e, SWEEP_FLAGS) from None
-        job = SweepJob(job.model, job.sae, job.hook, job.config, device=None if resources.use_gpu else "cpu",
-                       n_threads=resources.n_threads)
+        job = replace(job, device=None if resources.use_gpu else "cpu", n_threads=resources.n_threads)
         policy = pool.Policy(
             label="sweep", submit=lambda actor, part: actor.run_part.remote(part),
             describe=lambda part: f"computing sweep part {part.part_id} "
                                   f"(prompts {part.prompt_start}-{part.prompt_stop - 1})")
         with pool.actors(ray, SweepWorker, job, resources, policy) as actors:
             n_prompts = call(ray, actors[0].n_prompts.remote(), "loading the model, the SAE and the prompts")
-            record = cfg.record(job.model, job.sae, job.hook, n_prompts)
+            record = job.record(n_prompts)
             writer = SweepWriter(cfg.store.path, cfg.name)
             same = writer.existing_spec() is not None and not cfg.store.overwrite
             if same:

@@ -15,9 +15,10 @@ Ablate every live SAE feature at a position of each prompt and record the change
 exactly as a loop of run_with_hooks_with_saes would, but batched and from the SAE's layer on.
 Results go into the store under sweeps/NAME; read them with store.sweeps.read_sweep.
 
-Prompts that are rows of an extraction store (the store says which features are live):
+Prompts that are rows of an extraction store (the store says which features are live; name
+its SAE with --sae-name when it holds several):
 
-  latentstore sweep --name l1-last --store demo.zarr --rows 0:200 --metric kl
+  latentstore sweep --name l1-last --store demo.zarr --rows 0:200 --metric kl --sae-name res_16k
 
 Prompts from a file, one JSON object a line with prompt, answer and wrong_answer:
 
@@ -38,8 +39,11 @@ def add_commands(subparsers) -> None:
     source.add_argument("--rows", type=_rows, help="dataset rows START:STOP of --store as prompts")
     source.add_argument("--prompts", help="a jsonl file: prompt, answer, wrong_answer per line")
     sweep.add_argument("--model", help="default: the store's model")
-    sweep.add_argument("--sae", help="default: the store's SAE at --hook")
-    sweep.add_argument("--hook", help="which of the store's SAEs (needed when it holds several)")
+    sweep.add_argument("--sae", help="the SAE to ablate, [NAME=]SOURCE as `latentstore extract --sae` takes it "
+                                      "(default: the store's SAE --sae-name)")
+    sweep.add_argument("--sae-name", "--hook", dest="sae_name", metavar="NAME",
+                       help="which of the store's SAEs, by name, or by hook where one SAE sits there "
+                            "(needed when the store holds several)")
     sweep.add_argument("--metric", choices=METRICS, default=argparse.SUPPRESS,
                        help="logit_diff: answer minus wrong answer at the last position; loss: of the answer "
                             "(file prompts) or the prompt's mean next-token loss (store rows: only positions after "

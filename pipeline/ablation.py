@@ -64,7 +64,8 @@ LINEAR_DECODE_NORMALIZATIONS = ("none", "expected_average_only_in", "covariance_
 @dataclass(frozen=True)
 class StorePrompts:
     """Dataset rows of a store used as prompts: their tokens (left-padded, as notebook 000 pads)
-    and where each lies in the store, so that a sweep reads live features and means from it."""
+    and where each lies in the store, so that a sweep reads live features and means from it, those
+    of the store's SAE ``sae``."""
 
     store: Any  # store.FeatureStore
     rows: np.ndarray  # int64 [n_prompts]: dataset rows
@@ -72,10 +73,13 @@ class StorePrompts:
     lengths: np.ndarray  # int64 [n_prompts]
     tokens: torch.Tensor  # long [n_prompts, seq], left-padded
     attention_mask: torch.Tensor | None  # [n_prompts, seq], 0 at padding; None when nothing is padded
+    sae: str | None = None  # the store's SAE swept, by name; None: the one at the swept SAE's hook
 
     @classmethod
-    def from_store(cls, store, rows: Sequence[int], pad_token_id: int = 0) -> StorePrompts:
-        """Each row must fit in one window of the store (a prompt is what the model saw at once)."""
+    def from_store(cls, store, rows: Sequence[int], pad_token_id: int = 0, sae: str | None = None) -> StorePrompts:
+        """Each row must fit in one window of the store (a prompt is what the model saw at once).
+        ``sae`` names the store's SAE that is swept (a hook where one SAE sits); it is needed when
+        several SAEs read the swept SAE's hook."""
         rows = np.asarray(rows, dtype=np.int64)
         stored_rows = store.provenance()["row"].to_numpy()  # ascending: the store is in row order
         starts = np.searchsorted(stored_rows, rows, side="left")
@@ -96,10 +100,11 @@ class StorePrompts:
             )
         tokens, mask = left_pad([torch.from_numpy(store.token_ids(int(start), int(start + n)).astype(np.int64))
                                  for start, n in zip(starts, lengths)], pad_token_id)
-        return cls(store, rows, starts.astype(np.int64), lengths.astype(np.int64), tokens, mask)
+        return cls(store, rows, starts.astype(np.int64), lengths.astype(np.int64), tokens, mask, sae)
 
-    def live_features(self, hook: str, positions: torch.Tensor | None) -> np.ndarray:
-        """Features the store saw firing at each prompt's ablated position (all its tokens for None)."""
+    def live_features(self, sae: str, positions: torch.Tensor | None) -> np.ndarray:
+        """Features that the store's SAE ``sae`` saw firing at each prompt's ablated position (all
+        its tokens for None)."""
         seq = self.tokens.shape[1]
         picked = []
         for i, (start, n) in enumerate(zip(self.token_start, self.lengths)):
@@ -109,7 +114,7 @@ class StorePrompts:
                 picked.append(np.array([start + int(positions[i]) - (seq - n)]))
         index = np.concatenate(picked)
         lo, hi = int(index.min()), int(index.max()) + 1
-        csr = self.store.csr(hook, lo, hi)[index - lo]
+        csr = self.store.csr(sae, lo, hi)[index - lo]
         return np.unique(csr.indices).astype(np.int64)
 
 
@@ -124,10 +129,11 @@ def left_pad(prompts: Sequence[torch.Tensor], pad_token_id: int) -> tuple[torch.
     return tokens, None if bool(mask.all()) else mask
 
 
-def mean_activations(store, hook: str) -> np.ndarray:
+def mean_activations(store, sae: str) -> np.ndarray:
     """Each feature's mean activation over every token of the store, zeros included: the value
-    that notebook-style mean ablation puts in. Read from the store's per-feature statistics."""
-    return store.feature_stats(hook)["mean_all"].to_numpy(np.float32)
+    that notebook-style mean ablation puts in. Read from the per-feature statistics of the
+    store's SAE ``sae`` (a name, or a hook where one SAE sits)."""
+    return store.feature_stats(sae)["mean_all"].to_numpy(np.float32)
 
 
 # -- running from the SAE's hook onward --------------------------------------------------------
@@ -255,7 +261,8 @@ def ablation_sweep(
         sae: a sae_lens SAE or transcoder; its ``cfg.metadata.hook_name`` says what it reads, and
             a transcoder's ``hook_name_out`` which activation its output replaces.
         tokens: ``[n_prompts, seq]`` token ids, or ``StorePrompts`` (rows of a store, whose
-            live features and mean activations then come from the store).
+            live features and mean activations then come from the store's SAE ``tokens.sae``,
+            by default the one at the SAE's hook).
         metric: logits ``[batch, seq, vocab]`` to ``[batch]``; see ``pipeline.metrics``.
         features: ``"live"`` (every feature active at the ablated position of any prompt, as in
             notebook 000) or a list of feature ids.
@@ -280,14 +287,13 @@ def ablation_sweep(
     store_prompts = tokens if isinstance(tokens, StorePrompts) else None
     if store_prompts is not None:
         tokens, attention_mask = store_prompts.tokens, store_prompts.attention_mask
-    hook = _check_inputs(model, sae, tokens, method, verify_top, batch_size)
+    _check_inputs(model, sae, tokens, method, verify_top, batch_size)
     device = next(model.parameters()).device
     tokens = tokens.to(device)
     n_prompts, seq = tokens.shape
     positions = resolve_positions(position, n_prompts, seq, attention_mask)
-    if store_prompts is not None:
-        store_prompts.store.d_sae(hook)  # refuses a hook the store does not hold, listing those it does
-    means = _means(ablation, means, store_prompts, hook, sae.cfg.d_sae)
+    store_sae = None if store_prompts is None else _store_sae(store_prompts, sae)
+    means = _means(ablation, means, store_prompts, store_sae, sae.cfg.d_sae)
 
     resume = Resume(model, output_hook(sae), tokens, None if attention_mask is None else attention_mask.to(device))
     runner = MetricRunner(metric, n_prompts)
@@ -296,7 +302,7 @@ def ablation_sweep(
     if isinstance(features, str):
         if features != "live":
             raise ConfigError(f"features={features!r}: give 'live' or a list of feature ids.")
-        feature_ids = (store_prompts.live_features(hook, positions) if store_prompts is not None
+        feature_ids = (store_prompts.live_features(store_sae, positions) if store_prompts is not None
                        else live_features(baseline.acts, positions, attention_mask))
     else:
         feature_ids = check_feature_ids(features, sae.cfg.d_sae)
@@ -335,15 +341,14 @@ def ablation_sweep(
     return frame
 
 
-def _check_inputs(model, sae, tokens, method: str, verify_top: int | None, batch_size: int) -> str:
-    hook = input_hook(sae)
+def _check_inputs(model, sae, tokens, method: str, verify_top: int | None, batch_size: int) -> None:
     problems = model_hook_problems(sae, model.hook_dict)
     if problems:
         raise ConfigError(problems)
     normalization = getattr(sae.cfg, "normalize_activations", "none")
     if normalization not in LINEAR_DECODE_NORMALIZATIONS + RUN_TIME_NORMALIZATIONS:
         raise ConfigError(
-            f"the SAE at {hook} normalizes activations as {normalization!r}, which this sweep does not know "
+            f"the SAE at {input_hook(sae)} normalizes activations as {normalization!r}, which this sweep does not know "
             f"how to decode; it knows {', '.join(LINEAR_DECODE_NORMALIZATIONS + RUN_TIME_NORMALIZATIONS)}. "
             "Fold the normalization into the weights, or ablate with run_with_hooks_with_saes."
         )
@@ -355,7 +360,6 @@ def _check_inputs(model, sae, tokens, method: str, verify_top: int | None, batch
         raise ConfigError("verify_top=N re-checks attribution's N strongest features: use it with method='attribution', N >= 0.")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}.")
-    return hook
 
 
 def resolve_positions(position: PositionSpec, n_prompts: int, seq: int,
@@ -379,7 +383,24 @@ def resolve_positions(position: PositionSpec, n_prompts: int, seq: int,
     return pos % seq
 
 
-def _means(ablation: Ablation, means: np.ndarray | None, store_prompts: StorePrompts | None, hook: str,
+def _store_sae(prompts: StorePrompts, sae) -> str:
+    """The name of the store's SAE that is ``sae``: the one the prompts name, else the one at its
+    hook. One of another hook or width would give live features and means of another SAE."""
+    try:
+        record = prompts.store.sae_record(prompts.sae or input_hook(sae))
+    except ConfigError as e:
+        e.add_note("Name the store's SAE that is swept: StorePrompts.from_store(store, rows, sae=NAME).")
+        raise
+    if (record["hook"], record["d_sae"]) != (input_hook(sae), sae.cfg.d_sae):
+        raise ConfigError(
+            f"the store's SAE {record['name']!r} reads {record['hook']} with {record['d_sae']} features, but the "
+            f"SAE swept reads {input_hook(sae)} with {sae.cfg.d_sae}: the store's live features and means are "
+            "another SAE's. Sweep the store's SAE, or name it: StorePrompts.from_store(store, rows, sae=NAME)."
+        )
+    return record["name"]
+
+
+def _means(ablation: Ablation, means: np.ndarray | None, store_prompts: StorePrompts | None, store_sae: str | None,
            d_sae: int) -> np.ndarray | None:
     if isinstance(ablation, str) and ablation not in ("zero", "mean"):
         raise ConfigError(f"ablation={ablation!r}: use 'zero', 'mean' or a scale factor such as 0.5.")
@@ -393,7 +414,7 @@ def _means(ablation: Ablation, means: np.ndarray | None, store_prompts: StorePro
             "or prompts from a store (StorePrompts.from_store), whose tokens give the means."
         )
     if means is None:
-        return mean_activations(store_prompts.store, hook)
+        return mean_activations(store_prompts.store, store_sae)
     means = np.asarray(means, dtype=np.float32)
     if means.shape != (d_sae,):
         raise ConfigError(f"means has shape {means.shape}; expected one mean per feature, ({d_sae},).")

@@ -229,22 +229,11 @@ class SweepConfig(_Settings):
     store: SweepStoreSpec
     prompts: PromptSpec = field(default_factory=PromptSpec)
     model: str | None = None  # None: the store's model
-    sae: str | None = None  # an SAE source (see pipeline.saes); None: the store's SAE at ``hook``
-    hook: str | None = None  # which of the store's SAEs; needed when it has several
+    sae: str | None = None  # an SAE source, [NAME=]SOURCE (see pipeline.saes); None: the store's ``sae_name``
+    sae_name: str | None = None  # the store's SAE, by name (or by a hook with one SAE); needed if it has several
     ablation: AblationSpec = field(default_factory=AblationSpec)
     resources: Resources = field(default_factory=Resources)
 
     SPECS: ClassVar[dict[str, type]] = {"store": SweepStoreSpec, "prompts": PromptSpec, "ablation": AblationSpec,
                                         "resources": Resources}
     PRIMARY: ClassVar[dict[str, str]] = {"store": "path", "prompts": "file", "ablation": "kind"}
-
-    def record(self, model: str, sae: str, hook: str, n_prompts: int) -> dict:
-        """The sweep's record in the store: what was ablated, where, how, measured by what."""
-        a, prompts = self.ablation, self.prompts
-        source = {"store_rows": list(prompts.rows)} if prompts.rows is not None else {"file": prompts.file}
-        return {"model": model, "sae": sae, "hook": hook, "prompts": source, "n_prompts": n_prompts,
-                "metric": a.metric, "position": "all" if a.position is None else a.position,
-                "features": "live" if a.features is None else list(a.features),
-                "ablation": a.kind, "use_error_term": a.use_error_term, "method": a.method,
-                "verify_top": a.verify_top, "prompts_per_part": self.store.prompts_per_part,
-                "features_per_part": self.store.features_per_part}

@@ -29,11 +29,24 @@ class SweepJob:
     """What every worker needs: the config, validated by the driver, and what it resolved."""
 
     model: str  # the config's, or else the store's
-    sae: str  # the config's, or else the store's SAE at ``hook``
+    sae: str  # the SAE's source: the config's, or else the store's SAE ``sae_name``
+    sae_name: str  # the store's name for it (store rows read its live features and means), else the source's
     hook: str  # where the SAE reads
     config: SweepConfig
     device: str | None = None  # None: the GPU Ray gave this worker, else the CPU
     n_threads: int | None = None  # torch threads on a CPU worker
+
+    def record(self, n_prompts: int) -> dict:
+        """The sweep's record in the store: what was ablated, where, how, measured by what."""
+        a, prompts, store = self.config.ablation, self.config.prompts, self.config.store
+        source = {"store_rows": list(prompts.rows)} if prompts.rows is not None else {"file": prompts.file}
+        return {"model": self.model, "sae": self.sae, "sae_name": self.sae_name, "hook": self.hook,
+                "prompts": source, "n_prompts": n_prompts,
+                "metric": a.metric, "position": "all" if a.position is None else a.position,
+                "features": "live" if a.features is None else list(a.features),
+                "ablation": a.kind, "use_error_term": a.use_error_term, "method": a.method,
+                "verify_top": a.verify_top, "prompts_per_part": store.prompts_per_part,
+                "features_per_part": store.features_per_part}
 
 
 @dataclass(frozen=True)
@@ -84,7 +97,7 @@ class SweepWorker:
             self.rows = np.arange(*cfg.prompts.rows)
             self.texts = None
             if cfg.ablation.kind == "mean":
-                self.means = mean_activations(self.store, job.hook)
+                self.means = mean_activations(self.store, job.sae_name)
         else:
             self.store = None
             self.texts = read_prompt_file(cfg.prompts.file)
@@ -104,7 +117,7 @@ class SweepWorker:
         """(tokens or StorePrompts, attention mask, metric) for prompts [start, stop)."""
         metric_name = self.job.config.ablation.metric
         if self.texts is None:
-            prompts = StorePrompts.from_store(self.store, self.rows[start:stop])
+            prompts = StorePrompts.from_store(self.store, self.rows[start:stop], sae=self.job.sae_name)
             tokens, mask = prompts.tokens, prompts.attention_mask
         else:
             tokens, mask = self.tokens[start:stop], None if self.mask is None else self.mask[start:stop]
@@ -128,7 +141,7 @@ class SweepWorker:
             prompts, mask, _ = self.prompts(start, min(self.n_prompts(), start + step))
             if isinstance(prompts, StorePrompts):
                 positions = resolve_positions(cfg.ablation.position, len(prompts.rows), prompts.tokens.shape[1], mask)
-                found.append(prompts.live_features(self.job.hook, positions))
+                found.append(prompts.live_features(self.job.sae_name, positions))
             else:
                 found.append(self._live_from_run(prompts, mask))
         return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)

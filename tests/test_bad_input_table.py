@@ -400,22 +400,26 @@ BAD_INPUTS = {
         r"(?s)shards/000000/saes/blocks\.0\.hook_resid_post/values is damaged.*lz-future.*latentstore verify"),
     # sweeps
     "sweep: empty row range": (_sweep(rows=(5, 5)), ConfigError, r"SweepConfig\.prompts\.rows=\(5, 5\) is empty"),
-    "sweep: hook the store lacks": (
-        _sweep(hook="blocks.1.hook_mlp_out"), ConfigError,
-        r"SweepConfig\.hook='blocks\.1\.hook_mlp_out' is not in store"),
+    "sweep: an SAE the store lacks": (
+        _sweep(sae_name="blocks.1.hook_mlp_out"), ConfigError,
+        r"SweepConfig\.sae_name='blocks\.1\.hook_mlp_out': store .* has no SAE named 'blocks\.1\.hook_mlp_out'"),
+    "sweep: --sae that is not the store's SAE": (
+        _sweep(sae=lambda a, t: str(a["sae_dirs"]["blocks.1.hook_mlp_out"])), ConfigError,
+        r"SweepConfig\.sae='.*' reads 'blocks\.1\.hook_mlp_out' with 96 features, but the store's SAE "
+        r"'blocks\.0\.hook_resid_post', whose live features and means the sweep reads, reads "
+        r"'blocks\.0\.hook_resid_post' with 96\. Leave SweepConfig\.sae out"),
     "sweep: name with a slash": (_sweep(name="a/b"), ConfigError, r"sweep name 'a/b': use letters, digits"),
     "sweep: logit_diff without answers": (
         _sweep(metric="logit_diff"), ConfigError, r"SweepConfig\.ablation\.metric='logit_diff' needs answers"),
     "sweep: prompt file with a broken line": (
         _sweep(rows=None, prompts=lambda a, t: _file(t, "p.jsonl", b'{"prompt": "a"}\n{not json\n'), model="m", sae="s"),
         ConfigError, r"SweepConfig\.prompts\.file .*p\.jsonl: line 2 is not JSON"),
-    "sweep: --hook that is not where the --sae reads": (
+    "sweep: --sae-name that is not the --sae's": (
         _sweep(rows=None, prompts=lambda a, t: _file(t, "p.jsonl", b'{"prompt": "a cat"}\n'),
                model=lambda a, t: str(a["model_dir"]), sae=lambda a, t: str(a["sae_dirs"]["blocks.0.hook_resid_post"]),
-               hook="blocks.1.hook_mlp_out"),
-        ConfigError, r"SweepConfig\.hook='blocks\.1\.hook_mlp_out' is not where SweepConfig\.sae='.*' reads: it "
-                     r"was trained at "
-                     r"'blocks\.0\.hook_resid_post'"),
+               sae_name="blocks.1.hook_mlp_out"),
+        ConfigError, r"SweepConfig\.sae_name='blocks\.1\.hook_mlp_out' is not SweepConfig\.sae='.*', which is "
+                     r"named 'blocks\.0\.hook_resid_post' and reads 'blocks\.0\.hook_resid_post'"),
     "sweep: reading a sweep that does not exist": (
         lambda a, t, s: __import__("store.sweeps", fromlist=["read_sweep"]).read_sweep(s, "nope"),
         StoreNotFoundError, r"has no sweep 'nope'; it has: none"),

@@ -316,14 +316,13 @@ def test_index_driver_killed_then_rerun_resumes(plain, fresh_index, start_driver
 
 @pytest.fixture(scope="module")
 def sweep_spec(assets, tmp_path_factory) -> dict:
-    """A sweep of six prompts from a file, in parts of 3 prompts by 24 features, by one worker.
-    The hook is given, so that the driver need not read the SAE (nor import sae_lens) to find it."""
+    """A sweep of six prompts from a file, in parts of 3 prompts by 24 features, by one worker."""
     rng = random.Random(4)
     prompts = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))})
                                + "\n" for _ in range(6)))
-    return dict(prompts=str(prompts), model=str(assets["model_dir"]), sae=str(assets["sae_dirs"][HOOK]), hook=HOOK,
-                metric="kl", prompts_per_part=3, features_per_part=24, workers=1, cpus_per_worker=1, progress=False)
+    return dict(prompts=str(prompts), model=str(assets["model_dir"]), sae=str(assets["sae_dirs"][HOOK]), metric="kl",
+                prompts_per_part=3, features_per_part=24, workers=1, cpus_per_worker=1, progress=False)
 
 
 def sweep_config(sweep_spec: dict, path: Path) -> SweepConfig:

@@ -128,8 +128,11 @@ def test_cli_sweep_from_prompt_file_and_steer(assets, prompt_file, ray_cluster, 
 def test_errors_name_the_problem(store, assets, tmp_path):
     with pytest.raises(ConfigError, match="needs answers"):
         validate(SweepConfig.build(name="x", store=store, rows=(0, 3)))
-    with pytest.raises(ConfigError, match="SweepConfig.hook='blocks.5.hook_resid_post' is not in store"):
-        validate(SweepConfig.build(name="x", store=store, rows=(0, 3), metric="kl", hook="blocks.5.hook_resid_post"))
+    with pytest.raises(ConfigError, match=r"SweepConfig.sae_name='blocks.5.hook_resid_post': store .* has no SAE "
+                                          r"named 'blocks.5.hook_resid_post' \(nor one at a hook of that name\); "
+                                          rf"its SAEs: {HOOK}"):
+        validate(SweepConfig.build(name="x", store=store, rows=(0, 3), metric="kl",
+                                   sae_name="blocks.5.hook_resid_post"))
     with pytest.raises(ConfigError, match="sweep name"):
         validate(SweepConfig.build(name="a/b", store=store, rows=(0, 3), metric="kl"))
     bad = tmp_path / "bad.jsonl"
@@ -170,8 +173,8 @@ def test_a_part_given_again_after_it_was_finished_is_kept(assets, prompt_file, t
     worker = SweepWorker(job)
     features = np.array(cfg.ablation.features)
     parts = plan_parts(worker.n_prompts(), features, cfg.store.prompts_per_part, cfg.store.features_per_part)
-    SweepWriter(cfg.store.path, cfg.name).begin(cfg.record(job.model, job.sae, job.hook, worker.n_prompts()),
-                                                features, None, len(parts), overwrite=False)
+    SweepWriter(cfg.store.path, cfg.name).begin(job.record(worker.n_prompts()), features, None, len(parts),
+                                                overwrite=False)
     first = worker.run_part(parts[0])
     marker = tmp_path / "out.zarr" / "sweeps" / "again" / "parts" / "000000" / MARKER_GROUP / "zarr.json"
     written = marker.stat().st_mtime_ns
