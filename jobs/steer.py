@@ -11,7 +11,7 @@ position, as notebook 004 steers Gemma with a Gemma Scope feature. Greedy unless
   latentstore steer --model gpt2-small --sae gpt2-small-res-jb/blocks.8.hook_resid_pre \\
       --feature 1234 --magnitude 40 --prompt "My favourite place is"
 
-With --store and no --model/--sae, the store's model and its SAE at --hook are used.
+With --store and no --model/--sae, the store's model and its SAE --sae-name are used.
 """
 
 
@@ -24,7 +24,9 @@ def add_commands(subparsers) -> None:
     steer.add_argument("--model", help="a TransformerLens model name or local model directory")
     steer.add_argument("--sae", help="the SAE (same forms as `latentstore extract --sae`)")
     steer.add_argument("--store", help="take --model and --sae from this store's run")
-    steer.add_argument("--hook", help="with --store: which of its SAEs (needed when it holds several)")
+    steer.add_argument("--sae-name", "--hook", dest="sae_name", metavar="NAME",
+                       help="with --store: which of its SAEs, by name, or by hook where one SAE sits there "
+                            "(needed when it holds several)")
     steer.add_argument("--max-new-tokens", type=int, default=50, help="(default: %(default)s)")
     steer.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     steer.add_argument("--temperature", type=float, default=1.0, help="with --sample (default: %(default)s)")
@@ -36,18 +38,21 @@ def add_commands(subparsers) -> None:
 def resolve_model_and_sae(args: argparse.Namespace) -> tuple[str, str]:
     """The --model and --sae texts, from the flags or from the store's record of its run."""
     from store import FeatureStore
-    from store.errors import ConfigError, did_you_mean
+    from store.errors import ConfigError
 
     model, sae = args.model, args.sae
     if args.store and (model is None or sae is None):
         fs = FeatureStore.open(args.store)
-        saes = {s["hook"]: s["source"] for s in fs.run["saes"]}
-        hook = args.hook or (next(iter(saes)) if len(saes) == 1 else None)
-        if sae is None and hook not in saes:
-            raise ConfigError(f"store {fs.location} holds SAEs at {', '.join(saes)}: choose one with --hook."
-                              if hook is None else
-                              f"--hook {hook!r} is not in store {fs.location}; it holds: {did_you_mean(hook, saes)}")
-        model, sae = model or fs.run["model"]["name"], sae or saes[hook]
+        if sae is None:
+            key = args.sae_name or (fs.saes[0] if len(fs.saes) == 1 else None)
+            if key is None:
+                raise ConfigError(f"store {fs.location} holds several SAEs: choose one with --sae-name "
+                                  f"({', '.join(fs.saes)}).")
+            try:
+                sae = fs.sae_record(key)["source"]
+            except ConfigError as e:  # an unknown name, or a hook that several SAEs read: the message lists them
+                raise ConfigError(f"--sae-name {key!r}: {e}") from None
+        model = model or fs.run["model"]["name"]
     if model is None or sae is None:
         raise ConfigError("name the --model and the --sae, or a --store whose run says which.")
     return model, sae

@@ -20,7 +20,7 @@ from pipeline.models import load_model, weights_hash
 from pipeline.saes import SAESource, load_sae
 from pipeline.worker import pick_device
 from store.errors import ConfigError, DataError, did_you_mean
-from store.format import decode_values, index_dtype, storage_dtype
+from store.format import decode_values, index_dtype, sae_name, storage_dtype
 
 log = logging.getLogger(__name__)
 
@@ -49,30 +49,32 @@ class PromptFeatures:
 
 
 class PromptEncoder:
-    """Maps text to ``PromptFeatures`` at ``hook``, with the model and SAE of the run ``run``
-    (a store's ``fs.run``), loaded once here."""
+    """Maps text to ``PromptFeatures`` of the SAE named ``sae``, with the model and that SAE of the
+    run ``run`` (a store's ``fs.run``), loaded once here. ``FeatureStore.resolve`` gives the name of
+    an SAE known by its hook."""
 
-    def __init__(self, run: dict, hook: str, device: str | None = None):
-        saes = {sae["hook"]: sae for sae in run["saes"]}
-        if hook not in saes:
-            raise ConfigError(f"--hook {hook}: the run has no SAE there. Its hooks: {did_you_mean(hook, saes)}")
-        self.hook = hook
+    def __init__(self, run: dict, sae: str, device: str | None = None):
+        records = {sae_name(record): record for record in run["saes"]}
+        if sae not in records:
+            raise ConfigError(f"the run has no SAE named {sae!r}; its SAEs: {did_you_mean(sae, records)}")
+        record = records[sae]
+        self.name, self.hook = sae, record["hook"]
         self.model_name = run["model"]["name"]
         self.value_dtype = run["value_dtype"]
         self.context_size = int(run["context_size"])
         self.device = pick_device(device)
         self.model = load_model(run["model"]["name"], self.device, run["model"].get("dtype"))
         model_dtype = str(self.model.cfg.dtype).removeprefix("torch.")
-        sae = load_sae(SAESource.parse(saes[hook]["source"]), device=str(self.device), dtype=model_dtype)
-        self.d_sae = sae.cfg.d_sae
+        loaded = load_sae(SAESource.parse(record["source"]), device=str(self.device), dtype=model_dtype)
+        self.d_sae = loaded.cfg.d_sae
         _warn_if_changed(run["model"].get("weights_hash"), self.model, f"the model {run['model']['name']}")
-        _warn_if_changed(saes[hook].get("weights_hash"), sae, f"the SAE {saes[hook]['source']}")
+        _warn_if_changed(record.get("weights_hash"), loaded, f"the SAE {record['source']}")
         self.tokenizer = self.model.tokenizer
         if self.tokenizer is None:
             raise ConfigError(f"the run's model {run['model']['name']} has no tokenizer, so typed text cannot "
                               "be tokenized. Serve a model directory that holds its tokenizer files.")
         self.bos_id = self.tokenizer.bos_token_id if run["prepend_bos"] else None
-        self.encoder = SparseEncoder(self.model, {hook: sae}, self.value_dtype)
+        self.encoder = SparseEncoder(self.model, {sae: loaded}, self.value_dtype)
 
     @property
     def max_text_tokens(self) -> int:
@@ -91,7 +93,7 @@ class PromptEncoder:
         if windows.n_tokens == 0:
             raise DataError("the prompt makes no tokens: type some text.")
         tokens = torch.from_numpy(windows.tokens).to(self.device)
-        batch = self.encoder(tokens, torch.from_numpy(windows.lengths).to(self.device))[self.hook]
+        batch = self.encoder(tokens, torch.from_numpy(windows.lengths).to(self.device))[self.name]
         indptr, indices, values = concat_batches([batch], index_dtype(self.d_sae), storage_dtype(self.value_dtype),
                                                  windows.n_tokens)
         return PromptFeatures(windows.flat_tokens(), windows.positions, indptr, indices,
