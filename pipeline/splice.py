@@ -7,7 +7,7 @@ splicing the SAE's reconstruction there repairs the behaviour. ``splice_eval`` r
 these conditions over the same prompts:
 
 - ``clean``: the model alone;
-- ``spliced``: the SAEs of one hook set spliced in together (``run_with_saes``; transcoders as
+- ``spliced``: the SAEs of one set spliced in together (``run_with_saes``; transcoders as
   ``TranscoderSplice`` splices them: their output hook's activation replaced by what they write);
 - ``zero``: the activation an SAE's output replaces set to zeros (an SAE's own hook, a
   transcoder's output hook, e.g. the MLP's output for an MLP transcoder).
@@ -15,7 +15,8 @@ these conditions over the same prompts:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,8 +31,8 @@ CONDITIONS = ("clean", "spliced", "zero")
 
 def splice_eval(
     model,
-    saes: Sequence,
-    hook_sets: Sequence[Sequence[str]],
+    saes: Mapping[str, Any] | Sequence,
+    sae_sets: Sequence[Sequence[str]],
     tokens: torch.Tensor,
     metric: Metric,
     *,
@@ -40,13 +41,14 @@ def splice_eval(
     attention_mask: torch.Tensor | None = None,
     batch_size: int = 32,
 ) -> pd.DataFrame:
-    """Per prompt and condition: ``prompt``, ``partition``, ``condition``, ``hooks``, ``metric``, ``loss``.
+    """Per prompt and condition: ``prompt``, ``partition``, ``condition``, ``target``, ``metric``, ``loss``.
 
     Args:
-        saes: sae_lens SAEs and transcoders, at most one reading each hook.
-        hook_sets: the sets of hooks spliced in together, e.g. ``[["blocks.0.hook_resid_post"],
-            ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]]``; every hook needs an SAE
-            reading it (a transcoder is named by its input hook).
+        saes: sae_lens SAEs and transcoders by name (``{"res_16k": sae, ...}``), or a list of them,
+            each named by the hook it reads (a transcoder by its input hook).
+        sae_sets: the sets of SAEs spliced in together, each SAE by its name, or by the hook it
+            reads where only one SAE given reads it, e.g. ``[["blocks.0.hook_resid_post"],
+            ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]]``.
         tokens: ``[n_prompts, seq]``.
         metric: logits to one value per prompt (see ``pipeline.metrics``). A metric that takes
             ``prompts=`` runs in batches of ``batch_size``; any other sees all prompts at once.
@@ -55,15 +57,17 @@ def splice_eval(
             transcoder, the output hook's activation minus what it writes).
         attention_mask: for left-padded tokens; the loss skips padding.
 
-    ``loss`` is each prompt's mean next-token cross-entropy. Summarize with ``splice_summary``.
+    ``target`` is what a condition changes: for ``spliced``, its SAEs' names joined by ``+``; for
+    ``zero``, the hook zeroed. ``loss`` is each prompt's mean next-token cross-entropy.
+    Summarize with ``splice_summary``.
     """
-    by_hook = _saes_by_hook(model, saes, hook_sets)
+    named, sets = _resolve_sets(model, saes, sae_sets)
     n_prompts = len(tokens)
     labels = np.full(n_prompts, "all", dtype=object) if partition is None else np.asarray(partition, dtype=object)
     if labels.shape != (n_prompts,):
         raise ConfigError(f"partition has {labels.size} labels for {n_prompts} prompts: give one label per prompt.")
     loss = NextTokenLoss(tokens, attention_mask)
-    zero_hooks = list(dict.fromkeys(output_hook(by_hook[h]) for hooks in hook_sets for h in hooks))
+    zero_hooks = list(dict.fromkeys(output_hook(named[name]) for names in sets for name in names))
 
     def spliced(batch, mask, chosen):
         splices = [TranscoderSplice(sae, use_error_term) for sae in chosen if is_transcoder(sae)]
@@ -72,25 +76,25 @@ def splice_eval(
                                        use_error_term=use_error_term, attention_mask=mask)
 
     conditions = [("clean", "", lambda batch, mask: model(batch, attention_mask=mask))]
-    for hooks in hook_sets:
-        chosen = [by_hook[h] for h in hooks]
-        conditions.append(("spliced", "+".join(hooks), lambda batch, mask, chosen=chosen: spliced(batch, mask, chosen)))
+    for names in sets:
+        chosen = [named[name] for name in names]
+        conditions.append(("spliced", "+".join(names), lambda batch, mask, chosen=chosen: spliced(batch, mask, chosen)))
     for hook in zero_hooks:
         conditions.append(("zero", hook, lambda batch, mask, hook=hook: model.run_with_hooks(
             batch, attention_mask=mask, fwd_hooks=[(hook, _zero)])))
 
     step = batch_size if accepts_prompts(metric) else n_prompts
     frames = []
-    for condition, hooks, run in conditions:
+    for condition, target, run in conditions:
         metric_values, loss_values = _evaluate(run, tokens, attention_mask, metric, loss, step)
         frames.append(pd.DataFrame({"prompt": np.arange(n_prompts), "partition": labels, "condition": condition,
-                                    "hooks": hooks, "metric": metric_values, "loss": loss_values}))
+                                    "target": target, "metric": metric_values, "loss": loss_values}))
     return pd.concat(frames, ignore_index=True)
 
 
 def splice_summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean metric and loss per partition, condition and hook set, with the number of prompts."""
-    return (frame.groupby(["partition", "condition", "hooks"], sort=False)
+    """Mean metric and loss per partition, condition and target, with the number of prompts."""
+    return (frame.groupby(["partition", "condition", "target"], sort=False)
             .agg(metric=("metric", "mean"), loss=("loss", "mean"), n_prompts=("prompt", "size"))
             .reset_index())
 
@@ -99,34 +103,46 @@ def _zero(activation: torch.Tensor, hook) -> torch.Tensor:
     return torch.zeros_like(activation)
 
 
-def _saes_by_hook(model, saes: Sequence, hook_sets: Sequence[Sequence[str]]) -> dict:
-    by_hook = {}
-    problems = []
-    for sae in saes:
-        hook = input_hook(sae)
-        if hook in by_hook:
-            raise ConfigError(f"two SAEs read {hook}: give one SAE per hook.")
-        by_hook[hook] = sae
-        problems.extend(model_hook_problems(sae, model.hook_dict) if is_transcoder(sae) else [])
-    for hooks in hook_sets:
-        for hook in hooks:
-            if hook not in model.hook_dict:
-                problems.append(f"hook {hook!r} is not a hook of this model; it has: "
-                                f"{did_you_mean(hook, list(model.hook_dict))}")
-            elif hook not in by_hook:
-                problems.append(f"no SAE was given for hook {hook!r}; the SAEs given read: "
-                                f"{did_you_mean(hook, list(by_hook)) or 'nothing'}")
-        outputs = [output_hook(by_hook[h]) for h in hooks if h in by_hook]
-        for hook in hooks:
-            sae = by_hook.get(hook)
-            if sae is not None and is_transcoder(sae) and outputs.count(output_hook(sae)) > 1:
-                problems.append(f"hook set {'+'.join(hooks)}: the transcoder reading {hook} and another SAE both "
-                                f"replace {output_hook(sae)}; splice them in separate hook sets.")
-    if not hook_sets:
-        problems.append("no hook sets given: name at least one set of hooks to splice SAEs into.")
+def _resolve_sets(model, saes: Mapping[str, Any] | Sequence, sae_sets: Sequence[Sequence[str]]
+                  ) -> tuple[dict[str, Any], list[list[str]]]:
+    """The SAEs by name, and each set as names; every problem with either, together."""
+    if isinstance(saes, Mapping):
+        named = dict(saes)
+    else:
+        named = {}
+        for sae in saes:
+            if input_hook(sae) in named:
+                raise ConfigError(f"two SAEs read {input_hook(sae)}: give the SAEs by name, as {{name: sae}}.")
+            named[input_hook(sae)] = sae
+    problems = [f"{name}: {p}" for name, sae in named.items() for p in model_hook_problems(sae, model.hook_dict)]
+    sets = []
+    for keys in sae_sets:
+        names = []
+        for key in keys:
+            at_hook = [name for name, sae in named.items() if input_hook(sae) == key]
+            if key in named or len(at_hook) == 1:
+                names.append(key if key in named else at_hook[0])
+            elif at_hook:
+                problems.append(f"hook {key!r} is read by {len(at_hook)} of the SAEs given: {', '.join(at_hook)}. "
+                                "Name one of them instead of the hook.")
+            elif key in model.hook_dict:
+                problems.append(f"no SAE was given for hook {key!r}; the SAEs given: "
+                                f"{did_you_mean(key, list(named)) or 'none'}")
+            else:
+                problems.append(f"{key!r} names none of the SAEs given, and is not a hook of this model; the SAEs "
+                                f"given: {did_you_mean(key, list(named)) or 'none'}")
+        outputs = [output_hook(named[name]) for name in names]
+        for name in names:
+            if outputs.count(output_hook(named[name])) > 1:
+                problems.append(f"set {'+'.join(keys)}: {name} and another SAE of the set both replace "
+                                f"{output_hook(named[name])}; splice them in separate sets.")
+                break
+        sets.append(names)
+    if not sae_sets:
+        problems.append("no sets given: name at least one set of SAEs to splice in.")
     if problems:
         raise ConfigError(problems)
-    return by_hook
+    return named, sets
 
 
 @torch.no_grad()

@@ -48,13 +48,13 @@ def test_splice_numbers_equal_direct_computation(setup, use_error_term):
         for hook in HOOKS:
             expected[("zero", hook)] = model.run_with_hooks(
                 tokens, fwd_hooks=[(hook, lambda act, hook: torch.zeros_like(act))])
-    for (condition, hooks), logits in expected.items():
-        rows = frame[(frame["condition"] == condition) & (frame["hooks"] == hooks)].sort_values("prompt")
+    for (condition, target), logits in expected.items():
+        rows = frame[(frame["condition"] == condition) & (frame["target"] == target)].sort_values("prompt")
         assert list(rows["partition"]) == labels
         np.testing.assert_allclose(rows["metric"], metric(logits).numpy(), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(rows["loss"], per_prompt_loss(logits, tokens).numpy(), rtol=1e-5, atol=1e-5)
     clean = frame[frame["condition"] == "clean"]["metric"].to_numpy()
-    zeroed = frame[(frame["condition"] == "zero") & (frame["hooks"] == HOOKS[0])]["metric"].to_numpy()
+    zeroed = frame[(frame["condition"] == "zero") & (frame["target"] == HOOKS[0])]["metric"].to_numpy()
     assert np.abs(clean - zeroed).max() > 1e-2  # the conditions really differ
 
     summary = splice_summary(frame)
@@ -77,11 +77,43 @@ def test_plain_metric_sees_all_prompts_in_order(setup):
     assert set(frame["partition"]) == {"all"}
 
 
+def test_two_saes_at_one_hook_by_name(setup):
+    """Named, two SAEs of one hook are spliced in separate sets, each as run_with_saes splices it;
+    their hook names neither, and one set cannot hold both."""
+    model, saes, tokens, answers = setup
+    other = make_sae("jumprelu", HOOKS[0], seed=4)
+    named = {"a": saes[0], "b": other, "mlp": saes[1]}
+    metric = LogitDiff(answers)
+    frame = splice_eval(model, named, [["a"], ["b", HOOKS[1]]], tokens, metric)
+    assert list(dict.fromkeys(frame["target"])) == ["", "a", "b+mlp", HOOKS[0], HOOKS[1]]
+    with torch.no_grad():
+        expected = {"a": model.run_with_saes(tokens, saes=[saes[0]]),
+                    "b+mlp": model.run_with_saes(tokens, saes=[other, saes[1]])}
+    for target, logits in expected.items():
+        rows = frame[(frame["condition"] == "spliced") & (frame["target"] == target)]
+        np.testing.assert_allclose(rows["metric"], metric(logits).numpy(), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(frame[frame["target"] == "a"]["metric"], frame[frame["target"] == "b+mlp"]["metric"])
+
+    with pytest.raises(ConfigError) as raised:
+        splice_eval(model, named, [[HOOKS[0]], ["a", "b"]], tokens, metric)
+    assert raised.value.problems == [
+        f"hook {HOOKS[0]!r} is read by 2 of the SAEs given: a, b. Name one of them instead of the hook.",
+        f"set a+b: a and another SAE of the set both replace {HOOKS[0]}; splice them in separate sets.",
+    ]
+    with pytest.raises(ConfigError, match=rf"two SAEs read {HOOKS[0]}: give the SAEs by name, as \{{name: sae\}}"):
+        splice_eval(model, [saes[0], other], [["a"]], tokens, metric)
+
+
 def test_errors_name_the_problem(setup):
     model, saes, tokens, answers = setup
-    with pytest.raises(ConfigError, match="no SAE was given for hook 'blocks.2.hook_resid_post'"):
+    with pytest.raises(ConfigError, match="no SAE was given for hook 'blocks.2.hook_resid_post'; the SAEs given: "):
         splice_eval(model, saes, [["blocks.2.hook_resid_post"]], tokens, LogitDiff(answers))
-    with pytest.raises(ConfigError, match="not a hook of this model"):
+    with pytest.raises(ConfigError, match="'blocks.7.hook_resid_post' names none of the SAEs given, and is not a "
+                                          "hook of this model"):
         splice_eval(model, saes, [["blocks.7.hook_resid_post"]], tokens, LogitDiff(answers))
     with pytest.raises(ConfigError, match="one value per prompt"):
         splice_eval(model, saes, [[HOOKS[0]]], tokens, lambda logits: logits.mean())
+    with pytest.raises(ConfigError, match="far: the SAE reads hook 'blocks.7.hook_resid_post', which this model "
+                                          "does not have"):
+        splice_eval(model, {"far": make_sae("standard", "blocks.7.hook_resid_post")}, [["far"]], tokens,
+                    LogitDiff(answers))

@@ -228,16 +228,16 @@ def test_splice_equals_plain_hooks(model, tokens, answers, use_error_term):
         with model.hooks(fwd_hooks=spliced_hooks(tc, use_error_term)):
             both = model.run_with_saes(tokens, saes=[sae], use_error_term=use_error_term)
         zeroed = model.run_with_hooks(tokens, fwd_hooks=[(HOOK_OUT, lambda a, hook: torch.zeros_like(a))])
-    for condition, hooks, logits in [("spliced", HOOK_IN, alone),
-                                     ("spliced", f"{HOOK_IN}+blocks.0.hook_resid_post", both),
-                                     ("zero", HOOK_OUT, zeroed)]:
-        rows = frame[(frame["condition"] == condition) & (frame["hooks"] == hooks)]
-        assert len(rows) == N_PROMPTS, (condition, hooks)
+    for condition, target, logits in [("spliced", HOOK_IN, alone),
+                                      ("spliced", f"{HOOK_IN}+blocks.0.hook_resid_post", both),
+                                      ("zero", HOOK_OUT, zeroed)]:
+        rows = frame[(frame["condition"] == condition) & (frame["target"] == target)]
+        assert len(rows) == N_PROMPTS, (condition, target)
         np.testing.assert_allclose(rows["metric"], metric(logits).numpy(), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(rows["loss"], loss(logits).numpy(), rtol=1e-5, atol=1e-5)
     if not use_error_term:  # the transcoder changes the model
         clean = frame[frame["condition"] == "clean"]["metric"].to_numpy()
-        assert not np.allclose(frame[frame["hooks"] == HOOK_IN]["metric"], clean, atol=1e-3)
+        assert not np.allclose(frame[frame["target"] == HOOK_IN]["metric"], clean, atol=1e-3)
 
 
 @pytest.mark.parametrize("magnitude", [0.0, 7.0])
@@ -296,14 +296,15 @@ def test_extraction_refuses_a_missing_output_hook_before_any_work(assets, tmp_pa
         + raised.value.problems[0].split("Hooks there include: ")[1],
         f"ExtractConfig.saes[1]={narrow!r}: the transcoder writes d_out=16, but {assets['model_dir']} has width 32 "
         "at its output hook blocks.1.hook_mlp_out. Is the transcoder for another model?",
-        f"ExtractConfig.saes[0]={missing!r} and ExtractConfig.saes[1]={narrow!r} are both at {HOOK_IN}: one SAE "
-        "per hook. Extract them into separate stores.",
+        f"ExtractConfig.saes[0]={missing!r} and ExtractConfig.saes[1]={narrow!r} both read {HOOK_IN}, and an SAE "
+        f"without a name is named by its hook. Name each of them, NAME=SOURCE: e.g. --sae a={missing} "
+        f"--sae b={narrow}",
     ]
     assert raised.value.for_command_line().problems[1:] == [  # the command line's names
         f"--sae {narrow}: the transcoder writes d_out=16, but {assets['model_dir']} has width 32 at "
         "its output hook blocks.1.hook_mlp_out. Is the transcoder for another model?",
-        f"--sae {missing} and --sae {narrow} are both at {HOOK_IN}: one SAE per hook. "
-        "Extract them into separate stores.",
+        f"--sae {missing} and --sae {narrow} both read {HOOK_IN}, and an SAE without a name is named by its "
+        f"hook. Name each of them, NAME=SOURCE: e.g. --sae a={missing} --sae b={narrow}",
     ]
     assert raised.value.problems[0].split("Hooks there include: ")[1].startswith("blocks.1.hook_mlp_out")
     assert not (tmp_path / "s.zarr" / "zarr.json").exists()
