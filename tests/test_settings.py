@@ -14,7 +14,7 @@ import pytest
 from jobs.cli import build_parser, main
 from jobs.extract import ExtractConfig, validate
 from jobs.settings import EXTRACT_FLAGS, SWEEP_FLAGS, SettingsError, default_of
-from jobs.sweep import SweepConfig
+from jobs.sweep import SweepConfig, SweepJob
 from jobs.sweep import validate as validate_sweep
 from pipeline.dataset import DatasetSpec
 from pipeline.specs import ModelSpec, Resources, StoreSpec
@@ -80,8 +80,9 @@ def test_sweep_settings_go_to_their_specs():
     assert (cfg.ablation.kind, cfg.ablation.metric, cfg.ablation.position) == (0.5, "kl", -1)
     assert (cfg.store.path, cfg.store.prompts_per_part, cfg.store.features_per_part) == ("s.zarr", 5, 256)
     assert cfg.resources == Resources(workers=2)
-    assert cfg.record("m", "s", "h", 4) == {
-        "model": "m", "sae": "s", "hook": "h", "prompts": {"store_rows": [0, 4]}, "n_prompts": 4, "metric": "kl",
+    assert SweepJob(model="m", sae="s", sae_name="n", hook="h", config=cfg).record(4) == {
+        "model": "m", "sae": "s", "sae_name": "n", "hook": "h", "prompts": {"store_rows": [0, 4]}, "n_prompts": 4,
+        "metric": "kl",
         "position": -1, "features": "live", "ablation": 0.5, "use_error_term": False, "method": "exact",
         "verify_top": None, "prompts_per_part": 5, "features_per_part": 256}
 
@@ -111,7 +112,7 @@ def test_every_setting_has_its_flag_and_every_flag_its_setting():
         options = _options(parser, command)
         named = {f.name for f in flags.values() if f.name} | {s for f in flags.values() for s in f.switches.values()}
         assert named - options == set(), command
-        assert options - named - {"-h", "--help"} == set(), command
+        assert options - named - {"-h", "--help", "--hook"} == set(), command  # --hook: --sae-name's old spelling
         assert set(config_type.settings().values()) - set(flags) <= set(config_type.SPECS), command
 
 
