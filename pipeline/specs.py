@@ -99,21 +99,30 @@ class _Settings:
     @classmethod
     def build(cls, **settings: Any):
         """The config from settings by their short names (see ``settings()``); an unknown name is refused."""
+        paths = cls._paths(settings, "build")
+        top = {k: v for k, v in paths.items() if "." not in k}
+        for name, primary in cls.PRIMARY.items():  # a spec given by its main value is made from it
+            if f"{name}.{primary}" in paths and name not in top:
+                top[name] = cls.SPECS[name](**{primary: paths.pop(f"{name}.{primary}")})
+        return cls(**top)._with({k: v for k, v in paths.items() if "." in k})
+
+    @classmethod
+    def _paths(cls, settings: dict[str, Any], caller: str) -> dict[str, Any]:
+        """Each setting's value by the field it sets (``dataset.context_size``); a spec's main value
+        (``store="x.zarr"``) sets the spec's main field (``store.path``)."""
         from store.errors import ConfigError, did_you_mean
 
         names = cls.settings()
         unknown = [k for k in settings if k not in names]
         if unknown:
-            raise ConfigError([f"{cls.__name__}.build has no setting {k!r}; its settings are: "
+            raise ConfigError([f"{cls.__name__}.{caller} has no setting {k!r}; its settings are: "
                                f"{did_you_mean(k, names)}" for k in unknown])
-        top = {}
+        paths = {}
         for name, value in settings.items():
-            if "." not in names[name]:
-                spec = _spec_type(cls, name)
-                top[name] = value if spec is None or isinstance(value, spec) else spec(**{cls.PRIMARY[name]: value})
-        config = cls(**top)
-        nested = {names[k]: v for k, v in settings.items() if "." in names[k]}
-        return config._with(nested) if nested else config
+            spec = _spec_type(cls, name)
+            plain = spec is not None and not isinstance(value, spec)
+            paths[f"{name}.{cls.PRIMARY[name]}" if plain else names[name]] = value
+        return paths
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
@@ -139,20 +148,7 @@ class _Settings:
 
     def changed(self, **settings: Any):
         """A copy with these settings changed, by their short names (as ``build`` takes them)."""
-        from store.errors import ConfigError, did_you_mean
-
-        names = self.settings()
-        unknown = [k for k in settings if k not in names]
-        if unknown:
-            raise ConfigError([f"{type(self).__name__}.changed has no setting {k!r}; its settings are: "
-                               f"{did_you_mean(k, names)}" for k in unknown])
-        changes = {}
-        for name, value in settings.items():
-            path, spec = names[name], _spec_type(type(self), name)
-            if spec is not None and not isinstance(value, spec):
-                path = f"{name}.{self.PRIMARY[name]}"
-            changes[path] = value
-        return self._with(changes)
+        return self._with(self._paths(settings, "changed"))
 
     def _with(self, changes: dict[str, Any]):
         top = {k: v for k, v in changes.items() if "." not in k}
