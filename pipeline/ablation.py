@@ -26,6 +26,11 @@ Notebook 000 measures a feature's effect with one full forward per feature::
 - **Many ablations share a forward**: one copy of the prompt per ablated feature, batched.
 - **The forward starts at the SAE's layer** (``start_at_layer``) from the residual stream
   cached by the one baseline run; for ``hook_resid_post`` it starts one block later.
+- **Only the positions an ablation changes are run.** Attention is causal, so an ablation at
+  position p changes nothing before p: the copy runs positions p and later against the
+  baseline's cached keys and values of the earlier ones (``pipeline.resume``). At the last
+  position that is one token; with ``position=None``, a feature's copy runs from the first
+  position where it fires.
 
 ``method="attribution"`` ranks every feature with one forward and one backward instead:
 the estimate ``(a_f' - a_f) * d metric / d a_f`` (``-a_f * grad`` for zero ablation). It
@@ -45,7 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.metrics import Metric, accepts_prompts, check_metric_output
-from pipeline.models import can_start_at_layer, forward_attention_mask, hook_layer
+from pipeline.resume import Resume
 from pipeline.saes import (RUN_TIME_NORMALIZATIONS, TranscoderSplice, decoder_scale, input_hook, is_transcoder,
                            model_hook_problems, output_hook)
 from store.errors import ConfigError
@@ -134,56 +139,6 @@ def mean_activations(store, sae: str) -> np.ndarray:
     that notebook-style mean ablation puts in. Read from the per-feature statistics of the
     store's SAE ``sae`` (a name, or a hook where one SAE sits)."""
     return store.feature_stats(sae)["mean_all"].to_numpy(np.float32)
-
-
-# -- running from the SAE's hook onward --------------------------------------------------------
-
-
-class Resume:
-    """Finishes a forward from the SAE's output hook (a transcoder's ``hook_name_out``, else the
-    hook it reads), given what the hook outputs for each row.
-
-    The residual stream before the hook's block is the baseline's (nothing upstream of the
-    SAE changes), so most of the model is skipped: ``blocks.L.hook_resid_pre`` starts at block
-    L with the hook's output as the residual; ``blocks.L.hook_resid_post`` at block L + 1; any
-    other hook in block L starts at L from the cached residual and has its value replaced.
-    Hooks outside the blocks, shortformer models and TransformerBridge models (whose forward
-    cannot start inside) run from the tokens.
-    """
-
-    def __init__(self, model, hook: str, tokens: torch.Tensor, attention_mask: torch.Tensor | None):
-        self.model, self.hook = model, hook
-        self.tokens = tokens
-        # What the full forward computes from the tokens (left padding needs an explicit mask).
-        self.attention_mask = forward_attention_mask(model, tokens, attention_mask)
-        layer = hook_layer(hook)
-        in_blocks = (layer is not None and layer >= 0 and can_start_at_layer(model)
-                     and model.cfg.positional_embedding_type != "shortformer")
-        if in_blocks and hook == f"blocks.{layer}.hook_resid_pre":
-            self.mode, self.start = "residual", layer
-        elif in_blocks and hook == f"blocks.{layer}.hook_resid_post":
-            self.mode, self.start = "residual", layer + 1
-        elif in_blocks:
-            self.mode, self.start = "replace", layer
-        else:
-            self.mode, self.start = "tokens", None
-        self.residual: torch.Tensor | None = None  # set from the baseline's cache in "replace" mode
-
-    @property
-    def cache_names(self) -> list[str]:
-        return [f"blocks.{self.start}.hook_resid_pre"] if self.mode == "replace" else []
-
-    def __call__(self, hook_out: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        mask = None if self.attention_mask is None else self.attention_mask[prompts]
-        if self.mode == "residual":
-            return self.model(hook_out, start_at_layer=self.start, attention_mask=mask)
-
-        def replace(activation: torch.Tensor, hook) -> torch.Tensor:
-            return hook_out.reshape(activation.shape).to(activation.dtype)
-
-        start = self.residual[prompts] if self.mode == "replace" else self.tokens[prompts]
-        return self.model.run_with_hooks(start, start_at_layer=self.start, attention_mask=mask,
-                                         fwd_hooks=[(self.hook, replace)])
 
 
 # -- the sweep -----------------------------------------------------------------------------------
@@ -452,8 +407,7 @@ def run_baseline(model, sae, tokens: torch.Tensor, resume: Resume, runner: Metri
         acts, hook_out = cache[acts_name], cache[out_name]
         scale = decoder_scale(sae, cache[in_name])
         scale = None if scale is None else scale.reshape(n, seq, 1)
-    if resume.mode == "replace":
-        resume.residual = cache[resume.cache_names[0]]
+    resume.remember(cache, logits)
     values = runner.all_prompts(logits).detach()
     if not runner.indexed:
         runner.baseline_logits = logits
@@ -504,34 +458,41 @@ def ablated_values(acts: torch.Tensor, ablation: Ablation, means: torch.Tensor |
     return acts * float(ablation)
 
 
-def copy_order(needed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt, feature index) of every pair that needs a forward, first copies of all prompts
-    first: then a batch holds few copies of any one prompt (see ``MetricRunner``)."""
-    prompt, feature = needed.nonzero(as_tuple=True)
-    prompt, feature = prompt.cpu().numpy(), feature.cpu().numpy()
-    counts = np.bincount(prompt, minlength=needed.shape[0])
+def copy_order(change: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt, feature index, first changed position) of every pair the ablation changes, those
+    changed from the same position together (a batch then recomputes from its earliest one), and
+    within them first copies of all prompts first (then a batch holds few copies of any one
+    prompt; see ``MetricRunner``)."""
+    changed = change != 0  # [n_prompts, seq, n_features]
+    prompt, feature = changed.any(1).nonzero(as_tuple=True)
+    first = changed.to(torch.uint8).argmax(1)[prompt, feature]  # the first True along the positions
+    prompt, feature, first = prompt.cpu().numpy(), feature.cpu().numpy(), first.cpu().numpy()
+    counts = np.bincount(prompt, minlength=change.shape[0])
     rank = np.arange(len(prompt)) - np.repeat(np.cumsum(counts) - counts, counts)
-    order = np.lexsort((prompt, rank))
-    return torch.from_numpy(prompt[order]), torch.from_numpy(feature[order])
+    order = np.lexsort((prompt, rank, -first))
+    return torch.from_numpy(prompt[order]), torch.from_numpy(feature[order]), torch.from_numpy(first[order])
 
 
 @torch.no_grad()
 def exact_deltas(resume: Resume, runner: MetricRunner, baseline: Baseline, directions: torch.Tensor,
                  change: torch.Tensor, batch_size: int, progress: bool) -> torch.Tensor:
-    """``[n_prompts, n_features]`` metric changes, one prompt copy per pair the ablation changes."""
+    """``[n_prompts, n_features]`` metric changes, one prompt copy per pair the ablation changes,
+    each recomputed from the first position its batch changes (all positions where the forward
+    cannot start at a position)."""
     n_prompts, _, n_features = change.shape
     delta = torch.zeros((n_prompts, n_features), dtype=torch.float32)
-    prompts, feats = copy_order((change != 0).any(1))
+    prompts, feats, firsts = copy_order(change)
     device = baseline.hook_out.device
     for start in tqdm(range(0, len(prompts), batch_size), desc="ablate", unit="batch", disable=not progress):
         p, f = prompts[start:start + batch_size], feats[start:start + batch_size]
         pd_, fd = p.to(device), f.to(device)
-        step = change[pd_, :, fd]  # [batch, seq]
+        since = int(firsts[start:start + batch_size].min()) if resume.suffix_runs else 0
+        step = change[pd_, since:, fd]  # [batch, seq - since]
         added = step[..., None] * directions[fd][:, None, :]
         if baseline.scale is not None:
-            added = added * baseline.scale[pd_]
-        hook_out = baseline.hook_out[pd_] + added
-        values = runner(resume(hook_out, pd_), pd_)
+            added = added * baseline.scale[pd_, since:]
+        hook_out = baseline.hook_out[pd_, since:] + added
+        values = runner(resume(hook_out, pd_, since), pd_)
         delta[p, f] = values.float().cpu() - baseline.values[pd_].float().cpu()
     return delta
 

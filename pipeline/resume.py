@@ -1,0 +1,113 @@
+"""Finishing a forward from an SAE's output hook, recomputing only what an edit there changes.
+
+A sweep edits the activation at one hook (the SAE's output, or a transcoder's ``hook_name_out``)
+and needs the logits that follow. Nothing upstream of the hook changes, so ``Resume`` starts the
+forward inside the model from what the spliced baseline cached:
+
+- ``blocks.L.hook_resid_pre`` starts at block L with the edited activation as the residual;
+  ``blocks.L.hook_resid_post`` starts at block L + 1; any other hook of block L starts at L from
+  the cached residual and has its value replaced;
+- attention is causal, so an edit at position p changes nothing before p. Given ``start_pos``,
+  only positions ``start_pos`` and later run, attending to the baseline's cached keys and values
+  of the earlier positions (TransformerLens's frozen key-value cache); the earlier positions'
+  logits are the baseline's.
+
+Hooks outside the blocks, shortformer models and TransformerBridge models (whose forward cannot
+start inside) run every position from the tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+from pipeline.models import can_start_at_layer, forward_attention_mask, hook_layer
+
+
+class Resume:
+    """Finishes forwards of prompt copies from ``hook``, given what the hook outputs for each row."""
+
+    def __init__(self, model, hook: str, tokens: torch.Tensor, attention_mask: torch.Tensor | None):
+        self.model, self.hook = model, hook
+        self.tokens = tokens
+        # What the full forward computes from the tokens (left padding needs an explicit mask).
+        self.attention_mask = forward_attention_mask(model, tokens, attention_mask)
+        layer = hook_layer(hook)
+        in_blocks = (layer is not None and layer >= 0 and can_start_at_layer(model)
+                     and model.cfg.positional_embedding_type != "shortformer")
+        if in_blocks and hook == f"blocks.{layer}.hook_resid_pre":
+            self.mode, self.start = "residual", layer
+        elif in_blocks and hook == f"blocks.{layer}.hook_resid_post":
+            self.mode, self.start = "residual", layer + 1
+        elif in_blocks:
+            self.mode, self.start = "replace", layer
+        else:
+            self.mode, self.start = "tokens", None
+        self.residual: torch.Tensor | None = None  # the baseline's residual into block ``start`` ("replace")
+        self.keys: dict[int, torch.Tensor] = {}  # the baseline's keys and values of each block from ``start``
+        self.values: dict[int, torch.Tensor] = {}
+        self.logits: torch.Tensor | None = None  # the baseline's logits, for the positions a suffix run skips
+
+    @property
+    def suffix_runs(self) -> bool:
+        """Whether a forward can start at a position: it starts inside the blocks, and its blocks
+        cache their keys and values as TransformerLens's key-value cache takes them."""
+        return self.mode != "tokens" and self.start < self.model.cfg.n_layers
+
+    @property
+    def cache_names(self) -> list[str]:
+        """What the baseline's forward must cache for ``remember``."""
+        names = [f"blocks.{self.start}.hook_resid_pre"] if self.mode == "replace" else []
+        if self.suffix_runs:
+            for layer in range(self.start, self.model.cfg.n_layers):
+                names += [f"blocks.{layer}.attn.hook_k", f"blocks.{layer}.attn.hook_v"]
+        return names
+
+    def remember(self, cache, logits: torch.Tensor) -> None:
+        """Keep what later forwards start from: the baseline's cache (``cache_names``) and logits."""
+        if self.mode == "replace":
+            self.residual = cache[f"blocks.{self.start}.hook_resid_pre"]
+        if self.suffix_runs:
+            for layer in range(self.start, self.model.cfg.n_layers):
+                self.keys[layer] = cache[f"blocks.{layer}.attn.hook_k"]
+                self.values[layer] = cache[f"blocks.{layer}.attn.hook_v"]
+            self.logits = logits
+
+    def __call__(self, hook_out: torch.Tensor, prompts: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Logits ``[batch, seq, vocab]`` of copies of ``prompts`` whose hook outputs ``hook_out``
+        (``[batch, seq - start_pos, ...]``: its positions from ``start_pos`` on; the earlier ones are
+        the baseline's). ``start_pos`` > 0 needs ``suffix_runs`` and ``remember``."""
+        mask = None if self.attention_mask is None else self.attention_mask[prompts]
+        if start_pos:
+            return self._suffix(hook_out, prompts, start_pos, mask)
+        if self.mode == "residual":
+            return self.model(hook_out, start_at_layer=self.start, attention_mask=mask)
+        start = self.residual[prompts] if self.mode == "replace" else self.tokens[prompts]
+        return self._replaced(start, hook_out, mask)
+
+    def _suffix(self, hook_out: torch.Tensor, prompts: torch.Tensor, start_pos: int,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        # The baseline's keys and values of the positions before start_pos, frozen: each block
+        # attends to them and to the suffix's own, and the cache does not grow.
+        entries = [None] * self.start + [
+            TransformerLensKeyValueCacheEntry(self.keys[layer][prompts, :start_pos],
+                                              self.values[layer][prompts, :start_pos], frozen=True)
+            for layer in range(self.start, self.model.cfg.n_layers)]
+        prefix_mask = (torch.ones((len(prompts), start_pos), dtype=torch.long, device=hook_out.device)
+                       if mask is None else mask[:, :start_pos])
+        past = TransformerLensKeyValueCache(entries, prefix_mask, frozen=True)
+        if self.mode == "residual":
+            suffix = self.model(hook_out, start_at_layer=self.start, attention_mask=mask, past_kv_cache=past)
+        else:
+            suffix = self._replaced(self.residual[prompts, start_pos:], hook_out, mask, past)
+        return torch.cat([self.logits[prompts, :start_pos].to(suffix.dtype), suffix], dim=1)
+
+    def _replaced(self, start: torch.Tensor, hook_out: torch.Tensor, mask: torch.Tensor | None,
+                  past: TransformerLensKeyValueCache | None = None) -> torch.Tensor:
+        def replace(activation: torch.Tensor, hook) -> torch.Tensor:
+            return hook_out.reshape(activation.shape).to(activation.dtype)
+
+        kwargs = {} if past is None else {"past_kv_cache": past}
+        return self.model.run_with_hooks(start, start_at_layer=self.start, attention_mask=mask,
+                                         fwd_hooks=[(self.hook, replace)], **kwargs)

@@ -1,0 +1,136 @@
+"""Suffix recompute: an ablation at position p runs only positions p and later, against the spliced
+baseline's cached keys and values. Its table equals the full recompute's (every position run) for
+every SAE kind, with and without the error term, for every kind of ablation, on left-padded prompts
+of different lengths, at each prompt's first and last position and at every position."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_model
+from pipeline.ablation import StorePrompts, ablation_sweep, left_pad
+from pipeline.metrics import KLFromClean, NextTokenLoss
+from pipeline.resume import Resume
+from test_sae_kinds import kinds
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models run fastest on one thread
+
+LENGTHS = [12, 9, 5, 12, 7, 3]  # left-padded to 12: padding before all but two prompts
+KINDS = ["gated", "batchtopk", "matryoshka", "topk_rescaled", "topk_sparse", "layer_norm", "constant_norm_rescale",
+         "expected_average_only_in", "transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+@pytest.fixture(scope="module")
+def all_kinds(tmp_path_factory):
+    return kinds(tmp_path_factory.mktemp("kinds"))
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    torch.manual_seed(11)
+    tokens, mask = left_pad([torch.randint(1, model.cfg.d_vocab, (n,)) for n in LENGTHS], pad_token_id=0)
+    return tokens, mask
+
+
+def positions(name: str, mask: torch.Tensor):
+    """Each prompt's first real token, its last, or every position."""
+    return {"first": (mask == 0).sum(1), "last": -1, "all": None}[name]
+
+
+@pytest.fixture
+def full_recompute(monkeypatch):
+    """Every ablated copy runs every position, as before suffix recompute."""
+    def full():
+        monkeypatch.setattr(Resume, "suffix_runs", property(lambda self: False))
+    return full
+
+
+def sweep_both(model, sae, tokens, mask, full_recompute, **kwargs):
+    suffix = ablation_sweep(model, sae, tokens, attention_mask=mask, batch_size=7, **kwargs)
+    full_recompute()
+    full = ablation_sweep(model, sae, tokens, attention_mask=mask, batch_size=7, **kwargs)
+    return suffix, full
+
+
+def assert_same_table(suffix, full):
+    assert suffix[["prompt", "feature"]].equals(full[["prompt", "feature"]])
+    scale = float(np.abs(full["delta"]).max())
+    assert scale > 1e-3  # the ablations matter, so the comparison says something
+    np.testing.assert_allclose(suffix["delta"], full["delta"], rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("use_error_term", [False, True])
+@pytest.mark.parametrize("where", ["first", "last", "all"])
+def test_suffix_recompute_equals_full_recompute(model, all_kinds, prompts, full_recompute, kind, use_error_term, where):
+    tokens, mask = prompts
+    _, sae = all_kinds[kind]
+    # the mean next-token loss reads every position's logits, so the baseline's prefix logits count too;
+    # an ablation at the last position changes only the last prediction, which the loss does not read
+    metric = KLFromClean.from_model(model, tokens, attention_mask=mask) if where == "last" else \
+        NextTokenLoss(tokens, mask)
+    suffix, full = sweep_both(model, sae, tokens, mask, full_recompute, metric=metric,
+                              position=positions(where, mask), use_error_term=use_error_term)
+    assert_same_table(suffix, full)
+
+
+@pytest.mark.parametrize("ablation", ["zero", "mean", 0.5, 2.0])
+@pytest.mark.parametrize("where", ["first", "all"])
+def test_every_kind_of_ablation(model, all_kinds, prompts, full_recompute, ablation, where):
+    tokens, mask = prompts
+    _, sae = all_kinds["topk_rescaled"]
+    means = np.abs(np.random.default_rng(0).normal(size=sae.cfg.d_sae)).astype(np.float32)
+    metric = KLFromClean.from_model(model, tokens, attention_mask=mask)
+    suffix, full = sweep_both(model, sae, tokens, mask, full_recompute, metric=metric, position=positions(where, mask),
+                              ablation=ablation, means=means if ablation == "mean" else None)
+    assert_same_table(suffix, full)
+
+
+def test_ablated_copies_run_only_the_changed_positions(model, all_kinds, prompts):
+    """At the last position every ablated copy is one token long past the SAE's layer; at every
+    position, a copy starts at the first position where its feature fires."""
+    tokens, mask = prompts
+    hook, sae = all_kinds["layer_norm"]  # blocks.1.hook_resid_pre: the forward starts at block 1
+    seen: list[int] = []
+    model.add_hook("blocks.2.hook_resid_pre", lambda x, hook: seen.append(x.shape[1]), is_permanent=True)
+    try:
+        metric = KLFromClean.from_model(model, tokens, attention_mask=mask)
+        seen.clear()
+        frame = ablation_sweep(model, sae, tokens, metric, attention_mask=mask, batch_size=5)
+        assert seen[0] == tokens.shape[1] and set(seen[1:]) == {1}  # the baseline, then one token per copy
+        assert len(seen) - 1 == -(-int((frame["delta"] != 0).sum()) // 5)
+
+        seen.clear()
+        ablation_sweep(model, sae, tokens, NextTokenLoss(tokens, mask), position=None, attention_mask=mask,
+                       batch_size=5)
+        assert seen[0] == tokens.shape[1] and max(seen[1:]) <= tokens.shape[1] and min(seen[1:]) < tokens.shape[1]
+    finally:
+        model.reset_hooks(including_permanent=True)
+
+
+@pytest.mark.ray
+def test_suffix_and_full_recompute_agree_on_a_stores_rows(reference_store, assets, full_recompute):
+    from pipeline.models import load_model
+    from pipeline.saes import SAESource, load_sae
+
+    fs = reference_store
+    model = load_model(str(assets["model_dir"]))
+    name = "blocks.1.hook_mlp_out"  # a TopK SAE whose output replaces the MLP's inside block 1
+    sae = load_sae(SAESource.parse(str(assets["sae_dirs"][name])))
+    row_lengths = fs.provenance()["row"].value_counts().sort_index()
+    rows = row_lengths.index[row_lengths <= fs.run["context_size"]][:8].to_numpy()  # a prompt is one window
+    assert len(set(row_lengths[rows])) > 1  # of different lengths: left-padded
+    store_prompts = StorePrompts.from_store(fs, rows, sae=name)
+    metric = NextTokenLoss(store_prompts.tokens, store_prompts.attention_mask)
+    suffix = ablation_sweep(model, sae, store_prompts, metric, position=None, ablation="mean", batch_size=16)
+    full_recompute()
+    full = ablation_sweep(model, sae, store_prompts, metric, position=None, ablation="mean", batch_size=16)
+    assert (suffix["row"] == full["row"]).all()
+    assert_same_table(suffix, full)
