@@ -146,10 +146,17 @@ def mean_activations(store, sae: str) -> np.ndarray:
 
 @dataclass
 class Baseline:
-    """One spliced run over all prompts: what every ablation is compared with and built from."""
+    """One spliced run over a batch of prompts: what every ablation of them is compared with and
+    built from. ``spliced_baseline`` makes it; several ``ablation_sweep`` calls over the same
+    prompts (each with a block of features) can share it."""
 
+    sae: Any
+    tokens: torch.Tensor  # [n_prompts, seq], on the model's device
+    metric: Metric
+    use_error_term: bool
+    resume: Resume  # finishes the ablated copies' forwards from the SAE's output hook
+    runner: MetricRunner
     values: torch.Tensor  # [n_prompts]: the metric
-    logits: torch.Tensor | None  # [n_prompts, seq, vocab]; kept only for metrics without prompts=
     acts: torch.Tensor  # [n_prompts, seq, d_sae]: hook_sae_acts_post
     hook_out: torch.Tensor  # [n_prompts, seq, d_out]: what the spliced SAE passed on at its output hook
     scale: torch.Tensor | None = None  # [n_prompts, seq, 1]: decoder_scale, for run-time normalisation
@@ -208,6 +215,7 @@ def ablation_sweep(
     attention_mask: torch.Tensor | None = None,
     batch_size: int = 32,
     progress: bool = False,
+    baseline: Baseline | None = None,
 ) -> pd.DataFrame:
     """The metric with each feature ablated minus the metric of the spliced baseline.
 
@@ -233,6 +241,8 @@ def ablation_sweep(
         means: ``[d_sae]`` mean activations for ``ablation="mean"``; overrides the store's.
         attention_mask: for left-padded ``tokens``, as TransformerLens takes it.
         batch_size: prompt copies per forward.
+        baseline: ``spliced_baseline`` of these prompts with this SAE, metric and error term, to share
+            among calls that each ablate a block of features; made here when None.
 
     Returns:
         One line per (prompt, feature): ``prompt``, ``feature``, ``delta``, ``method`` (which
@@ -250,9 +260,14 @@ def ablation_sweep(
     store_sae = None if store_prompts is None else _store_sae(store_prompts, sae)
     means = _means(ablation, means, store_prompts, store_sae, sae.cfg.d_sae)
 
-    resume = Resume(model, output_hook(sae), tokens, None if attention_mask is None else attention_mask.to(device))
-    runner = MetricRunner(metric, n_prompts)
-    baseline = run_baseline(model, sae, tokens, resume, runner, use_error_term)
+    if baseline is None:
+        baseline = spliced_baseline(model, sae, tokens, metric, use_error_term, attention_mask)
+    elif not (baseline.sae is sae and baseline.metric is metric and baseline.use_error_term == use_error_term
+              and torch.equal(baseline.tokens, tokens)):
+        raise ConfigError("baseline= was made for other prompts, another SAE or metric, or the other use_error_term: "
+                          "make it with spliced_baseline(model, sae, tokens, metric, use_error_term, attention_mask) "
+                          "for these.")
+    resume, runner = baseline.resume, baseline.runner
 
     if isinstance(features, str):
         if features != "live":
@@ -385,11 +400,13 @@ def check_feature_ids(features: Sequence[int], d_sae: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def run_baseline(model, sae, tokens: torch.Tensor, resume: Resume, runner: MetricRunner,
-                 use_error_term: bool) -> Baseline:
+def spliced_baseline(model, sae, tokens: torch.Tensor, metric: Metric, use_error_term: bool = False,
+                     attention_mask: torch.Tensor | None = None) -> Baseline:
     """The SAE spliced in as ``run_with_saes`` splices it (a transcoder as ``TranscoderSplice``
-    does), caching what the ablations start from."""
+    does) over ``tokens`` (on the model's device), caching what the ablations start from."""
     n, seq = tokens.shape
+    resume = Resume(model, output_hook(sae), tokens, None if attention_mask is None else attention_mask.to(tokens.device))
+    runner = MetricRunner(metric, n)
     if is_transcoder(sae):
         splice = TranscoderSplice(sae, use_error_term)
         with model.hooks(fwd_hooks=splice.hooks):
@@ -411,8 +428,8 @@ def run_baseline(model, sae, tokens: torch.Tensor, resume: Resume, runner: Metri
     values = runner.all_prompts(logits).detach()
     if not runner.indexed:
         runner.baseline_logits = logits
-    return Baseline(values=values, logits=None if runner.indexed else logits, acts=acts,
-                    hook_out=hook_out.reshape(n, seq, -1), scale=scale)
+    return Baseline(sae=sae, tokens=tokens, metric=metric, use_error_term=use_error_term, resume=resume,
+                    runner=runner, values=values, acts=acts, hook_out=hook_out.reshape(n, seq, -1), scale=scale)
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@
 
 ``__init__`` loads the model, the SAE and the prompts once; ``run_part`` runs ``ablation_sweep``
 on one (prompt block, feature block) and writes it under ``sweeps/<name>/parts/``, returning only
-its small completion marker. Ray wraps this class as an actor in ``jobs/sweep.py``; tests call it
+its small completion marker. The spliced baseline of a prompt block is made once and kept for the
+block's next feature block. Ray wraps this class as an actor in ``jobs/sweep.py``; tests call it
 directly.
 """
 
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.ablation import StorePrompts, ablation_sweep, left_pad, mean_activations, resolve_positions
+from pipeline.ablation import (StorePrompts, ablation_sweep, left_pad, mean_activations, resolve_positions,
+                               spliced_baseline)
 from pipeline.metrics import KLFromClean, LogitDiff, NextTokenLoss, TargetLoss
 from pipeline.specs import SweepConfig
 from pipeline.worker import pick_device
@@ -91,6 +93,7 @@ class SweepWorker:
         self.sae = load_sae(SAESource.parse(job.sae), device=str(self.device),
                             dtype=str(self.model.cfg.dtype).removeprefix("torch."))
         self.writer = SweepWriter(cfg.store.path, cfg.name)
+        self._last_block = None  # ((start, stop), what _block made for those prompts)
         self.means = None
         if cfg.prompts.rows is not None:
             self.store = FeatureStore.open(cfg.store.path)
@@ -154,6 +157,18 @@ class SweepWorker:
         positions = resolve_positions(self.job.config.ablation.position, len(tokens), tokens.shape[1], mask)
         return live_features(acts, positions, mask)
 
+    def _block(self, start: int, stop: int):
+        """The prompts [start, stop), their mask, metric and spliced baseline. The parts of one block
+        of prompts differ only in their features, so the last block's are kept for the next part."""
+        if self._last_block is None or self._last_block[0] != (start, stop):
+            self._last_block = None  # freed before the next block's baseline is made
+            prompts, mask, metric = self.prompts(start, stop)
+            tokens = (prompts.tokens if isinstance(prompts, StorePrompts) else prompts).to(self.device)
+            baseline = spliced_baseline(self.model, self.sae, tokens, metric, self.job.config.ablation.use_error_term,
+                                        None if mask is None else mask.to(self.device))
+            self._last_block = ((start, stop), (prompts, mask, metric, baseline))
+        return self._last_block[1]
+
     def run_part(self, part: Part) -> dict:
         """Compute and write one part; returns its completion marker. Safe to call again."""
         from store.sweeps import SweepPart
@@ -163,12 +178,13 @@ class SweepWorker:
             return existing
         cfg = self.job.config
         a = cfg.ablation
-        prompts, mask, metric = self.prompts(part.prompt_start, part.prompt_stop)
+        prompts, mask, metric, baseline = self._block(part.prompt_start, part.prompt_stop)
         frame = ablation_sweep(
             self.model, self.sae, prompts, metric, features=list(part.features), position=a.position,
             use_error_term=a.use_error_term, ablation=a.kind, method=a.method,
             verify_top=a.verify_top, means=self.means,
             attention_mask=None if isinstance(prompts, StorePrompts) else mask, batch_size=cfg.resources.batch_size,
+            baseline=baseline,
         )
         frame["prompt"] += part.prompt_start
         return self.writer.write_part(SweepPart.from_frame(part.part_id, frame))

@@ -6,6 +6,7 @@ of different lengths, at each prompt's first and last position and at every posi
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from conftest import make_model
 from pipeline.ablation import StorePrompts, ablation_sweep, left_pad
 from pipeline.metrics import KLFromClean, NextTokenLoss
 from pipeline.resume import Resume
+from store.errors import ConfigError
 from test_sae_kinds import kinds
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models run fastest on one thread
@@ -134,3 +136,29 @@ def test_suffix_and_full_recompute_agree_on_a_stores_rows(reference_store, asset
     full = ablation_sweep(model, sae, store_prompts, metric, position=None, ablation="mean", batch_size=16)
     assert (suffix["row"] == full["row"]).all()
     assert_same_table(suffix, full)
+
+
+def test_one_baseline_serves_every_feature_block(model, all_kinds, prompts):
+    """``baseline=`` shares a prompt batch's spliced baseline among feature blocks: the blocks' tables
+    together are the table of one call over all features, and no baseline forward runs again."""
+    from pipeline.ablation import spliced_baseline
+
+    tokens, mask = prompts
+    _, sae = all_kinds["gated"]
+    metric = NextTokenLoss(tokens, mask)
+    whole = ablation_sweep(model, sae, tokens, metric, position=None, attention_mask=mask)
+    features = np.unique(whole["feature"])
+    baseline = spliced_baseline(model, sae, tokens, metric, attention_mask=mask)
+    runs: list[int] = []
+    model.add_hook("hook_embed", lambda x, hook: runs.append(1), is_permanent=True)  # forwards from the tokens
+    try:
+        blocks = [ablation_sweep(model, sae, tokens, metric, features=list(block), position=None, attention_mask=mask,
+                                 baseline=baseline) for block in np.array_split(features, 3)]
+    finally:
+        model.reset_hooks(including_permanent=True)
+    assert runs == []
+    joined = pd.concat(blocks).sort_values(["prompt", "feature"], ignore_index=True)
+    assert joined[["prompt", "feature"]].equals(whole[["prompt", "feature"]])
+    np.testing.assert_allclose(joined["delta"], whole["delta"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"baseline= was made for other prompts, another SAE or metric"):
+        ablation_sweep(model, sae, tokens[:3], metric, attention_mask=mask[:3], baseline=baseline)
