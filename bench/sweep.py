@@ -1,14 +1,22 @@
 """Benchmark: notebook 000's ablation loop against ``ablation_sweep``, same prompts, features, metric.
 
-    python -m bench.sweep                                  # CPU: a 6-layer, d_model 256 random model
-    python -m bench.sweep --layers 12 --d-model 768 --sae-layer 8 --d-sae 8192   # GPT-2-small shaped
+    python -m bench.sweep                         # both shapes, at the last position and at every position
+    python -m bench.sweep --shapes default --positions last
 
-The model and SAE are built here (no hub): an SAE at ``blocks.L.hook_resid_post`` of a
-random model, its encoder bias set so that about ``--l0`` features fire per token, as in
-trained SAEs. The loop is written as the notebook writes it: one ``run_with_hooks_with_saes``
-per live feature. Measured on a shared 2-core CPU, one torch thread: 392 live features,
-173 s for the loop against 3.2 s (54x), largest |delta| difference 1.7e-6 of 0.74. Both give a (prompt, feature) table of metric changes; the script prints
-the two timings, the speedup, and the largest difference between the two tables.
+Two model shapes, each a random model with an SAE at ``blocks.L.hook_resid_post`` built here (no
+hub), its encoder bias set so that about ``--l0`` features fire per token, as in trained SAEs:
+
+- ``default``: 6 layers, d_model 256, SAE at layer 3, d_sae 4096;
+- ``gpt2-small``: 12 layers, d_model 768, SAE at layer 8, d_sae 8192.
+
+Each runs at the last position (notebook 000's sweep) and at every position (``position=None``).
+The loop is written as the notebook writes it: one ``run_with_hooks_with_saes`` per live feature.
+With ``--max-features N`` both ways run the same N live features (a fixed random draw), so that a
+loop of thousands of features need not run in full; the speedup compares like with like. Both give
+a (prompt, feature) table of metric changes; each case prints the two timings, the speedup, and
+the largest difference between the tables, relative to the largest delta.
+
+Measured (quiet 2-core CPU, torch's 2 threads, 8 prompts of 45 tokens): see docs/SWEEPS.md.
 """
 
 from __future__ import annotations
@@ -21,29 +29,36 @@ from functools import partial
 import numpy as np
 import torch
 
+SHAPES = {  # layers, d_model, SAE layer, d_sae
+    "default": (6, 256, 3, 4096),
+    "gpt2-small": (12, 768, 8, 8192),
+}
+POSITIONS = {"last": -1, "all": None}
 
-def build(args):
+
+def build(shape: str, args):
     from sae_lens import HookedSAETransformer, StandardSAE, StandardSAEConfig
     from sae_lens.saes.sae import SAEMetadata
     from transformer_lens import HookedTransformerConfig
 
+    layers, d_model, sae_layer, d_sae = SHAPES[shape]
     torch.manual_seed(0)
-    cfg = HookedTransformerConfig(n_layers=args.layers, d_model=args.d_model, n_ctx=args.seq, d_head=64,
-                                  n_heads=args.d_model // 64, d_mlp=4 * args.d_model, d_vocab=args.vocab,
+    cfg = HookedTransformerConfig(n_layers=layers, d_model=d_model, n_ctx=args.seq, d_head=64,
+                                  n_heads=d_model // 64, d_mlp=4 * d_model, d_vocab=args.vocab,
                                   act_fn="gelu", normalization_type="LN", seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = HookedSAETransformer(cfg).eval()
-    hook = f"blocks.{args.sae_layer}.hook_resid_post"
-    sae = StandardSAE(StandardSAEConfig(d_in=args.d_model, d_sae=args.d_sae, metadata=SAEMetadata(hook_name=hook)))
+    hook = f"blocks.{sae_layer}.hook_resid_post"
+    sae = StandardSAE(StandardSAEConfig(d_in=d_model, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook)))
     tokens = torch.randint(1, args.vocab, (args.prompts, args.seq))
     with torch.no_grad():
-        sae.W_enc.copy_(torch.randn_like(sae.W_enc) / args.d_model**0.5)
-        sae.W_dec.copy_(torch.randn_like(sae.W_dec) / args.d_model**0.5)
+        sae.W_enc.copy_(torch.randn_like(sae.W_enc) / d_model**0.5)
+        sae.W_dec.copy_(torch.randn_like(sae.W_dec) / d_model**0.5)
         _, cache = model.run_with_cache(tokens, names_filter=[hook])
         pre = (cache[hook] - sae.b_dec) @ sae.W_enc
         # Bias each feature down to the quantile that leaves about l0 of d_sae features firing.
-        sae.b_enc.copy_(-torch.quantile(pre.flatten(0, 1), 1 - args.l0 / args.d_sae, dim=0))
+        sae.b_enc.copy_(-torch.quantile(pre.flatten(0, 1), 1 - args.l0 / d_sae, dim=0))
     answers = torch.randint(0, args.vocab, (args.prompts, 2))
     return model, sae, tokens, answers
 
@@ -56,64 +71,85 @@ def logits_to_ave_logit_diff(logits, answer_tokens, per_prompt=False):
 
 
 def ablate_sae_feature(sae_acts, hook, pos, feature_id):
-    sae_acts[:, pos, feature_id] = 0.0
+    if pos is None:
+        sae_acts[:, :, feature_id] = 0.0
+    else:
+        sae_acts[:, pos, feature_id] = 0.0
     return sae_acts
 
 
 @torch.no_grad()
-def notebook_loop(model, sae, tokens, metric, pos):
-    """Notebook 000, cell for cell: live features from the cache, then one forward per feature."""
+def live_features(model, sae, tokens, pos) -> np.ndarray:
+    """Notebook 000's live features: active at the position (at any position for None)."""
     hook = sae.cfg.metadata.hook_name
     _, cache = model.run_with_cache_with_saes(tokens, saes=[sae])
-    live = (cache[hook + ".hook_sae_acts_post"][:, pos, :] > 0).any(0).nonzero()[:, 0]
+    acts = cache[hook + ".hook_sae_acts_post"]
+    acts = acts.flatten(0, 1) if pos is None else acts[:, pos, :]
+    return (acts > 0).any(0).nonzero()[:, 0].numpy()
+
+
+@torch.no_grad()
+def notebook_loop(model, sae, tokens, metric, pos, features) -> np.ndarray:
+    """Notebook 000, cell for cell: the spliced baseline, then one forward per feature."""
+    hook = sae.cfg.metadata.hook_name
     baseline = metric(model.run_with_saes(tokens, saes=[sae]))
-    effects = torch.zeros((len(tokens), len(live)))
-    for i, feature_id in enumerate(live.tolist()):
+    effects = torch.zeros((len(tokens), len(features)))
+    for i, feature_id in enumerate(features.tolist()):
         logits = model.run_with_hooks_with_saes(
             tokens, saes=[sae],
             fwd_hooks=[(hook + ".hook_sae_acts_post", partial(ablate_sae_feature, pos=pos, feature_id=feature_id))])
         effects[:, i] = metric(logits) - baseline
-    return live.numpy(), effects.numpy()
+    return effects.numpy()
+
+
+def one_case(model, sae, tokens, answers, pos, args) -> dict:
+    from pipeline.ablation import ablation_sweep
+
+    metric = partial(logits_to_ave_logit_diff, answer_tokens=answers, per_prompt=True)
+    live = live_features(model, sae, tokens, pos)
+    features = live
+    if args.max_features and len(live) > args.max_features:
+        features = np.sort(np.random.default_rng(0).choice(live, args.max_features, replace=False))
+    started = time.perf_counter()
+    naive = notebook_loop(model, sae, tokens, metric, pos, features)
+    naive_s = time.perf_counter() - started
+    started = time.perf_counter()
+    frame = ablation_sweep(model, sae, tokens, metric, features=list(features), position=pos,
+                           batch_size=args.batch_size)
+    sweep_s = time.perf_counter() - started
+    ours = frame.pivot(index="prompt", columns="feature", values="delta").loc[:, features].to_numpy()
+    diff, scale = float(np.abs(ours - naive).max()), float(np.abs(naive).max())
+    return {"live": len(live), "features": len(features), "naive_s": naive_s, "sweep_s": sweep_s,
+            "diff": diff, "scale": scale}
 
 
 def main(argv=None) -> None:
-    from pipeline.ablation import ablation_sweep
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--sae-layer", type=int, default=3)
-    parser.add_argument("--d-sae", type=int, default=4096)
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--positions", nargs="+", choices=list(POSITIONS), default=list(POSITIONS))
     parser.add_argument("--l0", type=float, default=40)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--seq", type=int, default=45, help="notebook 000's prompts are 45 tokens")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-features", type=int, default=300,
+                        help="run both ways on this many of the live features (0: all of them)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, sae, tokens, answers = build(args)
-    metric = partial(logits_to_ave_logit_diff, answer_tokens=answers, per_prompt=True)
-    started = time.perf_counter()
-    live, naive = notebook_loop(model, sae, tokens, metric, pos=-1)
-    naive_s = time.perf_counter() - started
-    started = time.perf_counter()
-    frame = ablation_sweep(model, sae, tokens, metric, position=-1, batch_size=args.batch_size)
-    sweep_s = time.perf_counter() - started
-
-    ours = frame.pivot(index="prompt", columns="feature", values="delta").loc[:, live].to_numpy()
-    diff = float(np.abs(ours - naive).max())
-    scale = float(np.abs(naive).max())
-    print(f"model {args.layers} layers, d_model {args.d_model}, vocab {args.vocab}; SAE at layer {args.sae_layer}, "
-          f"d_sae {args.d_sae}; {args.prompts} prompts x {args.seq} tokens, torch threads {torch.get_num_threads()}")
-    print(f"live features at the last position: {len(live)}; pairs that fire: {int((ours != 0).sum())} "
-          f"of {ours.size}")
-    print(f"notebook loop   {naive_s:8.2f} s  ({len(live)} forwards)")
-    print(f"ablation_sweep  {sweep_s:8.2f} s")
-    print(f"speedup         {naive_s / sweep_s:8.1f} x")
-    print(f"max |delta| difference {diff:.3g}  (max |delta| {scale:.3g}, relative {diff / max(scale, 1e-12):.2g})")
+    print(f"{args.prompts} prompts x {args.seq} tokens, vocab {args.vocab}, L0 about {args.l0:g}, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"{'shape':<11} {'position':<8} {'live':>5} {'run':>5} {'loop s':>8} {'sweep s':>8} {'speedup':>8} "
+          f"{'max |diff|':>10} {'max |delta|':>11} {'relative':>9}")
+    for shape in args.shapes:
+        model, sae, tokens, answers = build(shape, args)
+        for where in args.positions:
+            r = one_case(model, sae, tokens, answers, POSITIONS[where], args)
+            print(f"{shape:<11} {where:<8} {r['live']:>5} {r['features']:>5} {r['naive_s']:>8.2f} {r['sweep_s']:>8.3f} "
+                  f"{r['naive_s'] / r['sweep_s']:>7.1f}x {r['diff']:>10.2g} {r['scale']:>11.3g} "
+                  f"{r['diff'] / max(r['scale'], 1e-12):>9.2g}", flush=True)
 
 
 if __name__ == "__main__":

@@ -163,24 +163,34 @@ class Baseline:
 
 
 class MetricRunner:
-    """Evaluates the metric on rows that are copies of any prompts.
+    """Evaluates the metric on rows that are copies of any prompts, given their logits from some
+    position on (the earlier positions' are the baseline's; see ``pipeline.resume``).
 
     A metric that accepts ``prompts=`` is told which prompt each row is. Any other metric
     sees whole batches in prompt order: the baseline's logits with some rows swapped for
-    ablated copies, each copy of a prompt in its own batch.
+    ablated copies, each copy of a prompt in its own batch (one buffer, whose swapped rows are
+    put back after each call: the metric must not write to it). A metric whose ``position`` (one
+    per prompt, as the built-ins keep it) counts from the end and lies within the given
+    positions reads the given logits as they are; any other gets every position's.
     """
 
-    def __init__(self, metric: Metric, n_prompts: int):
-        self.metric, self.n_prompts = metric, n_prompts
+    def __init__(self, metric: Metric, baseline_logits: torch.Tensor):
+        self.metric, self.baseline_logits = metric, baseline_logits
+        self.n_prompts = len(baseline_logits)
         self.indexed = accepts_prompts(metric)
-        self.baseline_logits: torch.Tensor | None = None
+        self._batch: torch.Tensor | None = None  # what a plain metric is given: the baseline's, rows swapped in
 
-    def all_prompts(self, logits: torch.Tensor) -> torch.Tensor:
+    def all_prompts(self) -> torch.Tensor:
+        """The metric of the baseline."""
+        logits = self.baseline_logits.clone()  # kept as it is, whatever the metric does with its input
         values = self.metric(logits, prompts=torch.arange(len(logits))) if self.indexed else self.metric(logits)
         return check_metric_output(values, self.n_prompts)
 
-    def __call__(self, logits: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, prompts: torch.Tensor, since: int = 0) -> torch.Tensor:
+        """The metric of copies of ``prompts`` whose logits from position ``since`` on are ``logits``."""
         if self.indexed:
+            if since and not self._reads_from(prompts, since):
+                logits = torch.cat([self.baseline_logits[prompts.to(logits.device), :since].to(logits.dtype), logits], 1)
             return check_metric_output(self.metric(logits, prompts=prompts), len(prompts))
         out = torch.empty(len(prompts), dtype=torch.float32)
         seen: dict[int, int] = {}
@@ -190,13 +200,38 @@ class MetricRunner:
             if k == len(rounds):
                 rounds.append([])
             rounds[k].append(row)
+        shared = not logits.requires_grad  # a gradient needs each round's batch as it was
+        if shared and self._batch is None:
+            self._batch = self.baseline_logits.clone()
         for rows in rounds:
             rows_t = torch.tensor(rows)
-            full = self.baseline_logits.clone()
-            full[prompts[rows_t]] = logits[rows_t].to(full.dtype)
-            values = check_metric_output(self.metric(full), self.n_prompts)
+            batch = self._batch if shared else self.baseline_logits.clone()
+            swapped = prompts[rows_t].to(batch.device)
+            batch[swapped, since:] = logits[rows_t.to(logits.device)].to(batch.dtype)
+            values = check_metric_output(self.metric(batch), self.n_prompts)
             out[rows_t] = values[prompts[rows_t]].float().cpu()
+            if shared:
+                batch[swapped, since:] = self.baseline_logits[swapped, since:]  # the baseline's again
         return out
+
+    def check_unmodified(self) -> None:
+        """A plain metric is given one batch of logits, round after round, with rows swapped in and
+        back: refuse the results if the metric changed it in place."""
+        if self._batch is not None and not torch.equal(self._batch, self.baseline_logits):
+            raise ConfigError("the metric changed the logits it was given in place, so the sweep's other numbers "
+                              "would be wrong: compute from them without writing to them (e.g. "
+                              "logits.log_softmax(-1), not logits.log_softmax_(-1)), or accept prompts= (see "
+                              "pipeline.metrics).")
+
+    def _reads_from(self, prompts: torch.Tensor, since: int) -> bool:
+        """Whether the metric reads these prompts' logits only at positions counted from the end
+        that lie at ``since`` or later: then logits from ``since`` on serve it unchanged."""
+        position = getattr(self.metric, "position", None)
+        if not isinstance(position, torch.Tensor) or position.shape != (self.n_prompts,):
+            return False
+        read = position[prompts.to(position.device)]
+        seq = self.baseline_logits.shape[1]
+        return bool(((read < 0) & (read >= since - seq)).all())
 
 
 def ablation_sweep(
@@ -406,7 +441,6 @@ def spliced_baseline(model, sae, tokens: torch.Tensor, metric: Metric, use_error
     does) over ``tokens`` (on the model's device), caching what the ablations start from."""
     n, seq = tokens.shape
     resume = Resume(model, output_hook(sae), tokens, None if attention_mask is None else attention_mask.to(tokens.device))
-    runner = MetricRunner(metric, n)
     if is_transcoder(sae):
         splice = TranscoderSplice(sae, use_error_term)
         with model.hooks(fwd_hooks=splice.hooks):
@@ -424,10 +458,9 @@ def spliced_baseline(model, sae, tokens: torch.Tensor, metric: Metric, use_error
         acts, hook_out = cache[acts_name], cache[out_name]
         scale = decoder_scale(sae, cache[in_name])
         scale = None if scale is None else scale.reshape(n, seq, 1)
-    resume.remember(cache, logits)
-    values = runner.all_prompts(logits).detach()
-    if not runner.indexed:
-        runner.baseline_logits = logits
+    resume.remember(cache)
+    runner = MetricRunner(metric, logits)
+    values = runner.all_prompts().detach()
     return Baseline(sae=sae, tokens=tokens, metric=metric, use_error_term=use_error_term, resume=resume,
                     runner=runner, values=values, acts=acts, hook_out=hook_out.reshape(n, seq, -1), scale=scale)
 
@@ -509,8 +542,9 @@ def exact_deltas(resume: Resume, runner: MetricRunner, baseline: Baseline, direc
         if baseline.scale is not None:
             added = added * baseline.scale[pd_, since:]
         hook_out = baseline.hook_out[pd_, since:] + added
-        values = runner(resume(hook_out, pd_, since), pd_)
+        values = runner(resume(hook_out, pd_, since), pd_, since)
         delta[p, f] = values.float().cpu() - baseline.values[pd_].float().cpu()
+    runner.check_unmodified()
     return delta
 
 

@@ -9,8 +9,8 @@ forward inside the model from what the spliced baseline cached:
   the cached residual and has its value replaced;
 - attention is causal, so an edit at position p changes nothing before p. Given ``start_pos``,
   only positions ``start_pos`` and later run, attending to the baseline's cached keys and values
-  of the earlier positions (TransformerLens's frozen key-value cache); the earlier positions'
-  logits are the baseline's.
+  of the earlier positions (TransformerLens's frozen key-value cache), and only their logits are
+  returned: the earlier positions' are the baseline's.
 
 Hooks outside the blocks, shortformer models and TransformerBridge models (whose forward cannot
 start inside) run every position from the tokens.
@@ -47,7 +47,6 @@ class Resume:
         self.residual: torch.Tensor | None = None  # the baseline's residual into block ``start`` ("replace")
         self.keys: dict[int, torch.Tensor] = {}  # the baseline's keys and values of each block from ``start``
         self.values: dict[int, torch.Tensor] = {}
-        self.logits: torch.Tensor | None = None  # the baseline's logits, for the positions a suffix run skips
 
     @property
     def suffix_runs(self) -> bool:
@@ -64,20 +63,19 @@ class Resume:
                 names += [f"blocks.{layer}.attn.hook_k", f"blocks.{layer}.attn.hook_v"]
         return names
 
-    def remember(self, cache, logits: torch.Tensor) -> None:
-        """Keep what later forwards start from: the baseline's cache (``cache_names``) and logits."""
+    def remember(self, cache) -> None:
+        """Keep what later forwards start from: the baseline's cache (``cache_names``)."""
         if self.mode == "replace":
             self.residual = cache[f"blocks.{self.start}.hook_resid_pre"]
         if self.suffix_runs:
             for layer in range(self.start, self.model.cfg.n_layers):
                 self.keys[layer] = cache[f"blocks.{layer}.attn.hook_k"]
                 self.values[layer] = cache[f"blocks.{layer}.attn.hook_v"]
-            self.logits = logits
 
     def __call__(self, hook_out: torch.Tensor, prompts: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Logits ``[batch, seq, vocab]`` of copies of ``prompts`` whose hook outputs ``hook_out``
-        (``[batch, seq - start_pos, ...]``: its positions from ``start_pos`` on; the earlier ones are
-        the baseline's). ``start_pos`` > 0 needs ``suffix_runs`` and ``remember``."""
+        """Logits ``[batch, seq - start_pos, vocab]`` of copies of ``prompts`` from position ``start_pos``
+        on, whose hook outputs ``hook_out`` there (``[batch, seq - start_pos, ...]``; before it, the
+        baseline's). ``start_pos`` > 0 needs ``suffix_runs`` and ``remember``."""
         mask = None if self.attention_mask is None else self.attention_mask[prompts]
         if start_pos:
             return self._suffix(hook_out, prompts, start_pos, mask)
@@ -98,10 +96,8 @@ class Resume:
                        if mask is None else mask[:, :start_pos])
         past = TransformerLensKeyValueCache(entries, prefix_mask, frozen=True)
         if self.mode == "residual":
-            suffix = self.model(hook_out, start_at_layer=self.start, attention_mask=mask, past_kv_cache=past)
-        else:
-            suffix = self._replaced(self.residual[prompts, start_pos:], hook_out, mask, past)
-        return torch.cat([self.logits[prompts, :start_pos].to(suffix.dtype), suffix], dim=1)
+            return self.model(hook_out, start_at_layer=self.start, attention_mask=mask, past_kv_cache=past)
+        return self._replaced(self.residual[prompts, start_pos:], hook_out, mask, past)
 
     def _replaced(self, start: torch.Tensor, hook_out: torch.Tensor, mask: torch.Tensor | None,
                   past: TransformerLensKeyValueCache | None = None) -> torch.Tensor:

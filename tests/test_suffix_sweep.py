@@ -162,3 +162,22 @@ def test_one_baseline_serves_every_feature_block(model, all_kinds, prompts):
     np.testing.assert_allclose(joined["delta"], whole["delta"], rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match=r"baseline= was made for other prompts, another SAE or metric"):
         ablation_sweep(model, sae, tokens[:3], metric, attention_mask=mask[:3], baseline=baseline)
+
+
+def test_a_plain_metric_that_writes_to_its_logits_is_refused(model, all_kinds, prompts):
+    """A plain metric (no ``prompts=``) is given one batch, rows swapped in and back; one that writes
+    to it would spoil the next rounds, so the sweep refuses its numbers."""
+    tokens, mask = prompts
+    _, sae = all_kinds["gated"]
+
+    def last_logit(logits):
+        return logits[:, -1, 0]
+
+    def last_logit_zeroing_the_first(logits):
+        logits[:, 0] = 0.0
+        return logits[:, -1, 0]
+
+    honest = ablation_sweep(model, sae, tokens, last_logit, attention_mask=mask)
+    assert (honest["delta"] != 0).any()
+    with pytest.raises(ConfigError, match=r"the metric changed the logits it was given in place"):
+        ablation_sweep(model, sae, tokens, last_logit_zeroing_the_first, attention_mask=mask)
