@@ -164,7 +164,8 @@ class Baseline:
 
 class MetricRunner:
     """Evaluates the metric on rows that are copies of any prompts, given their logits from some
-    position on (the earlier positions' are the baseline's; see ``pipeline.resume``).
+    position on (the earlier positions' are the baseline's; see ``pipeline.resume``), or only the
+    last positions' where the metric reads no others (``tail``).
 
     A metric that accepts ``prompts=`` is told which prompt each row is. Any other metric
     sees whole batches in prompt order: the baseline's logits with some rows swapped for
@@ -189,7 +190,7 @@ class MetricRunner:
     def __call__(self, logits: torch.Tensor, prompts: torch.Tensor, since: int = 0) -> torch.Tensor:
         """The metric of copies of ``prompts`` whose logits from position ``since`` on are ``logits``."""
         if self.indexed:
-            if since and not self._reads_from(prompts, since):
+            if since and self.tail(prompts, since) is None:
                 logits = torch.cat([self.baseline_logits[prompts.to(logits.device), :since].to(logits.dtype), logits], 1)
             return check_metric_output(self.metric(logits, prompts=prompts), len(prompts))
         out = torch.empty(len(prompts), dtype=torch.float32)
@@ -223,15 +224,18 @@ class MetricRunner:
                               "logits.log_softmax(-1), not logits.log_softmax_(-1)), or accept prompts= (see "
                               "pipeline.metrics).")
 
-    def _reads_from(self, prompts: torch.Tensor, since: int) -> bool:
-        """Whether the metric reads these prompts' logits only at positions counted from the end
-        that lie at ``since`` or later: then logits from ``since`` on serve it unchanged."""
+    def tail(self, prompts: torch.Tensor, since: int) -> int | None:
+        """How many of the last positions the metric reads for these prompts, when it reads only
+        positions counted from the end (a built-in's ``position``, one per prompt) at ``since`` or
+        later: then the logits of those positions alone serve it. None when it may read any."""
         position = getattr(self.metric, "position", None)
-        if not isinstance(position, torch.Tensor) or position.shape != (self.n_prompts,):
-            return False
+        if not self.indexed or not isinstance(position, torch.Tensor) or position.shape != (self.n_prompts,):
+            return None
         read = position[prompts.to(position.device)]
         seq = self.baseline_logits.shape[1]
-        return bool(((read < 0) & (read >= since - seq)).all())
+        if not ((read < 0) & (read >= since - seq)).all():
+            return None
+        return int(-read.min())
 
 
 def ablation_sweep(
@@ -542,7 +546,7 @@ def exact_deltas(resume: Resume, runner: MetricRunner, baseline: Baseline, direc
         if baseline.scale is not None:
             added = added * baseline.scale[pd_, since:]
         hook_out = baseline.hook_out[pd_, since:] + added
-        values = runner(resume(hook_out, pd_, since), pd_, since)
+        values = runner(resume(hook_out, pd_, since, runner.tail(pd_, since)), pd_, since)
         delta[p, f] = values.float().cpu() - baseline.values[pd_].float().cpu()
     runner.check_unmodified()
     return delta

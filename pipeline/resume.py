@@ -10,7 +10,9 @@ forward inside the model from what the spliced baseline cached:
 - attention is causal, so an edit at position p changes nothing before p. Given ``start_pos``,
   only positions ``start_pos`` and later run, attending to the baseline's cached keys and values
   of the earlier positions (TransformerLens's frozen key-value cache), and only their logits are
-  returned: the earlier positions' are the baseline's.
+  returned: the earlier positions' are the baseline's;
+- given ``tail``, only the last positions' logits are computed (a metric that reads the last
+  position needs no other; the unembedding is often the largest matrix of a suffix run).
 
 Hooks outside the blocks, shortformer models and TransformerBridge models (whose forward cannot
 start inside) run every position from the tokens.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import torch
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+from transformer_lens.utilities import apply_softcap
 
 from pipeline.models import can_start_at_layer, forward_attention_mask, hook_layer
 
@@ -72,38 +75,47 @@ class Resume:
                 self.keys[layer] = cache[f"blocks.{layer}.attn.hook_k"]
                 self.values[layer] = cache[f"blocks.{layer}.attn.hook_v"]
 
-    def __call__(self, hook_out: torch.Tensor, prompts: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def __call__(self, hook_out: torch.Tensor, prompts: torch.Tensor, start_pos: int = 0,
+                 tail: int | None = None) -> torch.Tensor:
         """Logits ``[batch, seq - start_pos, vocab]`` of copies of ``prompts`` from position ``start_pos``
         on, whose hook outputs ``hook_out`` there (``[batch, seq - start_pos, ...]``; before it, the
-        baseline's). ``start_pos`` > 0 needs ``suffix_runs`` and ``remember``."""
+        baseline's). ``start_pos`` > 0 needs ``suffix_runs`` and ``remember``. With ``tail``, only the
+        last ``tail`` positions' logits ``[batch, tail, vocab]`` (the others are never unembedded)."""
         mask = None if self.attention_mask is None else self.attention_mask[prompts]
+        kwargs = {"attention_mask": mask}
         if start_pos:
-            return self._suffix(hook_out, prompts, start_pos, mask)
+            kwargs["past_kv_cache"] = self._past(prompts, start_pos, mask, hook_out.device)
+        if tail is not None and self.mode != "tokens":
+            kwargs["stop_at_layer"] = self.model.cfg.n_layers  # the residual after the last block
         if self.mode == "residual":
-            return self.model(hook_out, start_at_layer=self.start, attention_mask=mask)
-        start = self.residual[prompts] if self.mode == "replace" else self.tokens[prompts]
-        return self._replaced(start, hook_out, mask)
+            out = self.model(hook_out, start_at_layer=self.start, **kwargs)
+        else:
+            start = (self.residual[prompts, start_pos:] if self.mode == "replace" else self.tokens[prompts])
 
-    def _suffix(self, hook_out: torch.Tensor, prompts: torch.Tensor, start_pos: int,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        # The baseline's keys and values of the positions before start_pos, frozen: each block
-        # attends to them and to the suffix's own, and the cache does not grow.
+            def replace(activation: torch.Tensor, hook) -> torch.Tensor:
+                return hook_out.reshape(activation.shape).to(activation.dtype)
+
+            out = self.model.run_with_hooks(start, start_at_layer=self.start, fwd_hooks=[(self.hook, replace)],
+                                            **kwargs)
+        if "stop_at_layer" not in kwargs:
+            return out if tail is None else out[:, -tail:]
+        return self._unembed(out[:, -tail:])
+
+    def _past(self, prompts: torch.Tensor, start_pos: int, mask: torch.Tensor | None,
+              device: torch.device) -> TransformerLensKeyValueCache:
+        """The baseline's keys and values of the positions before ``start_pos``, frozen: each block
+        attends to them and to the suffix's own, and the cache does not grow."""
         entries = [None] * self.start + [
             TransformerLensKeyValueCacheEntry(self.keys[layer][prompts, :start_pos],
                                               self.values[layer][prompts, :start_pos], frozen=True)
             for layer in range(self.start, self.model.cfg.n_layers)]
-        prefix_mask = (torch.ones((len(prompts), start_pos), dtype=torch.long, device=hook_out.device)
+        prefix_mask = (torch.ones((len(prompts), start_pos), dtype=torch.long, device=device)
                        if mask is None else mask[:, :start_pos])
-        past = TransformerLensKeyValueCache(entries, prefix_mask, frozen=True)
-        if self.mode == "residual":
-            return self.model(hook_out, start_at_layer=self.start, attention_mask=mask, past_kv_cache=past)
-        return self._replaced(self.residual[prompts, start_pos:], hook_out, mask, past)
+        return TransformerLensKeyValueCache(entries, prefix_mask, frozen=True)
 
-    def _replaced(self, start: torch.Tensor, hook_out: torch.Tensor, mask: torch.Tensor | None,
-                  past: TransformerLensKeyValueCache | None = None) -> torch.Tensor:
-        def replace(activation: torch.Tensor, hook) -> torch.Tensor:
-            return hook_out.reshape(activation.shape).to(activation.dtype)
-
-        kwargs = {} if past is None else {"past_kv_cache": past}
-        return self.model.run_with_hooks(start, start_at_layer=self.start, attention_mask=mask,
-                                         fwd_hooks=[(self.hook, replace)], **kwargs)
+    def _unembed(self, residual: torch.Tensor) -> torch.Tensor:
+        """What the forward does after its last block, here for the positions kept only."""
+        model = self.model
+        if model.cfg.normalization_type is not None:
+            residual = model.ln_final(residual)
+        return apply_softcap(model.unembed(residual), model.cfg.output_logits_soft_cap)

@@ -181,3 +181,19 @@ def test_a_plain_metric_that_writes_to_its_logits_is_refused(model, all_kinds, p
     assert (honest["delta"] != 0).any()
     with pytest.raises(ConfigError, match=r"the metric changed the logits it was given in place"):
         ablation_sweep(model, sae, tokens, last_logit_zeroing_the_first, attention_mask=mask)
+
+
+@pytest.mark.parametrize("read", ["last", "third from the end", "each prompt's first"])
+def test_a_built_in_metric_reads_its_own_position(model, all_kinds, prompts, full_recompute, read):
+    """A built-in metric reading a position counted from the end gets only the last positions'
+    logits (the rest never unembedded); one reading positions counted from the start gets the
+    baseline's earlier logits joined to the suffix's. Either way the table is the full recompute's."""
+    from pipeline.metrics import LogitDiff
+
+    tokens, mask = prompts
+    _, sae = all_kinds["transcoder"]
+    at = {"last": -1, "third from the end": -3, "each prompt's first": (mask == 0).sum(1)}[read]
+    answers = torch.randint(1, model.cfg.d_vocab, (len(tokens), 2), generator=torch.Generator().manual_seed(5))
+    suffix, full = sweep_both(model, sae, tokens, mask, full_recompute, metric=LogitDiff(answers, position=at),
+                              position=None)
+    assert_same_table(suffix, full)
