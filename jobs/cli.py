@@ -34,6 +34,27 @@ loads through TransformerBridge; SAEs still name TransformerLens hooks:
 
   latentstore extract --model ./my-gpt2 --sae ./my-sae --dataset data.jsonl
 
+Several SAEs at one hook, each named (NAME=SOURCE); queries, exports and sweeps
+then take the name:
+
+  latentstore extract --model gemma-2-2b --dataset NeelNanda/pile-10k \\
+      --sae w16k=gemma-scope-2b-pt-res-canonical/layer_12/width_16k/canonical \\
+      --sae w65k=gemma-scope-2b-pt-res-canonical/layer_12/width_65k/canonical
+
+Every kind of SAE sae_lens loads, one example each:
+
+  standard          --sae gpt2-small-res-jb/blocks.8.hook_resid_pre
+  JumpReLU          --sae gemma-scope-2b-pt-res-canonical/layer_12/width_16k/canonical
+  Gemma Scope npz   --sae params.npz@blocks.12.hook_resid_post
+  TopK              --sae sae_bench_gemma-2-2b_topk_width-2pow12_date-1109/blocks.12.hook_resid_post__trainer_0
+  gated             --sae sae_bench_pythia70m_sweep_gated_ctx128_0730/blocks.3.hook_resid_post__trainer_0
+  BatchTopK, Matryoshka (saved as JumpReLU)
+                    --sae gemma-2-2b-res-matryoshka-dc/blocks.12.hook_resid_post
+  normalising at run time (layer_norm, constant_norm_rescale)
+                    --sae mistral-7b-res-wg/blocks.8.hook_resid_pre
+  transcoder        --sae gemma-scope-2b-pt-transcoders/layer_0/width_16k/average_l0_76
+  skip transcoder   --sae runs/skip-tc   (a directory SkipTranscoder.save_model wrote)
+
 On a cluster, the same command under Ray's job API:
 
   ray job submit --working-dir . -- latentstore extract ...
