@@ -454,6 +454,8 @@ class DashboardBuilder:
         every token where the feature is 0): ``[features, n_groups, 3]``. The bounds are the
         edges ``many_group_slices`` draws the examples between."""
         n_groups = self.settings.n_groups
+        if not n_groups:
+            return np.zeros((len(maxes), 0, 3))
         edges = linspace_rows(maxes.astype(np.float64), np.zeros(len(maxes)), n_groups + 1)  # highest first
         lower, upper = edges[:, 1:], edges[:, :-1]
         first = np.repeat(bounds[:-1], n_groups)

@@ -419,3 +419,21 @@ def test_batches_are_numbered_over_the_whole_sae_so_pieces_share_a_folder(store,
     assert [[f["feature_index"] for f in json.loads(p.read_text())["features"]] for p in partial] == \
         [list(range(10, 16)), list(range(16, 20))]
     assert "--features 10:20: batch-1.json and batch-2.json hold only part of a batch of 8 features" in caplog.text
+
+
+def test_no_interval_groups_asked_gives_none(store):
+    """``n_groups=0`` (only the top examples, or none: the bench's co-firing pass) makes no interval
+    groups, while the rest of a feature's numbers stay as with groups."""
+    plain = DashboardSettings(group_method="interval", n_cofiring=0)
+    none = DashboardSettings(group_method="interval", n_groups=0, n_cofiring=0)
+    with_groups = list(DashboardBuilder(store, HOOK, None, plain).build())
+    without = list(DashboardBuilder(store, HOOK, None, none).build())
+    assert len(with_groups) == len(without) > 0
+    for a, b in zip(with_groups, without):
+        assert [g.kind for g in b.groups if g.kind != "top"] == []
+        assert a.n_fired == 0 or any(g.kind == "interval" for g in a.groups)
+        assert (a.feature, a.n_fired, a.max, a.hist_counts) == (b.feature, b.n_fired, b.max, b.hist_counts)
+        def top(d):
+            return [(e.token_index, e.activation) for g in d.groups if g.kind == "top" for e in g.examples]
+
+        assert top(a) == top(b)
