@@ -194,7 +194,8 @@ def _nested_json_to_the_server(assets, tmp, store):
     from jobs.dashboard_serve import PromptServer
 
     class NoModel:
-        hook, model_name, max_text_tokens = HOOK, "tiny", 15
+        name = hook = HOOK
+        model_name, max_text_tokens = "tiny", 15
 
         def __call__(self, text):
             raise AssertionError("the model must not be asked")
@@ -320,7 +321,7 @@ BAD_INPUTS = {
         StoreConflictError, r"(?s)already holds a different run:.*model\.name: store has 'gpt2-small'.*--overwrite"),
     "extract: store from a newer format version": (
         _extract(store=lambda a, t: _newer_format_store(a, t)),
-        FormatVersionError, r"written in latentstore format 2\.0.*Upgrade latentstore"),
+        FormatVersionError, r"written in latentstore format 3\.0.*Upgrade latentstore"),
     "extract: credentials inside the store URL": (
         _extract(store="s3://AKIAEXAMPLE:hunter2@bucket/run.zarr"),
         ConfigError, r"the store URL s3://\*\*\*@bucket/run\.zarr holds credentials"),
@@ -378,7 +379,8 @@ BAD_INPUTS = {
     # queries
     "query: csr of a hook the store lacks": (
         _query(lambda fs: fs.csr("blocks.2.hook_resid_post")),
-        ConfigError, r"hook 'blocks\.2\.hook_resid_post' is not in store .*; it holds: blocks\.0\.hook_resid_post"),
+        ConfigError, r"has no SAE named 'blocks\.2\.hook_resid_post' \(nor one at a hook of that name\); its SAEs: "
+                     r"blocks\.0\.hook_resid_post"),
     "query: token range past the end": (
         _query(lambda fs: fs.csr(HOOK, 0, fs.n_tokens + 1)), IndexError, r"token range \[0, 301\) is outside the store's 300"),
     "query: negative token range": (

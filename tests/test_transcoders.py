@@ -332,3 +332,40 @@ def test_sweep_worker_takes_a_transcoder(assets, tmp_path):
     expected = ablation_sweep(model, tc, worker.tokens, metric, position=None, attention_mask=worker.mask)
     assert len(live) > 5
     np.testing.assert_array_equal(live, np.unique(expected["feature"]))
+
+
+@pytest.mark.ray
+def test_dashboard_logits_go_through_the_output_hook(assets, ray_cluster, tmp_path):
+    """A transcoder that reads the MLP's hidden layer (d_mlp wide) and writes the MLP's output (as
+    wide as the residual stream) has a logit table, ``W_dec @ W_U`` through its output hook; an SAE
+    that reads and writes the hidden layer has none, and says so."""
+    from jobs.extract import run_extract
+    from pipeline.dashboard_data import DashboardBuilder, DashboardSettings, load_logit_weights, model_unembed
+    from store import FeatureStore
+    from tests.stores import config
+
+    hidden, out = "blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out"
+    torch.manual_seed(3)
+    tc = Transcoder(TranscoderConfig(d_in=64, d_sae=40, d_out=D_MODEL, apply_b_dec_to_input=False,
+                                     metadata=SAEMetadata(hook_name=hidden, hook_name_out=out, prepend_bos=True)))
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    tc.save_model(tmp_path / "tc")
+    make_sae("standard", hidden, d_in=64, d_sae=40, seed=4).save_model(tmp_path / "sae")
+    cfg = config(assets, tmp_path / "s.zarr", saes=(f"tc={tmp_path / 'tc'}", f"hidden={tmp_path / 'sae'}"),
+                 max_tokens=400)
+    run_extract(cfg)
+    fs = FeatureStore.open(cfg.store.path)
+    assert fs.sae_record("tc")["hook_out"] == out and fs.hooks == [hidden]
+
+    weights = load_logit_weights(fs, "tc")
+    expected = (tc.W_dec.detach() @ model_unembed(str(assets["model_dir"]))).numpy()  # [40, d_vocab]
+    np.testing.assert_allclose(weights.W_dec @ weights.W_U, expected, rtol=1e-5, atol=1e-5)
+    built = [d for d in DashboardBuilder(fs, "tc", weights, DashboardSettings(n_cofiring=0)).build()]
+    assert len(built) == 40
+    for d in built[:5]:
+        assert d.logits.top_ids == np.argsort(-expected[d.feature], kind="stable")[:10].tolist()
+    with pytest.raises(ConfigError, match=r"SAE hidden: its decoder writes vectors of size 64 at blocks\.0\.mlp\.hook_post, "
+                                          r"not the residual stream's 32"):
+        load_logit_weights(fs, "hidden")
