@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import textwrap
 
@@ -257,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
             status = args.handler(args)
             if isinstance(status, int) and status:
                 return status
+    except BrokenPipeError:
+        # whatever read the output stopped early (`latentstore top STORE | head`): end quietly, as other
+        # command-line tools do; stdout goes to devnull so that the flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (LatentStoreError, OSError) as e:
         if isinstance(e, SettingsError):  # its problems name the config's fields: say the flags instead
             e = e.for_command_line()

@@ -60,3 +60,16 @@ def test_errors_print_a_message_and_exit_2(tmp_path, capsys):
     assert main(["info", str(tmp_path / "missing.zarr")]) == 2
     err = capsys.readouterr().err
     assert "latentstore info: error: No latentstore store at" in err and "latentstore extract --store" in err
+
+
+@pytest.mark.ray
+def test_output_cut_short_by_its_reader_ends_quietly(reference_store):
+    """`latentstore top STORE | head -1`: the reader stops after one line, and the command stops
+    without a traceback (as other command-line tools do)."""
+    top = subprocess.Popen([sys.executable, "-m", "jobs.cli", "top", reference_store.location, "-k", "2000"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = top.stdout.readline() + top.stdout.readline()  # a blank line, a feature's header; far more follows
+    top.stdout.close()
+    stderr = top.stderr.read().decode()
+    assert top.wait(timeout=120) == 1
+    assert b"feature" in first and stderr == ""
