@@ -14,6 +14,7 @@ import numpy as np
 
 from store import FeatureStore, index as index_mod
 from store.errors import StoreIncompleteError
+from store.format import check_writes
 from store.lease import hold_lease
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ def run_index(location: str, workers: int | None = None, address: str | None = N
 
     with hold_lease(location, "latentstore index") as lease:  # re-entrant: `latentstore extract` holds it already
         fs = FeatureStore.open(location)
+        check_writes(fs.attrs, fs.location)  # before Ray starts: a store of an older major is read-only
         if not fs.complete:
             raise StoreIncompleteError(
                 f"{fs.location} is still being written (or its extraction stopped part-way); "
