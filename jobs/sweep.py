@@ -22,7 +22,10 @@ from jobs.settings import (SWEEP_FLAGS, Problem, Setting, SettingsError, as_sett
 from pipeline.metric_names import METRICS, PROMPT_FIELDS
 from pipeline.specs import AblationSpec, PromptSpec, Resources, SweepConfig, SweepStoreSpec  # noqa: F401 (the API)
 from pipeline.sweep_worker import Part, SweepJob, SweepWorker, read_prompt_file
+from store.elements import read_root_attrs
 from store.errors import ConfigError, DataError
+from store.format import check_writes
+from store.location import normalize
 from store.lease import hold_lease
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,9 @@ def validate(cfg: SweepConfig) -> SweepJob:
             problems.append(Problem.of("with ", Setting("prompts.file"), ", name the ", Setting("model"), " and the ",
                                        Setting("sae"), " to ablate."))
         problems += _check_prompt_file(cfg)
+    attrs = fs.attrs if fs is not None else read_root_attrs(normalize(cfg.store.path))
+    if attrs is not None:  # a store of an older major is read-only: refused before any model loads
+        check_writes(attrs, cfg.store.path)
     if problems:
         raise SettingsError("SweepConfig", problems, SWEEP_FLAGS)
     source, described = None, None

@@ -148,3 +148,14 @@ def test_a_format_1_4_store_is_never_written(old_store):
     with pytest.raises(FormatVersionError, match=read_only):  # adding a sweep (latentstore sweep)
         SweepWriter(str(old_store), "s").begin({"x": 1}, np.arange(3), None, 1, overwrite=False)
     assert _digest(old_store) == before
+
+
+def test_the_commands_refuse_to_write_a_format_1_4_store_before_any_work(old_store, capsys):
+    from jobs.cli import main
+
+    for argv in (["index", str(old_store)], ["sweep", "--name", "s", "--store", str(old_store), "--rows", "0:2",
+                                             "--metric", "kl"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"latentstore {argv[0]}: error: {old_store} was written in latentstore format 1.4" in err
+        assert "It opens read-only" in err and "Traceback" not in err
