@@ -10,28 +10,17 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_model
 from pipeline.ablation import StorePrompts, ablation_sweep, left_pad
 from pipeline.metrics import KLFromClean, NextTokenLoss
 from pipeline.resume import Resume
 from store.errors import ConfigError
-from test_sae_kinds import kinds
+from test_sae_kinds import all_kinds, model  # noqa: F401  (fixtures: a tiny model, every SAE kind on it)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models run fastest on one thread
 
 LENGTHS = [12, 9, 5, 12, 7, 3]  # left-padded to 12: padding before all but two prompts
 KINDS = ["gated", "batchtopk", "matryoshka", "topk_rescaled", "topk_sparse", "layer_norm", "constant_norm_rescale",
          "expected_average_only_in", "transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return make_model()
-
-
-@pytest.fixture(scope="module")
-def all_kinds(tmp_path_factory):
-    return kinds(tmp_path_factory.mktemp("kinds"))
 
 
 @pytest.fixture(scope="module")
