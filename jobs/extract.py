@@ -174,15 +174,13 @@ def _sae_problems(cfg: ExtractConfig, plan: Plan, model_cfg) -> list[Problem]:
             problems += [_about(this, p) for p in e.problems]
             continue
         plan.saes.append(sae)
-        if model_cfg is None:
-            pass
-        elif sae.hook not in valid_hooks:
-            problems.append(Problem.of(this, f": its hook {sae.hook!r} is not a hook of model {model}. "
-                                       f"Hooks there include: {did_you_mean(sae.hook, sorted(valid_hooks))}"))
-        elif (width := hook_width(model_cfg, sae.hook)) is not None and width != sae.d_in:
-            problems.append(Problem.of(this, f": d_in={sae.d_in}, but {model} has width {width} at {sae.hook}. "
-                                       "Is the SAE for another model?"))
-        if model_cfg is not None:
+        if model_cfg is not None:  # without it, only the SAEs' names can be checked
+            if sae.hook not in valid_hooks:
+                problems.append(Problem.of(this, f": its hook {sae.hook!r} is not a hook of model {model}. "
+                                           f"Hooks there include: {did_you_mean(sae.hook, sorted(valid_hooks))}"))
+            elif (width := hook_width(model_cfg, sae.hook)) is not None and width != sae.d_in:
+                problems.append(Problem.of(this, f": d_in={sae.d_in}, but {model} has width {width} at {sae.hook}. "
+                                           "Is the SAE for another model?"))
             problems += [_about(this, p) for p in output_hook_problems(text, sae, valid_hooks, model_cfg, model)]
         if sae.name not in seen:
             seen[sae.name] = (i, source)

@@ -187,10 +187,12 @@ class MetricRunner:
         values = self.metric(logits, prompts=torch.arange(len(logits))) if self.indexed else self.metric(logits)
         return check_metric_output(values, self.n_prompts)
 
-    def __call__(self, logits: torch.Tensor, prompts: torch.Tensor, since: int = 0) -> torch.Tensor:
-        """The metric of copies of ``prompts`` whose logits from position ``since`` on are ``logits``."""
+    def __call__(self, logits: torch.Tensor, prompts: torch.Tensor, since: int = 0,
+                 tail: int | None = None) -> torch.Tensor:
+        """The metric of copies of ``prompts`` whose logits from position ``since`` on are ``logits``
+        (only the last ``tail`` positions' when ``tail`` is what ``self.tail`` said for them)."""
         if self.indexed:
-            if since and self.tail(prompts, since) is None:
+            if since and tail is None:
                 logits = torch.cat([self.baseline_logits[prompts.to(logits.device), :since].to(logits.dtype), logits], 1)
             return check_metric_output(self.metric(logits, prompts=prompts), len(prompts))
         out = torch.empty(len(prompts), dtype=torch.float32)
@@ -306,7 +308,6 @@ def ablation_sweep(
         raise ConfigError("baseline= was made for other prompts, another SAE or metric, or the other use_error_term: "
                           "make it with spliced_baseline(model, sae, tokens, metric, use_error_term, attention_mask) "
                           "for these.")
-    resume, runner = baseline.resume, baseline.runner
 
     if isinstance(features, str):
         if features != "live":
@@ -330,17 +331,17 @@ def ablation_sweep(
         "feature": np.tile(feature_ids, n_prompts),
     })
     if method == "exact":
-        delta = exact_deltas(resume, runner, baseline, directions, change, batch_size, progress)
+        delta = exact_deltas(baseline, directions, change, batch_size, progress)
         frame["delta"] = delta.reshape(-1).numpy().astype(np.float64)
         frame["method"] = "exact"
     else:
-        estimate = attribution_estimates(resume, runner, baseline, directions, change, batch_size)
+        estimate = attribution_estimates(baseline, directions, change, batch_size)
         frame["delta"] = estimate.reshape(-1).numpy().astype(np.float64)
         frame["method"] = "attribution"
         frame["attribution"] = frame["delta"]
         if verify_top:
             top = torch.argsort(estimate.abs().amax(0), descending=True)[:verify_top]
-            exact = exact_deltas(resume, runner, baseline, directions[top], change[..., top], batch_size, progress)
+            exact = exact_deltas(baseline, directions[top], change[..., top], batch_size, progress)
             rows = (np.arange(n_prompts)[:, None] * len(feature_ids) + top.numpy()[None, :]).reshape(-1)
             frame.loc[rows, "delta"] = exact.reshape(-1).numpy().astype(np.float64)
             frame.loc[rows, "method"] = "exact"
@@ -528,12 +529,13 @@ def copy_order(change: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 @torch.no_grad()
-def exact_deltas(resume: Resume, runner: MetricRunner, baseline: Baseline, directions: torch.Tensor,
-                 change: torch.Tensor, batch_size: int, progress: bool) -> torch.Tensor:
+def exact_deltas(baseline: Baseline, directions: torch.Tensor, change: torch.Tensor, batch_size: int,
+                 progress: bool) -> torch.Tensor:
     """``[n_prompts, n_features]`` metric changes, one prompt copy per pair the ablation changes,
     each recomputed from the first position its batch changes (all positions where the forward
     cannot start at a position)."""
     n_prompts, _, n_features = change.shape
+    resume, runner = baseline.resume, baseline.runner
     delta = torch.zeros((n_prompts, n_features), dtype=torch.float32)
     prompts, feats, firsts = copy_order(change)
     device = baseline.hook_out.device
@@ -546,14 +548,15 @@ def exact_deltas(resume: Resume, runner: MetricRunner, baseline: Baseline, direc
         if baseline.scale is not None:
             added = added * baseline.scale[pd_, since:]
         hook_out = baseline.hook_out[pd_, since:] + added
-        values = runner(resume(hook_out, pd_, since, runner.tail(pd_, since)), pd_, since)
+        tail = runner.tail(pd_, since)
+        values = runner(resume(hook_out, pd_, since, tail), pd_, since, tail)
         delta[p, f] = values.float().cpu() - baseline.values[pd_].float().cpu()
     runner.check_unmodified()
     return delta
 
 
-def attribution_estimates(resume: Resume, runner: MetricRunner, baseline: Baseline, directions: torch.Tensor,
-                          change: torch.Tensor, batch_size: int) -> torch.Tensor:
+def attribution_estimates(baseline: Baseline, directions: torch.Tensor, change: torch.Tensor,
+                          batch_size: int) -> torch.Tensor:
     """``[n_prompts, n_features]`` first-order estimates ``sum_pos change * d metric / d act``,
     from one forward and one backward per batch of prompts."""
     n_prompts, _, n_features = change.shape
@@ -566,7 +569,7 @@ def attribution_estimates(resume: Resume, runner: MetricRunner, baseline: Baseli
             # Adds exactly zero, but makes the hook's output a function of each feature's activation.
             added = zero @ directions
             hook_out = baseline.hook_out[p] + (added if baseline.scale is None else added * baseline.scale[p])
-            values = runner(resume(hook_out, p), p)
+            values = baseline.runner(baseline.resume(hook_out, p), p)
             (grad,) = torch.autograd.grad(values.sum(), zero)
         estimate[p.cpu()] = (grad * change[p]).sum(1).float().cpu()
     return estimate

@@ -13,7 +13,7 @@ import numpy as np
 from store.errors import FormatVersionError
 
 FORMAT_VERSION = "2.0"
-MAJOR = int(FORMAT_VERSION.split(".")[0])
+MAJOR = int(FORMAT_VERSION.split(".")[0])  # readers refuse a newer one; writers write no older one
 ATTRS_KEY = "latentstore"  # every latentstore attribute lives under this key
 
 STORE_ENCODING = "latentstore.store"
@@ -81,8 +81,7 @@ def check_version(attrs: dict, kind: str, where: str) -> None:
             f"{where}: expected a {kind!r} element, found {found_kind!r}. "
             "Is this path a latentstore store (made by `latentstore extract`)?"
         )
-    version = str(attrs.get("encoding-version", "0.0"))
-    major = int(version.split(".")[0])
+    version, major = _version(attrs)
     if major > MAJOR:
         raise FormatVersionError(
             f"{where} was written in latentstore format {version}; this latentstore reads format "
@@ -90,11 +89,17 @@ def check_version(attrs: dict, kind: str, where: str) -> None:
         )
 
 
+def _version(attrs: dict) -> tuple[str, int]:
+    """An element's recorded ``encoding-version``, and its major version."""
+    version = str(attrs.get("encoding-version", "0.0"))
+    return version, int(version.split(".")[0])
+
+
 def check_writes(attrs: dict, location: str) -> None:
     """Refuse to write into a store of an older major format: it opens read-only (a 2.x element
     inside a 1.x store would be read by rules it was not written for)."""
-    version = str(attrs.get("encoding-version", "0.0"))
-    if int(version.split(".")[0]) < MAJOR:
+    version, major = _version(attrs)
+    if major < MAJOR:
         raise FormatVersionError(
             f"{location} was written in latentstore format {version}, by an older latentstore. It opens "
             f"read-only: queries, dashboards and exports read it as before, but nothing is written into it "
