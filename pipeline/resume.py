@@ -85,7 +85,8 @@ class Resume:
         kwargs = {"attention_mask": mask}
         if start_pos:
             kwargs["past_kv_cache"] = self._past(prompts, start_pos, mask, hook_out.device)
-        if tail is not None and self.mode != "tokens":
+        unembed_tail = tail is not None and self.mode != "tokens"  # a forward from the tokens unembeds it all
+        if unembed_tail:
             kwargs["stop_at_layer"] = self.model.cfg.n_layers  # the residual after the last block
         if self.mode == "residual":
             out = self.model(hook_out, start_at_layer=self.start, **kwargs)
@@ -97,9 +98,9 @@ class Resume:
 
             out = self.model.run_with_hooks(start, start_at_layer=self.start, fwd_hooks=[(self.hook, replace)],
                                             **kwargs)
-        if "stop_at_layer" not in kwargs:
-            return out if tail is None else out[:, -tail:]
-        return self._unembed(out[:, -tail:])
+        if unembed_tail:
+            return self._unembed(out[:, -tail:])
+        return out if tail is None else out[:, -tail:]
 
     def _past(self, prompts: torch.Tensor, start_pos: int, mask: torch.Tensor | None,
               device: torch.device) -> TransformerLensKeyValueCache:
