@@ -49,7 +49,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.metrics import Metric, accepts_prompts, check_metric_output
+from pipeline.metrics import Metric, accepts_prompts, check_metric_output, positions_read
 from pipeline.resume import Resume
 from pipeline.saes import (RUN_TIME_NORMALIZATIONS, TranscoderSplice, decoder_scale, input_hook, is_transcoder,
                            model_hook_problems, output_hook)
@@ -170,15 +170,20 @@ class MetricRunner:
     A metric that accepts ``prompts=`` is told which prompt each row is. Any other metric
     sees whole batches in prompt order: the baseline's logits with some rows swapped for
     ablated copies, each copy of a prompt in its own batch (one buffer, whose swapped rows are
-    put back after each call: the metric must not write to it). A metric whose ``position`` (one
-    per prompt, as the built-ins keep it) counts from the end and lies within the given
-    positions reads the given logits as they are; any other gets every position's.
+    put back after each call: the metric must not write to it). Which positions a metric reads is
+    known from a built-in's ``position`` (one per prompt, counted from the end), or from a trace of
+    a plain metric (``positions_read``); one that reads only positions from the end within the
+    given ones reads the given logits as they are; any other gets every position's.
     """
 
     def __init__(self, metric: Metric, baseline_logits: torch.Tensor):
         self.metric, self.baseline_logits = metric, baseline_logits
         self.n_prompts = len(baseline_logits)
         self.indexed = accepts_prompts(metric)
+        position = getattr(metric, "position", None)
+        # [n_prompts] positions read of each prompt (a built-in's), [n] read of every prompt, or None
+        self._read = ((position if isinstance(position, torch.Tensor) and position.shape == (self.n_prompts,)
+                       else None) if self.indexed else positions_read(metric, baseline_logits.clone()))
         self._batch: torch.Tensor | None = None  # what a plain metric is given: the baseline's, rows swapped in
 
     def all_prompts(self) -> torch.Tensor:
@@ -206,15 +211,16 @@ class MetricRunner:
         shared = not logits.requires_grad  # a gradient needs each round's batch as it was
         if shared and self._batch is None:
             self._batch = self.baseline_logits.clone()
+        given = self.baseline_logits.shape[1] - logits.shape[1]  # the first position ``logits`` holds
         for rows in rounds:
             rows_t = torch.tensor(rows)
             batch = self._batch if shared else self.baseline_logits.clone()
             swapped = prompts[rows_t].to(batch.device)
-            batch[swapped, since:] = logits[rows_t.to(logits.device)].to(batch.dtype)
+            batch[swapped, given:] = logits[rows_t.to(logits.device)].to(batch.dtype)
             values = check_metric_output(self.metric(batch), self.n_prompts)
             out[rows_t] = values[prompts[rows_t]].float().cpu()
             if shared:
-                batch[swapped, since:] = self.baseline_logits[swapped, since:]  # the baseline's again
+                batch[swapped, given:] = self.baseline_logits[swapped, given:]  # the baseline's again
         return out
 
     def check_unmodified(self) -> None:
@@ -228,12 +234,11 @@ class MetricRunner:
 
     def tail(self, prompts: torch.Tensor, since: int) -> int | None:
         """How many of the last positions the metric reads for these prompts, when it reads only
-        positions counted from the end (a built-in's ``position``, one per prompt) at ``since`` or
-        later: then the logits of those positions alone serve it. None when it may read any."""
-        position = getattr(self.metric, "position", None)
-        if not self.indexed or not isinstance(position, torch.Tensor) or position.shape != (self.n_prompts,):
+        positions counted from the end at ``since`` or later: then the logits of those positions
+        alone serve it. None when it may read any."""
+        if self._read is None:
             return None
-        read = position[prompts.to(position.device)]
+        read = self._read[prompts.to(self._read.device)] if self.indexed else self._read
         seq = self.baseline_logits.shape[1]
         if not ((read < 0) & (read >= since - seq)).all():
             return None
@@ -449,16 +454,16 @@ def spliced_baseline(model, sae, tokens: torch.Tensor, metric: Metric, use_error
     if is_transcoder(sae):
         splice = TranscoderSplice(sae, use_error_term)
         with model.hooks(fwd_hooks=splice.hooks):
-            logits, cache = model.run_with_cache(tokens, attention_mask=resume.attention_mask,
-                                                 names_filter=resume.cache_names)
+            logits, cache = model.run_with_cache(tokens, names_filter=resume.cache_names,
+                                                 **resume.baseline_kwargs())
         acts, hook_out, scale = splice.acts, splice.output, None
     else:
         hook = input_hook(sae)
         acts_name, out_name, in_name = (f"{hook}.hook_sae_acts_post", f"{hook}.hook_sae_output",
                                         f"{hook}.hook_sae_input")
         logits, cache = model.run_with_cache_with_saes(
-            tokens, saes=[sae], use_error_term=use_error_term, attention_mask=resume.attention_mask,
-            names_filter=[acts_name, out_name, in_name, *resume.cache_names],
+            tokens, saes=[sae], use_error_term=use_error_term,
+            names_filter=[acts_name, out_name, in_name, *resume.cache_names], **resume.baseline_kwargs(),
         )
         acts, hook_out = cache[acts_name], cache[out_name]
         scale = decoder_scale(sae, cache[in_name])

@@ -8,15 +8,17 @@ per_prompt=True)``.
 The built-ins also accept ``prompts``, a ``[batch]`` tensor saying which prompt
 each row is. Sweeps pass it so that a batch can hold any mix of prompt copies;
 a plain callable gets whole batches in prompt order instead (see
-``pipeline.ablation``), which costs a copy of the baseline logits per batch.
+``pipeline.ablation``).
 
 ``position`` is one index (negative counts from the end, as with left padding)
-or one index per prompt.
+or one index per prompt: it tells a sweep which logits a built-in reads. Which a plain
+callable reads, a sweep learns from a trace of it (``positions_read``).
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -176,6 +178,46 @@ def single_token(model, text: str, what: str) -> int:
             "one token), or compare their first tokens."
         )
     return ids[0]
+
+
+# Operations whose output at a position depends on the input at that position alone: what a metric
+# reads through them, it reads of the logits. A softmax is one only over the vocabulary.
+_POSITIONWISE = {"aten._to_copy.default", "aten.clone.default", "aten.detach.default", "aten.alias.default"}
+_OVER_VOCAB = {"aten._log_softmax.default", "aten._softmax.default"}
+
+
+def positions_read(metric: Metric, logits: torch.Tensor) -> torch.Tensor | None:
+    """The positions ``metric`` reads of logits shaped like ``logits``, counted from the end, or
+    None when it may read any.
+
+    It is read off a trace of ``metric`` on ``logits`` (``make_fx``, one call of it): the positions
+    are known when every use of the logits, directly or through position-wise operations (a dtype
+    change, a softmax over the vocabulary), picks constant positions (``logits[:, -1]``,
+    ``logits[:, -3:]``). A metric that branches on values cannot be traced and reads any, as does
+    one that uses the logits in any other way. A sweep then unembeds only those last positions."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = make_fx(metric)(logits).graph
+    except Exception:  # noqa: BLE001  (any metric make_fx cannot trace reads any position)
+        return None
+    seq, ndim = logits.shape[1], logits.ndim
+    read: set[int] = set()
+    aligned = [n for n in graph.nodes if n.op == "placeholder"]  # nodes whose dim 1 is the positions
+    while aligned:
+        for use in aligned.pop().users:
+            op, args = str(use.target), [*use.args, None, None, None]
+            if op in _POSITIONWISE or (op in _OVER_VOCAB and args[1] % ndim == ndim - 1):
+                aligned.append(use)
+            elif op == "aten.select.int" and args[1] % ndim == 1:
+                read.add(range(seq)[args[2]])
+            elif op == "aten.slice.Tensor" and (args[1] or 0) % ndim == 1:
+                read.update(range(seq)[slice(args[2], args[3], args[4] or 1)])
+            else:
+                return None
+    return torch.tensor(sorted(read), dtype=torch.long) - seq if read else None
 
 
 def check_metric_output(values: torch.Tensor, n_prompts: int) -> torch.Tensor:

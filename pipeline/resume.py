@@ -12,7 +12,9 @@ forward inside the model from what the spliced baseline cached:
   of the earlier positions (TransformerLens's frozen key-value cache), and only their logits are
   returned: the earlier positions' are the baseline's;
 - given ``tail``, only the last positions' logits are computed (a metric that reads the last
-  position needs no other; the unembedding is often the largest matrix of a suffix run).
+  position needs no other; the unembedding is often the largest matrix of a suffix run), and
+  the last block runs its attention and MLP for those positions alone: the earlier ones give it
+  only their keys and values.
 
 Hooks outside the blocks, shortformer models and TransformerBridge models (whose forward cannot
 start inside) run every position from the tokens.
@@ -26,6 +28,21 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 from transformer_lens.utilities import apply_softcap
 
 from pipeline.models import can_start_at_layer, forward_attention_mask, hook_layer
+
+
+class _Appended(Exception):
+    """Carries a block's keys and values out of its forward, which stops there."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values
+
+
+class _KeysAndValues(TransformerLensKeyValueCacheEntry):
+    """A cache entry at which a block stops when its attention appends new keys and values (there
+    they are final, as the block caches them), raising them joined to the earlier ones."""
+
+    def append(self, new_keys: torch.Tensor, new_values: torch.Tensor):
+        raise _Appended(torch.cat([self.past_keys, new_keys], 1), torch.cat([self.past_values, new_values], 1))
 
 
 class Resume:
@@ -50,6 +67,7 @@ class Resume:
         self.residual: torch.Tensor | None = None  # the baseline's residual into block ``start`` ("replace")
         self.keys: dict[int, torch.Tensor] = {}  # the baseline's keys and values of each block from ``start``
         self.values: dict[int, torch.Tensor] = {}
+        self._kv: TransformerLensKeyValueCache | None = None  # filled by the baseline's forward
 
     @property
     def suffix_runs(self) -> bool:
@@ -59,21 +77,30 @@ class Resume:
 
     @property
     def cache_names(self) -> list[str]:
-        """What the baseline's forward must cache for ``remember``."""
-        names = [f"blocks.{self.start}.hook_resid_pre"] if self.mode == "replace" else []
-        if self.suffix_runs:
-            for layer in range(self.start, self.model.cfg.n_layers):
-                names += [f"blocks.{layer}.attn.hook_k", f"blocks.{layer}.attn.hook_v"]
-        return names
+        """What the baseline's forward must cache for ``remember``, besides ``baseline_kwargs``."""
+        return [f"blocks.{self.start}.hook_resid_pre"] if self.mode == "replace" else []
+
+    def baseline_kwargs(self) -> dict:
+        """Keyword arguments of the baseline's forward over ``tokens``: the attention mask, and,
+        where forwards start at a position, a TransformerLens key-value cache that it fills. The
+        cache holds each block's keys and values as its attention uses them (after any
+        normalisation or clipping of the keys, which ``hook_k`` does not show)."""
+        if not self.suffix_runs:
+            return {"attention_mask": self.attention_mask}
+        self._kv = TransformerLensKeyValueCache.init_cache(self.model.cfg, self.tokens.device, len(self.tokens))
+        # A forward that fills a cache needs an explicit mask; all ones is what it uses without one.
+        mask = torch.ones_like(self.tokens) if self.attention_mask is None else self.attention_mask
+        return {"attention_mask": mask, "past_kv_cache": self._kv}
 
     def remember(self, cache) -> None:
-        """Keep what later forwards start from: the baseline's cache (``cache_names``)."""
+        """Keep what later forwards start from: the baseline's cache (``cache_names``) and the keys
+        and values its forward left in ``baseline_kwargs``'s key-value cache."""
         if self.mode == "replace":
             self.residual = cache[f"blocks.{self.start}.hook_resid_pre"]
         if self.suffix_runs:
             for layer in range(self.start, self.model.cfg.n_layers):
-                self.keys[layer] = cache[f"blocks.{layer}.attn.hook_k"]
-                self.values[layer] = cache[f"blocks.{layer}.attn.hook_v"]
+                self.keys[layer], self.values[layer] = self._kv[layer].past_keys, self._kv[layer].past_values
+            self._kv = None
 
     def __call__(self, hook_out: torch.Tensor, prompts: torch.Tensor, start_pos: int = 0,
                  tail: int | None = None) -> torch.Tensor:
@@ -86,8 +113,11 @@ class Resume:
         if start_pos:
             kwargs["past_kv_cache"] = self._past(prompts, start_pos, mask, hook_out.device)
         unembed_tail = tail is not None and self.mode != "tokens"  # a forward from the tokens unembeds it all
+        last = self.model.cfg.n_layers - 1
+        # The last block runs apart where the baseline's keys and values are kept and the edit is not inside it.
+        split_last = unembed_tail and self.suffix_runs and (self.mode == "residual" or self.start < last)
         if unembed_tail:
-            kwargs["stop_at_layer"] = self.model.cfg.n_layers  # the residual after the last block
+            kwargs["stop_at_layer"] = last if split_last else last + 1
         if self.mode == "residual":
             out = self.model(hook_out, start_at_layer=self.start, **kwargs)
         else:
@@ -98,9 +128,29 @@ class Resume:
 
             out = self.model.run_with_hooks(start, start_at_layer=self.start, fwd_hooks=[(self.hook, replace)],
                                             **kwargs)
+        if split_last:
+            out = self._last_block(out, prompts, start_pos, tail, mask)
         if unembed_tail:
             return self._unembed(out[:, -tail:])
         return out if tail is None else out[:, -tail:]
+
+    def _last_block(self, residual: torch.Tensor, prompts: torch.Tensor, start_pos: int, tail: int,
+                    mask: torch.Tensor | None) -> torch.Tensor:
+        """The last block's output at the last ``tail`` positions of ``residual`` (its input from
+        ``start_pos`` on). Only those positions' logits are read, so the earlier ones give the
+        block just their keys and values; its attention and MLP run for the tail alone."""
+        layer = self.model.cfg.n_layers - 1
+        block = self.model.blocks[layer]
+        keys, values = self.keys[layer][prompts, :start_pos], self.values[layer][prompts, :start_pos]
+        head = residual.shape[1] - tail
+        if head:
+            try:
+                block(residual[:, :head], past_kv_cache_entry=_KeysAndValues(keys, values),
+                      attention_mask=None if mask is None else mask[:, :start_pos + head])
+            except _Appended as appended:
+                keys, values = appended.keys, appended.values
+        entry = TransformerLensKeyValueCacheEntry(keys, values, frozen=True)
+        return block(residual[:, head:], past_kv_cache_entry=entry, attention_mask=mask)
 
     def _past(self, prompts: torch.Tensor, start_pos: int, mask: torch.Tensor | None,
               device: torch.device) -> TransformerLensKeyValueCache:
