@@ -183,7 +183,7 @@ class MetricRunner:
         position = getattr(metric, "position", None)
         # [n_prompts] positions read of each prompt (a built-in's), [n] read of every prompt, or None
         self._read = ((position if isinstance(position, torch.Tensor) and position.shape == (self.n_prompts,)
-                       else None) if self.indexed else positions_read(metric, baseline_logits.clone()))
+                       else None) if self.indexed else positions_read(metric, baseline_logits))
         self._batch: torch.Tensor | None = None  # what a plain metric is given: the baseline's, rows swapped in
 
     def all_prompts(self) -> torch.Tensor:

@@ -190,7 +190,8 @@ def positions_read(metric: Metric, logits: torch.Tensor) -> torch.Tensor | None:
     """The positions ``metric`` reads of logits shaped like ``logits``, counted from the end, or
     None when it may read any.
 
-    It is read off a trace of ``metric`` on ``logits`` (``make_fx``, one call of it): the positions
+    It is read off a trace of ``metric`` on fake tensors shaped like ``logits`` (``make_fx``: no
+    logits are computed or copied, and the metric's own tensors are taken as they are): the positions
     are known when every use of the logits, directly or through position-wise operations (a dtype
     change, a softmax over the vocabulary), picks constant positions (``logits[:, -1]``,
     ``logits[:, -3:]``). A metric that branches on values cannot be traced and reads any, as does
@@ -200,8 +201,8 @@ def positions_read(metric: Metric, logits: torch.Tensor) -> torch.Tensor | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            graph = make_fx(metric)(logits).graph
-    except Exception:  # noqa: BLE001  (any metric make_fx cannot trace reads any position)
+            graph = make_fx(metric, tracing_mode="fake", _allow_non_fake_inputs=True)(logits).graph
+    except Exception:  # noqa: BLE001  (a metric make_fx cannot trace, or a torch without this API: read any)
         return None
     seq, ndim = logits.shape[1], logits.ndim
     read: set[int] = set()

@@ -5,6 +5,8 @@ of different lengths, at each prompt's first and last position and at every posi
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -194,6 +196,11 @@ def _last_logit(logits):
     return logits[:, -1, 0] - logits[:, -1, 1]
 
 
+def _answer_logit_diff(logits, answers):  # notebook 000's logits_to_ave_logit_diff(..., per_prompt=True)
+    answer_logits = logits[:, -1, :].gather(dim=-1, index=answers)
+    return answer_logits[:, 0] - answer_logits[:, 1]
+
+
 def _log_prob_of_the_last_three(logits):
     return logits.float().log_softmax(-1)[:, -3:, 2].sum(1)
 
@@ -207,6 +214,8 @@ def _branching(logits):
 
 
 @pytest.mark.parametrize("metric, read", [(_last_logit, [-1]), (_log_prob_of_the_last_three, [-3, -2, -1]),
+                                          (partial(_answer_logit_diff, answers=torch.tensor([[1, 2]] * len(LENGTHS))),
+                                           [-1]),
                                           (_mean_logit, None), (_branching, None)])
 def test_a_plain_metric_is_traced_for_the_positions_it_reads(model, all_kinds, prompts, full_recompute, metric, read):
     """A plain function of the logits (notebook 000's kind) that reads only the last positions is
