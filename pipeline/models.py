@@ -89,13 +89,7 @@ def _read_local_config(path: Path, spec: str) -> dict[str, Any]:
             "model.save_pretrained(dir) and tokenizer.save_pretrained(dir) (a Hugging Face model, "
             "loaded through TransformerBridge)."
         )
-    try:
-        raw = json.loads(config_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"--model {spec}: {CONFIG_FILE} is not valid JSON ({e}).") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"--model {spec}: {CONFIG_FILE} holds {type(raw).__name__}, not an object of fields.")
-    return raw
+    return load_json_object(config_path, f"--model {spec}")
 
 
 def _looks_like_hugging_face(path: Path) -> bool:
@@ -330,6 +324,18 @@ def load_tokenizer(spec: str) -> Any | None:
 
     cfg = load_model_config(spec)
     return AutoTokenizer.from_pretrained(cfg.tokenizer_name) if cfg.tokenizer_name else None
+
+
+def load_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON file of fields (a model's or an SAE's config), refused with ``what`` named when it is
+    not valid JSON or holds anything but an object."""
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{what}: {path} is not valid JSON ({e}).") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what}: {path} holds a {type(raw).__name__}, not a JSON object of fields.")
+    return raw
 
 
 def load_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:

@@ -35,7 +35,6 @@ their reconstruction.
 
 from __future__ import annotations
 
-import json
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -52,7 +51,7 @@ from sae_lens.saes.sae import SAEConfig, SAEMetadata
 from sae_lens.saes.transcoder import Transcoder
 from sae_lens.util import DTYPE_MAP
 
-from pipeline.models import PICKLE_SUFFIXES, hook_width, load_safetensors
+from pipeline.models import PICKLE_SUFFIXES, hook_width, load_json_object, load_safetensors
 from store.errors import ConfigError, did_you_mean
 from store.format import sae_name_problem
 
@@ -315,14 +314,7 @@ def _check_disk_files(source: SAESource) -> Path:
 
 
 def _read_disk_config(source: SAESource) -> dict[str, Any]:
-    path = _check_disk_files(source) / SAE_CFG_FILENAME
-    try:
-        raw = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"--sae {source}: {path} is not valid JSON ({e}).") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"--sae {source}: {path} holds a {type(raw).__name__}, not a JSON object.")
-    return raw
+    return load_json_object(_check_disk_files(source) / SAE_CFG_FILENAME, f"--sae {source}")
 
 
 def _load_disk(source: SAESource, device: str, dtype: str) -> SAE[Any]:
