@@ -80,6 +80,14 @@ def _pickle_as_model(assets, tmp: Path) -> str:
     return str(path)
 
 
+def _with_config(source: Path, tmp: Path, name: str, file: str, text: str) -> str:
+    """A copy of a model or SAE directory whose config file holds ``text``."""
+    path = tmp / name
+    shutil.copytree(source, path)
+    (path / file).write_text(text)
+    return str(path)
+
+
 def _file(tmp: Path, name: str, data: bytes) -> str:
     (tmp / name).write_bytes(data)
     return str(tmp / name)
@@ -313,6 +321,12 @@ BAD_INPUTS = {
     "extract: truncated SAE safetensors": (
         _run_extract(saes=lambda a, t: (_truncated_sae(a, t),)),
         ConfigError, r"sae_weights\.safetensors is not a readable safetensors file .*truncated"),
+    "extract: the model's config.json is not JSON": (
+        _extract(model=lambda a, t: _with_config(a["model_dir"], t, "model", "config.json", "{n_layers: 2")),
+        ConfigError, r"model: .*model/config\.json is not valid JSON \(Expecting property name"),
+    "extract: the SAE's cfg.json holds a list": (
+        _extract(saes=lambda a, t: (_with_config(a["sae_dirs"][HOOK], t, "sae", "cfg.json", "[1, 2]"),)),
+        ConfigError, r"sae': .*sae/cfg\.json holds a list, not a JSON object of fields"),
     "extract: pickle offered as the model's weights": (
         _run_extract(model=lambda a, t: _pickle_as_model(a, t)),
         ConfigError, r"no model\.safetensors in .* Found pytorch_model\.bin: pickled weights are refused"),
