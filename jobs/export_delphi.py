@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from pipeline.dashboard_data import window_starts
 from store import FeatureStore
@@ -91,18 +92,21 @@ def export_delphi(fs: FeatureStore, out: str | Path, saes: list[str] | None = No
         parts = plan_parts(np.diff(index.indptr), min_parts=n_splits, part_nnz=split_entries)
         written[name] = []
         for part in parts:
-            indptr, entry_tokens, values = index.feature_block(part.start, part.stop)
-            latents = np.repeat(np.arange(part.stop - part.start), np.diff(indptr))
             # in token order within each latent, as delphi's own cache holds them: its loader pools a
-            # latent's activations into windows by runs of equal window (torch.unique_consecutive)
-            order = np.argsort((latents.astype(np.uint64) << np.uint64(32)) | entry_tokens.astype(np.uint64))
-            entry_tokens, values, latents = entry_tokens[order], values[order], latents[order]
-            locations = np.stack([windows[entry_tokens], positions[entry_tokens], latents], axis=1)
-            fits = not len(locations) or (locations[:, 0].max() < 2**16 and locations[:, 2].max() < 2**16)
+            # latent's activations into windows by runs of equal window (torch.unique_consecutive).
+            # Two counting sorts (to token-major and back) order each latent's entries by token.
+            indptr, entry_tokens, values = index.feature_block(part.start, part.stop)
+            by_latent = sp.csr_matrix((values, entry_tokens, indptr),
+                                      shape=(part.stop - part.start, fs.n_tokens)).tocsc().tocsr()
+            entry_tokens, values = by_latent.indices, by_latent.data
+            fits = max(len(windows), ctx_len, part.stop - part.start) <= 2**16
+            locations = np.empty((len(entry_tokens), 3), np.uint16 if fits else np.uint32)
+            locations[:, 0], locations[:, 1] = windows[entry_tokens], positions[entry_tokens]
+            locations[:, 2] = np.repeat(np.arange(part.stop - part.start), np.diff(by_latent.indptr))
             path = folder / f"{part.start}_{part.stop - 1}.safetensors"
             partial = path.with_name(path.name + ".partial")
-            save_file({"locations": locations.astype(np.uint16 if fits else np.uint32),
-                       "activations": values.astype(value_dtype), "tokens": tokens}, str(partial))
+            save_file({"locations": locations, "activations": values.astype(value_dtype), "tokens": tokens},
+                      str(partial))
             os.replace(partial, path)
             written[name].append(path)
         config = cache_config(fs, name, ctx_len, len(parts), value_dtype)
