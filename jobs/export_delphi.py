@@ -8,7 +8,7 @@ name in the store (an SAE named by its hook: the hook, delphi's usual module nam
 
     DIR/<name>/config.json                  what delphi reads (model_name, cache_ctx_len, dataset, ...)
     DIR/<name>/<first>_<last>.safetensors   latents first..last (inclusive):
-        locations    [n, 3] uint16 (uint32 when a window or latent offset does not fit): window,
+        locations    [n, 3] uint16 (uint32 past 65,536 windows, window length or latents): window,
                      position in the window, latent - first; by latent, then in token order (delphi
                      pools a latent's activations into windows by runs of equal window)
         activations  [n] float16 (float32 with --float32)
