@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from jobs.export import SAE_HELP, feature_range
+from jobs.export import SAE_HELP, chosen_sae, feature_range
 from pipeline.dashboard_data import DashboardBuilder, DashboardSettings, FeatureDashboard, checked_features, load_logit_weights
 from store import FeatureStore
 from store.errors import ConfigError
@@ -62,7 +62,7 @@ def add_commands(commands) -> None:
         epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("store", help="the store's path or URL")
-    parser.add_argument("--sae", "--hook", dest="sae", required=True, metavar="NAME", help=SAE_HELP)
+    parser.add_argument("--sae", "--hook", dest="sae", metavar="NAME", help=SAE_HELP)
     parser.add_argument("--out", required=True, help="the folder to write the site into")
     parser.add_argument("--features", type=feature_range, help="START:STOP (default: every feature)")
     parser.add_argument("--max-rows", type=int, default=500,
@@ -206,7 +206,7 @@ def _handle(args: argparse.Namespace) -> None:
         raise ConfigError("--port and --host say where to serve: give --serve with them.")
     check_site_folder(args.out)  # before the store is read or the model loaded
     fs = FeatureStore.open(args.store)
-    sae = fs.resolve(args.sae)  # an unknown name, or a hook shared by several SAEs: refused before any work
+    sae = chosen_sae(fs, args.sae)
     use_tokenizer(fs)  # tokens shown from the run's tokenizer's own strings (store.tokens)
     server = None
     if args.serve:  # load the model and open the port first, so that a failure costs no site writing

@@ -40,7 +40,19 @@ TABLE_ROWS = 3
 CONVERTER_HOOK_POINTS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_in", "hook_mlp_out",
                          "hook_attn_in", "hook_attn_out", "hook_z")
 # the option that picks one of a store's SAEs, in every command that reads one
-SAE_HELP = "the SAE, by its name (`latentstore info` lists them), or by its hook where it is the only SAE"
+SAE_HELP = ("the SAE, by its name (`latentstore info` lists them), or by its hook where it is the only SAE there "
+            "(default: the store's SAE, where it holds one)")
+
+
+def chosen_sae(fs: FeatureStore, name: str | None) -> str:
+    """``--sae``'s SAE, resolved; without it, the store's only SAE (a store of several: refused,
+    their names listed)."""
+    if name is None:
+        if len(fs.saes) != 1:
+            raise ConfigError(f"{fs.location} holds {len(fs.saes)} SAEs ({', '.join(fs.saes)}): choose one with "
+                              "--sae NAME.")
+        name = fs.saes[0]
+    return fs.resolve(name)  # an unknown name, or a hook shared by several SAEs: refused before any work
 
 
 def add_commands(commands) -> None:
@@ -58,7 +70,7 @@ def add_commands(commands) -> None:
                "--model-id gpt2-small --sae-set res-demo",
     )
     parser.add_argument("store", help="the store's path or URL")
-    parser.add_argument("--sae", "--hook", dest="sae", required=True, metavar="NAME", help=SAE_HELP)
+    parser.add_argument("--sae", "--hook", dest="sae", metavar="NAME", help=SAE_HELP)
     parser.add_argument("--out", required=True, help="the folder to write batch-N.json files into")
     parser.add_argument("--features", type=feature_range,
                         help="START:STOP (default: every feature); batches are numbered over the whole SAE, so "
@@ -346,7 +358,7 @@ def _handle(args: argparse.Namespace) -> None:
     from pipeline.tokens import use_tokenizer
 
     fs = FeatureStore.open(args.store)
-    sae = fs.resolve(args.sae)  # an unknown name, or a hook shared by several SAEs: refused before any work
+    sae = chosen_sae(fs, args.sae)
     use_tokenizer(fs)  # tokens as Neuronpedia shows them, from the run's tokenizer (store.tokens)
     names = NeuronpediaNames(args.model_id, args.sae_set, args.sae_id_suffix, args.dataset)
     paths = export_neuronpedia(fs, sae, args.out, args.features, args.batch_size, args.logits, names,

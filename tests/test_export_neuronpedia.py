@@ -28,7 +28,7 @@ from pipeline.models import load_model
 from pipeline.saes import SAESource, load_sae
 from store import FeatureStore
 from store.errors import ConfigError
-from tests.stores import shared_store
+from tests.stores import config, shared_store
 
 pytestmark = pytest.mark.ray
 HOOK = "blocks.0.hook_resid_post"
@@ -437,3 +437,30 @@ def test_no_interval_groups_asked_gives_none(store):
             return [(e.token_index, e.activation) for g in d.groups if g.kind == "top" for e in g.examples]
 
         assert top(a) == top(b)
+
+
+@pytest.fixture(scope="module")
+def one_sae_store(assets, ray_cluster, tmp_path_factory) -> FeatureStore:
+    from jobs.extract import run_extract
+
+    cfg = config(assets, tmp_path_factory.mktemp("one") / "one.zarr", saes=(str(assets["sae_dirs"][HOOK]),),
+                 max_tokens=200)
+    run_extract(cfg)
+    return FeatureStore.open(cfg.store.path)
+
+
+def test_without_sae_the_stores_only_sae_is_taken_and_several_are_refused(store, one_sae_store, tmp_path, capsys):
+    assert main(["export", "neuronpedia", one_sae_store.location, "--out", str(tmp_path / "np"), "--features", "0:2",
+                 "--no-logits", "--no-progress"]) == 0
+    batch = json.loads((tmp_path / "np" / "batch-0.json").read_text())
+    assert (batch["layer"], batch["sae_set"], len(batch["features"])) == (0, "resid-post", 2)  # the SAE at HOOK
+    assert main(["dashboard", one_sae_store.location, "--out", str(tmp_path / "site"), "--features", "0:2",
+                 "--no-logits", "--no-progress"]) == 0
+    assert (tmp_path / "site" / "index.html").is_file()
+    capsys.readouterr()
+    for command in (["export", "neuronpedia"], ["dashboard"]):
+        assert main([*command, store.location, "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"holds {len(store.saes)} SAEs" in err and all(name in err for name in store.saes)
+        assert "--sae NAME" in err
+        assert not (tmp_path / "x").exists()  # refused before anything was written
