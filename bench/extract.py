@@ -36,14 +36,15 @@ does too; three runs of the final code:
       index build 2.2 s, 0.17 of the extraction; worker peak 1.12 GiB
 
 Re-measured the same day, quiet, after the index build found each entry's token by one pass over
-the shard's pointers (four runs): latentstore over bare 0.700, 0.705, 0.716 and 0.717 (bare limit 8.6
-to 9.0 s, latentstore 12.0 to 12.7 s: goal missed); 2.104 bytes per nonzero; host path 17.9 to 23.4
-M/s on one thread, 19.7 to 25.5 M/s on two; index build 4.58 to 5.01 s, 0.38 to 0.40 of the
+the shard's pointers, two runs of this code: latentstore over bare 0.717 and 0.700 (bare limit 8.6
+and 8.8 s, latentstore 12.0 and 12.6 s: goal missed); 2.104 bytes per nonzero; host path 23.4 and
+17.9 M/s on one thread, 25.5 and 19.7 M/s on two; index build 4.58 and 5.01 s, 0.38 and 0.40 of the
 extraction (goal missed); worker peak 1.35 GiB. In-process over the same batches, the forward and
 encode alone took 8.4 s and with the sparse extraction (nonzero, casts, counts) 9.3 s; a shard's
-statistics and write_shard took about 1.0 and 1.1 s of host time for the 47.7M nonzeros. Lowering
-the host pool's thread priority (0.716 against 0.700) and accumulating the statistics in torch on
-the CPU as on a GPU (0.705) made no difference beyond the noise.
+statistics and write_shard took about 1.0 and 1.1 s of host time for the 47.7M nonzeros. Two
+variants, one run each, were tried and not kept, as they made no difference beyond the noise: the
+host pool's threads at a lower priority (nice 15: 0.716) and the statistics accumulated in torch on
+the CPU as on a GPU (0.705).
 
 The index build runs as `latentstore index` plans it (one part per CPU at least, the longest
 first), on one thread per CPU for Ray's tasks.
