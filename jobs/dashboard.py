@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from jobs.export import SAE_HELP, chosen_sae, feature_range
+from jobs.export import ONLY_SAE, SAE_HELP, chosen_sae, feature_range
 from pipeline.dashboard_data import DashboardBuilder, DashboardSettings, FeatureDashboard, checked_features, load_logit_weights
 from store import FeatureStore
 from store.errors import ConfigError
@@ -62,7 +62,7 @@ def add_commands(commands) -> None:
         epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("store", help="the store's path or URL")
-    parser.add_argument("--sae", "--hook", dest="sae", metavar="NAME", help=SAE_HELP)
+    parser.add_argument("--sae", "--hook", dest="sae", metavar="NAME", help=SAE_HELP + ONLY_SAE)
     parser.add_argument("--out", required=True, help="the folder to write the site into")
     parser.add_argument("--features", type=feature_range, help="START:STOP (default: every feature)")
     parser.add_argument("--max-rows", type=int, default=500,
@@ -90,10 +90,10 @@ def write_dashboard(fs: FeatureStore, sae: str, out: str | Path, features: range
     for name in sorted(PAGES, key=lambda n: n != "server.js"):  # server.js first: it marks the folder as a site
         shutil.copyfile(SITE / name, out / name)
     weights = load_logit_weights(fs, sae) if logits else None
-    display = fs.token_display
+    display, record = fs.token_display, fs.sae_record(sae)
     summary = []  # (feature, density, max) as each feature page shows them, for the front page
     for d in DashboardBuilder(fs, sae, weights, SETTINGS).build(features, progress=progress):
-        write_data(out, "features", d.feature, feature_json(d, fs.sae_record(sae), display))
+        write_data(out, "features", d.feature, feature_json(d, record, display))
         summary.append((d.feature, d.frac_nonzero, d.max))
     token_rows = fs.provenance()["row"].to_numpy()
     rows = np.unique(token_rows)[:max_rows].tolist()

@@ -40,19 +40,23 @@ TABLE_ROWS = 3
 CONVERTER_HOOK_POINTS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_in", "hook_mlp_out",
                          "hook_attn_in", "hook_attn_out", "hook_z")
 # the option that picks one of a store's SAEs, in every command that reads one
-SAE_HELP = ("the SAE, by its name (`latentstore info` lists them), or by its hook where it is the only SAE there "
-            "(default: the store's SAE, where it holds one)")
+SAE_HELP = "the SAE, by its name (`latentstore info` lists them), or by its hook where it is the only SAE there"
+ONLY_SAE = " (default: the store's SAE, where it holds one)"
 
 
-def chosen_sae(fs: FeatureStore, name: str | None) -> str:
-    """``--sae``'s SAE, resolved; without it, the store's only SAE (a store of several: refused,
-    their names listed)."""
+def chosen_sae(fs: FeatureStore, name: str | None, flag: str = "--sae") -> str:
+    """The name of the store's SAE that ``flag`` gives (a name, or a hook where one SAE sits);
+    without it, the store's only SAE. Refused before any work, the flag and the SAEs named, when it
+    names none or one of several, or is left out of a store of several."""
     if name is None:
         if len(fs.saes) != 1:
             raise ConfigError(f"{fs.location} holds {len(fs.saes)} SAEs ({', '.join(fs.saes)}): choose one with "
-                              "--sae NAME.")
-        name = fs.saes[0]
-    return fs.resolve(name)  # an unknown name, or a hook shared by several SAEs: refused before any work
+                              f"{flag} NAME.")
+        return fs.saes[0]
+    try:
+        return fs.resolve(name)
+    except ConfigError as e:  # an unknown name, or a hook that several SAEs read: the message lists them
+        raise ConfigError(f"{flag} {name!r}: {e}") from None
 
 
 def add_commands(commands) -> None:
@@ -70,7 +74,7 @@ def add_commands(commands) -> None:
                "--model-id gpt2-small --sae-set res-demo",
     )
     parser.add_argument("store", help="the store's path or URL")
-    parser.add_argument("--sae", "--hook", dest="sae", metavar="NAME", help=SAE_HELP)
+    parser.add_argument("--sae", "--hook", dest="sae", metavar="NAME", help=SAE_HELP + ONLY_SAE)
     parser.add_argument("--out", required=True, help="the folder to write batch-N.json files into")
     parser.add_argument("--features", type=feature_range,
                         help="START:STOP (default: every feature); batches are numbered over the whole SAE, so "

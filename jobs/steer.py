@@ -44,14 +44,9 @@ def resolve_model_and_sae(args: argparse.Namespace) -> tuple[str, str]:
     if args.store and (model is None or sae is None):
         fs = FeatureStore.open(args.store)
         if sae is None:
-            key = args.sae_name or (fs.saes[0] if len(fs.saes) == 1 else None)
-            if key is None:
-                raise ConfigError(f"store {fs.location} holds several SAEs: choose one with --sae-name "
-                                  f"({', '.join(fs.saes)}).")
-            try:
-                sae = fs.sae_record(key)["source"]
-            except ConfigError as e:  # an unknown name, or a hook that several SAEs read: the message lists them
-                raise ConfigError(f"--sae-name {key!r}: {e}") from None
+            from jobs.export import chosen_sae
+
+            sae = fs.sae_record(chosen_sae(fs, args.sae_name, "--sae-name"))["source"]
         model = model or fs.run["model"]["name"]
     if model is None or sae is None:
         raise ConfigError("name the --model and the --sae, or a --store whose run says which.")
