@@ -25,6 +25,7 @@ import torch
 from pipeline.metrics import Metric, NextTokenLoss, accepts_prompts, check_metric_output
 from pipeline.saes import TranscoderSplice, input_hook, is_transcoder, model_hook_problems, output_hook
 from store.errors import ConfigError, did_you_mean
+from store.format import saes_named_by
 
 CONDITIONS = ("clean", "spliced", "zero")
 
@@ -115,13 +116,14 @@ def _resolve_sets(model, saes: Mapping[str, Any] | Sequence, sae_sets: Sequence[
                 raise ConfigError(f"two SAEs read {input_hook(sae)}: give the SAEs by name, as {{name: sae}}.")
             named[input_hook(sae)] = sae
     problems = [f"{name}: {p}" for name, sae in named.items() for p in model_hook_problems(sae, model.hook_dict)]
+    hooks = {name: input_hook(sae) for name, sae in named.items()}
     sets = []
     for keys in sae_sets:
         names = []
         for key in keys:
-            at_hook = [name for name, sae in named.items() if input_hook(sae) == key]
-            if key in named or len(at_hook) == 1:
-                names.append(key if key in named else at_hook[0])
+            at_hook = saes_named_by(key, hooks)
+            if len(at_hook) == 1:
+                names.append(at_hook[0])
             elif at_hook:
                 problems.append(f"hook {key!r} is read by {len(at_hook)} of the SAEs given: {', '.join(at_hook)}. "
                                 "Name one of them instead of the hook.")

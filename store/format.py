@@ -121,6 +121,12 @@ def sae_name_problem(name: str) -> str | None:
             "with a letter, digit or one '_' (it is a group's name in the store), e.g. res_16k or blocks.8.hook_resid_pre")
 
 
+def saes_named_by(key: str, hooks: dict[str, str]) -> list[str]:
+    """The SAEs that ``key`` names, of those given as ``{name: hook}``: the SAE of that name, else
+    every SAE reading the hook ``key`` (one: the key names it; several: the key is ambiguous)."""
+    return [key] if key in hooks else [name for name, hook in hooks.items() if hook == key]
+
+
 def sae_name(record: dict) -> str:
     """An SAE's name from its entry in the run record; a 1.x store named none, so its hook is its name."""
     return record.get("name") or record["hook"]

@@ -121,9 +121,7 @@ class FeatureStore(Queries):
     def resolve(self, sae: str) -> str:
         """The name of the SAE called ``sae``, or of the one SAE at hook ``sae``. Every method that
         takes an SAE takes either."""
-        if sae in self._saes:
-            return sae
-        at_hook = [name for name, record in self._saes.items() if record["hook"] == sae]
+        at_hook = fmt.saes_named_by(sae, {name: record["hook"] for name, record in self._saes.items()})
         if len(at_hook) == 1:
             return at_hook[0]
         if at_hook:
