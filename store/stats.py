@@ -305,10 +305,10 @@ def _encode(values: np.ndarray, value_dtype: str) -> np.ndarray:
     return values.astype(fmt.storage_dtype(value_dtype))
 
 
-def read(root: zarr.Group, shard: dict, name: str, d_sae: int, value_dtype: str, location: str) -> FeatureStats:
+def read(root: zarr.Group, shard: dict, sae: str, d_sae: int, value_dtype: str, location: str) -> FeatureStats:
     """One shard's statistics of one SAE; ``shard`` is its completion marker, whose checksums (when
     it has them) every array is checked against, so damage is not merged into the store's."""
-    within = f"{fmt.SAES_GROUP}/{name}/{fmt.STATS_GROUP}"  # the marker's checksums are keyed by path in the shard
+    within = f"{fmt.SAES_GROUP}/{sae}/{fmt.STATS_GROUP}"  # the marker's checksums are keyed by path in the shard
     base, sums = f"{fmt.shard_path(shard['shard_id'])}/{within}", shard.get("checksums", {})
 
     def array(name: str) -> np.ndarray:
@@ -336,7 +336,7 @@ def read(root: zarr.Group, shard: dict, name: str, d_sae: int, value_dtype: str,
     return stats
 
 
-def merge_shards(location: str, shards: list[dict], name: str, d_sae: int, value_dtype: str,
+def merge_shards(location: str, shards: list[dict], sae: str, d_sae: int, value_dtype: str,
                  batch: int = 8) -> FeatureStats:
     """Merge the statistics of a store's shards (markers, in store order), a few shards at a time."""
     from store.location import open_root
@@ -344,7 +344,7 @@ def merge_shards(location: str, shards: list[dict], name: str, d_sae: int, value
     root = open_root(location, mode="r")
     merged, offset, pending = None, 0, []
     for marker in shards:
-        pending.append((read(root, marker, name, d_sae, value_dtype, location), offset))
+        pending.append((read(root, marker, sae, d_sae, value_dtype, location), offset))
         offset += marker["n_tokens"]
         if len(pending) == batch:
             merged, pending = merge(([(merged, 0)] if merged is not None else []) + pending), []
@@ -353,16 +353,16 @@ def merge_shards(location: str, shards: list[dict], name: str, d_sae: int, value
     return merged if merged is not None else empty(d_sae)
 
 
-def write_merged(location: str, name: str, stats: FeatureStats, n_tokens: int) -> None:
-    """The store-wide statistics of one SAE, at ``stats/<name>``."""
+def write_merged(location: str, sae: str, stats: FeatureStats, n_tokens: int) -> None:
+    """The store-wide statistics of one SAE, at ``stats/<name>`` (``sae``: its name)."""
     from store.location import open_root
 
     root = open_root(location, mode="a")
     parent = root.require_group(fmt.STATS_GROUP)
-    if name in parent:
-        del parent[name]
+    if sae in parent:
+        del parent[sae]
     arrays = {name: np.ascontiguousarray(getattr(stats, name)) for name in MERGED}
-    group = parent.create_group(name, attributes={fmt.ATTRS_KEY: {
+    group = parent.create_group(sae, attributes={fmt.ATTRS_KEY: {
         **fmt.encoding(fmt.STATS_ENCODING), "top_k": stats.top_k, "n_tokens": n_tokens,
         "hist_edges_log2": [-12, 12, 4], "checksums": {name: checked.checksum(a) for name, a in arrays.items()}}})
     rows = 256  # features per chunk: one feature's top-K or histogram is one small read
@@ -371,13 +371,13 @@ def write_merged(location: str, name: str, stats: FeatureStats, n_tokens: int) -
         group.create_array(name, data=data, chunks=chunks, compressors=codecs.VALUES.compressors())
 
 
-def read_merged(location: str, name: str) -> FeatureStats:
+def read_merged(location: str, sae: str) -> FeatureStats:
     """The store-wide statistics of one SAE, each array checked against the checksum recorded with
     it (stores of format 1.1 recorded none: read as they are)."""
     from store.location import open_root
 
     root = open_root(location, mode="r")
-    path = f"{fmt.STATS_GROUP}/{name}"
+    path = f"{fmt.STATS_GROUP}/{sae}"
     try:
         attrs = checked.open_node(root, path, location).attrs.asdict().get(fmt.ATTRS_KEY, {})
     except KeyError:
