@@ -180,10 +180,14 @@ class MetricRunner:
         self.metric, self.baseline_logits = metric, baseline_logits
         self.n_prompts = len(baseline_logits)
         self.indexed = accepts_prompts(metric)
-        position = getattr(metric, "position", None)
-        # [n_prompts] positions read of each prompt (a built-in's), [n] read of every prompt, or None
-        self._read = ((position if isinstance(position, torch.Tensor) and position.shape == (self.n_prompts,)
-                       else None) if self.indexed else positions_read(metric, baseline_logits))
+        # the positions read: of each prompt ([n_prompts], a built-in's), of every prompt ([n], a plain
+        # metric's), or None when the metric may read any
+        if self.indexed:
+            position = getattr(metric, "position", None)
+            known = isinstance(position, torch.Tensor) and position.shape == (self.n_prompts,)
+            self._read = position if known else None
+        else:
+            self._read = positions_read(metric, baseline_logits)
         self._batch: torch.Tensor | None = None  # what a plain metric is given: the baseline's, rows swapped in
 
     def all_prompts(self) -> torch.Tensor:

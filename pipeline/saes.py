@@ -90,10 +90,8 @@ class SAESource:
         """``[NAME=]SOURCE``: a name is what comes before the first ``=``, unless the whole text is a
         directory, or the name would hold a ``/`` and what follows is no file (so that a path such as
         ``runs/lr=3e-4/sae`` stays a source, and ``res/16k=DIR`` is a bad name, said as such)."""
-        if text and Path(text).is_dir():  # Path("") is the working directory
-            return cls("disk", text)
         name, eq, rest = text.partition("=")
-        if eq and ("/" not in name or Path(rest.rpartition("@")[0] or rest).exists()):
+        if eq and not Path(text).is_dir() and ("/" not in name or Path(rest.rpartition("@")[0] or rest).exists()):
             if problem := sae_name_problem(name):
                 raise ConfigError(f"--sae {text}: {problem}.")
             return replace(cls._parse_source(rest), name=name)
