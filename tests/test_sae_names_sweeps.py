@@ -118,6 +118,9 @@ def test_the_shared_hook_chooses_none_and_the_message_names_them(named, capsys):
     assert main(["steer", "--store", store, "--hook", HOOK, "--feature", "3", "--magnitude", "20",
                  "--prompt", "the cat"]) == 2
     assert capsys.readouterr().err == f"latentstore steer: error: --sae-name {HOOK!r}: {shared}\n"
+    assert main(["steer", "--store", store, "--feature", "3", "--magnitude", "20", "--prompt", "the cat"]) == 2
+    assert capsys.readouterr().err == (f"latentstore steer: error: {location} holds 3 SAEs (a, b, tc): choose one "
+                                       "with --sae-name NAME.\n")
 
 
 def test_steering_by_name_steers_with_that_sae(named, capsys):
