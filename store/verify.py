@@ -146,10 +146,16 @@ class _Walker:
         else:
             self.fs, self.base = fsspec.filesystem("file"), location
         self.base = self.base.rstrip("/")
+        self.raw: dict[str, bytes] = {}  # metadata file -> its bytes when read: what changed meanwhile was rewritten
+        # the root's metadata is read before the listing: a store it calls complete was complete when the
+        # files were listed (read after, it could call complete a store whose last arrays the listing missed)
+        try:
+            self.raw[METADATA] = self.fs.cat_file(f"{self.base}/{METADATA}")
+        except OSError:  # no root yet, or not a store: parse_metadata and verify_store say which
+            pass
         # zarr's local store writes each file as <name>.<uuid>.partial, then renames it: not part of the store
         self.files = {self._rel(p) for p in self.fs.find(self.base) if not p.endswith(".partial")}
         self.metadata: dict[str, dict] = {}  # node path ("" for the root) -> parsed zarr.json
-        self.raw: dict[str, bytes] = {}  # metadata file -> its bytes when read: what changed meanwhile was rewritten
         self.pending: set[str] = set()  # groups still to come (no completion marker yet): their arrays are not read
         self.zstore = open_zarr_store(location, read_only=True)
         self.read_arrays: set[str] = set()
@@ -163,7 +169,8 @@ class _Walker:
                 continue
             node = key[: -len(METADATA)].rstrip("/")
             try:
-                self.raw[key] = self.fs.cat_file(f"{self.base}/{key}")
+                if key not in self.raw:
+                    self.raw[key] = self.fs.cat_file(f"{self.base}/{key}")
             except OSError:  # deleted since the listing: a writer is replacing the node
                 self.files.discard(key)
                 continue

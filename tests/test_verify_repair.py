@@ -327,3 +327,30 @@ def test_readers_and_verify_during_a_write_see_a_consistent_store_or_in_progress
     report = verify_store(str(live))
     assert report.ok and not report.in_progress, report.format()
     assert_same_store(FeatureStore.open(str(live)), reference)
+
+
+def test_a_run_that_finishes_while_verify_lists_the_files_is_in_progress_not_damaged(store, monkeypatch):
+    """The last statistics and the root's "complete" written between verify's listing of the files
+    and its reading of the root: what the listing missed is still to come, because the root is read
+    first (read after, it called complete a store whose statistics looked missing)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    root = store / "zarr.json"
+    finished = root.read_bytes()
+    writing = json.loads(finished)
+    writing["attributes"]["latentstore"]["status"] = fmt.STATUS_WRITING
+    root.write_text(json.dumps(writing))
+    hist = store / fmt.STATS_GROUP / HOOK / "hist"
+    shutil.move(hist, store / "hist.later")
+    find = LocalFileSystem.find
+
+    def find_as_the_run_finishes(self, path, *args, **kwargs):
+        found = find(self, path, *args, **kwargs)
+        shutil.move(store / "hist.later", hist)  # the run writes its last statistics, then says it is complete
+        root.write_bytes(finished)
+        return found
+
+    monkeypatch.setattr(LocalFileSystem, "find", find_as_the_run_finishes)
+    report = verify_store(str(store))
+    assert report.ok, report.format()
+    assert any(part.startswith(f"{fmt.STATS_GROUP}/{HOOK}/hist") for part in report.to_come), report.to_come
