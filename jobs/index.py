@@ -18,7 +18,7 @@ from store.format import check_writes
 from store.lease import hold_lease
 
 log = logging.getLogger(__name__)
-MIN_SPLIT_NNZ = 1 << 20  # entries of an SAE below which its index is not split further to use more CPUs
+MIN_SPLIT_NNZ = 1 << 20  # entries below which an index part is not split off to use more CPUs
 
 
 def run_index(location: str, workers: int | None = None, address: str | None = None,
@@ -61,13 +61,14 @@ def plan(location: str, counts: dict[str, np.ndarray], shards: list[dict], value
          min_parts: int | None = None, part_nnz: int = index_mod.DEFAULT_PART_NNZ
          ) -> tuple[list[tuple[str, index_mod.Part]], dict[str, int]]:
     """Begin (or reopen) each SAE's index (``counts``: its features' entry counts). Returns the parts
-    still to build, the longest first, and each SAE's number of parts. An SAE gets ``min_parts``
-    parts at least, by default one per worker unless its entries are too few to be worth splitting."""
+    still to build, the longest first, and each SAE's number of parts. By default the parts share
+    the entries out evenly over ``n_workers`` (``index.plan_layout``); with ``min_parts`` (as
+    ``--workers`` gives) every SAE is split into that many parts at least."""
+    layout = ({name: index_mod.plan_parts(c, min_parts, part_nnz) for name, c in counts.items()} if min_parts
+              else index_mod.plan_layout(counts, n_workers, MIN_SPLIT_NNZ, part_nnz))
     todo, n_parts = [], {}
     for name, feature_counts in counts.items():
-        at_least = min_parts or min(n_workers, -(-int(feature_counts.sum()) // MIN_SPLIT_NNZ))
-        parts, done = index_mod.begin(location, name, feature_counts, shards, value_dtype,
-                                      min_parts=at_least, part_nnz=part_nnz)
+        parts, done = index_mod.begin(location, name, feature_counts, shards, value_dtype, layout[name])
         n_parts[name] = len(parts)
         todo += [(int(feature_counts[p.start:p.stop].sum()), name, p) for p in parts if p.part_id not in done]
     return [(name, part) for _, name, part in sorted(todo, key=lambda job: -job[0])], n_parts

@@ -36,11 +36,37 @@ class Part:
 def plan_parts(counts: np.ndarray, min_parts: int = 1, part_nnz: int = DEFAULT_PART_NNZ) -> list[Part]:
     """Contiguous feature ranges holding about equal numbers of entries."""
     total = int(counts.sum())
-    n_parts = max(min_parts, -(-total // part_nnz), 1)
-    n_parts = min(n_parts, len(counts))
+    n_parts = min(max(min_parts, -(-total // part_nnz), 1), len(counts))
+    return parts_at(counts, np.linspace(0, total, n_parts + 1)[1:-1])
+
+
+def plan_layout(counts: dict[str, np.ndarray], n_workers: int, min_split: int,
+                part_nnz: int = DEFAULT_PART_NNZ) -> dict[str, list[Part]]:
+    """Every SAE's parts, such that ``n_workers`` tasks share the entries about equally while the
+    fewest parts re-read an SAE's shards (each part reads all of them). The SAEs' entries are laid
+    end to end and cut every ``stride`` entries (McNaughton's wrap-around rule): a task's share,
+    ``max(total / n_workers, min_split)``, or an equal fraction of it within ``part_nnz`` (the
+    memory bound). A part is a piece of one SAE between cuts, so the pieces, longest first, fill the
+    tasks evenly. A cut nearer than ``min_split`` entries to an SAE's end is left out: such a
+    sliver would re-read the SAE for little (so a part may pass ``part_nnz`` by two slivers)."""
+    share = max(-(-sum(int(c.sum()) for c in counts.values()) // max(1, n_workers)), min_split, 1)
+    per_share = -(-share // part_nnz)  # equal pieces of a share, each within the memory bound
+    stride = -(-share // per_share)
+    layout, laid = {}, 0
+    for name, feature_counts in counts.items():
+        n = int(feature_counts.sum())
+        cuts = [c - laid for c in range((laid // stride + 1) * stride, laid + n, stride)]
+        layout[name] = parts_at(feature_counts, [c for c in cuts if min_split <= c <= n - min_split])
+        laid += n
+    return layout
+
+
+def parts_at(counts: np.ndarray, cuts) -> list[Part]:
+    """Contiguous feature ranges, cut at the features where the running entry count reaches each of
+    ``cuts`` (ascending); a range is never empty."""
     cum = np.concatenate([[0], np.cumsum(counts)])
-    bounds = np.searchsorted(cum, np.linspace(0, total, n_parts + 1)[1:-1], side="left")
-    edges = np.unique(np.concatenate([[0], bounds, [len(counts)]]))
+    bounds = np.searchsorted(cum, np.asarray(cuts, dtype=np.float64), side="left")
+    edges = np.unique(np.concatenate([[0], bounds, [len(counts)]]).astype(np.int64))
     return [Part(i, int(a), int(b)) for i, (a, b) in enumerate(zip(edges[:-1], edges[1:]))]
 
 
@@ -54,8 +80,9 @@ def built_for(shards: list[dict]) -> dict:
 
 
 def begin(location: str, name: str, counts: np.ndarray, shards: list[dict], value_dtype: str,
-          min_parts: int = 1, part_nnz: int = DEFAULT_PART_NNZ) -> tuple[list[Part], set[int]]:
-    """Create (or reopen, to resume) an SAE's index. Returns its parts and the ids already complete."""
+          parts: list[Part]) -> tuple[list[Part], set[int]]:
+    """Create an SAE's index in ``parts`` (as planned), or reopen it to resume in the parts it was
+    begun with. Returns its parts and the ids already complete."""
     root = open_root(location, mode="a")
     fmt.check_writes(root.attrs.asdict().get(fmt.ATTRS_KEY, {}), location)
     parent = root.require_group(fmt.INDEX_GROUP)
@@ -66,7 +93,6 @@ def begin(location: str, name: str, counts: np.ndarray, shards: list[dict], valu
             parts = [Part(*p) for p in attrs["parts"]]
             return parts, {p.part_id for p in parts if _marker(parent[name], p.part_id) is not None}
         del parent[name]  # built for other contents of the store
-    parts = plan_parts(counts, min_parts, part_nnz)
     indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     group = parent.create_group(name, attributes={fmt.ATTRS_KEY: {
         **fmt.encoding(fmt.INDEX_ENCODING), "complete": False, "value_dtype": value_dtype,
@@ -108,13 +134,14 @@ def _entries_in(root: zarr.Group, shard_id: int, name: str, part: Part, offset: 
     indices = root[base + fmt.INDICES][:]
     # one unsigned comparison tests both bounds: features below the start wrap round to large numbers
     local = indices - indices.dtype.type(part.start)
-    at = np.flatnonzero(local < part.stop - part.start)
-    if not len(at):
-        return np.zeros(0, token_dtype), local[:0], root[base + fmt.VALUES][:0]
+    inside = local < part.stop - part.start
     indptr = root[base + fmt.INDPTR][:]
     # each entry's store-wide token, then the part's: one pass over the shard, cheaper than a bisection per entry
     token_of = np.repeat(np.arange(offset, offset + len(indptr) - 1, dtype=token_dtype), np.diff(indptr))
-    return token_of[at], local[at], root[base + fmt.VALUES][:][at]
+    values = root[base + fmt.VALUES][:]
+    if inside.all():  # a part of all the SAE's features keeps every entry as it is
+        return token_of, local, values
+    return token_of[inside], local[inside], values[inside]
 
 
 def finalize(location: str, name: str) -> None:

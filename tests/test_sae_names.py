@@ -144,7 +144,8 @@ def test_a_format_1_4_store_is_never_written(old_store):
     with pytest.raises(FormatVersionError, match=read_only):  # resuming (latentstore extract)
         check_conflict(str(old_store), fs.run, overwrite=False)
     with pytest.raises(FormatVersionError, match=read_only):  # building its index (latentstore index)
-        index_mod.begin(str(old_store), HOOK, fs.stats(HOOK).count, fs.attrs["shards"], fs.value_dtype)
+        index_mod.begin(str(old_store), HOOK, fs.stats(HOOK).count, fs.attrs["shards"], fs.value_dtype,
+                        index_mod.plan_parts(fs.stats(HOOK).count))
     with pytest.raises(FormatVersionError, match=read_only):  # adding a sweep (latentstore sweep)
         SweepWriter(str(old_store), "s").begin({"x": 1}, np.arange(3), None, 1, overwrite=False)
     assert _digest(old_store) == before

@@ -302,7 +302,7 @@ def test_readers_and_verify_during_a_write_see_a_consistent_store_or_in_progress
             entries = [shard_entry(m) for m in markers]
             for hook in reference.hooks:
                 parts, _ = index_mod.begin(writer.location, hook, reference.stats(hook).count, entries,
-                                           run["value_dtype"], min_parts=3)
+                                           run["value_dtype"], index_mod.plan_parts(reference.stats(hook).count, 3))
                 for part in parts:
                     index_mod.build_part(writer.location, hook, part, entries, "<u4")
                     time.sleep(0.05)
