@@ -12,7 +12,7 @@ import numpy as np
 
 from store.errors import FormatVersionError
 
-FORMAT_VERSION = "2.0"
+FORMAT_VERSION = "2.1"
 MAJOR = int(FORMAT_VERSION.split(".")[0])  # readers refuse a newer one; writers write no older one
 ATTRS_KEY = "latentstore"  # every latentstore attribute lives under this key
 

@@ -13,6 +13,7 @@ import pytest
 from jobs.cli import main
 from store import FeatureStore
 from store import format as fmt
+from store import index as index_mod
 from store.errors import StoreCorruptError, StoreNotFoundError
 from store.verify import verify_store
 
@@ -192,7 +193,7 @@ def test_damaged_merged_statistics_are_named_and_queries_refuse_them(store, caps
 def busy_feature(fs: FeatureStore, hook: str) -> int:
     """The feature with the most entries among those in the first checksummed block of the index."""
     indptr = fs.index(hook).indptr
-    counts = fs.stats(hook).count * (indptr[1:] <= 1 << 16)
+    counts = fs.stats(hook).count * (indptr[1:] <= index_mod.CHUNK)
     return int(counts.argmax())
 
 
