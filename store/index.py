@@ -20,7 +20,7 @@ import zarr
 from store import checked, codecs, format as fmt
 from store.elements import now, part_marker, write_array, write_part
 from store.location import open_root
-from store.stats import sort_stored_by_feature_then_value
+from store.stats import arrange_by_feature_then_value
 
 # entries per chunk and checksum block: a feature's read decodes about one; 2^16 took a third of
 # the build in zarr's per-chunk work and read no faster
@@ -120,9 +120,9 @@ def build_part(location: str, name: str, part: Part, shards: list[dict], token_d
     token, feature, values = (np.concatenate(arrays) for arrays in zip(*found)) if found else \
         (np.zeros(0, token_dtype), np.zeros(0, np.uint32), np.zeros(0, fmt.storage_dtype(value_dtype)))
     del found  # the shards' pieces, now joined: a part's memory is about 30 bytes per entry at its peak
-    order = sort_stored_by_feature_then_value(feature, values, value_dtype)
+    token, values = arrange_by_feature_then_value(feature, values, value_dtype, token, values)
     del feature
-    arrays = {fmt.TOKEN: (token[order], codecs.VALUES), fmt.VALUES: (values[order], codecs.VALUES)}
+    arrays = {fmt.TOKEN: (token, codecs.VALUES), fmt.VALUES: (values, codecs.VALUES)}
     where = {"part_id": part.part_id, "start": part.start, "stop": part.stop}
     return write_part(group[fmt.PARTS_GROUP], str(part.part_id), {**fmt.encoding(fmt.INDEX_PART_ENCODING), **where},
                       arrays, {**where, "nnz": int(len(token))}, chunk=CHUNK)

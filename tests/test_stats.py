@@ -121,9 +121,9 @@ def test_empty_accumulator_equals_empty():
         np.testing.assert_array_equal(getattr(got, name), getattr(ref, name))
 
 
-@pytest.mark.parametrize("bucket", [stats.SORT_BUCKET, 1000])  # one bucket; buckets, one of them a feature alone
+@pytest.mark.parametrize("bucket", [stats.SORT_BUCKET, 1000, 50])  # one bucket; buckets, one a feature alone; over 256
 @pytest.mark.parametrize("value_dtype", ["bfloat16", "float16", "float32"])
-def test_sorting_stored_values_equals_sorting_floats(value_dtype, bucket, monkeypatch):
+def test_arranging_by_stored_values_equals_sorting_floats(value_dtype, bucket, monkeypatch):
     from store.format import decode_values, storage_dtype
 
     monkeypatch.setattr(stats, "SORT_BUCKET", bucket)
@@ -135,5 +135,7 @@ def test_sorting_stored_values_equals_sorting_floats(value_dtype, bucket, monkey
     heavy = np.where(rng.random(len(values)) < 0.2, 1100, rng.integers(1000, 1300, len(values)))
     for features in (rng.integers(1000, 1300, len(values)), heavy, rng.integers(0, 70_000, len(values))):
         expected = stats.sort_by_feature_then_value(features, decode_values(stored, value_dtype))
-        np.testing.assert_array_equal(stats.sort_stored_by_feature_then_value(features, stored, value_dtype),
-                                      expected)
+        got_order, got_features = stats.arrange_by_feature_then_value(features, stored, value_dtype,
+                                                                      np.arange(len(features)), features)
+        np.testing.assert_array_equal(got_order, expected)
+        np.testing.assert_array_equal(got_features, features[expected])
