@@ -6,8 +6,9 @@ shard straight to the store, returning only its small completion marker. Ray
 wraps this class as an actor in ``jobs/extract.py``; tests call it directly.
 
 Two shards can be under way at once (``SHARDS_IN_FLIGHT``, from two threads): one on the
-device, the other's host side (statistics, compression, writes) on the worker's thread pool,
-so the device never waits for the host to finish a shard.
+device, the other read and tokenized before it, or its host side (statistics, compression,
+writes) on the worker's thread pool after it, so the device never waits for the host to start
+or to finish a shard.
 """
 
 from __future__ import annotations
@@ -170,9 +171,10 @@ class ExtractWorker:
         # on a GPU, statistics accumulate there; on a CPU the host's pool does it beside the forward
         builder = ShardBuilder(self.host, d_sae, self.job.value_dtype, self.job.top_k,
                                stats_device=self.device if self.device.type == "cuda" else None)
+        # read and tokenize before taking the device: the other shard in flight keeps it busy meanwhile
+        rows = self.dataset[shard.row_start : shard.row_stop][self.job.dataset.column]
+        windows = self._windows(rows, shard)
         with self.device_lock:
-            rows = self.dataset[shard.row_start : shard.row_stop][self.job.dataset.column]
-            windows = self._windows(rows, shard)
             for start in range(0, len(windows.lengths), self.job.batch_size):
                 stop = start + self.job.batch_size
                 lengths = windows.lengths[start:stop]
