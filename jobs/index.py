@@ -82,7 +82,9 @@ def add_commands(commands) -> None:
                     "--no-index. Rerun after a crash: finished parts are kept.",
     )
     parser.add_argument("store", help="the store's path or URL")
-    parser.add_argument("--workers", type=int, help="parallel tasks (default: one per CPU of the cluster)")
+    parser.add_argument("--workers", type=int,
+                        help="parallel tasks, and so parts per SAE at least (default: one task per CPU of the "
+                             "cluster, the parts sharing the entries out evenly among them)")
     parser.add_argument("--address", help="a Ray cluster to join (default: $RAY_ADDRESS, else start one here)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.set_defaults(handler=_handle)
