@@ -50,7 +50,9 @@ in 16 files), without correlated features 1.3 s and 2.4 s (5.2% and 8.8%), delph
 measured is unchanged): extraction 17.6 s, neuronpedia 3.7 s (21.0%: **missed**), without
 correlated features 1.3 s (7.3%), delphi 1.5 s (8.7%). Again, after the delphi export sorted each
 latent's entries by token with two counting sorts: extraction 15.3 s, neuronpedia 3.5 s (22.6%:
-**missed**), without correlated features 1.3 s (8.4%), delphi 0.7 s (4.5%). What is left of the Neuronpedia export's
+**missed**), without correlated features 1.3 s (8.4%), delphi 0.7 s (4.5%). Again, in format 2.1 (index parts
+chunked in 2^18 entries): extraction 15.3 s, neuronpedia 3.9 s (25.5%: **missed**), without correlated features
+1.4 s (9.1%), delphi 0.3 s (2.1%). What is left of the Neuronpedia export's
 time is the correlated features' Gram matrix (1.2e11 multiply-adds for this SAE, 3.3
 CPU-seconds); ``docs/DASHBOARDS.md`` has the details.
 """

@@ -46,8 +46,22 @@ variants, one run each, were tried and not kept, as they made no difference beyo
 host pool's threads at a lower priority (nice 15: 0.716) and the statistics accumulated in torch on
 the CPU as on a GPU (0.705).
 
-The index build runs as `latentstore index` plans it (one part per CPU at least, the longest
-first), on one thread per CPU for Ray's tasks.
+Re-measured later the same day, quiet, three runs, after the index build planned its parts across
+the SAEs (two tasks sharing the 47.7M entries evenly in three parts, where each SAE had been split
+in two), wrote its parts in chunks of 2^18 entries (format 2.1; zarr's per-chunk work had been a
+third of the build) and arranged the entries bucket by bucket as it sorted them: index build 3.40,
+3.58 and 3.46 s, **0.28, 0.30 and 0.29** of the extraction (goal 0.30: met, narrowly; 3.94 s, 0.33,
+before the last of the three changes); latentstore over bare 0.669, 0.722 and 0.743 (goal missed,
+as before: the bare limit took 8.1 to 8.8 s, latentstore 11.9 to 12.1 s); bytes per nonzero 2.104;
+host path 22.2 to 23.4 M/s on one thread; worker peak 1.48 GiB. Reading and tokenizing a shard
+before it takes the device (0.35 s of these 200,000 tokens) made no difference here, where the
+forward already uses both cores; on a GPU the device no longer waits for it. Nor did a 0.5 ms GIL
+switch interval (0.743, one run). The fast-device proxy, one run of this code (--synthetic fast-proxy
+--tokens 300000): bare 29,325 tok/s, latentstore 24,759 tok/s, **0.844** (goal 0.6); 2.362 bytes per
+nonzero; host path 13.4 M/s on one thread, 13.7 M/s on two; index build 1.45 s, 0.12 of the extraction.
+
+The index build runs as `latentstore index` plans it (``store.index.plan_layout``: parts that share
+the entries evenly over the CPUs, the longest first), on one thread per CPU for Ray's tasks.
 
 No GPU was lent to this work, so the GPT-2-small-shaped GPU run (``--synthetic gpt2-small``) has
 not been made.
