@@ -120,7 +120,7 @@ def build_part(location: str, name: str, part: Part, shards: list[dict], token_d
     token, feature, values = (np.concatenate(arrays) for arrays in zip(*found)) if found else \
         (np.zeros(0, token_dtype), np.zeros(0, np.uint32), np.zeros(0, fmt.storage_dtype(value_dtype)))
     del found  # the shards' pieces, now joined: a part's memory is about 30 bytes per entry at its peak
-    token, values = arrange_by_feature_then_value(feature, values, value_dtype, token, values)
+    values, token = arrange_by_feature_then_value(feature, values, value_dtype, token)
     del feature
     arrays = {fmt.TOKEN: (token, codecs.VALUES), fmt.VALUES: (values, codecs.VALUES)}
     where = {"part_id": part.part_id, "start": part.start, "stop": part.stop}

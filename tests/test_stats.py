@@ -135,7 +135,8 @@ def test_arranging_by_stored_values_equals_sorting_floats(value_dtype, bucket, m
     heavy = np.where(rng.random(len(values)) < 0.2, 1100, rng.integers(1000, 1300, len(values)))
     for features in (rng.integers(1000, 1300, len(values)), heavy, rng.integers(0, 70_000, len(values))):
         expected = stats.sort_by_feature_then_value(features, decode_values(stored, value_dtype))
-        got_order, got_features = stats.arrange_by_feature_then_value(features, stored, value_dtype,
-                                                                      np.arange(len(features)), features)
+        got_stored, got_order, got_features = stats.arrange_by_feature_then_value(
+            features, stored, value_dtype, np.arange(len(features)), features)
         np.testing.assert_array_equal(got_order, expected)
         np.testing.assert_array_equal(got_features, features[expected])
+        np.testing.assert_array_equal(got_stored, stored[expected])
