@@ -73,7 +73,7 @@ def arrange_by_feature_then_value(features: np.ndarray, stored: np.ndarray, valu
     first splits them into buckets of whole features, each then keyed, sorted and arranged alone:
     the same order in about half the time, since a bucket's passes and gathers work in cache where
     one permutation of the whole arrays would miss it at every entry."""
-    offset = features.min() if len(features) else 0
+    offset = int(features.min()) if len(features) else 0  # a Python int: added to lengths, it cannot wrap round
     if stored.dtype.itemsize != 2 or (len(features) and features.max() - offset >= 1 << 16):
         order = sort_by_feature_then_value(features, fmt.decode_values(stored, value_dtype))
         return [a[order] for a in (stored, *arrays)]

@@ -133,7 +133,8 @@ def test_arranging_by_stored_values_equals_sorting_floats(value_dtype, bucket, m
     stored = ((values.view(np.uint32) >> 16).astype(np.uint16) if value_dtype == "bfloat16"
               else values.astype(storage_dtype(value_dtype)))
     heavy = np.where(rng.random(len(values)) < 0.2, 1100, rng.integers(1000, 1300, len(values)))
-    for features in (rng.integers(1000, 1300, len(values)), heavy, rng.integers(0, 70_000, len(values))):
+    high = rng.integers(65_000, 1 << 16, len(values)).astype(np.uint16)  # uint16 ids near the top of the range
+    for features in (rng.integers(1000, 1300, len(values)), heavy, rng.integers(0, 70_000, len(values)), high):
         expected = stats.sort_by_feature_then_value(features, decode_values(stored, value_dtype))
         got_stored, got_order, got_features = stats.arrange_by_feature_then_value(
             features, stored, value_dtype, np.arange(len(features)), features)
