@@ -22,9 +22,11 @@ MIN_SPLIT_NNZ = 1 << 20  # entries below which an index part is not split off to
 
 
 def run_index(location: str, workers: int | None = None, address: str | None = None,
-              part_nnz: int = index_mod.DEFAULT_PART_NNZ, progress: bool = True) -> dict[str, int]:
-    """Build (or finish) every SAE's index, holding the store's writer lease. Returns the number of
-    parts per SAE (by name)."""
+              part_nnz: int = index_mod.DEFAULT_PART_NNZ, progress: bool = True,
+              min_parts: int | None = None) -> dict[str, int]:
+    """Build (or finish) every SAE's index, holding the store's writer lease, in ``workers`` tasks at
+    once (default: one per CPU). Returns the number of parts per SAE (by name). ``min_parts`` splits
+    every SAE into that many parts at least, however few its entries (for tests of several parts)."""
     from jobs import pool
     from jobs.ray_session import connect
 
@@ -42,7 +44,7 @@ def run_index(location: str, workers: int | None = None, address: str | None = N
         shards = fs.attrs["shards"]
         token_dtype = "<u4" if fs.n_tokens < 2**32 else "<u8"
         todo, n_parts = plan(fs.location, {name: fs.stats(name).count for name in fs.saes}, shards,
-                             fs.value_dtype, n_workers, workers, part_nnz)
+                             fs.value_dtype, n_workers, min_parts, part_nnz)
         # Tasks, not actors: each part is one call of build_part, n_workers at once, retried where a worker died.
         build = ray.remote(num_cpus=1, max_retries=3)(index_mod.build_part)
         policy = pool.Policy(
@@ -61,11 +63,14 @@ def plan(location: str, counts: dict[str, np.ndarray], shards: list[dict], value
          min_parts: int | None = None, part_nnz: int = index_mod.DEFAULT_PART_NNZ
          ) -> tuple[list[tuple[str, index_mod.Part]], dict[str, int]]:
     """Begin (or reopen) each SAE's index (``counts``: its features' entry counts). Returns the parts
-    still to build, the longest first, and each SAE's number of parts. By default the parts share
-    the entries out evenly over ``n_workers`` (``index.plan_layout``); with ``min_parts`` (as
-    ``--workers`` gives) every SAE is split into that many parts at least."""
-    layout = ({name: index_mod.plan_parts(c, min_parts, part_nnz) for name, c in counts.items()} if min_parts
-              else index_mod.plan_layout(counts, n_workers, MIN_SPLIT_NNZ, part_nnz))
+    still to build, the longest first, and each SAE's number of parts (those it was begun with, when
+    it resumes). The parts share the entries out evenly over ``n_workers`` (``index.plan_layout``),
+    or with ``min_parts``, each SAE is cut into that many parts of equal entries (fewer only if it
+    has fewer features)."""
+    if min_parts:
+        layout = {name: index_mod.plan_parts(c, min_parts, part_nnz) for name, c in counts.items()}
+    else:
+        layout = index_mod.plan_layout(counts, n_workers, MIN_SPLIT_NNZ, part_nnz)
     todo, n_parts = [], {}
     for name, feature_counts in counts.items():
         parts, done = index_mod.begin(location, name, feature_counts, shards, value_dtype, layout[name])
@@ -83,8 +88,8 @@ def add_commands(commands) -> None:
     )
     parser.add_argument("store", help="the store's path or URL")
     parser.add_argument("--workers", type=int,
-                        help="parallel tasks, and so parts per SAE at least (default: one task per CPU of the "
-                             "cluster, the parts sharing the entries out evenly among them)")
+                        help="parallel tasks, among which the parts share the entries out evenly (default: one "
+                             "per CPU of the cluster)")
     parser.add_argument("--address", help="a Ray cluster to join (default: $RAY_ADDRESS, else start one here)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.set_defaults(handler=_handle)

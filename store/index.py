@@ -12,6 +12,7 @@ entries in memory.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,23 +45,48 @@ def plan_parts(counts: np.ndarray, min_parts: int = 1, part_nnz: int = DEFAULT_P
 
 def plan_layout(counts: dict[str, np.ndarray], n_workers: int, min_split: int,
                 part_nnz: int = DEFAULT_PART_NNZ) -> dict[str, list[Part]]:
-    """Every SAE's parts, such that ``n_workers`` tasks share the entries about equally while the
-    fewest parts re-read an SAE's shards (each part reads all of them). The SAEs' entries are laid
-    end to end and cut every ``stride`` entries (McNaughton's wrap-around rule): a task's share,
-    ``max(total / n_workers, min_split)``, or an equal fraction of it within ``part_nnz`` (the
-    memory bound). A part is a piece of one SAE between cuts, so the pieces, longest first, fill the
-    tasks evenly. A cut nearer than ``min_split`` entries to an SAE's end is left out: such a
-    sliver would re-read the SAE for little (so a part may pass ``part_nnz`` by two slivers)."""
+    """Every SAE's parts, such that ``n_workers`` tasks, handed the parts longest first as each
+    frees up, share the entries about equally (within ``min_split``) while the fewest parts re-read
+    an SAE's shards (each part reads all of them).
+
+    The SAEs' entries are laid end to end and cut every ``stride`` entries (McNaughton's wrap-around
+    rule): a task's share, ``max(total / n_workers, min_split)``, or an equal fraction of it within
+    ``part_nnz`` (the memory bound). A part is a piece of one SAE between cuts. A cut nearer than
+    ``min_split`` entries to an SAE's end is left out: such a sliver would re-read the SAE for
+    little (so a part may pass ``part_nnz`` by two slivers). Since tasks take the pieces longest
+    first rather than stretch by stretch, the largest piece is then halved for as long as that
+    hand-out leaves a task more than ``min_split`` past its share (or past the largest feature's
+    entries, which no cut divides), a few times per task at most."""
     share = max(-(-sum(int(c.sum()) for c in counts.values()) // max(1, n_workers)), min_split, 1)
     per_share = -(-share // part_nnz)  # equal pieces of a share, each within the memory bound
     stride = -(-share // per_share)
-    layout, laid = {}, 0
+    cuts, laid = {}, 0
     for name, feature_counts in counts.items():
         n = int(feature_counts.sum())
-        cuts = [c - laid for c in range((laid // stride + 1) * stride, laid + n, stride)]
-        layout[name] = parts_at(feature_counts, [c for c in cuts if min_split <= c <= n - min_split])
+        # the multiples of the stride inside this SAE's stretch, counted from its start
+        inside = [c - laid for c in range((laid // stride + 1) * stride, laid + n, stride)]
+        cuts[name] = [c for c in inside if min_split <= c <= n - min_split]
         laid += n
-    return layout
+    # no task can take less than the largest feature, which no cut divides
+    target = max(share + min_split, max((int(c.max(initial=0)) for c in counts.values()), default=0))
+    for _ in range(4 * max(1, n_workers)):
+        pieces = sorted(((int(counts[name][p.start:p.stop].sum()), name, p) for name in counts
+                         for p in parts_at(counts[name], cuts[name])), key=lambda piece: -piece[0])
+        splittable = [piece for piece in pieces if piece[2].stop - piece[2].start > 1]
+        if longest_first_load(pieces, n_workers) <= target or not splittable:
+            break
+        size, name, part = splittable[0]
+        cuts[name] = sorted(cuts[name] + [int(counts[name][:part.start].sum()) + size // 2])
+    return {name: parts_at(counts[name], cuts[name]) for name in counts}
+
+
+def longest_first_load(pieces: list[tuple], n_workers: int) -> int:
+    """The entries of the busiest of ``n_workers`` tasks when each takes the next of ``pieces``
+    (sized by their first item, longest first) as it frees up."""
+    loads = [0] * max(1, n_workers)
+    for piece in pieces:
+        heapq.heapreplace(loads, loads[0] + piece[0])
+    return max(loads)
 
 
 def parts_at(counts: np.ndarray, cuts) -> list[Part]:

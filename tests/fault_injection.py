@@ -112,8 +112,8 @@ def sweep_worker_class():
 
 
 def _drive(argv: list[str]) -> None:
-    """A driver to be killed: ``index STORE WORKERS`` or ``sweep CONFIG.json`` (a SweepConfig as
-    ``dataclasses.asdict`` gives it, of a sweep of prompts from a file)."""
+    """A driver to be killed: ``index STORE WORKERS`` (in as many parts) or ``sweep CONFIG.json`` (a
+    SweepConfig as ``dataclasses.asdict`` gives it, of a sweep of prompts from a file)."""
     from tests import fault_injection  # by this name, so that Ray's workers import it rather than get a copy
 
     if argv[0] == "index":
@@ -121,7 +121,7 @@ def _drive(argv: list[str]) -> None:
         from jobs.index import run_index
 
         store.index.build_part = fault_injection.build_part
-        run_index(argv[1], workers=int(argv[2]), progress=False)
+        run_index(argv[1], workers=int(argv[2]), min_parts=int(argv[2]), progress=False)
     else:
         import jobs.sweep
         from jobs.sweep import SweepConfig, run_sweep

@@ -50,7 +50,7 @@ pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).parent.parent
 HOOK = "blocks.0.hook_resid_post"
-INDEX_WORKERS = 3  # index tasks at once, and so parts
+INDEX_WORKERS = 3  # index tasks at once, and parts of the one SAE
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +226,7 @@ def assert_same_index(got: dict, want: dict) -> None:
 @pytest.fixture(scope="module")
 def fresh_index(plain, ray_cluster, tmp_path_factory) -> dict:
     path = copy_store(plain, tmp_path_factory.mktemp("fresh") / "fresh.zarr")
-    run_index(str(path), workers=INDEX_WORKERS, progress=False)
+    run_index(str(path), workers=INDEX_WORKERS, min_parts=INDEX_WORKERS, progress=False)
     contents = index_contents(path)
     assert len(contents["h/parts"]) == INDEX_WORKERS
     return contents
@@ -266,7 +266,7 @@ def test_index_worker_killed_mid_part(plain, fresh_index, tmp_path, monkeypatch)
     faults = plan(fault_dir(str(path), "index"), before=["h/1"], after=["h/2"])
     monkeypatch.setattr(store.index, "build_part", fault_injection.build_part)
     views = IndexViews(path, plain)
-    job = Background(run_index, str(path), workers=INDEX_WORKERS, progress=False)
+    job = Background(run_index, str(path), workers=INDEX_WORKERS, min_parts=INDEX_WORKERS, progress=False)
     stalled = wait_for_stalls(faults, ["h/1", "h/2"], 120, views, job.running)
 
     assert (part_dir(path, 1) / "token").exists() and (part_dir(path, 1) / fmt.VALUES).exists()
@@ -304,7 +304,7 @@ def test_index_driver_killed_then_rerun_resumes(plain, fresh_index, start_driver
     assert FeatureStore.open(str(path)).index("h") is None
     n_calls = len(calls(faults))
     monkeypatch.setattr(store.index, "build_part", fault_injection.build_part)
-    run_index(str(path), workers=INDEX_WORKERS, progress=False)
+    run_index(str(path), workers=INDEX_WORKERS, min_parts=INDEX_WORKERS, progress=False)
 
     assert [c["target"] for c in calls(faults)[n_calls:]] == ["h/0"]
     assert {i: m.stat().st_mtime_ns for i, m in markers.items()} == written
