@@ -6,9 +6,9 @@ shard straight to the store, returning only its small completion marker. Ray
 wraps this class as an actor in ``jobs/extract.py``; tests call it directly.
 
 Two shards can be under way at once (``SHARDS_IN_FLIGHT``, from two threads): one on the
-device, the other read and tokenized before it, or its host side (statistics, compression,
-writes) on the worker's thread pool after it, so the device never waits for the host to start
-or to finish a shard.
+device, the other being read and tokenized before it, or its host side (statistics,
+compression, writes) running on the worker's thread pool after it, so the device does not wait
+for the host to start or to finish a shard (save for the host's share of the interpreter lock).
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ class ExtractWorker:
         self.encoder = SparseEncoder(self.model, self.saes, job.value_dtype)
         self.host = ThreadPoolExecutor(pool_size(job.n_threads), thread_name_prefix="host")
         self.device_lock = threading.Lock()  # one shard on the device at a time
+        self.tokenizer_lock = threading.Lock()  # and one being read and tokenized
         self.dataset = open_dataset(job.dataset)
         self.writer = StoreWriter(job.store)
         tokenizer = self.model.tokenizer
@@ -171,9 +172,12 @@ class ExtractWorker:
         # on a GPU, statistics accumulate there; on a CPU the host's pool does it beside the forward
         builder = ShardBuilder(self.host, d_sae, self.job.value_dtype, self.job.top_k,
                                stats_device=self.device if self.device.type == "cuda" else None)
-        # read and tokenize before taking the device: the other shard in flight keeps it busy meanwhile
-        rows = self.dataset[shard.row_start : shard.row_stop][self.job.dataset.column]
-        windows = self._windows(rows, shard)
+        # read and tokenize before taking the device, which the other shard in flight keeps busy
+        # meanwhile; one shard at a time, as a tokenizer whose saved settings truncate or pad changes
+        # its own state on its first call, and two calls then would race (tokenizers' "Already borrowed")
+        with self.tokenizer_lock:
+            rows = self.dataset[shard.row_start : shard.row_stop][self.job.dataset.column]
+            windows = self._windows(rows, shard)
         with self.device_lock:
             for start in range(0, len(windows.lengths), self.job.batch_size):
                 stop = start + self.job.batch_size
