@@ -1,7 +1,8 @@
 """Names, versions and value encodings of the on-disk format (spec: docs/FORMAT.md).
 
-A minor version bump only adds elements; a major bump breaks readers. Readers
-accept any minor version of the majors they know and refuse newer majors.
+A minor version bump keeps every reader of its major reading (it adds elements, or changes what
+readers take from the store's own metadata, as 2.1's chunk sizes); a major bump breaks readers.
+Readers accept any minor version of the majors they know and refuse newer majors.
 """
 
 from __future__ import annotations
