@@ -76,10 +76,16 @@ def arrange_by_feature_then_value(features: np.ndarray, stored: np.ndarray, valu
     offset = int(features.min()) if len(features) else 0  # a Python int: added to lengths, it cannot wrap round
     if stored.dtype.itemsize != 2 or (len(features) and features.max() - offset >= 1 << 16):
         order = sort_by_feature_then_value(features, fmt.decode_values(stored, value_dtype))
-        return [a[order] for a in (stored, *arrays)]
-    if len(features) <= SORT_BUCKET:
+    elif len(features) <= SORT_BUCKET:
         order = _value_then_feature(*_keys(features, offset, stored))
-        return [a[order] for a in (stored, *arrays)]
+    else:
+        return _arrange_in_buckets(features, offset, stored, arrays)
+    return [a[order] for a in (stored, *arrays)]
+
+
+def _arrange_in_buckets(features: np.ndarray, offset: int, stored: np.ndarray,
+                        arrays: tuple[np.ndarray, ...]) -> list[np.ndarray]:
+    """``arrange_by_feature_then_value`` of 16-bit values past ``SORT_BUCKET`` entries, bucket by bucket."""
     runs = np.bincount(features - offset)
     starts = np.cumsum(runs) - runs
     _, bucket = np.unique(starts // SORT_BUCKET, return_inverse=True)  # each feature's bucket, ascending
