@@ -270,13 +270,92 @@ def dense_gram(rows: sp.csr_matrix, chunk_entries: int = 1 << 24, block: int = B
     return gram
 
 
-def _uncorrelated_order(sums: np.ndarray, sums_sq: np.ndarray, n_tokens: int) -> np.ndarray:
-    """The features that fire, ordered by how high Pearson's r is with any feature they never
-    co-fire with: by sum / sqrt(n sum_sq - sum^2) ascending, ties by lower feature."""
-    alive = np.flatnonzero(sums > 0)
-    variance = n_tokens * sums_sq[alive] - sums[alive] ** 2
-    key = np.where(variance > 0, sums[alive] / np.sqrt(np.maximum(variance, 1e-300)), np.inf)
-    return alive[np.lexsort((alive, key))]
+def pearsons_r(n: float, xy, sx, sx2, sy, sy2):
+    """Pearson's r from sums over ``n`` tokens (of x, x^2, y, y^2 and x*y), with SAEDashboard's 1e-6
+    added to the denominator; element-wise, so arrays broadcast."""
+    return (n * xy - sx * sy) / (np.sqrt(np.maximum((n * sx2 - sx * sx) * (n * sy2 - sy * sy), 0)) + 1e-6)
+
+
+def most_correlated(features: np.ndarray, row: np.ndarray, other: np.ndarray, xy: np.ndarray, sums: np.ndarray,
+                    sums_sq: np.ndarray, n: float, k: int) -> list[CorrelatedFeatures]:
+    """The ``k`` highest Pearson's r of each of ``features`` (``features[row]``) among its candidates
+    ``other`` with sums of products ``xy``, over ``n`` tokens with these sums and sums of squares by
+    feature; ties by lower feature. Those at or above each row's k-th highest r (one partition of
+    a table of the rows' r) are then ranked exactly."""
+    pearson = pearsons_r(n, xy, sums[features[row]], sums_sq[features[row]], sums[other], sums_sq[other])
+    counts = np.bincount(row, minlength=len(features))
+    by_row = np.argsort(row.astype(np.uint16), kind="stable")  # a radix sort: a block has under 2^16 rows
+    within = np.empty(len(row), np.int64)
+    within[by_row] = np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)
+    table = np.full((len(features), max(k, int(counts.max(initial=0)))), -np.inf)
+    table[row, within] = pearson
+    kth = -np.partition(-table, k - 1, axis=1)[:, k - 1]
+    top = np.flatnonzero(pearson >= kth[row])
+    order = top[np.lexsort((other[top], -pearson[top], row[top]))]
+    row, other, pearson, xy = row[order], other[order], pearson[order], xy[order]
+    keep = np.arange(len(row)) - np.searchsorted(row, row) < k
+    row, other, pearson, xy = row[keep], other[keep], pearson[keep], xy[keep]
+    cosine = xy / (np.sqrt(sums_sq[features[row]] * sums_sq[other]) + 1e-6)
+    bounds = np.searchsorted(row, np.arange(len(features) + 1))
+    other, pearson, cosine = other.tolist(), pearson.tolist(), cosine.tolist()
+    return [CorrelatedFeatures(other[a:b], pearson[a:b], cosine[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@dataclass(frozen=True)
+class ApartOrder:
+    """The features that fire, in the order of how high Pearson's r is with any feature they never
+    co-fire with. For such a pair xy = 0, so r = -s_x s_y / (sqrt(v_x v_y) + 1e-6), with sums s and
+    v = n sum_sq - s^2: highest for the features with the lowest key s_y / sqrt(v_y), save that the
+    1e-6 shifts r by up to a factor 1 + 1e-6 / (sqrt(v_x) sqrt(v_y)) (every feature that fires once
+    has the same key, up to rounding). So a feature's candidates are the first of the order that it
+    does not co-fire with, and those after them whose key is within that factor; ``most_correlated``
+    ranks them by r itself."""
+
+    order: np.ndarray  # the features that fire, by key ascending (then variance, then feature)
+    keys: np.ndarray  # their keys, ascending
+    place: np.ndarray  # by feature: its place in ``order``; ``len(order)`` for one that never fires
+    least_spread: float  # the smallest sqrt(v) > 0 of a feature that fires
+
+    @classmethod
+    def of(cls, sums: np.ndarray, sums_sq: np.ndarray, n_tokens: int) -> ApartOrder:
+        fires = np.flatnonzero(sums > 0)
+        variance = n_tokens * sums_sq[fires] - sums[fires] ** 2
+        key = np.where(variance > 0, sums[fires] / np.sqrt(np.maximum(variance, 1e-300)), np.inf)
+        by_key = np.lexsort((fires, variance, key))
+        place = np.full(len(sums), len(fires))
+        place[fires[by_key]] = np.arange(len(fires))
+        spread = np.sqrt(variance[variance > 0])
+        return cls(fires[by_key], key[by_key], place, float(spread.min()) if len(spread) else np.inf)
+
+    def candidates(self, features: np.ndarray, spread: np.ndarray, row: np.ndarray, other: np.ndarray,
+                   k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(row, feature) pairs: for each of ``features`` that fires (its sqrt(v) ``spread``, by
+        row), the first ``k`` features of the order that are neither it nor one it co-fires with
+        (``other[i]`` co-fires with ``features[row[i]]``), then the others up to its key bound;
+        fewer where the order runs out. A row's i-th free place in the order is i plus the number
+        of its taken places p_m (ascending, m from 0) with p_m - m <= i: one search for all rows."""
+        n = len(self.order)
+        rows = np.flatnonzero(self.place[features] < n)
+        span = n + k + 1  # the keys of one row stay below the next row's
+        taken = np.sort(np.concatenate([row, rows]) * span + np.concatenate([self.place[other], self.place[features[rows]]]))
+        taken_row = taken // span
+        starts = np.searchsorted(taken_row, np.arange(len(features) + 1))
+        shifted = taken - (np.arange(len(taken)) - starts[taken_row])
+
+        def free(row_of: np.ndarray, i: np.ndarray) -> np.ndarray:  # the place of each row's i-th free feature
+            return i + np.searchsorted(shifted, row_of * span + i, side="right") - starts[row_of]
+
+        n_free = n - (starts[rows + 1] - starts[rows])
+        kth = free(rows, np.minimum(k, n_free) - 1)
+        with np.errstate(divide="ignore"):  # a spread of 0: every free feature is a candidate
+            shift = 1e-6 / (spread[rows] * self.least_spread)
+        bound = self.keys[np.clip(kth, 0, max(n - 1, 0))] * (1 + shift + 1e-12)  # 1e-12: the keys' rounding
+        within = np.searchsorted(self.keys, bound, side="right")  # the order's places up to the bound
+        count = within - (np.searchsorted(taken, rows * span + within) - starts[rows])
+        count = np.where(n_free > 0, np.maximum(count, np.minimum(k, n_free)), 0)
+        wanted_row = np.repeat(rows, count)
+        i = np.arange(len(wanted_row)) - np.repeat(np.cumsum(count) - count, count)
+        return wanted_row, self.order[free(wanted_row, i)]
 
 
 @contextmanager
@@ -367,7 +446,7 @@ class DashboardBuilder:
             values = counted_rows.data.astype(np.float64)
             self._sum = np.bincount(counted_rows.indices, values, self.d_sae)
             self._sum_sq = np.bincount(counted_rows.indices, values * values, self.d_sae)
-            self._correlation_order = _uncorrelated_order(self._sum, self._sum_sq, len(self.token_ids))
+            self._apart = ApartOrder.of(self._sum, self._sum_sq, len(self.token_ids))
             per_token = np.diff(counted_rows.indptr).astype(np.float64)
             if (self.d_sae <= DENSE_GRAM_MAX_FEATURES
                     and len(per_token) * float(self.d_sae) ** 2 < DENSE_GRAM_SPEEDUP * float((per_token ** 2).sum())):
@@ -470,62 +549,47 @@ class DashboardBuilder:
         """Each block feature's ``n_correlated`` most correlated features over the whole store.
 
         Pearson's r needs the sum of products, which is 0 for two features that never fire on the
-        same token: such pairs have r = -sum_x sum_y / sqrt(var_x var_y) (times n^2), highest for the
-        features with the smallest sum_y / sqrt(var_y). So the candidates are the features that
-        co-fire (one sparse product for the block) and the first few of that global order. With the
-        Gram matrix, every feature is a candidate, the whole block at once."""
+        same token. So the candidates are the features that co-fire (one sparse product for the
+        block) and the first few of those that do not (``ApartOrder``). With the Gram matrix, every
+        feature is a candidate, the whole block at once."""
+        k, n = self.settings.n_correlated, float(len(self.token_ids))
+        features = np.arange(block.start, block.stop)
         if self._gram is not None:
-            return self._correlated_from_gram(block)
-        k, n = self.settings.n_correlated, float(len(self.token_ids))
-        products = (self._valued[:, block.start:block.stop].T @ self._valued).tocsr()
-        alive = self._sum > 0
-        out = []
-        for j, feature in enumerate(block):
-            if not alive[feature]:
-                out.append(CorrelatedFeatures([], [], []))
-                continue
-            a, b = products.indptr[j], products.indptr[j + 1]
-            others, xy = products.indices[a:b], products.data[a:b]
-            keep = (others != feature) & alive[others]
-            others, xy = others[keep], xy[keep]
-            prefix = self._correlation_order[: k + len(others) + 1]
-            apart = prefix[(prefix != feature) & ~np.isin(prefix, others)][:k]
-            others, xy = np.concatenate([others, apart]), np.concatenate([xy, np.zeros(len(apart))])
-            sx, sx2 = self._sum[feature], self._sum_sq[feature]
-            sy, sy2 = self._sum[others], self._sum_sq[others]
-            pearson = (n * xy - sx * sy) / (np.sqrt(np.maximum((n * sx2 - sx * sx) * (n * sy2 - sy * sy), 0)) + 1e-6)
-            cosine = xy / (np.sqrt(sx2 * sy2) + 1e-6)
-            order = np.lexsort((others, -pearson))[:k]
-            out.append(CorrelatedFeatures(others[order].tolist(), pearson[order].tolist(), cosine[order].tolist()))
-        return out
+            row, other, xy = self._gram_candidates(features)
+        else:
+            # the block's columns, feature-major, are the rows of the block's transpose as they stand
+            columns = self._columns
+            lo, hi = columns.indptr[block.start], columns.indptr[block.stop]
+            transposed = sp.csr_matrix((columns.data[lo:hi].astype(np.float64), columns.indices[lo:hi],
+                                        columns.indptr[block.start:block.stop + 1] - lo),
+                                       shape=(len(block), columns.shape[0]))
+            products = transposed @ self._valued
+            row = np.repeat(np.arange(len(block)), np.diff(products.indptr))
+            other, xy = products.indices.astype(np.int64), products.data
+            fires = self._sum > 0
+            cofire = fires[features[row]] & fires[other] & (other != features[row])
+            row, other, xy = row[cofire], other[cofire], xy[cofire]
+            spread = np.sqrt(np.maximum(n * self._sum_sq[features] - self._sum[features] ** 2, 0))
+            apart_row, apart = self._apart.candidates(features, spread, row, other, k)
+            row, other = np.concatenate([row, apart_row]), np.concatenate([other, apart])
+            xy = np.concatenate([xy, np.zeros(len(apart))])
+        return most_correlated(features, row, other, xy, self._sum, self._sum_sq, n, k)
 
-    def _correlated_from_gram(self, block: range) -> list[CorrelatedFeatures]:
-        """``_correlated`` for a block, from the Gram matrix's rows: Pearson's r of each block feature
-        with every feature at once (the same operations as one pair at a time), then each row's
-        ``n_correlated`` highest among the features that fire, ties by lower feature."""
+    def _gram_candidates(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """From the Gram matrix's rows: Pearson's r of each block feature with every feature at
+        once, and the (row, feature, sum of products) of those at or above each row's
+        ``n_correlated``-th highest among the features that fire."""
         k, n = self.settings.n_correlated, float(len(self.token_ids))
-        alive = self._sum > 0
-        rows = np.arange(block.start, block.stop)
-        xy = self._gram[block.start:block.stop]
-        sx, sx2 = self._sum[rows, None], self._sum_sq[rows, None]
-        sy, sy2 = self._sum[None, :], self._sum_sq[None, :]
-        pearson = (n * xy - sx * sy) / (np.sqrt(np.maximum((n * sx2 - sx * sx) * (n * sy2 - sy * sy), 0)) + 1e-6)
-        candidate = alive[rows, None] & alive[None, :] & (rows[:, None] != np.arange(self.d_sae)[None, :])
+        fires = self._sum > 0
+        xy = self._gram[features[0]:features[-1] + 1]
+        pearson = pearsons_r(n, xy, self._sum[features, None], self._sum_sq[features, None],
+                             self._sum[None, :], self._sum_sq[None, :])
+        candidate = fires[features, None] & fires[None, :] & (features[:, None] != np.arange(self.d_sae)[None, :])
         scored = np.where(candidate, pearson, -np.inf)
-        # the k-th highest r of each row; those at or above it, then ranked exactly
         top = min(k, self.d_sae)
         kth = -np.partition(-scored, top - 1, axis=1)[:, top - 1:top]
         row, other = np.nonzero(candidate & (scored >= kth))
-        order = np.lexsort((other, -pearson[row, other], row))
-        row, other = row[order], other[order]
-        firsts = np.searchsorted(row, np.arange(len(rows) + 1))
-        keep = np.arange(len(row)) - firsts[row] < k
-        row, other = row[keep], other[keep]
-        r, products = pearson[row, other], xy[row, other]
-        cosine = products / (np.sqrt(self._sum_sq[rows[row]] * self._sum_sq[other]) + 1e-6)
-        bounds = np.searchsorted(row, np.arange(len(rows) + 1))
-        other, r, cosine = other.tolist(), r.tolist(), cosine.tolist()
-        return [CorrelatedFeatures(other[a:b], r[a:b], cosine[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        return row, other, xy[row, other]
 
     def _example_arrays(self, block_column: np.ndarray, tokens: np.ndarray, columns: sp.csc_matrix,
                         owner: np.ndarray) -> dict[str, np.ndarray]:

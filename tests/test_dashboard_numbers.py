@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.dashboard_data import histogram_counts, histogram_edges, ranked
+from pipeline.dashboard_data import (ApartOrder, histogram_counts, histogram_edges, most_correlated, pearsons_r,
+                                     ranked)
 
 
 def features(rng: np.random.Generator, n_features: int, bfloat16: bool) -> tuple[np.ndarray, ...]:
@@ -47,3 +48,60 @@ def test_histograms_equal_numpys_for_every_feature():
         assert edges[f].tolist() == numpy_edges.tolist()
         assert counts[f].tolist() == heights.tolist()
     assert not counts[n == 0].any()
+
+
+def sparse_activations(rng: np.random.Generator, n_tokens: int, d: int) -> np.ndarray:
+    """Dense [tokens, features] activations where most pairs of features never fire together: a
+    few features per token, drawn with skewed odds, values in eighths (sums of products are exact),
+    and some features that never fire."""
+    dense = np.zeros((n_tokens, d))
+    odds = rng.pareto(1.0, d) + 1e-3
+    odds[::11] = 0
+    for t in range(n_tokens):
+        fired = rng.choice(d, rng.integers(0, 4), replace=False, p=odds / odds.sum())
+        dense[t, fired] = rng.integers(1, 32, len(fired)) / 8
+    return dense
+
+
+@pytest.mark.parametrize("k", [3, 40, 400])
+def test_apart_candidates_are_the_first_of_the_order_the_feature_does_not_cofire_with(k):
+    dense = sparse_activations(np.random.default_rng(2), 2000, 120)
+    n = len(dense)
+    sums, sums_sq = dense.sum(0), (dense ** 2).sum(0)
+    apart, fires = ApartOrder.of(sums, sums_sq, n), sums > 0
+    assert sorted(apart.order.tolist()) == np.flatnonzero(fires).tolist() and (np.diff(apart.keys) >= 0).all()
+    features = np.arange(20, 80)
+    cofire = (dense[:, features].T @ dense) > 0
+    row, other = np.nonzero(cofire & fires[None, :] & (features[:, None] != np.arange(120)[None, :]))
+    spread = np.sqrt(n * sums_sq[features] - sums[features] ** 2)
+    got_row, got = apart.candidates(features, spread, row, other, k)
+    for i, f in enumerate(features):
+        free = [g for g in apart.order if g != f and not cofire[i, g]] if fires[f] else []
+        mine = got[got_row == i].tolist()
+        assert mine == free[:len(mine)]  # in the order, none skipped
+        assert len(mine) >= min(k, len(free))
+    assert any(len(got[got_row == i]) < k for i in range(len(features)))  # the order ran out (k=400) or f is dead
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_most_correlated_from_cofiring_and_apart_candidates_is_pearsons_ranking_over_all(seed):
+    dense = sparse_activations(np.random.default_rng(seed), 3000, 150)
+    n, k = float(len(dense)), 3
+    sums, sums_sq, gram = dense.sum(0), (dense ** 2).sum(0), dense.T @ dense
+    fires, features = sums > 0, np.arange(150)
+    row, other = np.nonzero((gram > 0) & fires[features, None] & fires[None, :] & ~np.eye(150, dtype=bool))
+    spread = np.sqrt(n * sums_sq - sums ** 2)
+    apart_row, apart = ApartOrder.of(sums, sums_sq, len(dense)).candidates(features, spread, row, other, k)
+    assert len(apart) > 0
+    got = most_correlated(features, np.concatenate([row, apart_row]), np.concatenate([other, apart]),
+                          np.concatenate([gram[row, other], np.zeros(len(apart))]), sums, sums_sq, n, k)
+    for x in features:
+        if not fires[x]:
+            assert got[x].indices == got[x].pearson == []
+            continue
+        pearson = pearsons_r(n, gram[x], sums[x], sums_sq[x], sums, sums_sq)
+        candidates = np.flatnonzero(fires & (features != x))
+        best = candidates[np.lexsort((candidates, -pearson[candidates]))][:k]
+        assert got[x].indices == best.tolist()
+        assert got[x].pearson == pearson[best].tolist()
+        assert got[x].cosine == (gram[x, best] / (np.sqrt(sums_sq[x] * sums_sq[best]) + 1e-6)).tolist()
