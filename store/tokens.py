@@ -108,8 +108,12 @@ class TokenDisplay:
     def text(self, ids: Iterable[int] | np.ndarray) -> list[str]:
         """The shown text of each id (``<|outofrange|>`` past the vocabulary)."""
         ids = np.asarray(ids, dtype=np.int64)
-        if self.kind == "ids":
-            return [str(i) for i in ids.tolist()]
+        if self.kind == "ids":  # numbers, from a table of them grown to the largest id asked for
+            if len(ids) and ids.min() < 0:
+                return [str(i) for i in ids.tolist()]
+            if len(ids) and ids.max() >= len(self._lookup):
+                object.__setattr__(self, "_lookup", np.array([str(i) for i in range(2 * int(ids.max()) + 1)], object))
+            return self._lookup[ids].tolist()
         n = len(self.strings)
         return self._lookup[np.where((ids >= 0) & (ids < n), ids, n)].tolist()
 
