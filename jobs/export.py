@@ -174,7 +174,7 @@ def export_neuronpedia(fs: FeatureStore, sae: str, out: str | Path, features: ra
     written: list[Path] = []
     batch: list[dict[str, Any]] = []
     tables: dict[int, dict[str, Any]] = {}
-    texts: dict[tuple[int, int], list[str]] = {}  # the text of each window shown in the batch, looked up once
+    texts: dict[tuple[int, int], orjson.Fragment] = {}  # each window's tokens shown in the batch, as JSON once
     # a batch's bytes are written on another thread (writing lets go of the GIL) while the next is built
     with ThreadPoolExecutor(1, thread_name_prefix="neuronpedia-write") as writer, collector_paused():
         writing = None  # (the collector is paused: a batch is tens of thousands of small objects, none in a cycle)
@@ -257,7 +257,7 @@ def decoder_tables(W_dec: np.ndarray | None, features: range, heads: int | None)
 
 
 def neuronpedia_feature(d: FeatureDashboard, display: TokenDisplay, n_tokens: int, decoder: dict[str, Any],
-                        common: dict[str, Any], texts: dict[tuple[int, int], list[str]] | None = None) -> dict[str, Any]:
+                        common: dict[str, Any], texts: dict[tuple[int, int], orjson.Fragment] | None = None) -> dict[str, Any]:
     """One feature in SAEDashboard's fields and order (``NeuronpediaDashboardFeature.to_dict``).
 
     Activation groups as SAEDashboard's Neuronpedia runner makes them: the top group has
@@ -300,11 +300,11 @@ def neuronpedia_feature(d: FeatureDashboard, display: TokenDisplay, n_tokens: in
 
 
 def window_texts(d: FeatureDashboard, display: TokenDisplay,
-                 texts: dict[tuple[int, int], list[str]] | None = None) -> list[list[str]]:
-    """The shown text of each of the feature's examples, group after group. ``texts`` keeps the text
-    of each span of the store's tokens already shown (its first and past token): features show the
-    same windows again and again, and each span is looked up once. The spans not in it yet are
-    looked up together."""
+                 texts: dict[tuple[int, int], orjson.Fragment] | None = None) -> list[orjson.Fragment]:
+    """The shown tokens of each of the feature's examples, group after group, as JSON text that
+    orjson writes as it stands. ``texts`` keeps that of each span of the store's tokens already
+    shown (its first and past token): features show the same windows again and again, and each
+    span is looked up and made JSON once. The spans not in it yet are looked up together."""
     texts = {} if texts is None else texts
     examples = [e for group in d.groups for e in group.examples]
     spans = [(e.token_index - e.active, e.token_index - e.active + len(e.token_ids)) for e in examples]
@@ -312,13 +312,13 @@ def window_texts(d: FeatureDashboard, display: TokenDisplay,
     if new:
         looked_up, at = display.text(np.concatenate(list(new.values()))), 0
         for first, past in new:
-            texts[first, past], at = looked_up[at:at + past - first], at + past - first
+            texts[first, past], at = orjson.Fragment(orjson.dumps(looked_up[at:at + past - first])), at + past - first
     return [texts[span] for span in spans]
 
 
-def activations_json(d: FeatureDashboard, texts: list[list[str]], n_tokens: int) -> list[dict[str, Any]]:
+def activations_json(d: FeatureDashboard, texts: list[orjson.Fragment], n_tokens: int) -> list[dict[str, Any]]:
     """The feature's examples, group after group, each with its group's ``bin_min``, ``bin_max`` and
-    ``bin_contains`` and its text from ``texts`` (one list of strings per example)."""
+    ``bin_contains`` and its tokens from ``texts`` (``window_texts``: one per example)."""
     out, shown = [], iter(texts)
     for group in d.groups:
         if group.kind == "top":
