@@ -98,12 +98,12 @@ class TokenDisplay:
 
     strings: tuple[str, ...]
     kind: TokenizerKind | Literal["decoded", "ids"]  # "ids": no vocabulary at all, ids shown as numbers
-    _lookup: np.ndarray = field(init=False, repr=False, compare=False)  # the strings, then OUT_OF_RANGE
+    _lookup: np.ndarray = field(init=False, repr=False, compare=False)  # the strings, then OUT_OF_RANGE; ids: numbers
 
     def __post_init__(self) -> None:
         lookup = np.empty(len(self.strings) + 1, dtype=object)
         lookup[:-1], lookup[-1] = self.strings, OUT_OF_RANGE
-        object.__setattr__(self, "_lookup", lookup)
+        object.__setattr__(self, "_lookup", lookup[:0] if self.kind == "ids" else lookup)
 
     def text(self, ids: Iterable[int] | np.ndarray) -> list[str]:
         """The shown text of each id (``<|outofrange|>`` past the vocabulary)."""

@@ -74,7 +74,7 @@ def test_sentencepiece_and_special_tokens():
                                        special={0: "bos", 1: "[UNK]", 2: "<pad>"}, d_vocab=6)
     assert display.strings == ("<bos>", "[UNK]", "<pad>", " a", OUT_OF_RANGE, OUT_OF_RANGE)
     ids_only = TokenDisplay.from_decoded(None)  # no vocabulary: ids, from a table grown as larger ones come
-    assert ids_only.text([3, 1]) == ["3", "1"]
+    assert ids_only.text([0]) == ["0"] and ids_only.text([3, 1]) == ["3", "1"]
     assert ids_only.text([70_000, 2, 0]) == ["70000", "2", "0"] and ids_only.text([]) == []
     assert ids_only.text([-1, 5]) == ["-1", "5"]
 
