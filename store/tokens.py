@@ -109,7 +109,7 @@ class TokenDisplay:
         """The shown text of each id (``<|outofrange|>`` past the vocabulary)."""
         ids = np.asarray(ids, dtype=np.int64)
         if self.kind == "ids":  # numbers, from a table of them grown to the largest id asked for
-            if len(ids) and ids.min() < 0:
+            if len(ids) and (ids.min() < 0 or ids.max() >= 1 << 24):  # no vocabulary is that large
                 return [str(i) for i in ids.tolist()]
             if len(ids) and ids.max() >= len(self._lookup):
                 object.__setattr__(self, "_lookup", np.array([str(i) for i in range(2 * int(ids.max()) + 1)], object))

@@ -76,7 +76,8 @@ def test_sentencepiece_and_special_tokens():
     ids_only = TokenDisplay.from_decoded(None)  # no vocabulary: ids, from a table grown as larger ones come
     assert ids_only.text([0]) == ["0"] and ids_only.text([3, 1]) == ["3", "1"]
     assert ids_only.text([70_000, 2, 0]) == ["70000", "2", "0"] and ids_only.text([]) == []
-    assert ids_only.text([-1, 5]) == ["-1", "5"]
+    assert ids_only.text([-1, 5]) == ["-1", "5"] and ids_only.text([2**40]) == [str(2**40)]
+    assert len(ids_only._lookup) < 2**18  # the table never grew to the id past any vocabulary
 
 
 @pytest.mark.ray
