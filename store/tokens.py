@@ -111,9 +111,11 @@ class TokenDisplay:
         if self.kind == "ids":  # numbers, from a table of them grown to the largest id asked for
             if len(ids) and (ids.min() < 0 or ids.max() >= 1 << 24):  # no vocabulary is that large
                 return [str(i) for i in ids.tolist()]
-            if len(ids) and ids.max() >= len(self._lookup):
-                object.__setattr__(self, "_lookup", np.array([str(i) for i in range(2 * int(ids.max()) + 1)], object))
-            return self._lookup[ids].tolist()
+            table = self._lookup  # read once: another thread may replace it meanwhile
+            if len(ids) and ids.max() >= len(table):
+                table = np.array([str(i) for i in range(2 * int(ids.max()) + 1)], object)
+                object.__setattr__(self, "_lookup", table)
+            return table[ids].tolist()
         n = len(self.strings)
         return self._lookup[np.where((ids >= 0) & (ids < n), ids, n)].tolist()
 
