@@ -280,16 +280,15 @@ def most_correlated(features: np.ndarray, row: np.ndarray, other: np.ndarray, xy
                     sums_sq: np.ndarray, n: float, k: int) -> list[CorrelatedFeatures]:
     """The ``k`` highest Pearson's r of each of ``features`` (``features[row]``) among its candidates
     ``other`` with sums of products ``xy``, over ``n`` tokens with these sums and sums of squares by
-    feature; ties by lower feature. Those at or above each row's k-th highest r (one partition of
-    a table of the rows' r) are then ranked exactly."""
+    feature; ties by lower feature. Those at or above each row's k-th highest r (a partition of the
+    row's r, where it has more than k) are then ranked exactly."""
     pearson = pearsons_r(n, xy, sums[features[row]], sums_sq[features[row]], sums[other], sums_sq[other])
     counts = np.bincount(row, minlength=len(features))
-    by_row = np.argsort(row.astype(np.uint16), kind="stable")  # a radix sort: a block has under 2^16 rows
-    within = np.empty(len(row), np.int64)
-    within[by_row] = np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)
-    table = np.full((len(features), max(k, int(counts.max(initial=0)))), -np.inf)
-    table[row, within] = pearson
-    kth = -np.partition(-table, k - 1, axis=1)[:, k - 1]
+    ends = np.cumsum(counts)
+    by_row = pearson[np.argsort(row.astype(np.uint16), kind="stable")]  # a radix sort: a block has under 2^16 rows
+    kth = np.full(len(features), -np.inf)
+    for r in np.flatnonzero(counts > k):  # a few hundred rows at most; a row may hold every feature
+        kth[r] = -np.partition(-by_row[ends[r] - counts[r]:ends[r]], k - 1)[k - 1]
     top = np.flatnonzero(pearson >= kth[row])
     order = top[np.lexsort((other[top], -pearson[top], row[top]))]
     row, other, pearson, xy = row[order], other[order], pearson[order], xy[order]
@@ -347,7 +346,7 @@ class ApartOrder:
 
         n_free = n - (starts[rows + 1] - starts[rows])
         kth = free(rows, np.minimum(k, n_free) - 1)
-        with np.errstate(divide="ignore"):  # a spread of 0: every free feature is a candidate
+        with np.errstate(divide="ignore", invalid="ignore"):  # a spread of 0: every free feature is a candidate
             shift = 1e-6 / (spread[rows] * self.least_spread)
         bound = self.keys[np.clip(kth, 0, max(n - 1, 0))] * (1 + shift + 1e-12)  # 1e-12: the keys' rounding
         within = np.searchsorted(self.keys, bound, side="right")  # the order's places up to the bound

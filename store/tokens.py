@@ -109,11 +109,11 @@ class TokenDisplay:
         """The shown text of each id (``<|outofrange|>`` past the vocabulary)."""
         ids = np.asarray(ids, dtype=np.int64)
         if self.kind == "ids":  # numbers, from a table of them grown to the largest id asked for
-            if len(ids) and (ids.min() < 0 or ids.max() >= 1 << 24):  # no vocabulary is that large
+            if len(ids) and (ids.min() < 0 or ids.max() >= 1 << 20):  # past any vocabulary: not tabled
                 return [str(i) for i in ids.tolist()]
             table = self._lookup  # read once: another thread may replace it meanwhile
             if len(ids) and ids.max() >= len(table):
-                table = np.array([str(i) for i in range(2 * int(ids.max()) + 1)], object)
+                table = np.array([str(i) for i in range(1 << int(ids.max()).bit_length())], object)
                 object.__setattr__(self, "_lookup", table)
             return table[ids].tolist()
         n = len(self.strings)
