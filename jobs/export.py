@@ -165,7 +165,7 @@ def export_neuronpedia(fs: FeatureStore, sae: str, out: str | Path, features: ra
         except ConfigError as e:  # an SAE that does not write the residual stream (hook_z): no logit tables
             log.warning("%s The logit tables are left empty; the decoder's tables and vector are written.", e)
     settings = NEURONPEDIA_SETTINGS if correlated_features else replace(NEURONPEDIA_SETTINGS, n_correlated=0)
-    builder = DashboardBuilder(fs, sae, weights, settings)
+    builder = DashboardBuilder(fs, sae, weights, settings, progress=progress)
     header = batch_header(fs, sae, names)
     common = {"n_prompts_total": n_windows(builder), "n_tokens_in_prompt": int(fs.run["context_size"]),
               "dataset": names.dataset or fs.run["dataset"]["name"]}

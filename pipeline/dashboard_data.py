@@ -251,20 +251,25 @@ def ranked(column: np.ndarray, tokens: np.ndarray, values: np.ndarray) -> tuple[
     return tokens[order].astype(np.int64), values[order]
 
 
-def dense_gram(rows: sp.csr_matrix, chunk_entries: int = 1 << 24, block: int = BLOCK_FEATURES) -> np.ndarray:
+def dense_gram(rows: sp.csr_matrix, chunk_entries: int = 1 << 24, block: int = BLOCK_FEATURES,
+               progress: bool = False) -> np.ndarray:
     """``rows.T @ rows`` as a dense float64 ``[features, features]`` array: float32 BLAS products over
     chunks of tokens (``chunk_entries`` dense values each), summed in float64. The matrix is symmetric,
     so only the blocks of ``block`` features on and above the diagonal are multiplied (a little over
-    half the work) and the rest are copied from them."""
+    half the work) and the rest are copied from them. It grows with tokens times features squared (a
+    minute or more for millions of tokens), hence the progress bar."""
     import torch
 
     n, d = rows.shape
     gram = np.zeros((d, d))
     step = max(1, chunk_entries // max(1, d))
+    bar = tqdm(total=n, desc="correlated features (Gram matrix)", unit="token", unit_scale=True, disable=not progress)
     for start in range(0, n, step):
         dense = torch.from_numpy(rows[start:start + step].toarray().astype(np.float32, copy=False))
         for a in range(0, d, block):
             gram[a:a + block, a:] += (dense[:, a:a + block].T @ dense[:, a:]).numpy()  # float32, added in float64
+        bar.update(len(dense))
+    bar.close()
     for a in range(0, d, block):
         gram[a + block:, a:a + block] = gram[a:a + block, a + block:].T
     return gram
@@ -417,10 +422,11 @@ class _BlockNumbers:
 
 
 class DashboardBuilder:
-    """Dashboard data for one SAE's features, from a store (and the weights for the logit tables)."""
+    """Dashboard data for one SAE's features, from a store (and the weights for the logit tables).
+    ``progress``: a bar for the set-up's one long step, the correlated features' Gram matrix."""
 
     def __init__(self, fs: FeatureStore, sae: str, weights: LogitWeights | None = None,
-                 settings: DashboardSettings = DashboardSettings()):
+                 settings: DashboardSettings = DashboardSettings(), progress: bool = False):
         self.fs, self.sae, self.weights, self.settings = fs, fs.resolve(sae), weights, settings
         self.d_sae = fs.d_sae(self.sae)
         if weights is not None and weights.W_dec.shape[0] != self.d_sae:
@@ -449,7 +455,7 @@ class DashboardBuilder:
             per_token = np.diff(counted_rows.indptr).astype(np.float64)
             if (self.d_sae <= DENSE_GRAM_MAX_FEATURES
                     and len(per_token) * float(self.d_sae) ** 2 < DENSE_GRAM_SPEEDUP * float((per_token ** 2).sum())):
-                self._gram = dense_gram(counted_rows)
+                self._gram = dense_gram(counted_rows, progress=progress)
             else:  # the sparse products, one block of features at a time
                 self._valued = sp.csr_matrix((values, counted_rows.indices, counted_rows.indptr), counted_rows.shape)
         self._fired = None

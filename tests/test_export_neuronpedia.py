@@ -18,6 +18,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tqdm import tqdm
 
 from jobs.cli import main
 from jobs.export import export_neuronpedia
@@ -464,3 +465,12 @@ def test_without_sae_the_stores_only_sae_is_taken_and_several_are_refused(store,
         assert f"holds {len(store.saes)} SAEs" in err and all(name in err for name in store.saes)
         assert "--sae NAME" in err
         assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def test_the_correlated_features_gram_matrix_shows_a_progress_bar(store, tmp_path, capsys):
+    export_neuronpedia(store, HOOK, tmp_path / "quiet", range(0, 4), logits=False)
+    assert "Gram matrix" not in capsys.readouterr().err
+    export_neuronpedia(store, HOOK, tmp_path / "shown", range(0, 4), logits=False, progress=True)
+    err = capsys.readouterr().err
+    every_token = tqdm.format_sizeof(store.n_tokens)
+    assert "correlated features (Gram matrix)" in err and f"{every_token}/{every_token}" in err
