@@ -62,6 +62,12 @@ switch interval (0.743, one run). The fast-device proxy, one run of this code (-
 --tokens 300000): bare 29,325 tok/s, latentstore 24,759 tok/s, **0.844** (goal 0.6); 2.362 bytes per
 nonzero; host path 13.4 M/s on one thread, 13.7 M/s on two; index build 1.45 s, 0.12 of the extraction.
 
+Found later the same day: `latentstore extract` gave its one CPU worker the machine's cores less one
+as torch threads (one, here), while this benchmark runs the worker on all of them (two). So at the
+command line the quick start's extraction ran at 10.7k tokens/s (18.8 s), not the 16.4k measured
+here: about 0.47 of the bare limit, not 0.72. Workers now run torch on their whole share of the
+cores (Ray still keeps one logical CPU for itself): 16.3k tokens/s, 12.6 s at the command line.
+
 The index build runs as `latentstore index` plans it (``store.index.plan_layout``: parts that share
 the entries evenly over the CPUs, the longest first), on one thread per CPU for Ray's tasks.
 
@@ -175,6 +181,7 @@ def run(args, work: Path, model_dir: str, sae_dirs: list[str], spec: DatasetSpec
     store = work / "bench.zarr"
     config = ExtractConfig.build(model=model_dir, saes=tuple(sae_dirs), dataset=spec, store=str(store),
                                  context_size=args.context_size, batch_size=args.batch_size, value_dtype="bfloat16")
+    # one worker on this machine, with the torch threads `latentstore extract` gives it (ray_session.worker_resources)
     job = ExtractJob(config, prepend_bos=spec.tokens_column is None, device=args.device, n_threads=os.cpu_count())
     worker = ExtractWorker(job)
     device = worker.device

@@ -21,9 +21,13 @@ def test_one_gpu_per_worker_when_the_cluster_has_gpus():
     assert (r.n_workers, r.use_gpu, r.options, r.n_threads) == (4, True, {"num_gpus": 1, "num_cpus": 1}, None)
 
 
-def test_cpu_workers_share_the_cores_less_one():
+def test_cpu_workers_reserve_the_cores_less_one_and_run_torch_on_all_of_them():
     r = worker_resources(Cluster(CPU=9), 2, None)
     assert (r.n_workers, r.use_gpu, r.options, r.n_threads) == (2, False, {"num_cpus": 4.0}, 4)
+    r = worker_resources(Cluster(CPU=2), None, None)  # the quick start on a 2-core machine
+    assert (r.n_workers, r.options, r.n_threads) == (1, {"num_cpus": 1.0}, 2)
+    assert worker_resources(Cluster(CPU=16), 3, None).n_threads == 5
+    assert worker_resources(Cluster(CPU=16), 2, 3.5).n_threads == 3  # --cpus-per-worker: as asked
 
 
 def test_gpu_on_a_cluster_scaling_from_zero_needs_a_worker_count():
