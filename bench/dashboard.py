@@ -54,7 +54,10 @@ latent's entries by token with two counting sorts: extraction 15.3 s, neuronpedi
 chunked in 2^18 entries): extraction 15.3 s, neuronpedia 3.9 s (25.5%: **missed**), without correlated features
 1.4 s (9.1%), delphi 0.3 s (2.1%). Again, after each window's tokens were made JSON once per batch
 (2026-11-30, later): extraction 17.0 s, neuronpedia 3.2 s (18.7%: **missed**), without correlated features 1.3 s
-(7.5%), delphi 0.5 s (3.1%). What is left of the Neuronpedia export's
+(7.5%), delphi 0.5 s (3.1%). Again, once extraction workers ran torch on all of the cores (it was
+one fewer, here one thread instead of two), so that the extraction the exports are held to is faster:
+extraction 14.6 s, neuronpedia 3.3 s (22.3%: **missed**), without correlated features 1.0 s (6.7%),
+delphi 0.4 s (2.9%). What is left of the Neuronpedia export's
 time is the correlated features' Gram matrix (1.2e11 multiply-adds for this SAE, 3.3
 CPU-seconds); ``docs/DASHBOARDS.md`` has the details.
 
@@ -62,7 +65,9 @@ A wide SAE, as people export them (``--synthetic tiny --tokens 200000``: a rando
 of 16,384 features, k 50, 200,000 pre-tokenized tokens; exports only), quiet: extraction 88.3 s,
 neuronpedia 13.8 s (15.7%: **missed**; 1.8 GiB in 128 files), without correlated features 7.7 s (8.7%),
 delphi 0.5 s (0.6%); again after each window's tokens were made JSON once per batch: extraction 87.1 s,
-neuronpedia 10.6 s (**12.2%**: missed), without correlated features 5.5 s (6.3%), delphi 0.8 s (1.0%).
+neuronpedia 10.6 s (12.2%: missed), without correlated features 5.5 s (6.3%), delphi 0.8 s (1.0%); again
+once extraction workers ran torch on all of the cores: extraction 58.3 s, neuronpedia 10.3 s (**17.6%**:
+missed), without correlated features 6.0 s (10.2%), delphi 0.5 s (0.9%).
 
     python -m bench.dashboard --synthetic tiny --tokens 200000
 """
