@@ -67,6 +67,9 @@ as torch threads (one, here), while this benchmark runs the worker on all of the
 command line the quick start's extraction ran at 10.7k tokens/s (18.8 s), not the 16.4k measured
 here: about 0.47 of the bare limit, not 0.72. Workers now run torch on their whole share of the
 cores (Ray still keeps one logical CPU for itself): 16.3k tokens/s, 12.6 s at the command line.
+There the index step after it took 4.5 s, 0.36 of it (goal 0.30: missed at the command line): its
+Ray tasks start fresh worker processes (about 1 s), where this benchmark builds the parts on threads
+of this warm process.
 
 The index build runs as `latentstore index` plans it (``store.index.plan_layout``: parts that share
 the entries evenly over the CPUs, the longest first), on one thread per CPU for Ray's tasks.
