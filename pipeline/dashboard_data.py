@@ -318,6 +318,7 @@ class ApartOrder:
     order: np.ndarray  # the features that fire, by key ascending (then variance, then feature)
     keys: np.ndarray  # their keys, ascending
     place: np.ndarray  # by feature: its place in ``order``; ``len(order)`` for one that never fires
+    spread: np.ndarray  # by feature: sqrt(v), 0 for one that never fires
     least_spread: float  # the smallest sqrt(v) > 0 of a feature that fires
 
     @classmethod
@@ -328,15 +329,16 @@ class ApartOrder:
         by_key = np.lexsort((fires, variance, key))
         place = np.full(len(sums), len(fires))
         place[fires[by_key]] = np.arange(len(fires))
-        spread = np.sqrt(variance[variance > 0])
-        return cls(fires[by_key], key[by_key], place, float(spread.min()) if len(spread) else np.inf)
+        spread = np.zeros(len(sums))
+        spread[fires] = np.sqrt(np.maximum(variance, 0))
+        least = spread[spread > 0]
+        return cls(fires[by_key], key[by_key], place, spread, float(least.min()) if len(least) else np.inf)
 
-    def candidates(self, features: np.ndarray, spread: np.ndarray, row: np.ndarray, other: np.ndarray,
+    def candidates(self, features: np.ndarray, row: np.ndarray, other: np.ndarray,
                    k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(row, feature) pairs: for each of ``features`` that fires (its sqrt(v) ``spread``, by
-        row), the first ``k`` features of the order that are neither it nor one it co-fires with
-        (``other[i]`` co-fires with ``features[row[i]]``), then the others up to its key bound;
-        fewer where the order runs out. A row's i-th free place in the order is i plus the number
+        """(row, feature) pairs: for each of ``features`` that fires, the first ``k`` features of the
+        order that are neither it nor one it co-fires with (``other[i]`` co-fires with
+        ``features[row[i]]``), then the others up to its key bound; fewer where the order runs out. A row's i-th free place in the order is i plus the number
         of its taken places p_m (ascending, m from 0) with p_m - m <= i: one search for all rows."""
         n = len(self.order)
         rows = np.flatnonzero(self.place[features] < n)
@@ -352,7 +354,7 @@ class ApartOrder:
         n_free = n - (starts[rows + 1] - starts[rows])
         kth = free(rows, np.minimum(k, n_free) - 1)
         with np.errstate(divide="ignore", invalid="ignore"):  # a spread of 0: every free feature is a candidate
-            shift = 1e-6 / (spread[rows] * self.least_spread)
+            shift = 1e-6 / (self.spread[features[rows]] * self.least_spread)
         bound = self.keys[np.clip(kth, 0, max(n - 1, 0))] * (1 + shift + 1e-12)  # 1e-12: the keys' rounding
         within = np.searchsorted(self.keys, bound, side="right")  # the order's places up to the bound
         count = within - (np.searchsorted(taken, rows * span + within) - starts[rows])
@@ -574,8 +576,7 @@ class DashboardBuilder:
             fires = self._sum > 0
             cofire = fires[features[row]] & fires[other] & (other != features[row])
             row, other, xy = row[cofire], other[cofire], xy[cofire]
-            spread = np.sqrt(np.maximum(n * self._sum_sq[features] - self._sum[features] ** 2, 0))
-            apart_row, apart = self._apart.candidates(features, spread, row, other, k)
+            apart_row, apart = self._apart.candidates(features, row, other, k)
             row, other = np.concatenate([row, apart_row]), np.concatenate([other, apart])
             xy = np.concatenate([xy, np.zeros(len(apart))])
         return most_correlated(features, row, other, xy, self._sum, self._sum_sq, n, k)

@@ -73,8 +73,7 @@ def test_apart_candidates_are_the_first_of_the_order_the_feature_does_not_cofire
     features = np.arange(20, 80)
     cofire = (dense[:, features].T @ dense) > 0
     row, other = np.nonzero(cofire & fires[None, :] & (features[:, None] != np.arange(120)[None, :]))
-    spread = np.sqrt(n * sums_sq[features] - sums[features] ** 2)
-    got_row, got = apart.candidates(features, spread, row, other, k)
+    got_row, got = apart.candidates(features, row, other, k)
     for i, f in enumerate(features):
         free = [g for g in apart.order if g != f and not cofire[i, g]] if fires[f] else []
         mine = got[got_row == i].tolist()
@@ -90,8 +89,7 @@ def test_most_correlated_from_cofiring_and_apart_candidates_is_pearsons_ranking_
     sums, sums_sq, gram = dense.sum(0), (dense ** 2).sum(0), dense.T @ dense
     fires, features = sums > 0, np.arange(150)
     row, other = np.nonzero((gram > 0) & fires[features, None] & fires[None, :] & ~np.eye(150, dtype=bool))
-    spread = np.sqrt(n * sums_sq - sums ** 2)
-    apart_row, apart = ApartOrder.of(sums, sums_sq, len(dense)).candidates(features, spread, row, other, k)
+    apart_row, apart = ApartOrder.of(sums, sums_sq, len(dense)).candidates(features, row, other, k)
     assert len(apart) > 0
     got = most_correlated(features, np.concatenate([row, apart_row]), np.concatenate([other, apart]),
                           np.concatenate([gram[row, other], np.zeros(len(apart))]), sums, sums_sq, n, k)
