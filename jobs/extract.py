@@ -10,6 +10,7 @@ interruptions: a rerun skips complete shards and does the rest.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field, replace
 
@@ -236,8 +237,11 @@ def _check_token_sample(ds, column: str, d_vocab: int, n: int = 100) -> list[str
 # -- running ---------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
 def start_workers(ray, plan: Plan, policy: pool.Policy):
-    """The extraction's actors on this cluster (a context that kills them on the way out)."""
+    """The extraction's actors on this cluster (a context that kills them on the way out), and the
+    number of index parts each builds at once when, together, they hold every CPU of the cluster (0
+    where they do not: the index's own tasks then take the CPUs, once the actors are gone)."""
     cfg, res = plan.config, plan.config.resources
     try:
         resources = worker_resources(ray, res.workers, res.cpus_per_worker, res.use_gpu)
@@ -246,7 +250,11 @@ def start_workers(ray, plan: Plan, policy: pool.Policy):
     config = replace(cfg, store=replace(cfg.store, path=normalize(cfg.store.path)))
     job = ExtractJob(config, prepend_bos=plan.prepend_bos, device=None if resources.use_gpu else "cpu",
                      n_threads=resources.n_threads)
-    return pool.actors(ray, ExtractWorker, job, resources, policy)
+    holds_all = resources.n_workers * resources.cores >= ray.cluster_resources().get("CPU", 1)
+    index_calls = resources.cores if holds_all else 0
+    with pool.actors(ray, ExtractWorker, job, resources, policy,
+                     max_calls=max(policy.calls_per_worker, index_calls)) as actors:
+        yield actors, index_calls
 
 
 def shard_policy(plan: Plan) -> pool.Policy:
@@ -266,7 +274,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
         plan = validate(cfg)
         ray = connect(cfg.resources.address, cfg.resources.cpus_wanted)
         policy = shard_policy(plan)
-        with start_workers(ray, plan, policy) as actors:
+        with start_workers(ray, plan, policy) as (actors, index_calls):
             described = call(ray, actors[0].describe.remote(), "loading the model and SAEs")
             writer = StoreWriter(cfg.store.path)
             plan_meta = {"n_shards": len(plan.shards), "n_rows": plan.dataset["n_rows"]}
@@ -277,13 +285,20 @@ def run_extract(cfg: ExtractConfig) -> dict:
             if vocab is not None:
                 writer.write_vocab(vocab)
             done = _schedule(ray, actors, plan, policy, done)
-        lease.check()
-        counts = writer.complete(done, {sae.name: sae.d_sae for sae in plan.saes}, cfg.store.value_dtype)
-        if cfg.store.index:
-            from jobs.index import run_index
-
-            run_index(writer.location, progress=cfg.resources.progress)  # one task per CPU, under this lease
+            lease.check()
+            counts = writer.complete(done, {sae.name: sae.d_sae for sae in plan.saes}, cfg.store.value_dtype)
+            # the warm actors build the index (fresh tasks would first start and import: 0.8 s of 4.4 s here)
+            if cfg.store.index and index_calls:
+                _index(writer.location, cfg, builders=([a.build_index_part for a in actors], index_calls))
+        if cfg.store.index and not index_calls:
+            _index(writer.location, cfg)  # one task per CPU of the cluster
         return counts
+
+
+def _index(location: str, cfg: ExtractConfig, builders: tuple[list, int] | None = None) -> None:
+    from jobs.index import run_index
+
+    run_index(location, progress=cfg.resources.progress, builders=builders)  # under this run's lease
 
 
 def _plan_shards(cfg: ExtractConfig, ds, bos: bool, d_vocab: int) -> list[Shard]:

@@ -23,10 +23,12 @@ MIN_SPLIT_NNZ = 1 << 20  # entries below which an index part is not split off to
 
 def run_index(location: str, workers: int | None = None, address: str | None = None,
               part_nnz: int = index_mod.DEFAULT_PART_NNZ, progress: bool = True,
-              min_parts: int | None = None) -> dict[str, int]:
+              min_parts: int | None = None, builders: tuple[list, int] | None = None) -> dict[str, int]:
     """Build (or finish) every SAE's index, holding the store's writer lease, in ``workers`` tasks at
     once (default: one per CPU). Returns the number of parts per SAE (by name). ``min_parts`` splits
-    every SAE into that many parts at least, however few its entries (for tests of several parts)."""
+    every SAE into that many parts at least, however few its entries (for tests of several parts).
+    ``builders``: remote callables with ``build_part``'s arguments and the parts each builds at once,
+    in place of the tasks (the extraction's warm actors' ``build_index_part``, at its end)."""
     from jobs import pool
     from jobs.ray_session import connect
 
@@ -39,19 +41,21 @@ def run_index(location: str, workers: int | None = None, address: str | None = N
                 "finish it by rerunning the same `latentstore extract` command, then index it."
             )
         ray = connect(address, workers or 1)
-        # every CPU: the driver only waits on the tasks
-        n_workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         shards = fs.attrs["shards"]
         token_dtype = "<u4" if fs.n_tokens < 2**32 else "<u8"
+        if builders is None:
+            # Tasks: each part is one call of build_part, one per CPU at once (the driver only waits),
+            # retried where a worker died.
+            n_workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+            builders = ([ray.remote(num_cpus=1, max_retries=3)(index_mod.build_part)] * n_workers, 1)
+        callables, calls = builders
         todo, n_parts = plan(fs.location, {name: fs.stats(name).count for name in fs.saes}, shards,
-                             fs.value_dtype, n_workers, min_parts, part_nnz)
-        # Tasks, not actors: each part is one call of build_part, n_workers at once, retried where a worker died.
-        build = ray.remote(num_cpus=1, max_retries=3)(index_mod.build_part)
+                             fs.value_dtype, len(callables) * calls, min_parts, part_nnz)
         policy = pool.Policy(
-            label="index", location=fs.location,
-            submit=lambda task, item: task.remote(fs.location, item[0], item[1], shards, token_dtype),
+            label="index", location=fs.location, calls_per_worker=calls,
+            submit=lambda build, item: build.remote(fs.location, item[0], item[1], shards, token_dtype),
             describe=lambda item: f"building index part {item[1].part_id} of {item[0]}")
-        for _ in pool.run(ray, [build] * n_workers, todo, policy, progress=progress):
+        for _ in pool.run(ray, callables, todo, policy, progress=progress):
             pass
         lease.check()
         for name in fs.saes:

@@ -37,12 +37,14 @@ class Policy:
 
 
 @contextlib.contextmanager
-def actors(ray, worker_class: type, job: Any, resources: WorkerResources, policy: Policy):
+def actors(ray, worker_class: type, job: Any, resources: WorkerResources, policy: Policy,
+           max_calls: int | None = None):
     """``resources.n_workers`` actors of ``worker_class``, each made from ``job``; killed on the way out.
 
     A killed worker comes back and its call is retried, so every item's write must be idempotent
-    (stack.md). Each takes ``policy.calls_per_worker`` calls at once."""
-    actor = ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=policy.calls_per_worker,
+    (stack.md). Each runs up to ``max_calls`` calls at once (default ``policy.calls_per_worker``;
+    more where a later step hands the warm actors other work)."""
+    actor = ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=max_calls or policy.calls_per_worker,
                        **resources.options)(init_errors_on_call(worker_class))
     started = [actor.remote(job) for _ in range(resources.n_workers)]
     try:

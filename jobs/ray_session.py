@@ -65,6 +65,11 @@ class WorkerResources:
     options: dict  # for ray.remote: num_gpus / num_cpus
     n_threads: int | None  # torch threads for a CPU worker
 
+    @property
+    def cores(self) -> int:
+        """The cores one worker holds: its torch threads on a CPU, else its whole CPUs."""
+        return self.n_threads or max(1, int(self.options.get("num_cpus", 1)))
+
 
 def worker_resources(ray, workers: int | None, cpus_per_worker: float | None,
                      use_gpu: bool | None = None) -> WorkerResources:

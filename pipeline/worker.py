@@ -28,6 +28,7 @@ from pipeline.shard_builder import ShardBuilder, pool_size
 from pipeline.models import hook_point, load_model, loader_name, weights_hash
 from pipeline.saes import SAESource, input_hook, is_transcoder, load_sae, model_hook_problems, output_hook
 from pipeline.specs import ExtractConfig
+from store import index as index_mod
 from store.errors import ConfigError, DataError
 from store.writer import ShardData, StoreWriter
 
@@ -202,6 +203,12 @@ class ExtractWorker:
         marker = self.writer.write_shard(data, self.job.value_dtype, d_sae, self.job.top_k, pool=self.host)
         log.info("shard %d: %d tokens in %.1fs", shard.shard_id, data.n_tokens, time.perf_counter() - started)
         return marker
+
+    def build_index_part(self, location: str, name: str, part: index_mod.Part, shards: list[dict],
+                         token_dtype: str) -> dict:
+        """One part of the feature-major index, built in this warm process once the shards are written
+        (``store.index.build_part``: safe to call again); a call per core the actor holds runs at once."""
+        return index_mod.build_part(location, name, part, shards, token_dtype)
 
     def windows(self, shard: Shard):
         return self._windows(self.dataset[shard.row_start : shard.row_stop][self.job.dataset.column], shard)

@@ -35,6 +35,36 @@ def test_more_workers_equal_one(assets, reference_store, tmp_path, workers):
     assert fs.attrs["shards"] == reference_store.attrs["shards"]
 
 
+def test_warm_actors_build_the_index_when_they_hold_every_cpu(assets, reference_store, tmp_path, monkeypatch):
+    """At its end, the extraction's actors build the index (no fresh Ray workers to start) when they
+    hold every CPU of the cluster (6 in the tests': 2 workers of 3 cores), a call per core each;
+    otherwise (2 workers of 1 core) tasks take the CPUs. Both index every entry as the store holds it."""
+    import jobs.index
+
+    run_index, given = jobs.index.run_index, []
+
+    def recording(location, **kwargs):
+        given.append(kwargs.get("builders"))
+        return run_index(location, **kwargs)
+
+    monkeypatch.setattr(jobs.index, "run_index", recording)
+    for path, cpus in (("warm.zarr", None), ("tasks.zarr", 1)):
+        run_extract(config(assets, tmp_path / path, workers=2, cpus_per_worker=cpus))
+    (callables, calls), tasks = given
+    assert (len(callables), calls, tasks) == (2, 3, None)
+    for path in ("warm.zarr", "tasks.zarr"):
+        fs = FeatureStore.open(str(tmp_path / path))
+        for name in fs.saes:
+            columns, index = reference_store.csr(name).tocsc(), fs.index(name)
+            assert index is not None
+            for feature in range(fs.d_sae(name)):
+                tokens, values = index.entries(feature)
+                column = columns[:, feature]
+                order = np.lexsort((column.indices, -column.data))  # highest first, earlier token on ties
+                np.testing.assert_array_equal(tokens, column.indices[order])
+                np.testing.assert_array_equal(values, column.data[order])
+
+
 def test_max_tokens_is_exact_and_a_prefix(assets, reference_store, tmp_path):
     cut = 1001  # inside a row, in the third shard
     row = reference_store.provenance(cut - 1, cut + 1)["row"].to_numpy()

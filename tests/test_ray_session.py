@@ -28,12 +28,14 @@ def test_cpu_workers_reserve_the_cores_less_one_and_run_torch_on_all_of_them():
     assert (r.n_workers, r.options, r.n_threads) == (1, {"num_cpus": 1.0}, 2)
     assert worker_resources(Cluster(CPU=16), 3, None).n_threads == 5
     assert worker_resources(Cluster(CPU=16), 2, 3.5).n_threads == 3  # --cpus-per-worker: as asked
+    assert worker_resources(Cluster(CPU=16), 2, 3.5).cores == 3  # a CPU worker's cores are its threads
 
 
 def test_gpu_on_a_cluster_scaling_from_zero_needs_a_worker_count():
     with pytest.raises(ConfigError, match=r"--gpu with no GPU in the cluster yet: pass --workers N"):
         worker_resources(Cluster(CPU=4), None, None, use_gpu=True)
     assert worker_resources(Cluster(CPU=4), 3, None, use_gpu=True).options == {"num_gpus": 1, "num_cpus": 1}
+    assert worker_resources(Cluster(CPU=32, GPU=2), None, 8).cores == 8  # a GPU worker's, the CPUs it asked for
 
 
 class Loader:
