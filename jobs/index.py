@@ -1,8 +1,9 @@
 """`latentstore index`: build the feature-major index of a complete store, as a Ray job.
 
-The work is one task per (SAE, feature range); each task scans every shard for
-its range and writes its own part. Parts with a completion marker are skipped,
-so a rerun after a crash does only what is missing.
+The work is one call per (SAE, feature range), which scans every shard for its
+range and writes its own part: Ray tasks, one per CPU at once, or at the end of
+`latentstore extract`, its warm actors. Parts with a completion marker are
+skipped, so a rerun after a crash does only what is missing.
 """
 
 from __future__ import annotations
