@@ -57,7 +57,9 @@ chunked in 2^18 entries): extraction 15.3 s, neuronpedia 3.9 s (25.5%: **missed*
 (7.5%), delphi 0.5 s (3.1%). Again, once extraction workers ran torch on all of the cores (it was
 one fewer, here one thread instead of two), so that the extraction the exports are held to is faster:
 extraction 14.6 s, neuronpedia 3.3 s (22.3%: **missed**), without correlated features 1.0 s (6.7%),
-delphi 0.4 s (2.9%). What is left of the Neuronpedia export's
+delphi 0.4 s (2.9%). Again (2026-12-01), once the extraction's warm actors built its index: extraction
+14.5 s, neuronpedia 3.4 s (23.4%: **missed**), without correlated features 1.1 s (7.6%), delphi 0.6 s
+(4.0%). What is left of the Neuronpedia export's
 time is the correlated features' Gram matrix (1.2e11 multiply-adds for this SAE, 3.3
 CPU-seconds); ``docs/DASHBOARDS.md`` has the details.
 
