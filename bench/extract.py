@@ -80,6 +80,16 @@ they hold every CPU, as by default): after the quick start's extraction (12.0, 1
 4.5 s, 0.36, on fresh tasks). This benchmark, which builds on threads of its own process, is
 unchanged by it.
 
+Found 2026-12-01, and not adopted: glibc's malloc maps every allocation above its threshold (at
+most 32 MiB) afresh and unmaps it on free, so each batch's [4,096 tokens, 2,048 features] float32
+latents (32 MiB) are faulted in page by page: the bare limit took 164k to 399k page faults a pass
+(8.3 to 8.7 s, five passes in one process), latentstore 0.6M to 0.9M. Told by ``mallopt`` to keep
+freed memory (thresholds of 1 GiB), the same process ran the bare limit in 7.5 to 7.8 s and
+latentstore in 10.8 s (a ratio of 0.70: the bare limit gains more), with a few thousand faults. It
+is process-wide and grew the heap of a loop of 64 MiB tensors to 750 MB where 290 MB sufficed
+without it, so it is left out. Encoding each batch in pieces of 8 MiB of latents (below the
+threshold) instead changed latentstore by 2 to 3%, within this machine's noise, so it is left out too.
+
 The index build runs as `latentstore index` plans it (``store.index.plan_layout``: parts that share
 the entries evenly over the CPUs, the longest first), on one thread per CPU for Ray's tasks.
 
