@@ -1,4 +1,5 @@
-"""Faults injected into index-build tasks and sweep workers, for tests/test_index_sweep_faults.py.
+"""Faults injected into index-build tasks and actors and into sweep workers, for
+tests/test_index_sweep_faults.py and tests/test_extract_job.py.
 
 Ray runs these in its worker processes, so they take their orders from files, in a fault
 directory beside the store (``fault_dir``). Its ``plan.json`` names targets (``"<hook>/<part_id>"``
@@ -20,6 +21,7 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -65,11 +67,18 @@ def calls(directory: Path) -> list[dict]:
 
 @contextlib.contextmanager
 def stalled_before_marking(fault: "Fault", target: str):
-    """Stall where a part is about to be marked complete: every array of it is written."""
+    """Stall where a part is about to be marked complete: every array of it is written. Only this
+    thread stalls: an actor builds other parts on its other threads meanwhile."""
     import store.elements as elements
 
-    original = elements.write_marker
-    elements.write_marker = lambda part, marker: fault.stall(target)
+    original, caller = elements.write_marker, threading.get_ident()
+
+    def write_marker(part, marker):
+        if threading.get_ident() == caller:
+            fault.stall(target)
+        return original(part, marker)
+
+    elements.write_marker = write_marker
     try:
         yield
     finally:
@@ -89,6 +98,18 @@ def build_part(location, hook, part, shards, token_dtype):
     if fault.stalls(target, "after"):
         fault.stall(target)
     return marker
+
+
+def extract_worker_class():
+    """``pipeline.worker.ExtractWorker``, whose index parts (built at the end of an extraction, when
+    its actors hold every CPU) take the planned faults."""
+    from pipeline.worker import ExtractWorker
+
+    class FaultyExtractWorker(ExtractWorker):
+        def build_index_part(self, location, name, part, shards, token_dtype):
+            return build_part(location, name, part, shards, token_dtype)
+
+    return FaultyExtractWorker
 
 
 def sweep_worker_class():

@@ -65,6 +65,27 @@ def test_warm_actors_build_the_index_when_they_hold_every_cpu(assets, reference_
                 np.testing.assert_array_equal(values, column.data[order])
 
 
+def test_warm_actor_killed_mid_index_part_then_the_index_is_whole(assets, reference_store, tmp_path, monkeypatch):
+    """The extraction's actor SIGKILLed while it builds an index part, its arrays written and no marker:
+    Ray starts the actor again, the part is built again in the new process, and the index equals the
+    reference store's (built by the same plan)."""
+    import jobs.extract
+    from tests import fault_injection
+    from tests.test_index_sweep_faults import Background, assert_same_index, index_contents, wait_for_stalls
+    from tests.test_index_sweep_faults import plan as plan_faults
+
+    path, target = tmp_path / "killed.zarr", f"{reference_store.saes[0]}/0"
+    faults = plan_faults(fault_injection.fault_dir(str(path), "index"), before=[target], after=[])
+    monkeypatch.setattr(jobs.extract, "ExtractWorker", fault_injection.extract_worker_class())
+    job = Background(run_extract, config(assets, path))
+    [pid] = wait_for_stalls(faults, [target], 120, running=job.running).values()
+    os.kill(pid, signal.SIGKILL)
+    job.join(180)
+    assert_same_index(index_contents(path), index_contents(Path(reference_store.location)))
+    attempts = [c["pid"] for c in fault_injection.calls(faults) if c["target"] == target]
+    assert len(attempts) == 2 and attempts[0] == pid != attempts[1]
+
+
 def test_max_tokens_is_exact_and_a_prefix(assets, reference_store, tmp_path):
     cut = 1001  # inside a row, in the third shard
     row = reference_store.provenance(cut - 1, cut + 1)["row"].to_numpy()
