@@ -78,7 +78,9 @@ Later the same day the command line's index step moved onto the extraction's war
 they hold every CPU, as by default): after the quick start's extraction (12.0, 12.3 and 12.7 s),
 `run_index` took 3.10, 3.62 and 3.22 s, **0.26, 0.29 and 0.25** (goal 0.30: met, narrowly; 4.4 to
 4.5 s, 0.36, on fresh tasks). This benchmark, which builds on threads of its own process, is
-unchanged by it.
+unchanged by it; one run of it on that code (2026-12-01): latentstore over bare **0.751** (bare 9.39
+s, latentstore 12.50 s; goal 0.85 missed), 2.104 bytes per nonzero, host path 21.6 M/s on one thread
+and 23.6 M/s on two, index build 3.48 s, 0.28 of the extraction, worker peak 1.52 GiB.
 
 Found 2026-12-01, and not adopted: glibc's malloc maps every allocation above its threshold (at
 most 32 MiB) afresh and unmaps it on free, so each batch's [4,096 tokens, 2,048 features] float32
