@@ -273,9 +273,13 @@ def main(argv: list[str] | None = None) -> int:
             e = disk_full(full, next(iter(_store_locations(args)), None))
         elif not isinstance(e, LatentStoreError):
             raise
-        print(f"latentstore {args.command}: error: {terminal_text(str(e), keep_newlines=True)}", file=sys.stderr)
+        from store.location import mask_urls
+
+        # masked: a message may quote a URL the user typed (a dataset's, a model's), credentials and all
+        print(f"latentstore {args.command}: error: {terminal_text(mask_urls(str(e)), keep_newlines=True)}",
+              file=sys.stderr)
         for note in getattr(e, "__notes__", []):
-            print(f"  {terminal_text(note, keep_newlines=True)}", file=sys.stderr)
+            print(f"  {terminal_text(mask_urls(note), keep_newlines=True)}", file=sys.stderr)
         return 2
     return 0
 

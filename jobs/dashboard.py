@@ -28,6 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jobs.export import ONLY_SAE, SAE_HELP, chosen_sae, feature_range
+from jobs.output import output_folder
 from pipeline.dashboard_data import DashboardBuilder, DashboardSettings, FeatureDashboard, checked_features, load_logit_weights
 from store import FeatureStore
 from store.errors import ConfigError
@@ -74,7 +75,7 @@ def add_commands(commands) -> None:
     serving.add_argument("--serve", action="store_true",
                          help="after writing the site, load the run's model and SAE and serve the site over HTTP, "
                               "so that the prompt page also takes typed text (Ctrl-C stops)")
-    serving.add_argument("--port", type=int, help="the port to serve on (default: 8000; 0: any free port)")
+    serving.add_argument("--port", type=port_number, help="the port to serve on (default: 8000; 0: any free port)")
     serving.add_argument("--host", help="the address to listen on (default: 127.0.0.1, this machine only)")
     parser.set_defaults(handler=_handle)
 
@@ -85,8 +86,7 @@ def write_dashboard(fs: FeatureStore, sae: str, out: str | Path, features: range
     return the path of its ``index.html``."""
     sae = fs.resolve(sae)
     features = checked_features(fs, sae, features)
-    out = check_site_folder(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(check_site_folder(out), "the site", make=True)
     for name in sorted(PAGES, key=lambda n: n != "server.js"):  # server.js first: it marks the folder as a site
         shutil.copyfile(SITE / name, out / name)
     weights = load_logit_weights(fs, sae) if logits else None
@@ -104,19 +104,22 @@ def write_dashboard(fs: FeatureStore, sae: str, out: str | Path, features: range
     return out / "index.html"
 
 
+def port_number(text: str) -> int:
+    """``--port``: a TCP port, 0 to 65535 (0: any free one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number, 0 to 65535") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number: give 0 to 65535 (0: any free port)")
+    return port
+
+
 def check_site_folder(out: str | Path) -> Path:
-    """``out`` as a Path, if the site may be written there: a folder that does not exist yet, an empty
-    one, or one that holds an earlier latentstore dashboard (recognised by its ``server.js`` or its
+    """``out`` as a Path (``output_folder``), if the site may be written there: a new or empty folder,
+    or one that holds an earlier latentstore dashboard (recognised by its ``server.js`` or its
     ``data/meta.js``). Anything else would have files of the user's overwritten: a ConfigError."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder. Give a folder for the site: a new one, an empty "
-                          "one, or one that holds an earlier latentstore dashboard.")
-    ancestor = out
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ConfigError(f"--out {out} cannot be created: {ancestor} is a file. Give another folder.")
+    out = output_folder(out, "the site")
     if out.is_dir() and any(out.iterdir()) and not _is_site(out):
         names = sorted(p.name for p in out.iterdir())
         shown = ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)" if len(names) > 5 else "")

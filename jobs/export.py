@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from jobs.output import output_folder
 from pipeline.dashboard_data import (DashboardBuilder, checked_features, collector_paused, DashboardSettings,
                                      FeatureDashboard, load_decoder, load_logit_weights, output_hook, window_starts)
 from store import FeatureStore
@@ -155,8 +156,7 @@ def export_neuronpedia(fs: FeatureStore, sae: str, out: str | Path, features: ra
                     "multiple of --batch-size.", features.start, features.stop,
                     " and ".join(f"batch-{n}.json" for n in partial) + (" holds" if len(partial) == 1 else " hold"),
                     batch_size)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out, "the Neuronpedia export", make=True)
     W_dec = load_decoder(fs, sae) if logits else None
     weights = None
     if W_dec is not None:
@@ -361,6 +361,7 @@ def converter_command(fs: FeatureStore, sae: str, out: str | Path, names: Neuron
 def _handle(args: argparse.Namespace) -> None:
     from pipeline.tokens import use_tokenizer
 
+    output_folder(args.out, "the Neuronpedia export")  # before any work
     fs = FeatureStore.open(args.store)
     sae = chosen_sae(fs, args.sae)
     use_tokenizer(fs)  # tokens as Neuronpedia shows them, from the run's tokenizer (store.tokens)

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from jobs.output import output_folder
 from pipeline.dashboard_data import window_starts
 from store import FeatureStore
 from store.errors import ConfigError
@@ -146,9 +147,7 @@ def cache_config(fs: FeatureStore, sae: str, ctx_len: int, n_splits: int, value_
 def _module_folder(out: Path, name: str) -> Path:
     """``out/<name>``, emptied of an earlier export's split files (whose ranges may differ, and delphi
     reads every split file it finds); a folder holding split files latentstore did not write is refused."""
-    folder = out / name
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder for delphi's cache.")
+    folder = output_folder(out, "delphi's latent cache", make=True) / name
     splits = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     if splits:
         try:
@@ -165,6 +164,7 @@ def _module_folder(out: Path, name: str) -> Path:
 
 
 def _handle(args: argparse.Namespace) -> None:
+    output_folder(args.out, "delphi's latent cache")  # before any work
     fs = FeatureStore.open(args.store)
     written = export_delphi(fs, args.out, args.saes, args.n_splits, args.split_entries, args.value_dtype)
     for name, paths in written.items():

@@ -26,7 +26,7 @@ from pipeline.specs import ExtractConfig, ModelSpec, Resources, StoreSpec  # noq
 from pipeline.worker import SHARDS_IN_FLIGHT, ExtractJob, ExtractWorker
 from store.errors import ConfigError, DataError, StoreWriteError, did_you_mean
 from store.format import VALUE_DTYPES
-from store.location import check_writable, normalize
+from store.location import CREDENTIALS_FIX, check_writable, credentials_in, mask_url, normalize
 from store.lease import hold_lease
 from store.writer import DATA_KEYS, StoreWriter, check_conflict
 
@@ -104,6 +104,8 @@ def validate(cfg: ExtractConfig) -> Plan:
                                    f"{cfg.saes!r}. Write saes=({cfg.saes!r},)."))
     if problems:  # nothing else can be read
         raise SettingsError("ExtractConfig", problems, EXTRACT_FLAGS)
+    if problems := _credential_problems(cfg):  # first: nothing may read, log or print those URLs before this
+        raise SettingsError("ExtractConfig", problems, EXTRACT_FLAGS)
     data, store, resources = cfg.dataset, cfg.store, cfg.resources
     problems += positive({"dataset.context_size": data.context_size, "resources.batch_size": resources.batch_size,
                           "store.shard_tokens": store.shard_tokens, "dataset.max_tokens": data.max_tokens,
@@ -158,6 +160,15 @@ def validate(cfg: ExtractConfig) -> Plan:
             f"(column {data.column!r}): there is nothing to extract.")], EXTRACT_FLAGS)
     check_conflict(store.path, plan.run_metadata(), store.overwrite, only_shared=True, ignore=DATA_KEYS)
     return plan
+
+
+def _credential_problems(cfg: ExtractConfig) -> list[Problem]:
+    """The model, dataset and SAE sources go into the store's metadata as given: a URL of theirs
+    with credentials is refused, shown masked (the store's own URL is refused by ``normalize``)."""
+    sources = [("model.name", cfg.model.name), ("dataset.name", cfg.dataset.name),
+               *((f"saes[{i}]", text) for i, text in enumerate(cfg.saes))]
+    return [Problem.of(Setting(path, mask_url(text)), f" holds credentials ({found}). {CREDENTIALS_FIX}")
+            for path, text in sources if isinstance(text, str) and (found := credentials_in(text))]
 
 
 def _sae_problems(cfg: ExtractConfig, plan: Plan, model_cfg) -> list[Problem]:

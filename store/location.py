@@ -63,9 +63,15 @@ def _refuse_credentials(url: str) -> None:
     refuse it, before anything reads it, without repeating them. Every link of a ``::`` chain is checked:
     its user info (``user:secret@``, also when the secret holds a ``/`` that ends the URL's host early)
     and its query (``?X-Amz-Signature=...``, ``?sig=...``, ``?token=...``)."""
-    found = [problem for link in url.split("::") if (problem := _link_credentials(link))]
+    found = credentials_in(url)
     if found:
-        raise ConfigError(f"the store URL {mask_url(url)} holds credentials ({'; '.join(found)}). {CREDENTIALS_FIX}")
+        raise ConfigError(f"the store URL {mask_url(url)} holds credentials ({found}). {CREDENTIALS_FIX}")
+
+
+def credentials_in(url: str) -> str | None:
+    """What credentials any link of ``url`` holds, said without repeating them (``None``: none)."""
+    found = [problem for link in url.split("::") if (problem := _link_credentials(link))]
+    return "; ".join(found) or None
 
 
 def _link_credentials(link: str) -> str | None:

@@ -475,6 +475,14 @@ BAD_INPUTS = {
              before=lambda a, t: _file(t, "site.txt", b"notes")), SystemExit, r"2"),
     "cli: dashboard --out a folder holding the user's own index.html": (
         _dashboard_over_own_files, SystemExit, r"2"),
+    "cli: export neuronpedia --out an existing file": (
+        _cli("export", "neuronpedia", "{store}", "--hook", HOOK, "--out", "{tmp}/np.txt", "--no-progress",
+             before=lambda a, t: _file(t, "np.txt", b"notes")), SystemExit, r"2"),
+    "cli: export delphi --out a folder that cannot be made": (
+        _cli("export", "delphi", "{store}", "--out", "/proc/latentstore-test/cache"), SystemExit, r"2"),
+    "cli: dashboard --serve on port 99999": (
+        _cli("dashboard", "{store}", "--hook", HOOK, "--out", "{tmp}/site", "--serve", "--port", "99999"),
+        SystemExit, r"2"),
     "dashboard: JSON nested 100,000 levels deep sent to /api/prompt": (
         _nested_json_to_the_server, Answer,
         r'^400: \{"error": "the body is JSON nested too deeply to read; send \{\\"text\\": \\"...\\"\}\."\}$'),
@@ -499,7 +507,11 @@ CLI_STDERR = {
     "cli: top of feature -1":
         "latentstore top: error: feature -1 is out of range for blocks.0.hook_resid_post: it has features 0 to 95.",
     "cli: top -k -3": "latentstore top: error: k=-3: give how many examples you want, a whole number of at least 1",
-    "cli: dashboard --out an existing file": "site.txt is a file, not a folder. Give a folder for the site",
+    "cli: dashboard --out an existing file": "site.txt is a file; give a folder for the site.",
+    "cli: export neuronpedia --out an existing file": "np.txt is a file; give a folder for the Neuronpedia export.",
+    "cli: export delphi --out a folder that cannot be made":
+        "--out /proc/latentstore-test/cache cannot be made",  # ("... (No such file ...)", or "/proc is not writable")
+    "cli: dashboard --serve on port 99999": "argument --port: 99999 is not a port number: give 0 to 65535",
     "cli: dashboard --out a folder holding the user's own index.html":
         "holds files that are not a latentstore dashboard (index.html); writing the site there would overwrite them",
 }
@@ -653,6 +665,35 @@ def test_no_credential_appears_anywhere(assets, url, tmp_path, monkeypatch, caps
     assert not any(s in logged for s in secret_parts), logged
     written = [p for p in tmp_path.rglob("*")]
     assert written == [], written  # no store, no lease, no folder: nothing that could hold it as an attribute
+
+
+OTHER_URL_COMMANDS = [("export", "neuronpedia", "{tmp}/s.zarr", "--out", "{url}"),
+                      ("export", "delphi", "{tmp}/s.zarr", "--out", "{url}"),
+                      ("dashboard", "{tmp}/s.zarr", "--out", "{url}"),
+                      EXTRACT + ("--store", "{tmp}/x.zarr", "--dataset", "{url}"),
+                      EXTRACT + ("--store", "{tmp}/x.zarr", "--model", "{url}"),
+                      EXTRACT + ("--store", "{tmp}/x.zarr", "--sae", "{url}")]
+
+
+@pytest.mark.parametrize("url", _url_forms())
+def test_no_credential_from_an_output_dataset_model_or_sae_url(assets, url, tmp_path, monkeypatch, capsys,
+                                                                no_network):
+    """The other URLs a command takes: where an export or the dashboard is written (--out: local folders
+    only, so any URL is refused), and the dataset, model and SAE sources that a store's metadata
+    records as given. Each is refused, shown masked, before anything reads it; no folder is named
+    after it."""
+    monkeypatch.chdir(tmp_path)  # a URL taken for a local path would make its folder here
+    secret_parts = [SECRET, "AKIAEXAMPLE"] if "AKIAEXAMPLE" in url else [SECRET]
+    for command in OTHER_URL_COMMANDS:
+        argv = [a.format(url=url, tmp=tmp_path, model=assets["model_dir"], sae=assets["sae_dirs"][HOOK],
+                         jsonl=assets["jsonl"]) for a in command]
+        assert main(argv) == 2, argv
+        out = capsys.readouterr()
+        expected = "is a URL, but" if "--out" in command else "holds credentials"
+        assert expected in out.err and "***" in out.err, (argv, out.err)
+        assert not any(s in out.out + out.err for s in secret_parts), (argv, out)
+    named = [p for p in tmp_path.rglob("*") if any(s in str(p) for s in secret_parts)]
+    assert named == [], named
 
 
 @pytest.mark.parametrize("url", ["s3://bucket/model@v2.zarr", "abfs://container@acct.dfs.core.windows.net/x.zarr",
