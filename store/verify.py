@@ -34,6 +34,7 @@ import numpy as np
 import zarr
 
 from store import format as fmt
+from store import stats as stats_mod
 from store.checked import checksum, repair
 from store.errors import StoreNotFoundError
 from store.location import is_url, normalize, open_zarr_store
@@ -287,6 +288,7 @@ def verify_store(location: str) -> VerifyReport:
     if root is not None and root.get("status") == fmt.STATUS_COMPLETE:
         _verify_root_lists(walker, root, markers)
         _verify_index(walker, root, markers)
+        _verify_present(walker, root)
     _verify_merged_stats(walker)
     _note_pending_parts(walker, INDEX_GROUP, lambda attrs: bool(attrs.get("complete")))
     _note_pending_parts(walker, "sweeps", lambda attrs: attrs.get("status") == fmt.STATUS_COMPLETE)
@@ -511,6 +513,8 @@ def _verify_root_lists(walker: _Walker, root: dict, markers: dict[int, dict]) ->
                 report.add(node, "is in the store's shard list but missing from the store")
             previous_stop = entry.get("row_stop")
             continue
+        if node not in walker.metadata and not walker.damaged(node):
+            report.add(node, f"its group's metadata ({METADATA}) is missing, so readers cannot open it")
         for key in keys:
             if entry.get(key) != marker.get(key):
                 report.add(METADATA, f"shard {shard_id}: the root lists {key}={entry.get(key)!r}, its marker "
@@ -532,6 +536,22 @@ def _verify_root_lists(walker: _Walker, root: dict, markers: dict[int, dict]) ->
         found = sum(e.get("nnz", {}).get(sae, 0) for e in listed)
         if total != found:
             report.add(METADATA, f"counts.nnz[{sae}] is {total}, the shards hold {found}")
+
+
+def _verify_present(walker: _Walker, root: dict) -> None:
+    """What a complete store holds beside its shards, since format 1.1: each SAE's merged statistics,
+    and the vocabulary of a run with a tokenizer. A deleted group or array is damage, not absence."""
+    if root.get("encoding-version", "1.0") == "1.0":
+        return
+    run = root.get("run") or {}
+    expected = [f"{fmt.STATS_GROUP}/{sae.get('name', sae.get('hook'))}/{name}"
+                for sae in run.get("saes", []) for name in stats_mod.MERGED]
+    if run.get("tokenizer"):
+        expected += [f"{fmt.VOCAB_GROUP}/{fmt.VOCAB_OFFSETS}", f"{fmt.VOCAB_GROUP}/{fmt.VOCAB_UTF8}"]
+    for node in expected:
+        parent = node.rsplit("/", 1)[0]
+        if node not in walker.metadata and not walker.damaged(node) and not walker.damaged(parent):
+            walker.report.add(node, "is missing from the complete store")
 
 
 def _verify_index(walker: _Walker, root: dict, markers: dict[int, dict]) -> None:

@@ -238,10 +238,21 @@ class StoreWriter(RootHandle):
         offsets = np.concatenate([[0], np.cumsum([len(b) for b in encoded])]).astype(np.int64)
         data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
         if fmt.VOCAB_GROUP in self.root:
+            if self._vocab_is(offsets, data):
+                return  # a rerun's: kept as it is, so that readers of a complete store never find it missing
             del self.root[fmt.VOCAB_GROUP]
         group = self.root.create_group(fmt.VOCAB_GROUP, attributes={fmt.ATTRS_KEY: fmt.encoding(fmt.VOCAB_ENCODING)})
         write_array(group, fmt.VOCAB_OFFSETS, offsets, codecs.TOKEN_LEVEL)
         write_array(group, fmt.VOCAB_UTF8, data if len(data) else np.zeros(0, np.uint8), codecs.VALUES)
+
+    def _vocab_is(self, offsets: np.ndarray, data: np.ndarray) -> bool:
+        """Whether the store's vocabulary holds these arrays already (not where it is damaged)."""
+        try:
+            group = self.root[fmt.VOCAB_GROUP]
+            return (np.array_equal(group[fmt.VOCAB_OFFSETS][:], offsets)
+                    and np.array_equal(group[fmt.VOCAB_UTF8][:], data))
+        except Exception:  # a missing or undecodable array: written anew
+            return False
 
     def completed_shards(self) -> dict[int, dict]:
         return {int(name): marker for name, marker in complete_markers(self.root[fmt.SHARDS_GROUP]).items()}

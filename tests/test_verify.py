@@ -14,6 +14,7 @@ from jobs.cli import main
 from store import FeatureStore
 from store import format as fmt
 from store import index as index_mod
+from store import stats as stats_mod
 from store.errors import StoreCorruptError, StoreNotFoundError
 from store.verify import verify_store
 
@@ -188,6 +189,45 @@ def test_damaged_merged_statistics_are_named_and_queries_refuse_them(store, caps
     with pytest.raises(StoreCorruptError, match=rf"{rewritten} is damaged: its checksum is crc32:\w+, but crc32:\w+ "
                                                  "was recorded"):
         fs.histogram(OTHER, 3, bins="stored")
+
+
+@pytest.mark.parametrize("deleted", ["shard group's metadata", "stats", "vocab", "vocab/offsets's metadata"])
+def test_a_deleted_group_or_array_of_a_complete_store_is_damage(store, deleted):
+    """Deleted outright, not corrupted: a shard group's zarr.json, the merged statistics, the
+    vocabulary (the run had a tokenizer) or one of its arrays. verify names each part missing (it
+    called such stores OK), and reading the vocabulary refuses rather than show token ids."""
+    fs = FeatureStore.open(str(store))
+    shard = fmt.shard_path(fs.shards[1].shard_id)
+    target, damaged = {
+        "shard group's metadata": (f"{shard}/zarr.json", [shard]),
+        "stats": (fmt.STATS_GROUP, [f"{fmt.STATS_GROUP}/{sae}/{name}" for sae in fs.saes for name in stats_mod.MERGED]),
+        "vocab": (fmt.VOCAB_GROUP, [f"{fmt.VOCAB_GROUP}/{fmt.VOCAB_OFFSETS}", f"{fmt.VOCAB_GROUP}/{fmt.VOCAB_UTF8}"]),
+        "vocab/offsets's metadata": (f"{fmt.VOCAB_GROUP}/{fmt.VOCAB_OFFSETS}/zarr.json",
+                                     [f"{fmt.VOCAB_GROUP}/{fmt.VOCAB_OFFSETS}"]),
+    }[deleted]
+    assert fs.run["tokenizer"] and fs.vocab is not None
+    path = store / target
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    report = verify_store(str(store))
+    assert report.damaged_parts == sorted(damaged), report.format()
+    if deleted.startswith("vocab"):
+        with pytest.raises(StoreCorruptError, match=rf"{fmt.VOCAB_GROUP}[/\w]* is damaged: the (group|array) is missing"):
+            FeatureStore.open(str(store)).vocab
+
+
+def test_a_rerun_keeps_the_vocabulary_as_written(store):
+    """The same vocabulary again (a rerun of the extraction) leaves its arrays untouched, so that a
+    reader of the complete store never finds them missing; another one (or a damaged one) is rewritten."""
+    from store.writer import StoreWriter
+
+    vocab = FeatureStore.open(str(store)).vocab
+    metadata = store / fmt.VOCAB_GROUP / fmt.VOCAB_OFFSETS / "zarr.json"
+    metadata.write_text(metadata.read_text() + " ")  # marked: a rewrite would replace the file
+    StoreWriter(str(store)).write_vocab(vocab)
+    assert metadata.read_text().endswith(" ")
+    StoreWriter(str(store)).write_vocab(["x", *vocab[1:]])
+    assert not metadata.read_text().endswith(" ")
+    assert FeatureStore.open(str(store)).vocab[:2] == ["x", vocab[1]]
 
 
 def busy_feature(fs: FeatureStore, hook: str) -> int:

@@ -284,6 +284,7 @@ def test_readers_and_verify_during_a_write_see_a_consistent_store_or_in_progress
     live = tmp_path / "live.zarr"
     writer = StoreWriter(str(live))
     writer.begin(run, reference.attrs["plan"], overwrite=False)
+    writer.write_vocab(reference.vocab)  # as an extraction does, before its shards: the run has a tokenizer
     failure = []
 
     def write() -> None:
