@@ -207,6 +207,8 @@ def _handle(args: argparse.Namespace) -> None:
 
     if not args.serve and (args.port is not None or args.host is not None):
         raise ConfigError("--port and --host say where to serve: give --serve with them.")
+    if args.max_rows < 0:
+        raise ConfigError(f"--max-rows {args.max_rows}: give how many dataset rows get a prompt page, 0 or more.")
     check_site_folder(args.out)  # before the store is read or the model loaded
     fs = FeatureStore.open(args.store)
     sae = chosen_sae(fs, args.sae)

@@ -14,7 +14,7 @@ import logging
 import numpy as np
 
 from store import FeatureStore, index as index_mod
-from store.errors import StoreIncompleteError
+from store.errors import ConfigError, StoreIncompleteError
 from store.format import check_writes
 from store.lease import hold_lease
 
@@ -33,6 +33,9 @@ def run_index(location: str, workers: int | None = None, address: str | None = N
     from jobs import pool
     from jobs.ray_session import connect
 
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers {workers}: give how many tasks build parts at once, at least 1 (default: one "
+                          "per CPU).")
     with hold_lease(location, "latentstore index") as lease:  # re-entrant: `latentstore extract` holds it already
         fs = FeatureStore.open(location)
         check_writes(fs.attrs, fs.location)  # before Ray starts: a store of an older major is read-only

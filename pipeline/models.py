@@ -161,11 +161,17 @@ def load_model_config(spec: str) -> Any:
     try:
         return loading.get_pretrained_model_config(spec)
     except ValueError as e:
-        raise ConfigError(
-            f"--model {spec!r} is neither a local model directory nor a TransformerLens model name. "
-            f"Pass a directory written by pipeline.models.save_model or by save_pretrained, or one of: "
-            f"{did_you_mean(spec, loading.OFFICIAL_MODEL_NAMES)}"
-        ) from e
+        raise _unknown_model(spec) from e
+
+
+def _unknown_model(spec: str) -> ConfigError:
+    from transformer_lens import loading
+
+    return ConfigError(
+        f"--model {spec!r} is neither a local model directory nor a TransformerLens model name. "
+        f"Pass a directory written by pipeline.models.save_model or by save_pretrained, or one of: "
+        f"{did_you_mean(spec, loading.OFFICIAL_MODEL_NAMES)}"
+    )
 
 
 def _weightless_bridge(spec: str) -> Any:
@@ -208,6 +214,12 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str | None 
     if model_format(spec) == BRIDGE:
         return _load_bridge(spec, device, dtype)
     if not is_local_model(spec):
+        from transformer_lens import loading
+
+        try:
+            loading.get_official_model_name(spec)
+        except ValueError as e:  # its message lists every name TransformerLens knows, after a traceback
+            raise _unknown_model(spec) from e
         kwargs = {"dtype": dtype} if dtype else {}
         return HookedSAETransformer.from_pretrained(spec, device=str(device), **kwargs)
 

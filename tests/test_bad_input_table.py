@@ -480,6 +480,12 @@ BAD_INPUTS = {
              before=lambda a, t: _file(t, "np.txt", b"notes")), SystemExit, r"2"),
     "cli: export delphi --out a folder that cannot be made": (
         _cli("export", "delphi", "{store}", "--out", "/proc/latentstore-test/cache"), SystemExit, r"2"),
+    "cli: dashboard --max-rows -1": (
+        _cli("dashboard", "{store}", "--hook", HOOK, "--out", "{tmp}/site", "--max-rows", "-1"), SystemExit, r"2"),
+    "cli: index --workers 0": (_cli("index", "{store}", "--workers", "0"), SystemExit, r"2"),
+    "cli: steer a model TransformerLens does not know": (
+        _cli("steer", "--model", "nosuchmodel", "--sae", "{tmp}/sae", "--prompt", "the cat", "--feature", "1",
+             "--magnitude", "2"), SystemExit, r"2"),
     "cli: dashboard --serve on port 99999": (
         _cli("dashboard", "{store}", "--hook", HOOK, "--out", "{tmp}/site", "--serve", "--port", "99999"),
         SystemExit, r"2"),
@@ -512,6 +518,10 @@ CLI_STDERR = {
     "cli: export delphi --out a folder that cannot be made":
         "--out /proc/latentstore-test/cache cannot be made",  # ("... (No such file ...)", or "/proc is not writable")
     "cli: dashboard --serve on port 99999": "argument --port: 99999 is not a port number: give 0 to 65535",
+    "cli: dashboard --max-rows -1": "--max-rows -1: give how many dataset rows get a prompt page, 0 or more.",
+    "cli: index --workers 0": "--workers 0: give how many tasks build parts at once, at least 1",
+    "cli: steer a model TransformerLens does not know":
+        "latentstore steer: error: --model 'nosuchmodel' is neither a local model directory nor a TransformerLens",
     "cli: dashboard --out a folder holding the user's own index.html":
         "holds files that are not a latentstore dashboard (index.html); writing the site there would overwrite them",
 }
