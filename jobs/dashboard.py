@@ -86,7 +86,7 @@ def write_dashboard(fs: FeatureStore, sae: str, out: str | Path, features: range
     return the path of its ``index.html``."""
     sae = fs.resolve(sae)
     features = checked_features(fs, sae, features)
-    out = output_folder(check_site_folder(out), "the site", make=True)
+    out = check_site_folder(out, make=True)
     for name in sorted(PAGES, key=lambda n: n != "server.js"):  # server.js first: it marks the folder as a site
         shutil.copyfile(SITE / name, out / name)
     weights = load_logit_weights(fs, sae) if logits else None
@@ -115,11 +115,12 @@ def port_number(text: str) -> int:
     return port
 
 
-def check_site_folder(out: str | Path) -> Path:
-    """``out`` as a Path (``output_folder``), if the site may be written there: a new or empty folder,
-    or one that holds an earlier latentstore dashboard (recognised by its ``server.js`` or its
-    ``data/meta.js``). Anything else would have files of the user's overwritten: a ConfigError."""
-    out = output_folder(out, "the site")
+def check_site_folder(out: str | Path, make: bool = False) -> Path:
+    """``out`` as a Path (``output_folder``, made if new with ``make``), if the site may be written there:
+    a new or empty folder, or one that holds an earlier latentstore dashboard (recognised by its
+    ``server.js`` or its ``data/meta.js``). Anything else would have files of the user's overwritten: a
+    ConfigError."""
+    out = output_folder(out, "the site", make=make)
     if out.is_dir() and any(out.iterdir()) and not _is_site(out):
         names = sorted(p.name for p in out.iterdir())
         shown = ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)" if len(names) > 5 else "")

@@ -80,6 +80,7 @@ def export_delphi(fs: FeatureStore, out: str | Path, saes: list[str] | None = No
                               f"from it. Build it first: latentstore index {fs.location}")
     if n_splits < 1 or split_entries < 1:
         raise ConfigError(f"--n-splits {n_splits} and --split-entries {split_entries} must be at least 1.")
+    out = output_folder(out, "delphi's latent cache", make=True)
     tokens, windows, positions = token_windows(fs)
     ctx_len = tokens.shape[1]
     if ctx_len % EXAMPLE_CTX_LEN:
@@ -88,7 +89,7 @@ def export_delphi(fs: FeatureStore, out: str | Path, saes: list[str] | None = No
                     ctx_len, EXAMPLE_CTX_LEN, ctx_len)
     written = {}
     for name in names:
-        folder = _module_folder(Path(out), name)
+        folder = _module_folder(out, name)
         index = fs.index(name)
         parts = plan_parts(np.diff(index.indptr), min_parts=n_splits, part_nnz=split_entries)
         written[name] = []
@@ -147,7 +148,7 @@ def cache_config(fs: FeatureStore, sae: str, ctx_len: int, n_splits: int, value_
 def _module_folder(out: Path, name: str) -> Path:
     """``out/<name>``, emptied of an earlier export's split files (whose ranges may differ, and delphi
     reads every split file it finds); a folder holding split files latentstore did not write is refused."""
-    folder = output_folder(out, "delphi's latent cache", make=True) / name
+    folder = out / name
     splits = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     if splits:
         try:

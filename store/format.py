@@ -96,6 +96,12 @@ def _version(attrs: dict) -> tuple[str, int]:
     return version, int(version.split(".")[0])
 
 
+def holds_stats_and_vocab(attrs: dict) -> bool:
+    """Whether a complete store whose root has these attributes holds each SAE's merged statistics and,
+    for a run with a tokenizer, its vocabulary: every store since format 1.1 (1.0 had neither)."""
+    return attrs.get("encoding-version", "1.0") != "1.0"
+
+
 def check_writes(attrs: dict, location: str) -> None:
     """Refuse to write into a store of an older major format: it opens read-only (a 2.x element
     inside a 1.x store would be read by rules it was not written for)."""

@@ -227,14 +227,13 @@ class FeatureStore(Queries):
         try:
             group = open_node(self._root, fmt.VOCAB_GROUP, self.location)
         except KeyError:
-            # the run had a tokenizer, so its vocabulary was written (since format 1.1)
-            if self.complete and self.run.get("tokenizer") and self.attrs.get("encoding-version", "1.0") != "1.0":
+            if self.complete and self.run.get("tokenizer") and fmt.holds_stats_and_vocab(self.attrs):
                 raise corrupt(self.location, fmt.VOCAB_GROUP, "the group is missing") from None
             return None
         fmt.check_stamp(group.attrs.asdict().get(fmt.ATTRS_KEY, {}), fmt.VOCAB_ENCODING, f"{self.location} vocabulary")
-        path = f"{fmt.VOCAB_GROUP}/"
-        offsets = open_array(self._root, path + fmt.VOCAB_OFFSETS, self.location, None)[:]
-        data = open_array(self._root, path + fmt.VOCAB_UTF8, self.location, None)[:].tobytes()
+        offsets, data = (open_array(self._root, f"{fmt.VOCAB_GROUP}/{name}", self.location, None)[:]
+                         for name in (fmt.VOCAB_OFFSETS, fmt.VOCAB_UTF8))
+        data = data.tobytes()
         return [data[a:b].decode("utf-8", errors="replace") for a, b in zip(offsets[:-1], offsets[1:])]
 
     @cached_property

@@ -539,9 +539,9 @@ def _verify_root_lists(walker: _Walker, root: dict, markers: dict[int, dict]) ->
 
 
 def _verify_present(walker: _Walker, root: dict) -> None:
-    """What a complete store holds beside its shards, since format 1.1: each SAE's merged statistics,
-    and the vocabulary of a run with a tokenizer. A deleted group or array is damage, not absence."""
-    if root.get("encoding-version", "1.0") == "1.0":
+    """What a complete store holds beside its shards (``fmt.holds_stats_and_vocab``): each SAE's merged
+    statistics, and the vocabulary of a run with a tokenizer. A deleted group or array is damage."""
+    if not fmt.holds_stats_and_vocab(root):
         return
     run = root.get("run") or {}
     expected = [f"{fmt.STATS_GROUP}/{sae.get('name', sae.get('hook'))}/{name}"
