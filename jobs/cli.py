@@ -231,6 +231,24 @@ def _store_locations(args: argparse.Namespace) -> list[str]:
     return [args.store] if isinstance(getattr(args, "store", None), str) else []
 
 
+def _known_error(error: Exception, store: str | None) -> LatentStoreError | None:
+    """The error to report without a traceback, or None for a bug. Besides latentstore's own: a full
+    disk met by this process, or by a Ray task whose error was not converted (``ray.get``'s
+    RayTaskError(OSError) carries it as its cause; a worker's arrives as a StoreFullError already),
+    and whatever could not be reached (no connection, no credentials, access denied): the store's own
+    reads say which store; elsewhere the error's own text names what (a dataset file, a hub, a bucket)."""
+    if isinstance(error, SettingsError):  # its problems name the config's fields: say the flags instead
+        return error.for_command_line()
+    full = next((x for x in (error, getattr(error, "cause", None)) if is_disk_full(x)), None)
+    if full is not None:
+        return disk_full(full, store)
+    if isinstance(error, LatentStoreError):
+        return error
+    from store.location import access_error
+
+    return access_error(None, error)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -263,22 +281,16 @@ def main(argv: list[str] | None = None) -> int:
         # command-line tools do; stdout goes to devnull so that the flush at exit does not fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except (LatentStoreError, OSError) as e:
-        if isinstance(e, SettingsError):  # its problems name the config's fields: say the flags instead
-            e = e.for_command_line()
-        # a full disk met by this process, or by a Ray task whose error was not converted (``ray.get``'s
-        # RayTaskError(OSError) carries it as its cause); a worker's arrives as a StoreFullError already
-        full = next((x for x in (e, getattr(e, "cause", None)) if is_disk_full(x)), None)
-        if full is not None:
-            e = disk_full(full, next(iter(_store_locations(args)), None))
-        elif not isinstance(e, LatentStoreError):
+    except Exception as e:
+        shown = _known_error(e, next(iter(_store_locations(args)), None))
+        if shown is None:
             raise
         from store.location import mask_urls
 
         # masked: a message may quote a URL the user typed (a dataset's, a model's), credentials and all
-        print(f"latentstore {args.command}: error: {terminal_text(mask_urls(str(e)), keep_newlines=True)}",
+        print(f"latentstore {args.command}: error: {terminal_text(mask_urls(str(shown)), keep_newlines=True)}",
               file=sys.stderr)
-        for note in getattr(e, "__notes__", []):
+        for note in getattr(shown, "__notes__", []):
             print(f"  {terminal_text(mask_urls(note), keep_newlines=True)}", file=sys.stderr)
         return 2
     return 0

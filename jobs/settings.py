@@ -15,6 +15,8 @@ with ``Problem.from_text``, so Python callers get field names there too.
 
 from __future__ import annotations
 
+import argparse
+import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -215,6 +217,17 @@ SWEEP_FLAGS = {
     "ablation.verify_top": Flag("--verify-top"),
     **RESOURCE_FLAGS,
 }
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a number that is neither nan nor infinite (float() takes both)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def default_of(config: type, setting: str) -> Any:

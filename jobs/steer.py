@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from jobs.settings import finite_float
+
 STEER_HELP = """\
 Generate from a prompt with MAGNITUDE * W_dec[FEATURE] added to the SAE's hook at every
 position, as notebook 004 steers Gemma with a Gemma Scope feature. Greedy unless --sample.
@@ -20,7 +22,7 @@ def add_commands(subparsers) -> None:
                                   description=STEER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     steer.add_argument("--prompt", required=True, help="the text to continue")
     steer.add_argument("--feature", type=int, required=True, help="the SAE feature whose decoder row is added")
-    steer.add_argument("--magnitude", type=float, required=True, help="how many units of the direction to add")
+    steer.add_argument("--magnitude", type=finite_float, required=True, help="how many units of the direction to add")
     steer.add_argument("--model", help="a TransformerLens model name or local model directory")
     steer.add_argument("--sae", help="the SAE (same forms as `latentstore extract --sae`)")
     steer.add_argument("--store", help="take --model and --sae from this store's run")
@@ -29,7 +31,7 @@ def add_commands(subparsers) -> None:
                             "(needed when it holds several)")
     steer.add_argument("--max-new-tokens", type=int, default=50, help="(default: %(default)s)")
     steer.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    steer.add_argument("--temperature", type=float, default=1.0, help="with --sample (default: %(default)s)")
+    steer.add_argument("--temperature", type=finite_float, default=1.0, help="with --sample (default: %(default)s)")
     steer.add_argument("--seed", type=int, help="with --sample: makes the run repeatable")
     steer.add_argument("--compare", action="store_true", help="also print the unsteered continuation")
     steer.set_defaults(handler=steer_command)

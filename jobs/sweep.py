@@ -19,6 +19,7 @@ from jobs import pool
 from jobs.ray_session import call, connect, worker_resources
 from jobs.settings import (SWEEP_FLAGS, Problem, Setting, SettingsError, as_settings_error, positive, problems_of,
                            wrong_types)
+from pipeline.ablation import is_ablation
 from pipeline.metric_names import METRICS, PROMPT_FIELDS
 from pipeline.specs import AblationSpec, PromptSpec, Resources, SweepConfig, SweepStoreSpec  # noqa: F401 (the API)
 from pipeline.sweep_worker import Part, SweepJob, SweepWorker, read_prompt_file
@@ -61,6 +62,9 @@ def validate(cfg: SweepConfig) -> SweepJob:
     if a.verify_top is not None and a.method != "attribution":
         problems.append(Problem.of(Setting("ablation.verify_top"), " re-checks attribution's strongest features: "
                                    "use it with ", Setting("ablation.method", "attribution"), "."))
+    if not is_ablation(a.kind):
+        problems.append(Problem.of(Setting("ablation.kind", a.kind, quoted=isinstance(a.kind, str)),
+                                   ": use zero, mean or a finite scale factor such as 0.5."))
     if a.kind == "mean" and prompts.rows is None:
         problems.append(Problem.of(Setting("ablation.kind", "mean"), " takes each feature's mean from the store: "
                                    "give prompts as ", Setting("prompts.rows"), " of ", Setting("store.path"), "."))
@@ -104,10 +108,20 @@ def validate(cfg: SweepConfig) -> SweepJob:
                 f", which is named {described.name!r} and reads {described.hook!r}. With ", Setting("prompts.file"),
                 " the SAE swept is that of ", Setting("sae"), " (NAME=SOURCE names it): leave ", Setting("sae_name"),
                 " out.")], SWEEP_FLAGS)
-        return SweepJob(model=model, sae=str(source), sae_name=described.name, hook=described.hook, config=cfg)
-    record = _store_sae(fs, cfg, source, described)
-    return SweepJob(model=model, sae=record["source"] if source is None else str(source), sae_name=record["name"],
-                    hook=record["hook"], config=cfg)
+        job = SweepJob(model=model, sae=str(source), sae_name=described.name, hook=described.hook, config=cfg)
+        d_sae = described.d_sae
+    else:
+        record = _store_sae(fs, cfg, source, described)
+        job = SweepJob(model=model, sae=record["source"] if source is None else str(source), sae_name=record["name"],
+                       hook=record["hook"], config=cfg)
+        d_sae = record["d_sae"]
+    outside = sorted({f for f in a.features or () if not 0 <= f < d_sae})
+    if outside:
+        raise SettingsError("SweepConfig", [Problem.of(
+            Setting("ablation.features", a.features), f": {', '.join(map(str, outside[:10]))} "
+            f"{'is not a feature' if len(outside) == 1 else 'are not features'} of the SAE {job.sae_name!r}, whose ids are "
+            f"0..{d_sae - 1}.")], SWEEP_FLAGS)
+    return job
 
 
 def _store_sae(fs, cfg: SweepConfig, source, described) -> dict:
@@ -183,7 +197,9 @@ def run_sweep(cfg: SweepConfig) -> dict:
             describe=lambda part: f"computing sweep part {part.part_id} "
                                   f"(prompts {part.prompt_start}-{part.prompt_stop - 1})")
         with pool.actors(ray, SweepWorker, job, resources, policy) as actors:
-            n_prompts = call(ray, actors[0].n_prompts.remote(), "loading the model, the SAE and the prompts")
+            # every prompt is checked before the sweep's record is written: a bad one must not leave a
+            # sweep begun that no rerun of the same command can finish
+            n_prompts = call(ray, actors[0].check_prompts.remote(), "loading the model, the SAE and the prompts")
             record = job.record(n_prompts)
             writer = SweepWriter(cfg.store.path, cfg.name)
             same = writer.existing_spec() is not None and not cfg.store.overwrite

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.settings import default_of
+from jobs.settings import default_of, finite_float
 from pipeline.metric_names import METRICS
 from pipeline.specs import SweepConfig
 
@@ -129,7 +129,7 @@ def _ablation(text: str) -> str | float:
     if text in ("zero", "mean"):
         return text
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: use zero, mean or a scale factor such as 0.5") from None
+        return finite_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use zero, mean or a finite scale factor such as 0.5") from None
 

@@ -40,6 +40,7 @@ strongest features exactly, and the ``method`` column says which number is which
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -302,7 +303,7 @@ def ablation_sweep(
     store_prompts = tokens if isinstance(tokens, StorePrompts) else None
     if store_prompts is not None:
         tokens, attention_mask = store_prompts.tokens, store_prompts.attention_mask
-    _check_inputs(model, sae, tokens, method, verify_top, batch_size)
+    _check_inputs(model, sae, tokens, ablation, method, verify_top, batch_size)
     device = next(model.parameters()).device
     tokens = tokens.to(device)
     n_prompts, seq = tokens.shape
@@ -360,10 +361,13 @@ def ablation_sweep(
     return frame
 
 
-def _check_inputs(model, sae, tokens, method: str, verify_top: int | None, batch_size: int) -> None:
+def _check_inputs(model, sae, tokens, ablation: Ablation, method: str, verify_top: int | None,
+                  batch_size: int) -> None:
     problems = model_hook_problems(sae, model.hook_dict)
     if problems:
         raise ConfigError(problems)
+    if not is_ablation(ablation):
+        raise ConfigError(f"ablation={ablation!r}: use 'zero', 'mean' or a finite scale factor such as 0.5.")
     normalization = getattr(sae.cfg, "normalize_activations", "none")
     if normalization not in LINEAR_DECODE_NORMALIZATIONS + RUN_TIME_NORMALIZATIONS:
         raise ConfigError(
@@ -381,9 +385,17 @@ def _check_inputs(model, sae, tokens, method: str, verify_top: int | None, batch
         raise ConfigError(f"batch_size must be positive, got {batch_size}.")
 
 
+def is_ablation(kind: Any) -> bool:
+    """Whether ``kind`` is an ablation: "zero", "mean" or a finite scale factor."""
+    if isinstance(kind, str):
+        return kind in ("zero", "mean")
+    return isinstance(kind, (int, float)) and not isinstance(kind, bool) and math.isfinite(kind)
+
+
 def resolve_positions(position: PositionSpec, n_prompts: int, seq: int,
-                      attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Non-negative position per prompt (None: every position), refusing positions outside a prompt."""
+                      attention_mask: torch.Tensor | None, first: int = 0) -> torch.Tensor | None:
+    """Non-negative position per prompt (None: every position), refusing positions outside a prompt
+    (its errors number the prompts from ``first``)."""
     if position is None:
         return None
     pos = torch.as_tensor(position, dtype=torch.long)
@@ -394,11 +406,13 @@ def resolve_positions(position: PositionSpec, n_prompts: int, seq: int,
     problems = []
     for i, p in enumerate(pos.tolist()):
         if not -seq <= p < seq:
-            problems.append(f"position {p} is outside prompt {i}, which has {seq} tokens (valid: {-seq}..{seq - 1}).")
+            problems.append(f"position {p} is outside prompt {first + i}, which has {seq} tokens "
+                            f"(valid: {-seq}..{seq - 1}).")
         elif attention_mask is not None and not attention_mask[i, p]:
-            problems.append(f"position {p} of prompt {i} is padding, not one of the prompt's tokens.")
+            problems.append(f"position {p} of prompt {first + i} is padding, not one of the prompt's tokens.")
     if problems:
-        raise ConfigError(problems)
+        more = [f"... and {len(problems) - 10} more prompts like these"] if len(problems) > 10 else []
+        raise ConfigError(problems[:10] + more)
     return pos % seq
 
 

@@ -9,6 +9,7 @@ An SAE's output hook is the hook it reads; a transcoder's is the hook its decode
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -20,6 +21,8 @@ from store.errors import ConfigError
 def steering_vector(sae, feature: int, magnitude: float) -> torch.Tensor:
     """``magnitude * W_dec[feature]``, ``[d_in]``."""
     d_sae = sae.cfg.d_sae
+    if not math.isfinite(magnitude):
+        raise ConfigError(f"magnitude {magnitude} is not a finite number: give one such as 40.")
     if not 0 <= feature < d_sae:
         raise ConfigError(f"feature {feature} is not a feature of this SAE, which has ids 0..{d_sae - 1}.")
     return magnitude * sae.W_dec[feature].detach()

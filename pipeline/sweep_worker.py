@@ -118,35 +118,53 @@ class SweepWorker:
 
     def prompts(self, start: int, stop: int):
         """(tokens or StorePrompts, attention mask, metric) for prompts [start, stop)."""
-        metric_name = self.job.config.ablation.metric
+        prompts, tokens, mask = self._prompt_tokens(start, stop)
+        return prompts, mask, self._metric(start, stop, tokens, mask)
+
+    def _prompt_tokens(self, start: int, stop: int):
+        """(tokens or StorePrompts, their tokens, attention mask) for prompts [start, stop)."""
         if self.texts is None:
             prompts = StorePrompts.from_store(self.store, self.rows[start:stop], sae=self.job.sae_name)
-            tokens, mask = prompts.tokens, prompts.attention_mask
-        else:
-            tokens, mask = self.tokens[start:stop], None if self.mask is None else self.mask[start:stop]
-            prompts = tokens
+            return prompts, prompts.tokens, prompts.attention_mask
+        tokens, mask = self.tokens[start:stop], None if self.mask is None else self.mask[start:stop]
+        return tokens, tokens, mask
+
+    def _metric(self, start: int, stop: int, tokens: torch.Tensor, mask: torch.Tensor | None, clean: bool = True):
+        """The metric of prompts [start, stop); without ``clean``, None for kl (its clean run is a forward)."""
+        metric_name = self.job.config.ablation.metric
         lines = None if self.texts is None else self.texts[start:stop]
         if metric_name == "logit_diff":
-            metric = LogitDiff.from_strings(self.model, [l["answer"] for l in lines], [l["wrong_answer"] for l in lines])
-        elif metric_name == "loss" and lines is not None:
-            metric = TargetLoss.from_strings(self.model, [l["answer"] for l in lines])
-        elif metric_name == "loss":
-            metric = NextTokenLoss(tokens, mask)
-        else:
-            metric = KLFromClean.from_model(self.model, tokens.to(self.device), attention_mask=mask)
-        return prompts, mask, metric
+            return LogitDiff.from_strings(self.model, [l["answer"] for l in lines], [l["wrong_answer"] for l in lines])
+        if metric_name == "loss" and lines is not None:
+            return TargetLoss.from_strings(self.model, [l["answer"] for l in lines])
+        if metric_name == "loss":
+            return NextTokenLoss(tokens, mask)
+        return KLFromClean.from_model(self.model, tokens.to(self.device), attention_mask=mask) if clean else None
+
+    def _blocks(self) -> list[tuple[int, int]]:
+        step, n = self.job.config.store.prompts_per_part, self.n_prompts()
+        return [(start, min(n, start + step)) for start in range(0, n, step)]
+
+    def check_prompts(self) -> int:
+        """Every prompt as a part will meet it, checked before the sweep's record is written, without
+        a forward: store rows that the store holds, each within one window; the ablated position inside
+        each prompt; answers of one token. Returns the number of prompts."""
+        for start, stop in self._blocks():
+            _, tokens, mask = self._prompt_tokens(start, stop)
+            resolve_positions(self.job.config.ablation.position, len(tokens), tokens.shape[1], mask, first=start)
+            self._metric(start, stop, tokens, mask, clean=False)
+        return self.n_prompts()
 
     def live_features(self) -> np.ndarray:
         """The union over all prompts of the features active at the ablated position."""
-        cfg = self.job.config
-        step, found = cfg.store.prompts_per_part, []
-        for start in range(0, self.n_prompts(), step):
-            prompts, mask, _ = self.prompts(start, min(self.n_prompts(), start + step))
+        position, found = self.job.config.ablation.position, []
+        for start, stop in self._blocks():
+            prompts, tokens, mask = self._prompt_tokens(start, stop)
             if isinstance(prompts, StorePrompts):
-                positions = resolve_positions(cfg.ablation.position, len(prompts.rows), prompts.tokens.shape[1], mask)
+                positions = resolve_positions(position, len(prompts.rows), tokens.shape[1], mask)
                 found.append(prompts.live_features(self.job.sae_name, positions))
             else:
-                found.append(self._live_from_run(prompts, mask))
+                found.append(self._live_from_run(tokens, mask))
         return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
 
     @torch.no_grad()

@@ -51,6 +51,10 @@ class StoreWriteError(LatentStoreError, PermissionError):
     """The store path cannot be written."""
 
 
+class StoreAccessError(LatentStoreError, OSError):
+    """The store cannot be reached: no connection, no credentials, or access denied."""
+
+
 class StoreCorruptError(LatentStoreError, ValueError):
     """Part of the store was damaged after it was written: unreadable metadata, a chunk that
     does not decode, or data whose checksum differs from the one recorded at write time."""

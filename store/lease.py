@@ -41,7 +41,7 @@ from pathlib import Path
 
 from store import format as fmt
 from store.errors import ConfigError, StoreLockedError, StoreWriteError
-from store.location import check_writable, is_url, normalize
+from store.location import check_writable, is_url, normalize, reaching
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,14 @@ class StoreLease:
     # -- taking and giving back -------------------------------------------------------------------
 
     def acquire(self) -> StoreLease:
-        """Take the lease, or raise ``StoreLockedError`` naming the run that holds it."""
+        """Take the lease, or raise ``StoreLockedError`` naming the run that holds it (and
+        ``StoreAccessError`` where the store cannot be reached)."""
         if not is_url(self.location):
             check_writable(self.location)  # a clear message, rather than the lease file's OSError
+        with reaching(self.location):
+            return self._acquire()
+
+    def _acquire(self) -> StoreLease:
         started = _now()
         record = {**fmt.encoding(LEASE_ENCODING), "token": self.token, "command": self.command, **_machine(),
                   "pid": os.getpid(), "started_at": _iso(started), "renewed_at": _iso(started), "ttl_s": self.ttl_s}

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -16,7 +18,7 @@ import zarr
 from zarr.errors import ZarrUserWarning
 from zarr.storage import FsspecStore, LocalStore
 
-from store.errors import ConfigError, StoreWriteError
+from store.errors import ConfigError, LatentStoreError, StoreAccessError, StoreWriteError
 
 
 def is_url(location: str) -> bool:
@@ -53,9 +55,9 @@ BUCKET_FIRST = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"
 # Query keys that carry secrets: signed URLs (X-Amz-*, X-Goog-*, Azure SAS ``sig``), tokens, keys, passwords.
 SECRET_QUERY_KEY = re.compile(r"key|secret|token|passw|pwd|sig|credential|auth|session|^x-amz-|^x-goog-",
                               re.IGNORECASE)
-CREDENTIALS_FIX = ("Remove them from the URL and give them the usual way instead: environment variables "
-                   "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, ...) or the "
-                   "provider's config files.")
+CREDENTIALS_HOW = ("environment variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, "
+                   "...) or the provider's config files")
+CREDENTIALS_FIX = f"Remove them from the URL and give them the usual way instead: {CREDENTIALS_HOW}."
 
 
 def _refuse_credentials(url: str) -> None:
@@ -137,6 +139,62 @@ def mask_url(url: str) -> str:
     return "::".join(masked)
 
 
+# Failures to reach a store, by the names of the exception classes that the storage SDKs under fsspec
+# raise (botocore, aiohttp, google-auth, azure-identity): matched by name, so that none is imported.
+NO_CREDENTIALS = frozenset({"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+                            "DefaultCredentialsError", "RefreshError", "CredentialUnavailableError",
+                            "ClientAuthenticationError"})
+UNREACHABLE = frozenset({"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectionError",
+                         "ServerTimeoutError", "TransportError", "ServiceRequestError"})
+ANONYMOUS_READS = ("for a public bucket, read anonymously: FSSPEC_S3_ANON=true (S3), FSSPEC_GCS_TOKEN=anon "
+                   "(Google Cloud Storage)")
+
+
+def access_error(location: str | None, error: BaseException) -> StoreAccessError | None:
+    """The StoreAccessError that says why the store at ``location`` could not be reached, for an
+    ``error`` (or one it was raised from) that means no connection, no credentials or access denied;
+    None for any other error. It quotes the error's own text, its URLs masked. Without a ``location``
+    it speaks of what was being read or written, which that text names."""
+    for cause in _chain(error):
+        if isinstance(cause, LatentStoreError):
+            return None  # already says what went wrong, and how to fix it
+        names = {cls.__name__ for cls in type(cause).__mro__}
+        status = getattr(cause, "status", None)
+        if names & NO_CREDENTIALS:
+            fix = f"no credentials for it were found. Give them in {CREDENTIALS_HOW}; {ANONYMOUS_READS}."
+        elif isinstance(cause, PermissionError) or status in (401, 403):
+            fix = "access was denied. Use credentials that may read and write it, or change its permissions."
+        elif names & UNREACHABLE or isinstance(cause, (ConnectionError, TimeoutError)):
+            fix = "it could not be reached. Check the network, the host name in the URL and any proxy, then rerun."
+        else:
+            continue
+        where = f"the store at {mask_url(location)}" if location else "what this reads or writes"
+        said = mask_urls(str(cause))[:300] or "no message"
+        return StoreAccessError(f"{where} cannot be opened: {fix} ({type(cause).__name__}: {said})")
+    return None
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """``error``, then what it was raised from (a Ray task's error carries its ``cause``)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or getattr(error, "cause", None)
+
+
+@contextmanager
+def reaching(location: str) -> Iterator[None]:
+    """Raises a StoreAccessError (``access_error``) for a failure to reach the store at ``location``."""
+    try:
+        yield
+    except Exception as e:
+        problem = access_error(location, e)
+        if problem is None:
+            raise
+        raise problem from e
+
+
 def open_zarr_store(location: str, read_only: bool = False) -> zarr.abc.store.Store:
     location = normalize(location)
     if is_url(location):
@@ -145,7 +203,9 @@ def open_zarr_store(location: str, read_only: bool = False) -> zarr.abc.store.St
 
 
 def open_root(location: str, mode: str = "r") -> zarr.Group:
-    return zarr.open_group(open_zarr_store(location, read_only=(mode == "r")), mode=mode)
+    """The store's root group; a store that cannot be reached raises StoreAccessError."""
+    with reaching(location):
+        return zarr.open_group(open_zarr_store(location, read_only=(mode == "r")), mode=mode)
 
 
 class RootHandle:
@@ -169,8 +229,9 @@ def has_content(location: str) -> bool:
     if is_url(location):
         import fsspec
 
-        fs, path = fsspec.core.url_to_fs(location)
-        return fs.exists(path) and bool(fs.ls(path))
+        with reaching(location):
+            fs, path = fsspec.core.url_to_fs(location)
+            return fs.exists(path) and bool(fs.ls(path))
     path = Path(location)
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
 

@@ -17,7 +17,7 @@ import zarr
 from store import format as fmt
 from store.checked import ROOT_METADATA, CheckedArray, corrupt, open_array, open_node
 from store.errors import ConfigError, StoreCorruptError, StoreNotFoundError, did_you_mean
-from store.location import normalize, open_root
+from store.location import has_content, normalize, open_root
 from store import index as index_mod
 from store import stats as stats_mod
 from store.queries import Queries
@@ -56,6 +56,11 @@ class FeatureStore(Queries):
         attrs = read_root_attrs(location)  # unreadable: StoreCorruptError, with the repair
         if attrs is None and has_shard_markers(location):
             raise corrupt(location, ROOT_METADATA, "the root's metadata is missing, but the store holds shards")
+        if attrs is None and has_content(location):  # extract will not write over it either
+            raise StoreNotFoundError(
+                f"{location} is not a latentstore store: something else is there (its root has no latentstore "
+                "attributes). Give the path of a store, or make one at a new path with `latentstore extract --store`."
+            )
         if attrs is None:
             raise StoreNotFoundError(
                 f"No latentstore store at {location}. Make one with `latentstore extract --store {location}`."

@@ -37,7 +37,7 @@ from store import format as fmt
 from store import stats as stats_mod
 from store.checked import checksum, repair
 from store.errors import StoreNotFoundError
-from store.location import is_url, normalize, open_zarr_store
+from store.location import is_url, normalize, open_zarr_store, reaching
 
 METADATA = "zarr.json"
 INDEX_GROUP = getattr(fmt, "INDEX_GROUP", "index")  # the feature-major index (format 1.1)
@@ -150,12 +150,13 @@ class _Walker:
         self.raw: dict[str, bytes] = {}  # metadata file -> its bytes when read: what changed meanwhile was rewritten
         # the root's metadata is read before the listing: a store it calls complete was complete when the
         # files were listed (read after, it could call complete a store whose last arrays the listing missed)
-        try:
-            self.raw[METADATA] = self.fs.cat_file(f"{self.base}/{METADATA}")
-        except OSError:  # no root yet, or not a store: parse_metadata and verify_store say which
-            pass
-        # zarr's local store writes each file as <name>.<uuid>.partial, then renames it: not part of the store
-        self.files = {self._rel(p) for p in self.fs.find(self.base) if not p.endswith(".partial")}
+        with reaching(location):  # a store that cannot be reached must not pass for one that is not there
+            try:
+                self.raw[METADATA] = self.fs.cat_file(f"{self.base}/{METADATA}")
+            except (FileNotFoundError, NotADirectoryError):  # no root yet, or not a store: verify_store says which
+                pass
+            # zarr's local store writes each file as <name>.<uuid>.partial, then renames it: not part of the store
+            self.files = {self._rel(p) for p in self.fs.find(self.base) if not p.endswith(".partial")}
         self.metadata: dict[str, dict] = {}  # node path ("" for the root) -> parsed zarr.json
         self.pending: set[str] = set()  # groups still to come (no completion marker yet): their arrays are not read
         self.zstore = open_zarr_store(location, read_only=True)

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import zarr
 
 from jobs.cli import main
 from pipeline.dataset import DatasetSpec
@@ -424,6 +425,11 @@ BAD_INPUTS = {
         r"SweepConfig\.sae='.*' reads 'blocks\.1\.hook_mlp_out' with 96 features, but the store's SAE "
         r"'blocks\.0\.hook_resid_post', whose live features and means the sweep reads, reads "
         r"'blocks\.0\.hook_resid_post' with 96\. Leave SweepConfig\.sae out"),
+    "sweep: --features past the SAE's last": (
+        _sweep(features=(7, 999999)), ConfigError,
+        rf"features=\(7, 999999\): 999999 is not a feature of the SAE '{HOOK}', whose ids are 0\.\.95\."),
+    "sweep: a scale factor of nan": (
+        _sweep(ablation=float("nan")), ConfigError, r"ablation\.kind=nan: use zero, mean or a finite scale factor"),
     "sweep: name with a slash": (_sweep(name="a/b"), ConfigError, r"sweep name 'a/b': use letters, digits"),
     "sweep: logit_diff without answers": (
         _sweep(metric="logit_diff"), ConfigError, r"SweepConfig\.ablation\.metric='logit_diff' needs answers"),
@@ -473,6 +479,10 @@ BAD_INPUTS = {
     "cli: dashboard --out an existing file": (
         _cli("dashboard", "{store}", "--hook", HOOK, "--out", "{tmp}/site.txt", "--no-progress",
              before=lambda a, t: _file(t, "site.txt", b"notes")), SystemExit, r"2"),
+    "cli: info on a zarr group that is not a latentstore store":
+        "other.zarr is not a latentstore store: something else is there (its root has no latentstore attributes)",
+    "cli: sweep --ablation nan": "argument --ablation: 'nan': use zero, mean or a finite scale factor such as 0.5",
+    "cli: steer --magnitude inf": "argument --magnitude: 'inf' is not a finite number",
     "cli: dashboard --out a folder holding the user's own index.html": (
         _dashboard_over_own_files, SystemExit, r"2"),
     "cli: export neuronpedia --out an existing file": (
@@ -488,6 +498,15 @@ BAD_INPUTS = {
              "--magnitude", "2"), SystemExit, r"2"),
     "cli: dashboard --serve on port 99999": (
         _cli("dashboard", "{store}", "--hook", HOOK, "--out", "{tmp}/site", "--serve", "--port", "99999"),
+        SystemExit, r"2"),
+    "cli: info on a zarr group that is not a latentstore store": (
+        _cli("info", "{tmp}/other.zarr", before=lambda a, t: zarr.open_group(str(t / "other.zarr"), mode="w")),
+        SystemExit, r"2"),
+    "cli: sweep --ablation nan": (
+        _cli("sweep", "--name", "s", "--store", "{store}", "--rows", "0:4", "--metric", "kl", "--ablation", "nan"),
+        SystemExit, r"2"),
+    "cli: steer --magnitude inf": (
+        _cli("steer", "--store", "{store}", "--prompt", "the cat", "--feature", "1", "--magnitude", "inf"),
         SystemExit, r"2"),
     "dashboard: JSON nested 100,000 levels deep sent to /api/prompt": (
         _nested_json_to_the_server, Answer,
@@ -522,6 +541,10 @@ CLI_STDERR = {
     "cli: index --workers 0": "--workers 0: give how many tasks build parts at once, at least 1",
     "cli: steer a model TransformerLens does not know":
         "latentstore steer: error: --model 'nosuchmodel' is neither a local model directory nor a TransformerLens",
+    "cli: info on a zarr group that is not a latentstore store":
+        "other.zarr is not a latentstore store: something else is there (its root has no latentstore attributes)",
+    "cli: sweep --ablation nan": "argument --ablation: 'nan': use zero, mean or a finite scale factor such as 0.5",
+    "cli: steer --magnitude inf": "argument --magnitude: 'inf' is not a finite number",
     "cli: dashboard --out a folder holding the user's own index.html":
         "holds files that are not a latentstore dashboard (index.html); writing the site there would overwrite them",
 }

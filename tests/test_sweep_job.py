@@ -142,6 +142,33 @@ def test_errors_name_the_problem(store, assets, tmp_path):
     worker = SweepWorker(validate(cfg))
     with pytest.raises(ConfigError, match="'cat dog' is 2 tokens"):
         worker.prompts(0, 1)
+    with pytest.raises(ConfigError, match="'cat dog' is 2 tokens"):
+        worker.check_prompts()  # as a part would meet it, without a forward
+    with pytest.raises(ConfigError, match=r"features=\(3, 4096, -1\): -1, 4096 are not features of the SAE "
+                                          rf"'{HOOK}', whose ids are 0\.\.95\."):
+        validate(SweepConfig.build(name="x", store=store, rows=(0, 3), metric="kl", features=(3, 4096, -1)))
+    for scale in ("nan", "inf", "-inf"):
+        with pytest.raises(ConfigError, match=r"ablation\.kind=.*: use zero, mean or a finite scale factor"):
+            validate(SweepConfig.build(name="x", store=store, rows=(0, 3), metric="kl", ablation=float(scale)))
+
+
+def test_a_bad_prompt_is_refused_before_the_sweep_is_begun(store, ray_cluster):
+    """A position outside the prompts fails the run as it loads, before the sweep's record is
+    written: a part would have met it only after, leaving a sweep begun that no rerun of the same
+    command could finish, and that the corrected command was refused as "a different sweep"."""
+    from dataclasses import replace
+
+    from store.errors import StoreNotFoundError
+
+    bad = SweepConfig.build(name="late", store=store, rows=(0, 14), metric="kl", position=40, features=(1, 2),
+                            workers=1, progress=False)
+    with pytest.raises(ConfigError, match=r"position 40 is outside prompt 0, which has \d+ tokens") as err:
+        run_sweep(bad)
+    assert "(while loading the model, the SAE and the prompts)" in err.value.__notes__
+    with pytest.raises(StoreNotFoundError, match="has no sweep 'late'"):
+        read_sweep(store, "late")
+    good = replace(bad, ablation=replace(bad.ablation, position=-1))
+    assert run_sweep(good)["n_lines"] == 14 * 2
 
 
 def test_a_worker_that_cannot_load_its_sae_reports_the_real_error(assets, prompt_file, ray_cluster, tmp_path):
