@@ -163,7 +163,9 @@ def access_error(location: str | None, error: BaseException) -> StoreAccessError
         if names & NO_CREDENTIALS:
             fix = f"no credentials for it were found. Give them in {CREDENTIALS_HOW}; {ANONYMOUS_READS}."
         elif isinstance(cause, PermissionError) or status in (401, 403):
-            fix = "access was denied. Use credentials that may read and write it, or change its permissions."
+            fix = ("access was denied. Change its permissions, or run as a user who may read and write it."
+                   if location and not is_url(location) else
+                   "access was denied. Use credentials that may read and write it, or change its permissions.")
         elif names & UNREACHABLE or isinstance(cause, (ConnectionError, TimeoutError)):
             fix = "it could not be reached. Check the network, the host name in the URL and any proxy, then rerun."
         else:

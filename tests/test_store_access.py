@@ -51,6 +51,8 @@ def test_other_errors_are_not_access_errors():
     assert access_error("s3://bucket/x.zarr", FileNotFoundError("no such key")) is None  # "no store here" says that
     # latentstore's own errors already say what and how to fix it (StoreWriteError is a PermissionError)
     assert access_error("/data/x.zarr", StoreWriteError("--store /data/x.zarr: cannot write in /data")) is None
+    assert str(access_error("/data/x.zarr", PermissionError(13, "Permission denied"))).startswith(
+        "the store at /data/x.zarr cannot be opened: access was denied. Change its permissions, or run as a user")
     assert "cannot be opened: no credentials" in str(access_error(None, NoCredentialsError("x")))
     assert "public bucket, read anonymously: FSSPEC_S3_ANON=true" in str(access_error(None, NoCredentialsError("x")))
 
