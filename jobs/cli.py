@@ -6,12 +6,13 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import textwrap
 
 from jobs.settings import SettingsError
 from jobs.terminal import terminal_text
-from store.errors import LatentStoreError, disk_full, is_disk_full
+from store.errors import ConfigError, LatentStoreError, disk_full, is_disk_full
 
 EXTRACT_HELP = """\
 Run a TransformerLens model with sae_lens SAEs attached over a dataset, on Ray
@@ -193,16 +194,20 @@ def extract_config(args: argparse.Namespace):
     from pipeline.dataset import DatasetSpec
 
     model, saes, dataset = args.model, tuple(args.saes or ()), args.dataset
-    if model is None and not saes and dataset is None:
+    if model is None or not saes or dataset is None:
         from pipeline import default
 
-        model, saes, dataset = str(default.MODEL_DIR), tuple(str(p) for p in default.default_sae_dirs()), str(default.TRAIN_CORPUS)
-    elif model is None or not saes or dataset is None:
-        missing = [flag for flag, value in [("--model", model), ("--sae", saes), ("--dataset", dataset)] if not value]
-        raise SystemExit(
-            f"latentstore extract: give {', '.join(missing)} as well, or none of --model/--sae/--dataset "
-            "to run the embedded default."
-        )
+        embedded = {"--model": str(default.MODEL_DIR), "--sae": tuple(str(p) for p in default.default_sae_dirs()),
+                    "--dataset": str(default.TRAIN_CORPUS)}
+        if model is None and not saes and dataset is None:
+            model, saes, dataset = embedded.values()
+        else:
+            missing = [flag for flag, value in [("--model", model), ("--sae", saes), ("--dataset", dataset)]
+                       if not value]
+            shown = " ".join(f"{flag} {shlex.quote(path)}" for flag in missing
+                             for path in ((embedded[flag],) if isinstance(embedded[flag], str) else embedded[flag]))
+            raise ConfigError(f"give {', '.join(missing)} as well, or none of --model/--sae/--dataset to run the "
+                              f"embedded default. The embedded default's are: {shown}")
     settings = {k: v for k, v in vars(args).items() if k in ExtractConfig.settings()}
     return ExtractConfig.build(**{**settings, "model": model, "saes": saes, "dataset": DatasetSpec(dataset)})
 
@@ -231,6 +236,9 @@ def _store_locations(args: argparse.Namespace) -> list[str]:
     return [args.store] if isinstance(getattr(args, "store", None), str) else []
 
 
+RESUMABLE = ("extract", "index", "sweep")  # the commands that write a store, which a rerun finishes
+
+
 def _known_error(error: Exception, store: str | None) -> LatentStoreError | None:
     """The error to report without a traceback, or None for a bug. Besides latentstore's own: a full
     disk met by this process, or by a Ray task whose error was not converted (``ray.get``'s
@@ -251,6 +259,7 @@ def _known_error(error: Exception, store: str | None) -> LatentStoreError | None
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command = " ".join(filter(None, (args.command, getattr(args, "format", None))))  # "export delphi"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -264,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = extract_config(args)
             counts = run_extract(cfg)
             print(f"wrote {counts['n_tokens']:,} tokens in {counts['n_shards']} shards to {cfg.store.path}")
-            print(f"next: latentstore info {cfg.store.path}")
+            print(f"next: latentstore info {shlex.quote(cfg.store.path)}")
         elif args.command == "info":
             from store import FeatureStore
 
@@ -276,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
             status = args.handler(args)
             if isinstance(status, int) and status:
                 return status
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; the writing commands resume on a rerun
+        resumes = " Rerun the same command to resume it: what is complete is kept." if args.command in RESUMABLE else ""
+        print(f"latentstore {command}: interrupted.{resumes}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
     except BrokenPipeError:
         # whatever read the output stopped early (`latentstore top STORE | head`): end quietly, as other
         # command-line tools do; stdout goes to devnull so that the flush at exit does not fail again
@@ -288,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         from store.location import mask_urls
 
         # masked: a message may quote a URL the user typed (a dataset's, a model's), credentials and all
-        print(f"latentstore {args.command}: error: {terminal_text(mask_urls(str(shown)), keep_newlines=True)}",
+        print(f"latentstore {command}: error: {terminal_text(mask_urls(str(shown)), keep_newlines=True)}",
               file=sys.stderr)
         for note in getattr(shown, "__notes__", []):
             print(f"  {terminal_text(mask_urls(note), keep_newlines=True)}", file=sys.stderr)

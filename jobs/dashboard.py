@@ -84,6 +84,7 @@ def write_dashboard(fs: FeatureStore, sae: str, out: str | Path, features: range
                     max_rows: int = 500, logits: bool = True, progress: bool = False) -> Path:
     """Write the site of SAE ``sae`` (its name, or the hook where it is the only SAE) into ``out`` and
     return the path of its ``index.html``."""
+    fs.require_complete(then="build its dashboard")  # a site of part of the run would pass for the whole
     sae = fs.resolve(sae)
     features = checked_features(fs, sae, features)
     out = check_site_folder(out, make=True)

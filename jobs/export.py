@@ -145,6 +145,7 @@ def export_neuronpedia(fs: FeatureStore, sae: str, out: str | Path, features: ra
     run's tokenizer, as the command does). ``correlated_features=False`` leaves those lists empty."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: give at least 1 feature per batch.")
+    fs.require_complete(then="export it")  # an export of part of the run would pass for the whole
     record = fs.sae_record(sae)
     features = checked_features(fs, sae, features)
     # a bound inside a batch: this piece's file of that batch holds only part of it

@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +74,12 @@ def export_delphi(fs: FeatureStore, out: str | Path, saes: list[str] | None = No
     default: every SAE); returns the split files written per SAE name."""
     from safetensors.numpy import save_file
 
+    fs.require_complete(then="export it")  # a cache of part of the run would pass for the whole
     names = list(dict.fromkeys(fs.resolve(sae) for sae in saes or fs.saes))  # every one checked before writing
     for name in names:
         if fs.index(name) is None:
             raise ConfigError(f"{fs.location} has no complete index for SAE {name}; delphi's cache is written "
-                              f"from it. Build it first: latentstore index {fs.location}")
+                              f"from it. Build it first: latentstore index {shlex.quote(fs.location)}")
     if n_splits < 1 or split_entries < 1:
         raise ConfigError(f"--n-splits {n_splits} and --split-entries {split_entries} must be at least 1.")
     out = output_folder(out, "delphi's latent cache", make=True)

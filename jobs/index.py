@@ -14,7 +14,7 @@ import logging
 import numpy as np
 
 from store import FeatureStore, index as index_mod
-from store.errors import ConfigError, StoreIncompleteError
+from store.errors import ConfigError
 from store.format import check_writes
 from store.lease import hold_lease
 
@@ -39,11 +39,7 @@ def run_index(location: str, workers: int | None = None, address: str | None = N
     with hold_lease(location, "latentstore index") as lease:  # re-entrant: `latentstore extract` holds it already
         fs = FeatureStore.open(location)
         check_writes(fs.attrs, fs.location)  # before Ray starts: a store of an older major is read-only
-        if not fs.complete:
-            raise StoreIncompleteError(
-                f"{fs.location} is still being written (or its extraction stopped part-way); "
-                "finish it by rerunning the same `latentstore extract` command, then index it."
-            )
+        fs.require_complete(then="index it")
         ray = connect(address, workers or 1)
         shards = fs.attrs["shards"]
         token_dtype = "<u4" if fs.n_tokens < 2**32 else "<u8"

@@ -13,7 +13,8 @@ def output_folder(out: str | os.PathLike, what: str, make: bool = False) -> Path
     """``--out`` as a Path, once ``what`` (such as "the Neuronpedia export") can be written there; with
     ``make``, the folder is made if it is new (callers check first, writing nothing, before any work).
     A URL is refused, shown masked: these commands write local files, so a URL would become a local
-    folder named after it, credentials and all. So is a file, or a folder that cannot be made."""
+    folder named after it, credentials and all. So is a file, a folder inside a store, or a folder
+    that cannot be made."""
     text = os.fspath(out)
     if "://" in text or "::" in text:
         raise ConfigError(f"--out {mask_url(text)} is a URL, but {what} is written to a local folder. Give a "
@@ -22,6 +23,10 @@ def output_folder(out: str | os.PathLike, what: str, make: bool = False) -> Path
     folder = Path(text)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--out {folder} is a file; give a folder for {what}.")
+    lineage = (*reversed(folder.absolute().parents), folder.absolute())  # from the root down: the store, not a group
+    store = next((p for p in lineage if (p / "zarr.json").is_file()), None)
+    if store is not None:  # its files would become part of the store, which verify then calls damaged
+        raise ConfigError(f"--out {folder} is inside the zarr store {store}; give a folder outside it for {what}.")
     ancestor = folder.absolute()
     while not ancestor.exists():
         ancestor = ancestor.parent

@@ -61,6 +61,13 @@ def steer_command(args: argparse.Namespace) -> None:
     from pipeline.saes import SAESource, load_sae
     from pipeline.steering import steer
 
+    from store.errors import ConfigError
+
+    if args.max_new_tokens < 1:  # before anything loads
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: give how many tokens to generate, at least 1.")
+    if args.sample and not args.temperature > 0:
+        raise ConfigError(f"--temperature {args.temperature}: sampling needs a temperature above 0 (1 samples the "
+                          "model's own distribution, lower ones are greedier; leave --sample out for greedy).")
     model_spec, sae_spec = resolve_model_and_sae(args)
     model = load_model(model_spec)
     sae = load_sae(SAESource.parse(sae_spec), dtype=str(model.cfg.dtype).removeprefix("torch."))

@@ -157,12 +157,12 @@ def _check_prompt_file(cfg: SweepConfig) -> list[Problem]:
     path, metric = cfg.prompts.file, cfg.ablation.metric
     try:
         lines = read_prompt_file(path)
-    except (OSError, DataError) as e:
+    except DataError as e:
         return [Problem.from_text(str(e), SWEEP_FLAGS)]
-    for i, line in enumerate(lines):
+    for number, line in lines:
         missing = [k for k in PROMPT_FIELDS.get(metric, ("prompt",)) if not isinstance(line.get(k), str)]
         if missing:
-            return [Problem.of(Setting("prompts.file", path), f": line {i + 1} has no text field {', '.join(missing)}, "
+            return [Problem.of(Setting("prompts.file", path), f": line {number} has no text field {', '.join(missing)}, "
                                "which ", Setting("ablation.metric", metric), " needs.")]
     return [] if lines else [Problem.of(Setting("prompts.file", path), " holds no prompts.")]
 

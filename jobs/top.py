@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 
@@ -45,6 +46,10 @@ def _handle(args: argparse.Namespace) -> None:
     from pipeline.tokens import use_tokenizer
 
     fs = FeatureStore.open(args.store)
+    if not fs.complete:  # a look while a run goes is useful, but must not pass for the whole run
+        print(f"note: {terminal_text(fs.location)} is still being written (or its extraction stopped part-way): "
+              f"these come from its {len(fs.shards)} complete shards, {fs.n_tokens:,} tokens so far.",
+              file=sys.stderr)
     record = fs.sae_record(args.sae or fs.saes[0])  # an unknown name, or a hook shared by several SAEs: refused
     sae = record["name"]
     check_examples(args.k, tuple(args.context))  # every argument checked before anything is printed

@@ -54,8 +54,16 @@ def steer(model, sae, prompt: str | torch.Tensor, feature: int, magnitude: float
     """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be positive, got {max_new_tokens}.")
+    if do_sample and not temperature > 0:
+        raise ConfigError(f"temperature={temperature}: sampling needs a temperature above 0.")
     if isinstance(prompt, str) and model.tokenizer is None:
         raise ConfigError("a text prompt needs the model's tokenizer, and this model has none; pass token ids.")
+    n_prompt = (model.to_tokens(prompt) if isinstance(prompt, str) else prompt).shape[-1]
+    if n_prompt + max_new_tokens > model.cfg.n_ctx:
+        raise ConfigError(
+            f"the prompt's {n_prompt} tokens and {max_new_tokens} new ones (max_new_tokens, --max-new-tokens) exceed "
+            f"the model's context of {model.cfg.n_ctx} tokens: ask for at most {max(model.cfg.n_ctx - n_prompt, 0)} "
+            "new tokens, or shorten the prompt.")
     if seed is not None:
         torch.manual_seed(seed)
     with model.hooks(fwd_hooks=[steering_hook(model, sae, feature, magnitude)]):

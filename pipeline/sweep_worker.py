@@ -59,20 +59,31 @@ class Part:
     features: tuple[int, ...]
 
 
-def read_prompt_file(path: str) -> list[dict]:
-    """A prompt file's lines, one JSON object each (blank lines skipped)."""
+def read_prompt_file(path: str) -> list[tuple[int, dict]]:
+    """A prompt file's lines, one JSON object each, with their line numbers in the file (from 1;
+    blank lines skipped). UTF-8, with or without a byte-order mark."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DataError(f"--prompts {path} cannot be read ({e.strerror or e}): give a .jsonl file, one JSON "
+                        "object a line.") from None
     lines = []
-    with open(path) as f:
-        for i, text in enumerate(f):
-            if not text.strip():
-                continue
-            try:
-                line = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"--prompts {path}: line {i + 1} is not JSON ({e}).") from e
-            if not isinstance(line, dict):
-                raise DataError(f"--prompts {path}: line {i + 1} is not a JSON object.")
-            lines.append(line)
+    for i, raw in enumerate(data.splitlines()):
+        try:
+            text = raw.decode("utf-8-sig" if i == 0 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"--prompts {path}: line {i + 1} is not UTF-8 text ({e.reason} at byte {e.start}). "
+                            "Save the file as UTF-8.") from None
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"--prompts {path}: line {i + 1} is not JSON ({e}).") from e
+        if not isinstance(line, dict):
+            raise DataError(f"--prompts {path}: line {i + 1} is not a JSON object.")
+        lines.append((i + 1, line))
     return lines
 
 
@@ -103,7 +114,7 @@ class SweepWorker:
                 self.means = mean_activations(self.store, job.sae_name)
         else:
             self.store = None
-            self.texts = read_prompt_file(cfg.prompts.file)
+            self.texts = [line for _, line in read_prompt_file(cfg.prompts.file)]
             self.tokens, self.mask = self._tokenize([line["prompt"] for line in self.texts])
 
     def n_prompts(self) -> int:

@@ -8,6 +8,7 @@ top-k read decodes and checks only the blocks it touches.
 
 from __future__ import annotations
 
+import shlex
 import zlib
 
 import numpy as np
@@ -47,7 +48,7 @@ def repair(location: str, part: str) -> str:
         damaged = "/".join(names[:4] if names[2:3] == ["parts"] else names[:2])
         return f"delete {damaged} and rerun the same `latentstore sweep` command (it redoes what is missing)"
     if top == fmt.INDEX_GROUP:
-        return f"delete {fmt.INDEX_GROUP}/ and run `latentstore index {location}` to rebuild it"
+        return f"delete {fmt.INDEX_GROUP}/ and run `latentstore index {shlex.quote(location)}` to rebuild it"
     if top == fmt.STATS_GROUP:
         return (f"delete {fmt.STATS_GROUP}/ and rerun the same `latentstore extract` command: it keeps the shards "
                 "and rewrites the merged statistics from them")
@@ -58,7 +59,7 @@ def repair(location: str, part: str) -> str:
 def corrupt(location: str, part: str, what: str) -> StoreCorruptError:
     return StoreCorruptError(
         f"{location}: {part} is damaged: {what}. Reads that touch it are refused rather than return wrong "
-        f"numbers. Run `latentstore verify {location}` to list every damaged part; to repair, "
+        f"numbers. Run `latentstore verify {shlex.quote(location)}` to list every damaged part; to repair, "
         f"{repair(location, part)}."
     )
 

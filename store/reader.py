@@ -6,6 +6,7 @@ crash) opens too and shows the shards completed so far; ``fs.complete`` says whi
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -16,7 +17,7 @@ import zarr
 
 from store import format as fmt
 from store.checked import ROOT_METADATA, CheckedArray, corrupt, open_array, open_node
-from store.errors import ConfigError, StoreCorruptError, StoreNotFoundError, did_you_mean
+from store.errors import ConfigError, StoreCorruptError, StoreIncompleteError, StoreNotFoundError, did_you_mean
 from store.location import has_content, normalize, open_root
 from store import index as index_mod
 from store import stats as stats_mod
@@ -63,7 +64,7 @@ class FeatureStore(Queries):
             )
         if attrs is None:
             raise StoreNotFoundError(
-                f"No latentstore store at {location}. Make one with `latentstore extract --store {location}`."
+                f"No latentstore store at {location}. Make one with `latentstore extract --store {shlex.quote(location)}`."
             )
         if attrs.get("status") == fmt.STATUS_COMPLETE:
             listed = attrs["shards"]
@@ -84,6 +85,16 @@ class FeatureStore(Queries):
     @property
     def complete(self) -> bool:
         return self.attrs.get("status") == fmt.STATUS_COMPLETE
+
+    def require_complete(self, then: str) -> None:
+        """Raise StoreIncompleteError unless the whole run is written: for what would otherwise look
+        complete while missing the shards still to come. ``then`` says what to do once it is."""
+        if not self.complete:
+            raise StoreIncompleteError(
+                f"{self.location} is still being written (or its extraction stopped part-way): it holds "
+                f"{len(self.shards)} complete shards, {self.n_tokens:,} tokens so far. Finish it by rerunning the "
+                f"same `latentstore extract` command, then {then}."
+            )
 
     @property
     def run(self) -> dict:
@@ -350,7 +361,7 @@ class FeatureStore(Queries):
                 raise StoreCorruptError(
                     f"{self.location}: the store's run record ({ROOT_METADATA}) lists an SAE named {name}, but the "
                     f"complete shard {fmt.shard_path(shard.shard_id)} holds none. Reads are refused. Run "
-                    f"`latentstore verify {self.location}`: it names the damaged one and how to repair it."
+                    f"`latentstore verify {shlex.quote(self.location)}`: it names the damaged one and how to repair it."
                 ) from None
             run_dtype = self.run["value_dtype"]
             recorded = attrs.get("value_dtype", run_dtype)  # a group that records none: the run's

@@ -453,8 +453,33 @@ BAD_INPUTS = {
     "cli: index of an unfinished store": (
         _cli("index", "{tmp}/unfinished.zarr"), SystemExit, r"2"),
     "cli: extract with --model but no --sae": (
-        _cli("extract", "--model", "{model}", "--store", "{tmp}/x.zarr"), SystemExit,
-        r"latentstore extract: give --sae, --dataset as well"),
+        _cli("extract", "--model", "{model}", "--store", "{tmp}/x.zarr"), SystemExit, r"2"),
+    "cli: export neuronpedia of an unfinished store": (
+        _cli("export", "neuronpedia", "{tmp}/unfinished.zarr", "--sae", HOOK, "--out", "{tmp}/np"), SystemExit, r"2"),
+    "cli: export delphi of an unfinished store": (
+        _cli("export", "delphi", "{tmp}/unfinished.zarr", "--out", "{tmp}/delphi"), SystemExit, r"2"),
+    "cli: dashboard of an unfinished store": (
+        _cli("dashboard", "{tmp}/unfinished.zarr", "--sae", HOOK, "--out", "{tmp}/site"), SystemExit, r"2"),
+    "cli: export delphi --out inside the store": (
+        _cli("export", "delphi", "{store}", "--out", "{store}/shards"), SystemExit, r"2"),
+    "cli: steer --sample at temperature 0": (
+        _cli("steer", "--store", "{store}", "--prompt", "the cat", "--feature", "1", "--magnitude", "2", "--sample",
+             "--temperature", "0"), SystemExit, r"2"),
+    "cli: steer past the model's context": (
+        _cli("steer", "--store", "{store}", "--prompt", "the cat", "--feature", "1", "--magnitude", "2",
+             "--max-new-tokens", "100000"), SystemExit, r"2"),
+    "cli: sweep --prompts that is not UTF-8": (
+        _cli("sweep", "--name", "s", "--store", "{tmp}/o.zarr", "--prompts", "{tmp}/latin1.jsonl", "--model", "{model}",
+             "--sae", "{sae}", "--metric", "kl", before=lambda a, t: _file(t, "latin1.jsonl", b'{"prompt": "caf\xe9"}\n')),
+        SystemExit, r"2"),
+    "cli: sweep --prompts that does not exist": (
+        _cli("sweep", "--name", "s", "--store", "{tmp}/o.zarr", "--prompts", "{tmp}/nope.jsonl", "--model", "{model}",
+             "--sae", "{sae}", "--metric", "kl"), SystemExit, r"2"),
+    "cli: sweep --prompts whose third line lacks the answer, after a blank line": (
+        _cli("sweep", "--name", "s", "--store", "{tmp}/o.zarr", "--prompts", "{tmp}/p.jsonl", "--model", "{model}",
+             "--sae", "{sae}", before=lambda a, t: _file(
+                 t, "p.jsonl", b'{"prompt": "a", "answer": " b", "wrong_answer": " c"}\n\n{"prompt": "a"}\n')),
+        SystemExit, r"2"),
     "cli: a --max-tokens that is not a whole number": (
         _cli("extract", "--max-tokens", "1.5"), SystemExit, r"2"),
     "cli: info on a chained URL with credentials": (
@@ -516,7 +541,25 @@ BAD_INPUTS = {
 CLI_STDERR = {
     "cli: info on a path with no store": "latentstore info: error: No latentstore store at",
     "cli: verify on a path with no store": "latentstore verify: error: No latentstore store at",
-    "cli: index of an unfinished store": "latentstore index: error:",
+    "cli: index of an unfinished store":
+        "latentstore index: error: {tmp}/unfinished.zarr is still being written (or its extraction stopped part-way): "
+        "it holds 0 complete shards, 0 tokens so far. Finish it by rerunning the same `latentstore extract` command, "
+        "then index it.",
+    "cli: export neuronpedia of an unfinished store": "latentstore export neuronpedia: error: {tmp}/unfinished.zarr is "
+                                                       "still being written",
+    "cli: export delphi of an unfinished store": "latentstore export delphi: error: {tmp}/unfinished.zarr is still "
+                                                 "being written",
+    "cli: dashboard of an unfinished store": "then build its dashboard.",
+    "cli: export delphi --out inside the store": "shards is inside the zarr store {store}; give a folder outside it",
+    "cli: steer --sample at temperature 0": "--temperature 0.0: sampling needs a temperature above 0",
+    "cli: steer past the model's context": "tokens and 100000 new ones (max_new_tokens, --max-new-tokens) exceed the "
+                                           "model's context of",
+    "cli: sweep --prompts that is not UTF-8": "latin1.jsonl: line 1 is not UTF-8 text (invalid continuation byte at "
+                                              "byte 15). Save the file as UTF-8.",
+    "cli: sweep --prompts that does not exist": "nope.jsonl cannot be read (No such file or directory): give a .jsonl",
+    "cli: sweep --prompts whose third line lacks the answer, after a blank line":
+        "p.jsonl: line 3 has no text field answer, wrong_answer, which --metric logit_diff needs.",
+    "cli: extract with --model but no --sae": "latentstore extract: error: give --sae, --dataset as well, or none of",
     "cli: a --max-tokens that is not a whole number": "'1.5' is not a whole number",
     "cli: info on a chained URL with credentials":
         "latentstore info: error: the store URL simplecache::s3://***@bucket/x.zarr holds credentials",
@@ -560,21 +603,21 @@ def test_the_table_is_big_enough():
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input(assets, good_store, tmp_path, capsys, case):
     action, error, message = BAD_INPUTS[case]
-    if case == "cli: index of an unfinished store":
+    if "unfinished store" in case:
         _unfinished(assets, tmp_path)
     good_before = (Path(good_store) / "zarr.json").read_text()
     with pytest.raises(error, match=message):
         action(assets, tmp_path, good_store)
     if case in CLI_STDERR:
         err = capsys.readouterr().err
-        assert CLI_STDERR[case] in err and "Traceback" not in err, err
+        assert CLI_STDERR[case].format(tmp=tmp_path, store=good_store) in err and "Traceback" not in err, err
         assert SECRET not in err
     # nothing looks complete that was not, nor is being written: no new store, and the good store is unchanged
     for candidate in (tmp_path / "store.zarr", tmp_path / "x.zarr"):
         if (candidate / "zarr.json").exists():
             attrs = json.loads((candidate / "zarr.json").read_text())["attributes"].get(fmt.ATTRS_KEY, {})
             assert attrs.get("status") != fmt.STATUS_COMPLETE, candidate
-            assert case in MADE_BY_THE_CASE or case == "cli: index of an unfinished store", (case, attrs.get("status"))
+            assert case in MADE_BY_THE_CASE or "unfinished store" in case, (case, attrs.get("status"))
     assert (Path(good_store) / "zarr.json").read_text() == good_before
 
 
@@ -828,3 +871,20 @@ def test_disk_full_mid_shard_then_resume(assets, ray_cluster, good_store, tmp_pa
     from store.verify import verify_store
 
     assert verify_store(str(store)).ok
+
+
+def test_top_of_a_store_being_written_says_so(good_store, tmp_path, capsys):
+    """`top` may look at a store while its run goes (or after it stopped part-way), but says that what
+    it prints comes from the shards written so far; exports and the dashboard refuse (the table)."""
+    store = _copy(good_store, tmp_path)
+    root = Path(store) / "zarr.json"
+    meta = json.loads(root.read_text())
+    meta["attributes"][fmt.ATTRS_KEY]["status"] = fmt.STATUS_WRITING  # as a killed run leaves it
+    root.write_text(json.dumps(meta))
+    fs = FeatureStore.open(store)
+    assert not fs.complete and len(fs.shards) >= 1
+    assert main(["top", store, "--hook", HOOK, "--feature", "1", "-k", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert err == (f"note: {store} is still being written (or its extraction stopped part-way): these come from its "
+                   f"{len(fs.shards)} complete shards, {fs.n_tokens:,} tokens so far.\n")
+    assert "feature 1" in out

@@ -73,3 +73,32 @@ def test_output_cut_short_by_its_reader_ends_quietly(reference_store):
     stderr = top.stderr.read().decode()
     assert top.wait(timeout=120) == 1
     assert b"feature" in first and stderr == ""
+
+
+def test_ctrl_c_says_interrupted_and_how_to_resume(monkeypatch, tmp_path, capsys):
+    """Ctrl-C ends a command with one line and status 130 (128 + SIGINT), not a traceback; the
+    commands that write a store say that a rerun resumes."""
+    import jobs.extract
+    from store import FeatureStore
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs.extract, "run_extract", interrupted)
+    assert main(["extract", "--store", str(tmp_path / "x.zarr")]) == 130
+    assert capsys.readouterr().err == ("latentstore extract: interrupted. Rerun the same command to resume it: what "
+                                       "is complete is kept.\n")
+    monkeypatch.setattr(FeatureStore, "open", interrupted)
+    assert main(["info", str(tmp_path / "x.zarr")]) == 130
+    assert capsys.readouterr().err == "latentstore info: interrupted.\n"
+
+
+def test_extract_given_some_of_model_sae_and_dataset_names_the_rest(tmp_path, capsys):
+    from pipeline import default
+
+    assert main(["extract", "--store", str(tmp_path / "x.zarr"), "--dataset", str(tmp_path / "mine.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("latentstore extract: error: give --model, --sae as well, or none of "
+                          "--model/--sae/--dataset to run the embedded default. The embedded default's are: "
+                          f"--model {default.MODEL_DIR} --sae "), err
+    assert not (tmp_path / "x.zarr").exists()
