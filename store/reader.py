@@ -6,6 +6,7 @@ crash) opens too and shows the shards completed so far; ``fs.complete`` says whi
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,7 +19,7 @@ import zarr
 from store import format as fmt
 from store.checked import ROOT_METADATA, CheckedArray, corrupt, open_array, open_node
 from store.errors import ConfigError, StoreCorruptError, StoreIncompleteError, StoreNotFoundError, did_you_mean
-from store.location import has_content, normalize, open_root
+from store.location import has_content, is_url, normalize, open_root
 from store import index as index_mod
 from store import stats as stats_mod
 from store.queries import Queries
@@ -57,6 +58,9 @@ class FeatureStore(Queries):
         attrs = read_root_attrs(location)  # unreadable: StoreCorruptError, with the repair
         if attrs is None and has_shard_markers(location):
             raise corrupt(location, ROOT_METADATA, "the root's metadata is missing, but the store holds shards")
+        if attrs is None and not is_url(location) and os.path.isfile(location):
+            raise StoreNotFoundError(f"{location} is a file, not a latentstore store (a store is a folder). Give the "
+                                     "store's folder.")
         if attrs is None and has_content(location):  # extract will not write over it either
             raise StoreNotFoundError(
                 f"{location} is not a latentstore store: something else is there (its root has no latentstore "

@@ -506,6 +506,8 @@ BAD_INPUTS = {
              before=lambda a, t: _file(t, "site.txt", b"notes")), SystemExit, r"2"),
     "cli: info on a zarr group that is not a latentstore store":
         "other.zarr is not a latentstore store: something else is there (its root has no latentstore attributes)",
+    "cli: top of a file": "latentstore top: error: {tmp}/notes.txt is a file, not a latentstore store (a store is a "
+                          "folder). Give the store's folder.",
     "cli: sweep --ablation nan": "argument --ablation: 'nan': use zero, mean or a finite scale factor such as 0.5",
     "cli: steer --magnitude inf": "argument --magnitude: 'inf' is not a finite number",
     "cli: dashboard --out a folder holding the user's own index.html": (
@@ -527,6 +529,8 @@ BAD_INPUTS = {
     "cli: info on a zarr group that is not a latentstore store": (
         _cli("info", "{tmp}/other.zarr", before=lambda a, t: zarr.open_group(str(t / "other.zarr"), mode="w")),
         SystemExit, r"2"),
+    "cli: top of a file": (
+        _cli("top", "{tmp}/notes.txt", before=lambda a, t: _file(t, "notes.txt", b"notes")), SystemExit, r"2"),
     "cli: sweep --ablation nan": (
         _cli("sweep", "--name", "s", "--store", "{store}", "--rows", "0:4", "--metric", "kl", "--ablation", "nan"),
         SystemExit, r"2"),
