@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -82,6 +83,18 @@ def local_builder(path: Path) -> str | None:
     return LOCAL_BUILDERS.get(suffixes[-1]) if suffixes else None
 
 
+@contextmanager
+def _datasets_logging(level: int) -> Iterator[None]:
+    import datasets
+
+    before = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(level)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(before)
+
+
 def open_dataset(spec: DatasetSpec) -> Any:
     """The dataset as a memory-mapped ``datasets.Dataset`` (hub datasets are downloaded once, cached)."""
     import datasets
@@ -111,7 +124,8 @@ def open_dataset(spec: DatasetSpec) -> Any:
                 "(optionally compressed, e.g. .jsonl.gz), or a folder written by Dataset.save_to_disk."
             )
         try:
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
+            with _datasets_logging(datasets.logging.CRITICAL):  # its errors on a bad file are reported below, once
+                return datasets.load_dataset(builder, data_files=str(path), split="train")
         except StopIteration as e:  # how datasets' JSON reader meets a file with no line at all
             raise ConfigError(f"--dataset {spec.name} is empty: there is nothing to extract. "
                               "Give a file with at least one row.") from e

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -892,3 +893,17 @@ def test_top_of_a_store_being_written_says_so(good_store, tmp_path, capsys):
     assert err == (f"note: {store} is still being written (or its extraction stopped part-way): these come from its "
                    f"{len(fs.shards)} complete shards, {fs.n_tokens:,} tokens so far.\n")
     assert "feature 1" in out
+
+
+def test_a_broken_dataset_file_is_reported_once(assets, tmp_path):
+    """The datasets library logs its own error for a file it cannot parse, which latentstore reports in
+    its own words: the user sees that one line, not the library's twice before it (a fresh process:
+    under pytest, logging goes to pytest's handlers)."""
+    bad = _file(tmp_path, "bad.jsonl", b'{"text": "a b c"}\n{bad json\n')
+    argv = [a.format(model=assets["model_dir"], sae=assets["sae_dirs"][HOOK], jsonl=bad) for a in EXTRACT]
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", *argv, "--store", str(tmp_path / "x.zarr")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    err = done.stderr.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"latentstore extract: error: --dataset {bad} could not be read as "
+                                               "json (ArrowInvalid: JSON parse error:"), err
