@@ -37,6 +37,7 @@ from store.tokens import TokenDisplay
 log = logging.getLogger(__name__)
 TOP_K = 5  # features listed per token, as on the dataset rows' pages (jobs.dashboard.row_json)
 MAX_BODY_BYTES = 1 << 20  # far above any prompt that fits a window; bounds what a request makes us read
+TIMEOUT_S = 30  # for a request's headers and body to arrive: a client that stops sending holds a thread no longer
 
 
 class PromptServer(http.server.ThreadingHTTPServer):
@@ -73,12 +74,15 @@ class PromptServer(http.server.ThreadingHTTPServer):
 
 class PromptHandler(http.server.SimpleHTTPRequestHandler):
     server: PromptServer
+    timeout = TIMEOUT_S
 
     def do_GET(self) -> None:
         if not self._host_allowed():
             return
         path = urlsplit(self.path).path
-        if path == "/api/info":
+        if path == "/api/prompt":
+            self._not_allowed()
+        elif path == "/api/info":
             self._send(200, "application/json", json.dumps(self.server.info))
         elif path == "/server.js":
             self._send(200, "text/javascript", f"LS.receive(\"server\",{json.dumps(self.server.info)});\n")
@@ -103,6 +107,9 @@ class PromptHandler(http.server.SimpleHTTPRequestHandler):
             return self._error(413, f"the request is {length:,} bytes; prompts are at most {MAX_BODY_BYTES:,}.")
         try:
             body = json.loads(self.rfile.read(length))
+        except TimeoutError:
+            self.close_connection = True
+            return self._error(408, f"the request's {length:,} bytes did not arrive within {self.timeout} s.")
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             return self._error(400, f'the body is not JSON ({e}); send {{"text": "..."}}.')
         except RecursionError:  # the parser recurses once per level of nesting
@@ -110,10 +117,20 @@ class PromptHandler(http.server.SimpleHTTPRequestHandler):
         if not isinstance(body, dict) or not isinstance(body.get("text"), str):
             return self._error(400, 'the body must be a JSON object with the prompt as a string: {"text": "..."}.')
         try:
+            body["text"].encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON's \ud800 escapes make lone surrogates, which no tokenizer takes
+            return self._error(400, f"the text is not valid Unicode ({e.reason} at character {e.start}).")
+        try:
             data = self.server.prompt_json(body["text"])
         except DataError as e:
             return self._error(400, str(e))
         self._send(200, "application/json", json.dumps(data, allow_nan=False))
+
+    def _not_allowed(self) -> None:
+        if self._host_allowed():
+            self._error(405, "POST to /api/prompt with a JSON body {\"text\": \"...\"}; GET anything else.")
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
     def _host_allowed(self) -> bool:
         host = urlsplit(f"//{self.headers.get('Host', '')}").hostname or ""

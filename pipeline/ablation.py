@@ -54,6 +54,7 @@ from pipeline.metrics import Metric, accepts_prompts, check_metric_output, posit
 from pipeline.resume import Resume
 from pipeline.saes import (RUN_TIME_NORMALIZATIONS, TranscoderSplice, decoder_scale, input_hook, is_transcoder,
                            model_hook_problems, output_hook)
+from store.arguments import is_whole, whole_number, whole_numbers
 from store.errors import ConfigError
 
 Ablation = Literal["zero", "mean"] | float
@@ -86,7 +87,7 @@ class StorePrompts:
         """Each row must fit in one window of the store (a prompt is what the model saw at once).
         ``sae`` names the store's SAE that is swept (a hook where one SAE sits); it is needed when
         several SAEs read the swept SAE's hook."""
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = whole_numbers("rows", rows, "dataset rows of the store")
         stored_rows = store.provenance()["row"].to_numpy()  # ascending: the store is in row order
         starts = np.searchsorted(stored_rows, rows, side="left")
         stops = np.searchsorted(stored_rows, rows, side="right")
@@ -381,8 +382,9 @@ def _check_inputs(model, sae, tokens, ablation: Ablation, method: str, verify_to
         raise ConfigError(f"method={method!r}: use 'exact' or 'attribution'.")
     if verify_top is not None and (method != "attribution" or verify_top < 0):
         raise ConfigError("verify_top=N re-checks attribution's N strongest features: use it with method='attribution', N >= 0.")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be positive, got {batch_size}.")
+    whole_number("batch_size", batch_size, 1, "how many prompt copies each forward runs")
+    if verify_top is not None:
+        whole_number("verify_top", verify_top, 0, "how many of attribution's strongest features to recompute")
 
 
 def is_ablation(kind: Any) -> bool:
@@ -398,6 +400,8 @@ def resolve_positions(position: PositionSpec, n_prompts: int, seq: int,
     (its errors number the prompts from ``first``)."""
     if position is None:
         return None
+    if not is_whole(position):  # as_tensor would take 1.5 for 1
+        whole_numbers("position", position, "the position ablated, one per prompt (or one for all, or None)")
     pos = torch.as_tensor(position, dtype=torch.long)
     if pos.ndim == 0:
         pos = pos.expand(n_prompts)
@@ -455,7 +459,7 @@ def _means(ablation: Ablation, means: np.ndarray | None, store_prompts: StorePro
 
 
 def check_feature_ids(features: Sequence[int], d_sae: int) -> np.ndarray:
-    ids = np.unique(np.asarray(list(features), dtype=np.int64))
+    ids = np.unique(whole_numbers("features", features, "feature ids (or 'live')"))
     bad = ids[(ids < 0) | (ids >= d_sae)]
     if len(bad):
         raise ConfigError(f"features {bad[:10].tolist()} are not features of this SAE, which has ids 0..{d_sae - 1}.")

@@ -33,6 +33,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from store import FeatureStore
+from store.arguments import is_whole
 from store.errors import ConfigError
 from store.sampling import METHODS, concatenated_ranges, count_leading, draw_ranks, linspace_rows, many_group_slices
 
@@ -65,9 +66,15 @@ class DashboardSettings:
         problems = []
         if self.group_method not in METHODS:
             problems.append(f"group_method {self.group_method!r} is not 'interval' or 'rank'.")
-        for name in ("n_top", "n_groups", "per_group", "n_bins", "n_logits", "n_cofiring", "n_correlated"):
-            if getattr(self, name) < 0 or (name == "n_bins" and self.n_bins < 1):
-                problems.append(f"{name}={getattr(self, name)} must be a positive number.")
+        for name in ("n_top", "n_groups", "per_group", "n_bins", "n_logits", "n_cofiring", "n_correlated", "seed"):
+            value, least = getattr(self, name), 1 if name == "n_bins" else 0
+            if not is_whole(value) or value < least:
+                problems.append(f"{name}={value!r} must be a whole number of at least {least}.")
+        if self.context is not None and not (isinstance(self.context, (tuple, list)) and len(self.context) == 2
+                                             and all(is_whole(c) and c >= 0 for c in self.context)):
+            # a negative one would slice the window from its end: another token's context, silently
+            problems.append(f"context={self.context!r} must be two whole numbers of at least 0 (tokens left and "
+                            "right), or None for the whole window.")
         if problems:
             raise ConfigError(problems)
 
@@ -469,6 +476,8 @@ class DashboardBuilder:
     def build(self, features: range | None = None, progress: bool = False) -> Iterator[FeatureDashboard]:
         """Each feature's dashboard data, in order."""
         features = range(self.d_sae) if features is None else features
+        if not isinstance(features, range):
+            raise ConfigError(f"features={features!r}: give a range of feature ids, such as range(0, 256).")
         if features.start < 0 or features.stop > self.d_sae or features.step != 1:
             raise ConfigError(f"features {features.start}:{features.stop} are not a range within "
                               f"0:{self.d_sae} of SAE {self.sae}.")

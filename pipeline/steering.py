@@ -9,20 +9,20 @@ An SAE's output hook is the hook it reads; a transcoder's is the hook its decode
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 
 from pipeline.saes import model_hook_problems, output_hook
+from store.arguments import finite_number, whole_number
 from store.errors import ConfigError
 
 
 def steering_vector(sae, feature: int, magnitude: float) -> torch.Tensor:
     """``magnitude * W_dec[feature]``, ``[d_in]``."""
     d_sae = sae.cfg.d_sae
-    if not math.isfinite(magnitude):
-        raise ConfigError(f"magnitude {magnitude} is not a finite number: give one such as 40.")
+    magnitude = finite_number("magnitude", magnitude, "how many units of the direction to add (such as 40)")
+    whole_number("feature", feature, what=f"a feature id of this SAE (0..{d_sae - 1})")
     if not 0 <= feature < d_sae:
         raise ConfigError(f"feature {feature} is not a feature of this SAE, which has ids 0..{d_sae - 1}.")
     return magnitude * sae.W_dec[feature].detach()
@@ -52,13 +52,22 @@ def steer(model, sae, prompt: str | torch.Tensor, feature: int, magnitude: float
     Greedy by default, so that a run can be repeated; ``do_sample=True`` with ``seed`` samples
     reproducibly. A string prompt gives a string back; token ids give token ids back.
     """
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be positive, got {max_new_tokens}.")
-    if do_sample and not temperature > 0:
+    whole_number("max_new_tokens", max_new_tokens, 1, "how many tokens to generate")
+    if do_sample and not finite_number("temperature", temperature) > 0:
         raise ConfigError(f"temperature={temperature}: sampling needs a temperature above 0.")
     if isinstance(prompt, str) and model.tokenizer is None:
         raise ConfigError("a text prompt needs the model's tokenizer, and this model has none; pass token ids.")
-    n_prompt = (model.to_tokens(prompt) if isinstance(prompt, str) else prompt).shape[-1]
+    if isinstance(prompt, str):
+        n_prompt = model.to_tokens(prompt, truncate=False).shape[-1]  # to_tokens cuts at n_ctx by default
+    elif (isinstance(prompt, torch.Tensor) and prompt.ndim == 2 and not prompt.is_floating_point()
+          and prompt.numel() and 0 <= int(prompt.min()) and int(prompt.max()) < model.cfg.d_vocab):
+        n_prompt = prompt.shape[-1]
+    else:
+        raise ConfigError("prompt: give text, or token ids as an integer tensor [batch, tokens] of ids from 0 to "
+                          f"{model.cfg.d_vocab - 1} (model.to_tokens(text) makes one).")
+    if n_prompt >= model.cfg.n_ctx:
+        raise ConfigError(f"the prompt's {n_prompt} tokens fill the model's context of {model.cfg.n_ctx} tokens, leaving "
+                          "none to generate: shorten the prompt.")
     if n_prompt + max_new_tokens > model.cfg.n_ctx:
         raise ConfigError(
             f"the prompt's {n_prompt} tokens and {max_new_tokens} new ones (max_new_tokens, --max-new-tokens) exceed "

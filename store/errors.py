@@ -27,6 +27,10 @@ class ConfigError(LatentStoreError, ValueError):
         super().__init__(text)
 
 
+class TokenRangeError(ConfigError, IndexError):
+    """A range of token indices outside the store's tokens."""
+
+
 class DataError(LatentStoreError, ValueError):
     """A dataset row cannot be used (bad token ids, wrong types, ...)."""
 

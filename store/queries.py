@@ -20,6 +20,7 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
+from store.arguments import finite_number, is_whole, whole_number
 from store.errors import ConfigError
 from store.sampling import check_method, draw_ranks, group_slices
 from store.tokens import TokenDisplay
@@ -41,7 +42,9 @@ class Queries:
     def check_feature(self, sae: str, feature: int) -> int:
         """``feature`` as an int, or a ConfigError when ``sae`` has no such feature."""
         d_sae = self.d_sae(sae)
-        if not 0 <= int(feature) < d_sae:
+        if not is_whole(feature):  # int() would take 5.7 for 5, True for 1 and "5" for 5
+            raise ConfigError(f"feature={feature!r}: give a feature id of {sae}, a whole number from 0 to {d_sae - 1}.")
+        if not 0 <= feature < d_sae:
             raise ConfigError(f"feature {feature} is out of range for {sae}: it has features 0 to {d_sae - 1}.")
         return int(feature)
 
@@ -67,7 +70,7 @@ class Queries:
 
     def _keep(self, tokens: np.ndarray, values: np.ndarray, exclude_special_tokens: bool,
               min_activation: float) -> np.ndarray:
-        keep = values > min_activation
+        keep = values > finite_number("min_activation", min_activation, "the activation to keep those above")
         if exclude_special_tokens and self.special_token_ids:
             keep &= ~np.isin(self._token_table[0][tokens], list(self.special_token_ids))
         return keep
@@ -117,6 +120,7 @@ class Queries:
         check_method(method)  # before any work
         check_examples(per_group, context, name="per_group")
         check_examples(n_groups, None, name="n_groups")
+        whole_number("seed", seed, 0, "the random draw's seed")
         tokens, values = self._entries(sae, feature)
         keep = self._keep(tokens, values, exclude_special_tokens, min_activation)
         tokens, values = tokens[keep], values[keep]
@@ -174,10 +178,11 @@ class Queries:
 
             counts = self.stats(sae).hist[feature]
             return pd.DataFrame({"bin_start": HIST_EDGES[:-1], "bin_end": HIST_EDGES[1:], "count": counts})
+        bins = _checked_bins(bins)  # before any work
         tokens, values = self._entries(sae, feature)
         values = values[self._keep(tokens, values, exclude_special_tokens, min_activation)]
         if np.ndim(bins) == 0:
-            bins = np.linspace(0, float(values.max()) if len(values) else 1.0, int(bins) + 1)
+            bins = np.linspace(0, float(values.max()) if len(values) else 1.0, bins + 1)
         counts, edges = np.histogram(values, bins=bins)
         return pd.DataFrame({"bin_start": edges[:-1], "bin_end": edges[1:], "count": counts})
 
@@ -232,11 +237,10 @@ class Queries:
         """For one dataset row, the top k features at each of its tokens:
         token_index, pos, token, rank, feature, activation."""
         check_examples(k, None)
-        ids, rows, pos = self._token_table
-        lo, hi = np.searchsorted(rows, [row, row + 1])
-        if lo == hi:
-            raise ConfigError(f"dataset row {row} is not in the store (it holds rows {rows[0]} to {rows[-1]}).")
-        m = self.csr(sae, int(lo), int(hi))
+        finite_number("min_activation", min_activation, "the activation to keep those above")
+        lo, hi = self._row_tokens(row)
+        ids, _, pos = self._token_table
+        m = self.csr(sae, lo, hi)
         records = []
         for t in range(hi - lo):
             token = lo + t
@@ -255,6 +259,15 @@ class Queries:
         return frame
 
     # -- plots -------------------------------------------------------------------------------------
+
+    def _row_tokens(self, row: int) -> tuple[int, int]:
+        """The store's tokens [lo, hi) of dataset row ``row``."""
+        rows = self._token_table[1]
+        whole_number("row", row, what="a dataset row (the arguments are row, then sae)")
+        lo, hi = np.searchsorted(rows, [row, row + 1])
+        if lo == hi:
+            raise ConfigError(f"dataset row {row} is not in the store (it holds rows {rows[0]} to {rows[-1]}).")
+        return int(lo), int(hi)
 
     def plot_histogram(self, sae: str, feature: int, bins: int | np.ndarray | str = 50, **kwargs):
         """A plotly bar chart of ``histogram(...)``."""
@@ -275,12 +288,10 @@ class Queries:
         """A plotly bar chart of one feature's activation at each token of a dataset row."""
         import plotly.graph_objects as go
 
-        ids, rows, pos = self._token_table
-        lo, hi = np.searchsorted(rows, [row, row + 1])
-        if lo == hi:
-            raise ConfigError(f"dataset row {row} is not in the store.")
+        lo, hi = self._row_tokens(row)
+        ids, _, pos = self._token_table
         feature = self.check_feature(sae, feature)
-        column = self.csr(sae, int(lo), int(hi))[:, feature].toarray().ravel()
+        column = self.csr(sae, lo, hi)[:, feature].toarray().ravel()
         labels = [f"{j}:{text}" for j, text in enumerate(self.token_display.text(ids[lo:hi]))]
         fig = go.Figure(go.Bar(x=labels, y=column, hovertext=[f"pos {p}" for p in pos[lo:hi]]))
         fig.update_layout(title=f"row {row}: {sae} feature {feature}", xaxis_title="token",
@@ -291,12 +302,26 @@ class Queries:
 def check_examples(k: int, context: tuple[int, int] | None, name: str = "k") -> None:
     """How many examples a query returns, and how much context around each: ``k`` must be a positive
     whole number (a negative one would slice from the end), ``context`` two numbers of tokens >= 0."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    if not is_whole(k) or k < 1:
         hint = " (on the command line: -k 10)" if name == "k" else ""
         raise ConfigError(f"{name}={k!r}: give how many examples you want, a whole number of at least 1{hint}.")
-    if context is not None and (len(context) != 2 or any(int(c) != c or c < 0 for c in context)):
-        raise ConfigError(f"context={tuple(context)!r}: give the tokens of context to show left and right of "
+    if context is not None and not (isinstance(context, (tuple, list)) and len(context) == 2
+                                    and all(is_whole(c) and c >= 0 for c in context)):
+        raise ConfigError(f"context={context!r}: give the tokens of context to show left and right of "
                           "each example, two whole numbers of at least 0 (on the command line: --context 12 4).")
+
+
+def _checked_bins(bins) -> int | np.ndarray:
+    """A histogram's bins: a number of equal-width bins (at least 1), or their edges (at least two
+    finite numbers, increasing)."""
+    if np.ndim(bins) == 0:
+        return whole_number("bins", bins, 1, "how many equal-width bins (or their edges, or 'stored')")
+    edges = np.asarray(bins)
+    if (edges.ndim != 1 or len(edges) < 2 or edges.dtype.kind not in "iuf" or not np.isfinite(edges).all()
+            or not (np.diff(edges) > 0).all()):
+        raise ConfigError(f"bins={bins!r}: give the bins' edges as at least two finite numbers, increasing (or a "
+                          "number of bins, or 'stored').")
+    return edges
 
 
 def _same_window(positions: np.ndarray, center: int) -> np.ndarray:

@@ -6,6 +6,7 @@ crash) opens too and shows the shards completed so far; ``fs.complete`` says whi
 
 from __future__ import annotations
 
+import copy
 import os
 import shlex
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ import zarr
 
 from store import format as fmt
 from store.checked import ROOT_METADATA, CheckedArray, corrupt, open_array, open_node
-from store.errors import ConfigError, StoreCorruptError, StoreIncompleteError, StoreNotFoundError, did_you_mean
+from store.arguments import is_whole
+from store.errors import (ConfigError, StoreCorruptError, StoreIncompleteError, StoreNotFoundError, TokenRangeError,
+                          did_you_mean)
 from store.location import has_content, is_url, normalize, open_root
 from store import index as index_mod
 from store import stats as stats_mod
@@ -132,7 +135,7 @@ class FeatureStore(Queries):
         return self.run["value_dtype"]
 
     def d_sae(self, sae: str) -> int:
-        return int(self.sae_record(sae)["d_sae"])
+        return int(self._saes[self.resolve(sae)]["d_sae"])
 
     def nnz(self, sae: str) -> int:
         name = self.resolve(sae)
@@ -141,6 +144,9 @@ class FeatureStore(Queries):
     def resolve(self, sae: str) -> str:
         """The name of the SAE called ``sae``, or of the one SAE at hook ``sae``. Every method that
         takes an SAE takes either."""
+        if not isinstance(sae, str):
+            raise ConfigError(f"sae={sae!r}: give an SAE's name (a string); store {self.location} has "
+                              f"{', '.join(map(repr, self.saes))}.")
         at_hook = fmt.saes_named_by(sae, {name: record["hook"] for name, record in self._saes.items()})
         if len(at_hook) == 1:
             return at_hook[0]
@@ -153,7 +159,7 @@ class FeatureStore(Queries):
     def sae_record(self, sae: str) -> dict:
         """The run record's entry of one SAE (by name, or by its hook): ``name``, ``hook``, ``source``,
         ``architecture``, ``d_in``, ``d_sae``, ``config``, and a transcoder's ``hook_out``."""
-        return self._saes[self.resolve(sae)]
+        return copy.deepcopy(self._saes[self.resolve(sae)])  # a copy: an edit must not change what reads use
 
     def info(self) -> dict:
         """A plain summary of the store: what ran, over what, and how much it holds."""
@@ -312,9 +318,11 @@ class FeatureStore(Queries):
 
     def _range(self, start: int, stop: int | None) -> tuple[int, int]:
         stop = self.n_tokens if stop is None else stop
-        if not 0 <= start <= stop <= self.n_tokens:
-            raise IndexError(f"token range [{start}, {stop}) is outside the store's {self.n_tokens:,} tokens")
-        return start, stop
+        if not (is_whole(start) and is_whole(stop) and 0 <= start <= stop <= self.n_tokens):
+            raise TokenRangeError(
+                f"token range start={start!r}, stop={stop!r} is not a range of the store's {self.n_tokens:,} tokens: "
+                f"give whole numbers with 0 <= start <= stop <= {self.n_tokens} (stop=None: to the end).")
+        return int(start), int(stop)
 
     def _pieces(self, start: int, stop: int):
         """(shard, local start, local stop) for every shard overlapping [start, stop)."""

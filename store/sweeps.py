@@ -72,7 +72,7 @@ def part_name(part_id: int) -> str:
 
 
 def check_name(name: str) -> str:
-    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
         raise ConfigError(f"sweep name {name!r}: use letters, digits, '-', '_' and '.', e.g. 'l8-last-pos'.")
     return name
 
@@ -174,7 +174,7 @@ def read_sweep(location: str, name: str, allow_incomplete: bool = False) -> pd.D
     ``delta``, ``method`` (and ``attribution``), sorted by prompt and feature. The sweep's
     spec is in ``frame.attrs["sweep"]``."""
     location = normalize(location)
-    group = _sweep_group(location, name)
+    group = _sweep_group(location, check_name(name))  # a path ("../shards") would read another group
     if group is None:
         names = list_sweeps(location)
         raise StoreNotFoundError(f"store {location} has no sweep {name!r}; it has: {did_you_mean(name, names) or 'none'}.")

@@ -398,9 +398,11 @@ BAD_INPUTS = {
         ConfigError, r"has no SAE named 'blocks\.2\.hook_resid_post' \(nor one at a hook of that name\); its SAEs: "
                      r"blocks\.0\.hook_resid_post"),
     "query: token range past the end": (
-        _query(lambda fs: fs.csr(HOOK, 0, fs.n_tokens + 1)), IndexError, r"token range \[0, 301\) is outside the store's 300"),
+        _query(lambda fs: fs.csr(HOOK, 0, fs.n_tokens + 1)), IndexError,
+        r"token range start=0, stop=301 is not a range of the store's 300 tokens: give whole numbers with "
+        r"0 <= start <= stop <= 300"),
     "query: negative token range": (
-        _query(lambda fs: fs.token_ids(-5, 3)), IndexError, r"token range \[-5, 3\) is outside"),
+        _query(lambda fs: fs.token_ids(-5, 3)), IndexError, r"token range start=-5, stop=3 is not a range"),
     "query: feature index out of range": (
         _query(lambda fs: fs.top_activations(HOOK, 96)), ConfigError, r"feature 96 is out of range for .*features 0 to 95"),
     "query: top_activations with a negative k": (

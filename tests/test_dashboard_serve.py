@@ -155,6 +155,28 @@ def test_requests_are_checked_and_answered_with_a_reason(served):
     assert request(f"{url}/server.js") == (200, f'LS.receive("server",{json.dumps(info)});\n')
     assert request(f"{url}/api/info", headers={"Host": "attacker.example:80"})[0] == 403
     assert request(f"{url}/api/info", headers={"Host": "localhost"})[0] == 200
+    got, text = request(f"{url}/api/prompt", b'{"text": "the \\ud800 cat"}')  # a lone surrogate, as JSON allows
+    assert got == 400 and "the text is not valid Unicode (surrogates not allowed at character 4)" in text, text
+    for method in ("GET", "PUT", "DELETE"):
+        try:
+            urllib.request.urlopen(urllib.request.Request(f"{url}/api/prompt", method=method), timeout=30)
+        except urllib.error.HTTPError as e:
+            assert e.code == 405 and "POST to /api/prompt" in json.loads(e.read())["error"], method
+
+
+def test_a_client_that_stops_sending_gets_408_not_a_thread_held_forever(served, monkeypatch):
+    import socket
+
+    from jobs.dashboard_serve import PromptHandler
+
+    url, _, _, _ = served
+    monkeypatch.setattr(PromptHandler, "timeout", 1)
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as client:
+        client.sendall(b"POST /api/prompt HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 100\r\n\r\n{\"text\"")  # 9 of the 100 bytes promised
+        answer = client.recv(65536).decode()
+    assert answer.startswith("HTTP/1.0 408") and "the request's 100 bytes did not arrive within 1 s." in answer, answer
 
 
 def test_encoder_names_the_saes_and_says_when_weights_changed(served, caplog):

@@ -87,7 +87,8 @@ def test_every_command_says_the_store_cannot_be_reached(assets, unreachable, tmp
                          jsonl=assets["jsonl"]) for a in command]
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
-        assert err.startswith(f"latentstore {argv[0]}: error: the store at {unreachable} cannot be opened: it could "
+        name = " ".join(argv[:2]) if argv[0] == "export" else argv[0]
+        assert err.startswith(f"latentstore {name}: error: the store at {unreachable} cannot be opened: it could "
                               "not be reached. Check the network"), (argv, err)
         assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # nothing made before the store was reached
