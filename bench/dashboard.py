@@ -59,7 +59,9 @@ one fewer, here one thread instead of two), so that the extraction the exports a
 extraction 14.6 s, neuronpedia 3.3 s (22.3%: **missed**), without correlated features 1.0 s (6.7%),
 delphi 0.4 s (2.9%). Again (2026-12-01), once the extraction's warm actors built its index: extraction
 14.5 s, neuronpedia 3.4 s (23.4%: **missed**), without correlated features 1.1 s (7.6%), delphi 0.6 s
-(4.0%). What is left of the Neuronpedia export's
+(4.0%). Again (2026-12-01, later; nothing on the exports' speed path changed): extraction 16.8 s,
+neuronpedia 3.5 s (20.9%: **missed**), without correlated features 1.0 s (6.2%), delphi 0.4 s (2.1%).
+What is left of the Neuronpedia export's
 time is the correlated features' Gram matrix (1.2e11 multiply-adds for this SAE, 3.3
 CPU-seconds); ``docs/DASHBOARDS.md`` has the details.
 

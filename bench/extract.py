@@ -95,6 +95,20 @@ is process-wide and grew the heap of a loop of 64 MiB tensors to 750 MB where 29
 without it, so it is left out. Encoding each batch in pieces of 8 MiB of latents (below the
 threshold) instead changed latentstore by 2 to 3%, within this machine's noise, so it is left out too.
 
+Measured again 2026-12-01 (later), after a session of hardening that changed nothing on the extraction
+path, three runs while other work came and went (the bare limit took 9.00 to 10.93 s): latentstore over
+bare **0.663, 0.690 and 0.729** (latentstore 13.0 to 15.0 s; goal 0.85 missed); the code before that
+session, run between them, gave 0.726 (bare 9.36 s, latentstore 12.89 s), so the spread is this
+machine's, not a change; 2.104 bytes per nonzero; host path 17.2 to 20.3 M/s on one thread, 20.1 to
+21.6 M/s on two; index build 3.19 to 4.16 s, 0.23 to 0.31 of the extraction; worker peak 1.46 GiB.
+In-process over the quick start's 52 batches, the sparse extraction (``pipeline.encode.nonzeros``, the
+counts and casts) costs about 13 ms per SAE and batch against the encode's 31 ms: ``!= 0`` 2.4 ms,
+``nonzero`` 7.2 ms, the gather 2.1 ms. A flat ``nonzero`` with a divmod (14.1 ms), ``to_sparse_csr``
+(18.6 ms), numpy's ``flatnonzero`` (11 ms on the mask alone) and ``masked_select`` (86 ms) were all
+slower. Both ways keep both cores busy (OpenMP's threads spin: 1.99 cores of CPU time); with
+``OMP_WAIT_POLICY=PASSIVE`` the bare limit slowed to 10.3 to 10.8 s and still used 1.75 cores, so no
+idle core is left for the host side.
+
 The index build runs as `latentstore index` plans it (``store.index.plan_layout``: parts that share
 the entries evenly over the CPUs, the longest first), on one thread per CPU for Ray's tasks.
 
