@@ -60,7 +60,6 @@ def steer_command(args: argparse.Namespace) -> None:
     from pipeline.models import load_model
     from pipeline.saes import SAESource, load_sae
     from pipeline.steering import steer
-
     from store.errors import ConfigError
 
     if args.max_new_tokens < 1:  # before anything loads

@@ -40,7 +40,6 @@ strongest features exactly, and the ``method`` column says which number is which
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -54,7 +53,7 @@ from pipeline.metrics import Metric, accepts_prompts, check_metric_output, posit
 from pipeline.resume import Resume
 from pipeline.saes import (RUN_TIME_NORMALIZATIONS, TranscoderSplice, decoder_scale, input_hook, is_transcoder,
                            model_hook_problems, output_hook)
-from store.arguments import is_whole, whole_number, whole_numbers
+from store.arguments import is_finite_number, is_whole, whole_number, whole_numbers
 from store.errors import ConfigError
 
 Ablation = Literal["zero", "mean"] | float
@@ -391,7 +390,7 @@ def is_ablation(kind: Any) -> bool:
     """Whether ``kind`` is an ablation: "zero", "mean" or a finite scale factor."""
     if isinstance(kind, str):
         return kind in ("zero", "mean")
-    return isinstance(kind, (int, float)) and not isinstance(kind, bool) and math.isfinite(kind)
+    return isinstance(kind, (int, float)) and is_finite_number(kind)  # a plain number: the record is JSON
 
 
 def resolve_positions(position: PositionSpec, n_prompts: int, seq: int,

@@ -33,7 +33,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from store import FeatureStore
-from store.arguments import is_whole
+from store.arguments import is_context, is_whole
 from store.errors import ConfigError
 from store.sampling import METHODS, concatenated_ranges, count_leading, draw_ranks, linspace_rows, many_group_slices
 
@@ -70,8 +70,7 @@ class DashboardSettings:
             value, least = getattr(self, name), 1 if name == "n_bins" else 0
             if not is_whole(value) or value < least:
                 problems.append(f"{name}={value!r} must be a whole number of at least {least}.")
-        if self.context is not None and not (isinstance(self.context, (tuple, list)) and len(self.context) == 2
-                                             and all(is_whole(c) and c >= 0 for c in self.context)):
+        if self.context is not None and not is_context(self.context):
             # a negative one would slice the window from its end: another token's context, silently
             problems.append(f"context={self.context!r} must be two whole numbers of at least 0 (tokens left and "
                             "right), or None for the whole window.")

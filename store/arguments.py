@@ -30,10 +30,19 @@ def whole_number(name: str, value: Any, minimum: int | None = None, what: str = 
     return int(value)
 
 
+def is_finite_number(value: Any) -> bool:
+    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    return real and math.isfinite(value)
+
+
+def is_context(value: Any) -> bool:
+    """Whether ``value`` is a context around a token: two whole numbers of at least 0 (left, right)."""
+    return isinstance(value, (tuple, list)) and len(value) == 2 and all(is_whole(c) and c >= 0 for c in value)
+
+
 def finite_number(name: str, value: Any, what: str = "a number") -> float:
     """``value`` as a float, if it is a finite real number."""
-    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-    if not real or not math.isfinite(value):
+    if not is_finite_number(value):
         raise ConfigError(f"{name}={value!r}: give {what}, a finite number.")
     return float(value)
 

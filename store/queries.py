@@ -20,7 +20,7 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
-from store.arguments import finite_number, is_whole, whole_number
+from store.arguments import finite_number, is_context, is_whole, whole_number
 from store.errors import ConfigError
 from store.sampling import check_method, draw_ranks, group_slices
 from store.tokens import TokenDisplay
@@ -258,8 +258,6 @@ class Queries:
             frame.insert(3, "token", self.token_display.text(frame["token_id"].to_numpy()))
         return frame
 
-    # -- plots -------------------------------------------------------------------------------------
-
     def _row_tokens(self, row: int) -> tuple[int, int]:
         """The store's tokens [lo, hi) of dataset row ``row``."""
         rows = self._token_table[1]
@@ -268,6 +266,8 @@ class Queries:
         if lo == hi:
             raise ConfigError(f"dataset row {row} is not in the store (it holds rows {rows[0]} to {rows[-1]}).")
         return int(lo), int(hi)
+
+    # -- plots -------------------------------------------------------------------------------------
 
     def plot_histogram(self, sae: str, feature: int, bins: int | np.ndarray | str = 50, **kwargs):
         """A plotly bar chart of ``histogram(...)``."""
@@ -305,8 +305,7 @@ def check_examples(k: int, context: tuple[int, int] | None, name: str = "k") -> 
     if not is_whole(k) or k < 1:
         hint = " (on the command line: -k 10)" if name == "k" else ""
         raise ConfigError(f"{name}={k!r}: give how many examples you want, a whole number of at least 1{hint}.")
-    if context is not None and not (isinstance(context, (tuple, list)) and len(context) == 2
-                                    and all(is_whole(c) and c >= 0 for c in context)):
+    if context is not None and not is_context(context):
         raise ConfigError(f"context={context!r}: give the tokens of context to show left and right of "
                           "each example, two whole numbers of at least 0 (on the command line: --context 12 4).")
 
