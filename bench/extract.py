@@ -101,6 +101,9 @@ bare **0.663, 0.690 and 0.729** (latentstore 13.0 to 15.0 s; goal 0.85 missed); 
 session, run between them, gave 0.726 (bare 9.36 s, latentstore 12.89 s), so the spread is this
 machine's, not a change; 2.104 bytes per nonzero; host path 17.2 to 20.3 M/s on one thread, 20.1 to
 21.6 M/s on two; index build 3.19 to 4.16 s, 0.23 to 0.31 of the extraction; worker peak 1.46 GiB.
+The fast-device proxy, one run the same hour (--synthetic fast-proxy --tokens 300000): bare 28,336
+tok/s, latentstore 23,813 tok/s, **0.840** (goal 0.6); 2.362 bytes per nonzero; host path 13.5 M/s on
+one thread, 13.4 M/s on two; index build 1.37 s, 0.11 of the extraction.
 In-process over the quick start's 52 batches, the sparse extraction (``pipeline.encode.nonzeros``, the
 counts and casts) costs about 13 ms per SAE and batch against the encode's 31 ms: ``!= 0`` 2.4 ms,
 ``nonzero`` 7.2 ms, the gather 2.1 ms. A flat ``nonzero`` with a divmod (14.1 ms), ``to_sparse_csr``
