@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 import textwrap
@@ -85,6 +86,9 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         from store.location import mask_urls
 
+        # argparse takes a value such as -1:4 for an option, and says only that the flag has none
+        if flag := re.fullmatch(r"argument (?:\S+/)?(--[\w-]+): expected one argument", message):
+            message += f" (a value that starts with '-' goes after '=', as in {flag[1]}=VALUE)"
         super().error(terminal_text(mask_urls(message), keep_newlines=True))
 
 

@@ -75,6 +75,11 @@ class PromptServer(http.server.ThreadingHTTPServer):
 class PromptHandler(http.server.SimpleHTTPRequestHandler):
     server: PromptServer
     timeout = TIMEOUT_S
+    head_only = False  # a HEAD request: GET's status and headers, no body
+
+    def do_HEAD(self) -> None:
+        self.head_only = True
+        self.do_GET()
 
     def do_GET(self) -> None:
         if not self._host_allowed():
@@ -87,7 +92,7 @@ class PromptHandler(http.server.SimpleHTTPRequestHandler):
         elif path == "/server.js":
             self._send(200, "text/javascript", f"LS.receive(\"server\",{json.dumps(self.server.info)});\n")
         else:
-            super().do_GET()
+            super().do_HEAD() if self.head_only else super().do_GET()
 
     def do_POST(self) -> None:
         if not self._host_allowed():
@@ -150,7 +155,8 @@ class PromptHandler(http.server.SimpleHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
-        self.wfile.write(data)
+        if not self.head_only:
+            self.wfile.write(data)
 
     def log_message(self, fmt: str, *args: Any) -> None:
         log.info("%s %s", self.address_string(), fmt % args)

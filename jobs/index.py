@@ -36,8 +36,9 @@ def run_index(location: str, workers: int | None = None, address: str | None = N
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers {workers}: give how many tasks build parts at once, at least 1 (default: one "
                           "per CPU).")
+    FeatureStore.open(location)  # says what is wrong with a path that holds no store, which the lease cannot
     with hold_lease(location, "latentstore index") as lease:  # re-entrant: `latentstore extract` holds it already
-        fs = FeatureStore.open(location)
+        fs = FeatureStore.open(location)  # again, as the lease holder sees it
         check_writes(fs.attrs, fs.location)  # before Ray starts: a store of an older major is read-only
         fs.require_complete(then="index it")
         ray = connect(address, workers or 1)

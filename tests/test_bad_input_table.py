@@ -507,12 +507,6 @@ BAD_INPUTS = {
     "cli: dashboard --out an existing file": (
         _cli("dashboard", "{store}", "--hook", HOOK, "--out", "{tmp}/site.txt", "--no-progress",
              before=lambda a, t: _file(t, "site.txt", b"notes")), SystemExit, r"2"),
-    "cli: info on a zarr group that is not a latentstore store":
-        "other.zarr is not a latentstore store: something else is there (its root has no latentstore attributes)",
-    "cli: top of a file": "latentstore top: error: {tmp}/notes.txt is a file, not a latentstore store (a store is a "
-                          "folder). Give the store's folder.",
-    "cli: sweep --ablation nan": "argument --ablation: 'nan': use zero, mean or a finite scale factor such as 0.5",
-    "cli: steer --magnitude inf": "argument --magnitude: 'inf' is not a finite number",
     "cli: dashboard --out a folder holding the user's own index.html": (
         _dashboard_over_own_files, SystemExit, r"2"),
     "cli: export neuronpedia --out an existing file": (
@@ -540,6 +534,11 @@ BAD_INPUTS = {
     "cli: steer --magnitude inf": (
         _cli("steer", "--store", "{store}", "--prompt", "the cat", "--feature", "1", "--magnitude", "inf"),
         SystemExit, r"2"),
+    "cli: sweep --features -1:4 (a value argparse takes for a flag)": (
+        _cli("sweep", "--name", "s", "--store", "{store}", "--rows", "0:4", "--metric", "kl", "--features", "-1:4"),
+        SystemExit, r"2"),
+    "cli: index of a file": (
+        _cli("index", "{tmp}/notes.txt", before=lambda a, t: _file(t, "notes.txt", b"notes")), SystemExit, r"2"),
     "dashboard: JSON nested 100,000 levels deep sent to /api/prompt": (
         _nested_json_to_the_server, Answer,
         r'^400: \{"error": "the body is JSON nested too deeply to read; send \{\\"text\\": \\"...\\"\}\."\}$'),
@@ -595,6 +594,11 @@ CLI_STDERR = {
         "other.zarr is not a latentstore store: something else is there (its root has no latentstore attributes)",
     "cli: sweep --ablation nan": "argument --ablation: 'nan': use zero, mean or a finite scale factor such as 0.5",
     "cli: steer --magnitude inf": "argument --magnitude: 'inf' is not a finite number",
+    "cli: sweep --features -1:4 (a value argparse takes for a flag)":
+        "argument --features: expected one argument (a value that starts with '-' goes after '=', as in "
+        "--features=VALUE)",
+    "cli: index of a file": "latentstore index: error: {tmp}/notes.txt is a file, not a latentstore store (a store "
+                            "is a folder). Give the store's folder.",
     "cli: dashboard --out a folder holding the user's own index.html":
         "holds files that are not a latentstore dashboard (index.html); writing the site there would overwrite them",
 }

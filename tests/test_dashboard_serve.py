@@ -61,14 +61,22 @@ def served(assets, ray_cluster, tmp_path_factory):
     thread.join()
 
 
-def request(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, str]:
-    """(status, text) of a GET, or of a POST when ``body`` is given; error statuses too."""
+def request(url: str, body: bytes | None = None, headers: dict | None = None,
+            method: str | None = None) -> tuple[int, str]:
+    """(status, text) of a GET, or of a POST when ``body`` is given, or of ``method``; error statuses too."""
+    return answer(url, body, headers, method)[:2]
+
+
+def answer(url: str, body: bytes | None = None, headers: dict | None = None,
+           method: str | None = None) -> tuple[int, str, dict]:
+    """``request``'s status and text, and the response's headers."""
     headers = {"Content-Type": "application/json", **(headers or {})} if body is not None else headers or {}
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=30) as response:
-            return response.status, response.read().decode()
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers, method=method),
+                                    timeout=30) as response:
+            return response.status, response.read().decode(), dict(response.headers)
     except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+        return e.code, e.read().decode(), dict(e.headers)
 
 
 def prompt(url: str, text: str) -> dict:
@@ -158,10 +166,20 @@ def test_requests_are_checked_and_answered_with_a_reason(served):
     got, text = request(f"{url}/api/prompt", b'{"text": "the \\ud800 cat"}')  # a lone surrogate, as JSON allows
     assert got == 400 and "the text is not valid Unicode (surrogates not allowed at character 4)" in text, text
     for method in ("GET", "PUT", "DELETE"):
-        try:
-            urllib.request.urlopen(urllib.request.Request(f"{url}/api/prompt", method=method), timeout=30)
-        except urllib.error.HTTPError as e:
-            assert e.code == 405 and "POST to /api/prompt" in json.loads(e.read())["error"], method
+        got, text = request(f"{url}/api/prompt", method=method)
+        assert got == 405 and "POST to /api/prompt" in json.loads(text)["error"], method
+
+
+def test_head_answers_as_get_would_without_a_body(served):
+    url, _, _, _ = served
+    for path in ("/api/info", "/server.js", "/index.html"):
+        status, text, headers = answer(f"{url}{path}")
+        assert (status, len(text.encode())) == (200, int(headers["Content-Length"])), path
+        status, text, head_headers = answer(f"{url}{path}", method="HEAD")
+        same = lambda h: {k: v for k, v in h.items() if k != "Date"}  # noqa: E731 (the clock may tick between)
+        assert (status, text, same(head_headers)) == (200, "", same(headers)), path
+    assert request(f"{url}/api/info", method="HEAD", headers={"Host": "attacker.example"}) == (403, "")
+    assert request(f"{url}/nothing.html", method="HEAD") == (404, "")
 
 
 def test_a_client_that_stops_sending_gets_408_not_a_thread_held_forever(served, monkeypatch):
