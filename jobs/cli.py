@@ -89,7 +89,9 @@ class Parser(argparse.ArgumentParser):
         # argparse takes a value such as -1:4 for an option, and says only that the flag has none
         if flag := re.fullmatch(r"argument (?:\S+/)?(--[\w-]+): expected one argument", message):
             message += f" (a value that starts with '-' goes after '=', as in {flag[1]}=VALUE)"
-        super().error(terminal_text(mask_urls(message), keep_newlines=True))
+        # one message, as every other error is, rather than argparse's usage block above it
+        self.exit(2, f"{self.prog}: error: {terminal_text(mask_urls(message), keep_newlines=True)}\n"
+                     f"(`{self.prog} --help` lists the options.)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,13 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
                       "model.safetensors: latentstore's (pipeline.models.save_model), loaded as a "
                       "HookedTransformer, or a Hugging Face one (model.save_pretrained(dir) and "
                       "tokenizer.save_pretrained(dir); its config.json names a model_type), loaded through "
-                      "TransformerBridge with Hugging Face's numerics. Default: the embedded default model")
+                      "TransformerBridge with Hugging Face's numerics. Default, when --sae and --dataset are left out too: the "
+                      "embedded default model")
     what.add_argument("--sae", action="append", dest="saes", metavar="SAE", help=SAE_HELP)
     what.add_argument("--model-dtype", choices=["float32", "float16", "bfloat16"],
                       help="run the model and SAEs in this dtype (default: the model's own)")
     data = extract.add_argument_group("the dataset")
     data.add_argument("--dataset", help="a hub dataset name, a local .jsonl/.json/.parquet/.csv/.txt file, "
-                      "or a folder written by Dataset.save_to_disk. Default: the embedded corpus")
+                      "or a folder written by Dataset.save_to_disk. Default, when --model and --sae are left out too: the "
+                      "embedded corpus")
     data.add_argument("--split", default=default_of(ExtractConfig, "split"),
                       help="the split to read (default: %(default)s)")
     data.add_argument("--subset", help="the hub dataset's configuration, where it has several")
@@ -261,8 +265,22 @@ def _known_error(error: Exception, store: str | None) -> LatentStoreError | None
     return access_error(None, error)
 
 
+def _stop_ray() -> None:
+    """Stop the Ray this process started or joined, if any (without importing it)."""
+    ray = sys.modules.get("ray")
+    try:
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+    except KeyboardInterrupt:  # a second Ctrl-C: stop waiting for it
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # `latentstore` alone: what it can do
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     command = " ".join(filter(None, (args.command, getattr(args, "format", None))))  # "export delphi"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -290,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(status, int) and status:
                 return status
     except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; the writing commands resume on a rerun
+        _stop_ray()  # else the workers' own reports of the interrupt follow, as if the run went on
         resumes = " Rerun the same command to resume it: what is complete is kept." if args.command in RESUMABLE else ""
         print(f"latentstore {command}: interrupted.{resumes}", file=sys.stderr)
         return 130  # 128 + SIGINT, as shells report it

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import shlex
 from concurrent.futures import ThreadPoolExecutor
@@ -349,7 +350,8 @@ def converter_command(fs: FeatureStore, sae: str, out: str | Path, names: Neuron
     shows 0 at every BOS, EOS and padding token, so it changes nothing."""
     header, provenance = batch_header(fs, sae, names), fs.provenance()
     options = {
-        "saedashboard-output-dir": str(out), **CONVERTER_USER_OPTIONS, "model-name": header["model_id"],
+        # absolute: the converter runs from its own folder
+        "saedashboard-output-dir": os.path.abspath(out), **CONVERTER_USER_OPTIONS, "model-name": header["model_id"],
         "neuronpedia-source-set-id": header["sae_set"], "hook-point": hook_point(fs.sae_record(sae)["hook"]),
         "layer-num": header["layer"], "prompts-huggingface-dataset-path": names.dataset or fs.run["dataset"]["name"],
         "n-prompts-total": len(window_starts(provenance["row"].to_numpy(), provenance["pos"].to_numpy())),

@@ -84,3 +84,6 @@ def run(ray, workers: list, items: Iterable, policy: Policy, *, progress: bool =
             yield item, result
     finally:
         bar.close()
+        for ref in in_flight:  # left by an error or Ctrl-C: cancelled, else killing their workers has each
+            with contextlib.suppress(Exception):  # call report that it will be retried
+                ray.cancel(ref)

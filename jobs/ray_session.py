@@ -22,6 +22,9 @@ def connect(address: str | None, n_cpus_wanted: float):
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
+        # Ray turns token authentication on for a local cluster, and says so at every start with how to
+        # turn it off: it stays on, unsaid
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         with _loopback_only(ray):
             # More logical CPUs than the actors take, so Ray's own tasks never starve (stack.md).
             ray.init(num_cpus=max(os.cpu_count() or 1, int(n_cpus_wanted) + 1), include_dashboard=False,

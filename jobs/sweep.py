@@ -23,6 +23,7 @@ from pipeline.ablation import is_ablation
 from pipeline.metric_names import METRICS, PROMPT_FIELDS
 from pipeline.specs import AblationSpec, PromptSpec, Resources, SweepConfig, SweepStoreSpec  # noqa: F401 (the API)
 from pipeline.sweep_worker import Part, SweepJob, SweepWorker, read_prompt_file
+from store.arguments import is_whole
 from store.elements import read_root_attrs
 from store.errors import ConfigError, DataError
 from store.format import check_writes
@@ -40,7 +41,7 @@ def validate(cfg: SweepConfig) -> SweepJob:
     from store import FeatureStore
     from store.sweeps import check_name
 
-    problems = wrong_types(cfg, SweepConfig.SPECS)
+    problems = wrong_types(cfg, SweepConfig.SPECS) + _not_whole_numbers(cfg)
     if problems:
         raise SettingsError("SweepConfig", problems, SWEEP_FLAGS)
     a, prompts = cfg.ablation, cfg.prompts
@@ -122,6 +123,22 @@ def validate(cfg: SweepConfig) -> SweepJob:
             f"{'is not a feature' if len(outside) == 1 else 'are not features'} of the SAE {job.sae_name!r}, whose ids are "
             f"0..{d_sae - 1}.")], SWEEP_FLAGS)
     return job
+
+
+def _not_whole_numbers(cfg: SweepConfig) -> list[Problem]:
+    """Rows and feature ids given from Python as something else ("0:8", "1,2,3"), which the checks
+    after this one would fail on."""
+    rows, features = cfg.prompts.rows, cfg.ablation.features
+    problems = []
+    if rows is not None and not (isinstance(rows, (tuple, list)) and len(rows) == 2 and all(map(is_whole, rows))):
+        problems.append(Problem.of(Setting("prompts.rows", rows, quoted=isinstance(rows, str)),
+                                   " must be two whole numbers, START and STOP: write rows=(0, 64)."))
+    if features is not None and not (isinstance(features, (tuple, list, range)) and len(features)
+                                     and all(map(is_whole, features))):
+        problems.append(Problem.of(Setting("ablation.features", features, quoted=isinstance(features, str)),
+                                   " must be feature ids, whole numbers: write features=(12, 408), or leave it out "
+                                   "for every live feature."))
+    return problems
 
 
 def _store_sae(fs, cfg: SweepConfig, source, described) -> dict:

@@ -18,7 +18,7 @@ Results go into the store under sweeps/NAME; read them with store.sweeps.read_sw
 Prompts that are rows of an extraction store (the store says which features are live; name
 its SAE with --sae-name when it holds several):
 
-  latentstore sweep --name l1-last --store demo.zarr --rows 0:200 --metric kl --sae-name res_16k
+  latentstore sweep --name first --store demo.zarr --rows 1:2 --metric kl --sae-name blocks.1.hook_resid_post
 
 Prompts from a file, one JSON object a line with prompt, answer and wrong_answer:
 

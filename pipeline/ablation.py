@@ -100,9 +100,14 @@ class StorePrompts:
         lengths = stops - starts
         long_rows = rows[lengths > context]
         if len(long_rows):
+            held, tokens_of = np.unique(stored_rows, return_counts=True)
+            fit = held[tokens_of <= context]
+            shown = ", ".join(map(str, fit[:10])) + (", ..." if len(fit) > 10 else "")
             raise ConfigError(
                 f"dataset rows {long_rows[:10].tolist()} span several {context}-token windows of the store; "
-                "a prompt must be one window. Choose shorter rows."
+                "a prompt must be one window. "
+                + (f"Rows that fit in one: {shown} ({len(fit)} of the {len(held)} rows it holds)." if len(fit) else
+                   "None of its rows fits in one: give prompts in a file instead.")
             )
         tokens, mask = left_pad([torch.from_numpy(store.token_ids(int(start), int(start + n)).astype(np.int64))
                                  for start, n in zip(starts, lengths)], pad_token_id)

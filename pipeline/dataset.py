@@ -32,6 +32,7 @@ COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4"}
 # larger ones shrink the per-shard statistics (top-K of every feature) beside the activations.
 DEFAULT_SHARD_TOKENS = 1 << 16
 DEFAULT_CONTEXT_SIZE = 128  # tokens per window
+DEFAULT_SPLIT = "train"  # also what datasets calls a local file's one split
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class DatasetSpec:
     """Where the rows come from, which column holds them, and how they are cut into windows."""
 
     name: str  # a hub dataset name, a local file, or a folder written by Dataset.save_to_disk
-    split: str = "train"  # hub datasets and save_to_disk DatasetDicts; a local file is one split
+    split: str = DEFAULT_SPLIT  # hub datasets and save_to_disk DatasetDicts; a local file is one split
     subset: str | None = None  # the hub dataset's configuration, where it has several
     text_column: str = "text"
     tokens_column: str | None = None  # pre-tokenized rows, used exactly as given (no BOS added)
@@ -115,8 +116,14 @@ def open_dataset(spec: DatasetSpec) -> Any:
                     f"--dataset {spec.name} has splits {', '.join(ds)}; --split {spec.split} is not one of them."
                 )
             ds = ds[spec.split]
+        elif spec.split != DEFAULT_SPLIT:
+            raise ConfigError(f"--dataset {spec.name} holds one dataset, not splits (Dataset.save_to_disk, not "
+                              f"DatasetDict's): --split {spec.split} does not apply. Leave --split out.")
         return ds
     if path.is_file():
+        if spec.split != DEFAULT_SPLIT:
+            raise ConfigError(f"--dataset {spec.name} is a file, which holds one split: --split {spec.split} "
+                              "does not apply. Leave --split out.")
         builder = local_builder(path)
         if builder is None:
             raise ConfigError(
@@ -136,12 +143,15 @@ def open_dataset(spec: DatasetSpec) -> Any:
                 f"--dataset {spec.name} could not be read as {builder} ({_root_cause(e)}). "
                 "Check that the file is valid UTF-8 text in that format."
             ) from e
+    if local_builder(path) is not None or spec.name.startswith(("/", "./", "../", "~")):
+        raise ConfigError(f"--dataset {spec.name}: no such file or folder ({path.expanduser().absolute()} does not "
+                          "exist). Check the path; a hub dataset is named as on the hub, e.g. NeelNanda/pile-10k.")
     try:
         return datasets.load_dataset(spec.name, spec.subset, split=spec.split)
-    except FileNotFoundError as e:
+    except OSError as e:  # huggingface_hub's network and cache errors, a missing repository among them
         raise ConfigError(
             f"--dataset {spec.name!r} is not a local file or folder, and the hub has no such dataset "
-            f"(or cannot be reached: {_root_cause(e)})."
+            f"(or cannot be reached: {_root_cause(e).splitlines()[0]})."
         ) from e
 
 

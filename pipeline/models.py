@@ -160,6 +160,13 @@ def load_model_config(spec: str) -> Any:
 
     try:
         return loading.get_pretrained_model_config(spec)
+    except OSError as e:  # huggingface_hub's network and cache errors (some are ValueErrors too)
+        raise ConfigError(
+            f"--model {spec!r}: could not fetch its config from the Hugging Face hub "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}). Check the connection (and HF_TOKEN for "
+            "gated models); or, where the hub is reachable, write it with pipeline.models.save_model(model, DIR) "
+            "and pass --model DIR."
+        ) from e
     except ValueError as e:
         raise _unknown_model(spec) from e
 

@@ -78,6 +78,7 @@ class _Settings:
     SPECS: ClassVar[dict[str, type]] = {}  # the config's fields that hold specs, and their types
     PRIMARY: ClassVar[dict[str, str]] = {}  # a spec field -> its field set by a plain value
     ALIASES: ClassVar[dict[str, str]] = {}  # short names that are not a field's own
+    REQUIRED_HINT: ClassVar[str] = ""  # said when ``build`` lacks a setting that has no default
 
     @classmethod
     def settings(cls) -> dict[str, str]:
@@ -99,11 +100,18 @@ class _Settings:
     @classmethod
     def build(cls, **settings: Any):
         """The config from settings by their short names (see ``settings()``); an unknown name is refused."""
+        from store.errors import ConfigError
+
         paths = cls._paths(settings, "build")
         top = {k: v for k, v in paths.items() if "." not in k}
         for name, primary in cls.PRIMARY.items():  # a spec given by its main value is made from it
             if f"{name}.{primary}" in paths and name not in top:
                 top[name] = cls.SPECS[name](**{primary: paths.pop(f"{name}.{primary}")})
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in top
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"{cls.__name__}.build needs {', '.join(missing)}, which have no default: write "
+                              f"{cls.__name__}.build({', '.join(f'{name}=...' for name in missing)}, ...).{cls.REQUIRED_HINT}")
         return cls(**top)._with({k: v for k, v in paths.items() if "." in k})
 
     @classmethod
@@ -181,6 +189,9 @@ class ExtractConfig(_Settings):
                                         "resources": Resources}
     PRIMARY: ClassVar[dict[str, str]] = {"model": "name", "dataset": "name", "store": "path"}
     ALIASES: ClassVar[dict[str, str]] = {"model_dtype": "model.dtype"}
+    REQUIRED_HINT: ClassVar[str] = (" The command line's embedded default is model=str(pipeline.default.MODEL_DIR), "
+                                    "saes=[str(p) for p in pipeline.default.default_sae_dirs()], "
+                                    "dataset=str(pipeline.default.TRAIN_CORPUS).")
 
 
 # -- sweeps ------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from store import FeatureStore
@@ -24,12 +25,15 @@ log = logging.getLogger(__name__)
 def _tokenizer_display(model: str, d_vocab: int | None) -> TokenDisplay | None:
     from pipeline.models import load_tokenizer
 
+    lost = "tokens are shown from the store's decoded vocabulary, where a token holding part of a character shows " \
+           "as <token ID>."
+    if Path(model).is_absolute() and not Path(model).exists():  # a store copied, or its model folder moved
+        log.warning("the run's model folder %s is not on this machine; %s", model, lost)
+        return None
     try:
         tokenizer = load_tokenizer(model)
     except Exception as e:  # noqa: BLE001 - any failure to load leaves the decoded vocabulary, said below
-        log.warning("could not load the tokenizer of %s (%s: %s); tokens are shown from the store's decoded "
-                    "vocabulary, where a token holding part of a character shows as <token ID>.",
-                    model, type(e).__name__, e)
+        log.warning("could not load the tokenizer of %s (%s: %s); %s", model, type(e).__name__, e, lost)
         return None
     return None if tokenizer is None else TokenDisplay.from_tokenizer(tokenizer, d_vocab)
 

@@ -110,8 +110,9 @@ def check_writes(attrs: dict, location: str) -> None:
         raise FormatVersionError(
             f"{location} was written in latentstore format {version}, by an older latentstore. It opens "
             f"read-only: queries, dashboards and exports read it as before, but nothing is written into it "
-            f"(this latentstore writes format {FORMAT_VERSION}). Extract into a new store to index it, resume it "
-            "or add sweeps to it, or pass --overwrite to replace it."
+            f"(this latentstore writes format {FORMAT_VERSION}). To index it, resume it or add sweeps to it, "
+            "extract again into a new store, or into this one with `latentstore extract --overwrite`, which "
+            "replaces it."
         )
 
 

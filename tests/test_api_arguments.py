@@ -87,3 +87,17 @@ def test_an_edited_sae_record_changes_nothing_the_store_reads(fs):
     record = fs.sae_record(s)
     record["d_sae"] = 3
     assert fs.d_sae(s) == fs.sae_record(s)["d_sae"] != 3
+
+
+def test_store_rows_longer_than_a_window_are_refused_naming_rows_that_fit(fs):
+    tokens_per_row = fs.provenance()["row"].value_counts().sort_index()
+    context = fs.run["context_size"]
+    long, fit = tokens_per_row.index[tokens_per_row > context], tokens_per_row.index[tokens_per_row <= context]
+    assert len(long) and len(fit)  # the test data has both
+    shown = ", ".join(map(str, fit[:10])) + (", ..." if len(fit) > 10 else "")
+    with pytest.raises(ConfigError) as refused:
+        StorePrompts.from_store(fs, [int(fit[0]), int(long[0])])
+    assert str(refused.value) == (
+        f"dataset rows [{long[0]}] span several {context}-token windows of the store; a prompt must be one window. "
+        f"Rows that fit in one: {shown} ({len(fit)} of the {len(tokens_per_row)} rows it holds).")
+    assert StorePrompts.from_store(fs, [int(fit[0])]).rows.tolist() == [fit[0]]

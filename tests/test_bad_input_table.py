@@ -143,12 +143,34 @@ def _unknown_codec(store: str, tmp: Path) -> str:
     return path
 
 
+def _saved_dataset(tmp: Path) -> str:
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["the cat sat"]}).save_to_disk(str(tmp / "saved"))
+    return str(tmp / "saved")
+
+
+def _hub_down(name: str) -> str:
+    """``name``, with TransformerLens's config download failing as it does offline (huggingface_hub's
+    error, an OSError and a ValueError at once). Undone after the case."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from transformer_lens import loading
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("We couldn't connect\nCheck your internet connection")
+
+    PATCHES.append((loading, "get_pretrained_model_config", loading.get_pretrained_model_config))
+    loading.get_pretrained_model_config = offline
+    return name
+
+
 def _jsonl(tmp: Path, name: str, rows: list[dict]) -> str:
     (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(tmp / name)
 
 
 MOUNTS: list[Path] = []  # tmpfs mounts made by a case, unmounted after it
+PATCHES: list[tuple] = []  # (object, attribute, original) set by a case, restored after it
 
 
 def _mount(tmp: Path, name: str, options: str) -> str:
@@ -163,10 +185,12 @@ def _mount(tmp: Path, name: str, options: str) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _unmount():
+def _undo():
     yield
     while MOUNTS:
         subprocess.run(["umount", str(MOUNTS.pop())], check=False)
+    while PATCHES:
+        setattr(*PATCHES.pop())
 
 
 class FakeRay:
@@ -314,6 +338,22 @@ BAD_INPUTS = {
     "extract: non-UTF-8 text file": (
         _extract(dataset=lambda a, t: DatasetSpec(_file(t, "latin1.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n'))),
         ConfigError, r"row 1 of column 'text' is not valid UTF-8 .*Re-encode the file as UTF-8"),
+    "extract: a dataset file that does not exist": (
+        _extract(dataset=lambda a, t: DatasetSpec(str(t / "nothere.jsonl"))),
+        ConfigError, r"nothere\.jsonl: no such file or folder \(.*/nothere\.jsonl does not exist\)\. Check the path; "
+                     r"a hub dataset is named as on the hub"),
+    "extract: --split of a dataset file": (
+        _extract(dataset=lambda a, t: DatasetSpec(a["jsonl"], split="test")),
+        ConfigError, r"is a file, which holds one split: ExtractConfig\.dataset\.split test does not apply\. "
+                     r"Leave ExtractConfig\.dataset\.split out\."),
+    "extract: --split of a folder that holds one dataset": (
+        _extract(dataset=lambda a, t: DatasetSpec(_saved_dataset(t), split="test")),
+        ConfigError, r"holds one dataset, not splits .*: ExtractConfig\.dataset\.split test does not apply\. "
+                     r"Leave ExtractConfig\.dataset\.split out\."),
+    "extract: a model name whose config the hub cannot give": (
+        _extract(model=lambda a, t: _hub_down("gpt2-small")),
+        ConfigError, r"ExtractConfig\.model\.name 'gpt2-small': could not fetch its config from the Hugging Face hub \(We couldn't "
+                     r"connect\)\. Check the connection"),
     "extract: unknown dataset file type": (
         _extract(dataset=lambda a, t: DatasetSpec(_file(t, "data.xlsx", b"PK\x03\x04"))),
         ConfigError, r"unknown file type\. Use a \.jsonl"),

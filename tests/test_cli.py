@@ -62,6 +62,18 @@ def test_errors_print_a_message_and_exit_2(tmp_path, capsys):
     assert "latentstore info: error: No latentstore store at" in err and "latentstore extract --store" in err
 
 
+def test_usage_errors_are_one_message_and_no_command_shows_the_help(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["extract", "--value-dtype", "int8"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == (
+        "latentstore extract: error: argument --value-dtype: invalid choice: 'int8' (choose from 'bfloat16', "
+        "'float16', 'float32')\n(`latentstore extract --help` lists the options.)\n")
+    assert main([]) == 2
+    shown = capsys.readouterr().err
+    assert shown.startswith("usage: latentstore") and "Run `latentstore COMMAND --help`" in shown
+
+
 @pytest.mark.ray
 def test_output_cut_short_by_its_reader_ends_quietly(reference_store):
     """`latentstore top STORE | head -1`: the reader stops after one line, and the command stops

@@ -321,7 +321,7 @@ def test_a_feature_with_one_distinct_value_has_one_bin_at_it(store, tmp_path):
     assert [a["bin_max"] for a in exported["activations"]] == [value, value]  # its top group and top interval
 
 
-def test_command_line_names_help_and_the_converters_command(store, tmp_path, capsys):
+def test_command_line_names_help_and_the_converters_command(store, tmp_path, capsys, monkeypatch):
     assert main(["export", "neuronpedia", store.location, "--hook", HOOK, "--out", str(tmp_path),
                  "--features", "10:20", "--no-logits", "--no-progress", "--model-id", "tiny-model",
                  "--sae-set", "res-test", "--sae-id-suffix", "l0-8", "--dataset", "me/my-data",
@@ -346,6 +346,11 @@ def test_command_line_names_help_and_the_converters_command(store, tmp_path, cap
                    "--prompts-huggingface-dataset-path=me/my-data", "--n-tokens-in-prompt=16",
                    f"--n-prompts-total={first['n_prompts_total']}"):
         assert option in command.split()
+    # an --out relative to here is given to the converter, which runs in its own folder, as a full path
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "neuronpedia", store.location, "--hook", HOOK, "--out", "np", "--features", "0:1",
+                 "--no-logits", "--no-progress", "--no-correlated-features"]) == 0
+    assert f"--saedashboard-output-dir={tmp_path / 'np'}" in capsys.readouterr().out.split()
     # the defaults that --help states are the defaults the export uses
     with pytest.raises(SystemExit):
         main(["export", "neuronpedia", "--help"])

@@ -60,6 +60,35 @@ def test_an_unknown_setting_is_refused_with_the_valid_ones():
         SweepConfig.build(name="n", store="s.zarr", rows=(0, 4)).changed(metrc="kl")
 
 
+def test_build_without_a_setting_that_has_no_default_names_it():
+    with pytest.raises(ConfigError) as refused:
+        ExtractConfig.build(store="s.zarr")
+    assert str(refused.value) == (
+        "ExtractConfig.build needs model, saes, dataset, which have no default: write ExtractConfig.build(model=..., "
+        "saes=..., dataset=..., ...). The command line's embedded default is model=str(pipeline.default.MODEL_DIR), "
+        "saes=[str(p) for p in pipeline.default.default_sae_dirs()], dataset=str(pipeline.default.TRAIN_CORPUS).")
+    with pytest.raises(ConfigError, match=r"^SweepConfig\.build needs name, store, which have no default: write "
+                                          r"SweepConfig\.build\(name=\.\.\., store=\.\.\., \.\.\.\)\.$"):
+        SweepConfig.build(rows=(0, 4))
+
+
+def test_sweep_rows_and_features_from_python_must_be_whole_numbers(tmp_path):
+    for settings, problem in [
+        (dict(rows="1:2"), "SweepConfig.prompts.rows='1:2' must be two whole numbers, START and STOP: write "
+                           "rows=(0, 64)."),
+        (dict(rows=(0, 2.5)), "SweepConfig.prompts.rows=(0, 2.5) must be two whole numbers, START and STOP: write "
+                              "rows=(0, 64)."),
+        (dict(rows=(0, 4), features="1,2,3"), "SweepConfig.ablation.features='1,2,3' must be feature ids, whole "
+                                              "numbers: write features=(12, 408), or leave it out for every live "
+                                              "feature."),
+        (dict(rows=(0, 4), features=()), "SweepConfig.ablation.features=() must be feature ids, whole numbers: "
+                                         "write features=(12, 408), or leave it out for every live feature."),
+    ]:
+        with pytest.raises(SettingsError) as refused:
+            validate_sweep(SweepConfig.build(name="s", store=str(tmp_path / "none.zarr"), metric="kl", **settings))
+        assert refused.value.problems == [problem], settings
+
+
 def test_a_config_comes_back_from_its_dict_and_refuses_unknown_keys():
     cfg = SweepConfig.build(name="n", store="s.zarr", rows=(0, 4), features=(3, 1), workers=2)
     assert SweepConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg

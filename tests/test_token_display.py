@@ -136,3 +136,14 @@ def test_a_sentencepiece_style_tokenizer():
     assert display.kind == "sentencepiece"
     assert display.text([265, 259, 3 + 0x0A, 3 + 0xE2, 3 + ord("a"), 1, 2, 0]) == \
         [" the", " ", "\n", "\\xe2", "a", "<s>", "</s>", "<unk>"]
+
+
+def test_a_model_folder_that_is_gone_is_said_so_and_the_vocabulary_shows(tmp_path, caplog):
+    from pipeline.tokens import _tokenizer_display
+
+    gone = str(tmp_path / "moved-model")
+    with caplog.at_level("WARNING", logger="pipeline.tokens"):
+        assert _tokenizer_display(gone, 10) is None
+    assert caplog.messages == [f"the run's model folder {gone} is not on this machine; tokens are shown from the "
+                               "store's decoded vocabulary, where a token holding part of a character shows as "
+                               "<token ID>."]
