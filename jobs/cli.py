@@ -9,9 +9,8 @@ import os
 import re
 import shlex
 import sys
-import textwrap
 
-from jobs.settings import SettingsError
+from jobs.settings import SettingsError, finite_float
 from jobs.terminal import terminal_text
 from store.errors import ConfigError, LatentStoreError, disk_full, is_disk_full
 
@@ -157,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one GPU per worker, even if the cluster has none yet (it scales up; give --workers)")
     device.add_argument("--cpu", dest="use_gpu", action="store_false",
                         help="CPU workers, even on a cluster with GPUs (default: GPUs if the cluster has them)")
-    run.add_argument("--cpus-per-worker", type=float, help="CPU cores per CPU worker (default: share them all)")
+    run.add_argument("--cpus-per-worker", type=finite_float, help="CPU cores per CPU worker (default: share them all)")
     run.add_argument("--batch-size", type=_int, default=default_of(ExtractConfig, "batch_size"),
                      help="windows per forward pass (default: %(default)s)")
     run.add_argument("--shard-tokens", type=_int, default=default_of(ExtractConfig, "shard_tokens"),
@@ -221,21 +220,24 @@ def extract_config(args: argparse.Namespace):
 
 
 def format_info(info: dict) -> str:
+    """``info``'s summary, its text from the store escaped value by value (a newline in a name cannot
+    start a line of its own)."""
+    t = lambda value: terminal_text(str(value))  # noqa: E731
     lines = [
-        f"store        {info['location']}  ({info['status']}, format {info['format_version']})",
-        f"model        {info['model']}",
-        f"dataset      {info['dataset']}" + (f"  split {info['split']}" if info.get("split") else ""),
+        f"store        {t(info['location'])}  ({t(info['status'])}, format {t(info['format_version'])})",
+        f"model        {t(info['model'])}",
+        f"dataset      {t(info['dataset'])}" + (f"  split {t(info['split'])}" if info.get("split") else ""),
         f"windows      {info['context_size']} tokens, BOS {'on' if info['prepend_bos'] else 'off'}, "
-        f"values {info['value_dtype']}",
+        f"values {t(info['value_dtype'])}",
         f"tokens       {info['n_tokens']:,} in {info['n_shards']} shards",
         "saes",
     ]
     for sae in info["saes"]:
         lines.append(
-            f"  {sae['name']:<32} {sae['architecture']:<9} d_sae {sae['d_sae']:<7} "
+            f"  {t(sae['name']):<32} {t(sae['architecture']):<9} d_sae {sae['d_sae']:<7} "
             f"nonzeros {sae['nnz']:,} (mean L0 {sae['mean_l0']:.1f})"
         )
-        lines.append(textwrap.indent(f"hook {sae['hook']}\nfrom {sae['source']}", "    "))
+        lines.append(f"    hook {t(sae['hook'])}\n    from {t(sae['source'])}")
     return "\n".join(lines)
 
 
@@ -265,6 +267,16 @@ def _known_error(error: Exception, store: str | None) -> LatentStoreError | None
     return access_error(None, error)
 
 
+class TerminalLogFormatter(logging.Formatter):
+    """Log lines as a terminal may show them: URLs masked, control characters escaped (a message can
+    quote a store's text, a request line or a URL given)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from store.location import mask_urls
+
+        return terminal_text(mask_urls(super().format(record)), keep_newlines=True)
+
+
 def _stop_ray() -> None:
     """Stop the Ray this process started or joined, if any (without importing it)."""
     ray = sys.modules.get("ray")
@@ -282,8 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     command = " ".join(filter(None, (args.command, getattr(args, "format", None))))  # "export delphi"
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(TerminalLogFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
+    logging.captureWarnings(True)  # warnings too quote URLs and store text: they go through the formatter
     try:
         from store.location import normalize
 
@@ -300,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             from store import FeatureStore
 
             fs = FeatureStore.open(args.store)
-            print(json.dumps(fs.info(), indent=2) if args.json else terminal_text(format_info(fs.info()), True))
+            print(json.dumps(fs.info(), indent=2) if args.json else format_info(fs.info()))
             if args.tree:
                 print(terminal_text(fs.tree(), keep_newlines=True))
         else:  # commands registered by add_commands carry their handler, which may return an exit status

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from jobs.terminal import terminal_text
 from pipeline.prompts import PromptEncoder
 from store import FeatureStore
 from store.errors import ConfigError, DataError
@@ -54,6 +55,11 @@ class PromptServer(http.server.ThreadingHTTPServer):
         self.encoder = encoder
         self.display = display if isinstance(display, TokenDisplay) else TokenDisplay.from_decoded(display)
         self.loopback = is_loopback(self.server_address[0])
+        # the names a request may give as its Host (any address of this machine too, when not loopback):
+        # a page of another site that a browser here opens can reach the server only through its own
+        # name (DNS rebinding), which is none of these
+        self.host_names = {"localhost"} | (set() if self.loopback else
+                                           {socket.gethostname().lower(), socket.getfqdn().lower()})
         self.info = {"sae": encoder.name, "hook": encoder.hook, "model": encoder.model_name,
                      "max_tokens": encoder.max_text_tokens, "k": TOP_K}
         # One forward at a time: run_with_hooks attaches its hooks to the shared model, so two
@@ -138,12 +144,22 @@ class PromptHandler(http.server.SimpleHTTPRequestHandler):
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
     def _host_allowed(self) -> bool:
-        host = urlsplit(f"//{self.headers.get('Host', '')}").hostname or ""
-        if self.server.loopback and not (host == "localhost" or is_loopback_address(host)):
+        try:
+            host = urlsplit(f"//{self.headers.get('Host', '')}").hostname or ""
+        except ValueError:  # such as an unclosed "[" of an IPv6 address
+            self._error(400, "the request's Host header is not a host name or address.")
+            return False
+        if host in self.server.host_names or is_loopback_address(host):
+            return True
+        if self.server.loopback:
             self._error(403, f"this server answers only requests to http://127.0.0.1 or http://localhost, "
                              f"not to host {host!r}.")
             return False
-        return True
+        if is_ip_address(host):
+            return True
+        self._error(403, f"this server answers requests to this machine's addresses and to "
+                         f"{', '.join(sorted(self.server.host_names))}, not to host {host!r}.")
+        return False
 
     def _error(self, status: int, message: str) -> None:
         self._send(status, "application/json", json.dumps({"error": message}))
@@ -159,7 +175,7 @@ class PromptHandler(http.server.SimpleHTTPRequestHandler):
             self.wfile.write(data)
 
     def log_message(self, fmt: str, *args: Any) -> None:
-        log.info("%s %s", self.address_string(), fmt % args)
+        log.info("%s %s", self.address_string(), terminal_text(fmt % args))  # the request line is the client's
 
 
 def is_loopback(host: str) -> bool:
@@ -171,10 +187,15 @@ def is_loopback(host: str) -> bool:
 
 
 def is_loopback_address(text: str) -> bool:
+    return is_ip_address(text) and ipaddress.ip_address(text).is_loopback
+
+
+def is_ip_address(text: str) -> bool:
     try:
-        return ipaddress.ip_address(text).is_loopback
+        ipaddress.ip_address(text)
     except ValueError:
         return False
+    return True
 
 
 def open_server(fs: FeatureStore, sae: str, site: Path, host: str = "127.0.0.1", port: int = 8000) -> PromptServer:

@@ -25,6 +25,7 @@ import numpy as np
 import orjson
 
 from jobs.output import output_folder
+from jobs.terminal import terminal_text
 from pipeline.dashboard_data import (DashboardBuilder, checked_features, collector_paused, DashboardSettings,
                                      FeatureDashboard, load_decoder, load_logit_weights, output_hook, window_starts)
 from store import FeatureStore
@@ -362,8 +363,12 @@ def converter_command(fs: FeatureStore, sae: str, out: str | Path, names: Neuron
 
 
 def _handle(args: argparse.Namespace) -> None:
+    from jobs.settings import refuse_credentials
     from pipeline.tokens import use_tokenizer
 
+    # written into every batch file and the converter's command line as given
+    refuse_credentials({"--model-id": args.model_id, "--sae-set": args.sae_set, "--sae-id-suffix": args.sae_id_suffix,
+                        "--dataset": args.dataset})
     output_folder(args.out, "the Neuronpedia export")  # before any work
     fs = FeatureStore.open(args.store)
     sae = chosen_sae(fs, args.sae)
@@ -374,7 +379,8 @@ def _handle(args: argparse.Namespace) -> None:
     print(f"wrote {len(paths)} batch files to {args.out}")
     print("next, Neuronpedia's converter (utils/neuronpedia-utils/neuronpedia_utils in its repository), with "
           "DEFAULT_CREATOR_ID set and the YOUR_... and PATH/... options replaced by your release's:")
-    print("  " + converter_command(fs, sae, args.out, names))
+    print("  " + terminal_text(converter_command(fs, sae, args.out, names)))  # it quotes the store's text
     point = hook_point(fs.sae_record(sae)["hook"])
     if point not in CONVERTER_HOOK_POINTS:
-        print(f"  (the converter takes --hook-point {', '.join(CONVERTER_HOOK_POINTS)}: {point} is not one of them)")
+        print(f"  (the converter takes --hook-point {', '.join(CONVERTER_HOOK_POINTS)}: {terminal_text(point)} is not "
+              "one of them)")

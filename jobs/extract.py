@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, replace
 
 from jobs import pool
 from jobs.ray_session import call, connect, worker_resources
-from jobs.settings import (EXTRACT_FLAGS, Problem, Setting, SettingsError, as_settings_error, positive, problems_of,
-                           wrong_types)
+from jobs.settings import (EXTRACT_FLAGS, Problem, Setting, SettingsError, as_settings_error, cores_problems,
+                           credential_problems, positive, problems_of, wrong_types)
 from pipeline.dataset import (DatasetSpec, Shard, check_dataset, describe_dataset, open_dataset, plan_shards,
                               row_lengths, rows_digest, tokenize_rows)
 from pipeline.models import hook_names, hook_width, is_local_model, load_model_config, load_tokenizer
@@ -26,7 +26,7 @@ from pipeline.specs import ExtractConfig, ModelSpec, Resources, StoreSpec  # noq
 from pipeline.worker import SHARDS_IN_FLIGHT, ExtractJob, ExtractWorker
 from store.errors import ConfigError, DataError, StoreWriteError, did_you_mean
 from store.format import VALUE_DTYPES
-from store.location import CREDENTIALS_FIX, check_writable, credentials_in, mask_url, normalize
+from store.location import check_writable, normalize
 from store.lease import hold_lease
 from store.writer import DATA_KEYS, StoreWriter, check_conflict
 
@@ -110,6 +110,7 @@ def validate(cfg: ExtractConfig) -> Plan:
     problems += positive({"dataset.context_size": data.context_size, "resources.batch_size": resources.batch_size,
                           "store.shard_tokens": store.shard_tokens, "dataset.max_tokens": data.max_tokens,
                           "resources.workers": resources.workers, "store.top_k": store.top_k})
+    problems += cores_problems(resources.cpus_per_worker)
     if store.value_dtype not in VALUE_DTYPES:
         problems.append(Problem.of(Setting("store.value_dtype", store.value_dtype, quoted=True),
                                    f" is not one of {', '.join(VALUE_DTYPES)}."))
@@ -163,12 +164,10 @@ def validate(cfg: ExtractConfig) -> Plan:
 
 
 def _credential_problems(cfg: ExtractConfig) -> list[Problem]:
-    """The model, dataset and SAE sources go into the store's metadata as given: a URL of theirs
-    with credentials is refused, shown masked (the store's own URL is refused by ``normalize``)."""
-    sources = [("model.name", cfg.model.name), ("dataset.name", cfg.dataset.name),
-               *((f"saes[{i}]", text) for i, text in enumerate(cfg.saes))]
-    return [Problem.of(Setting(path, mask_url(text)), f" holds credentials ({found}). {CREDENTIALS_FIX}")
-            for path, text in sources if isinstance(text, str) and (found := credentials_in(text))]
+    """The model, dataset and SAE sources go into the store's metadata as given (the store's own URL
+    is refused by ``normalize``, the cluster's address by ``ray_session.connect``)."""
+    return credential_problems([("model.name", cfg.model.name), ("dataset.name", cfg.dataset.name),
+                                *((f"saes[{i}]", text) for i, text in enumerate(cfg.saes))])
 
 
 def _sae_problems(cfg: ExtractConfig, plan: Plan, model_cfg) -> list[Problem]:

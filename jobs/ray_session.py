@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 
 from store.errors import ConfigError, LatentStoreError, disk_full, is_disk_full
+from store.location import credentials_in, mask_url, mask_urls
 
 
 def connect(address: str | None, n_cpus_wanted: float):
@@ -20,7 +21,12 @@ def connect(address: str | None, n_cpus_wanted: float):
         return ray
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        _check_address(address)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except (ValueError, ConnectionError) as e:
+            raise ConfigError(f"cannot join the Ray cluster at {mask_url(address)} ({mask_urls(str(e))}). "
+                              f"{ADDRESS_FORMS}") from e
     else:
         # Ray turns token authentication on for a local cluster, and says so at every start with how to
         # turn it off: it stays on, unsaid
@@ -30,6 +36,37 @@ def connect(address: str | None, n_cpus_wanted: float):
             ray.init(num_cpus=max(os.cpu_count() or 1, int(n_cpus_wanted) + 1), include_dashboard=False,
                      logging_level=logging.WARNING, _node_ip_address=LOOPBACK)
     return ray
+
+
+ADDRESS_FORMS = ("Give --address (or RAY_ADDRESS) as the head's HOST:PORT (6379 by default), ray://HOST:10001 or "
+                 "auto, or leave both out to start Ray on this machine.")
+
+
+def _check_address(address: str) -> None:
+    """Refuse, now, a cluster address with credentials in it (Ray would quote it in its messages), one
+    that is not HOST:PORT, and one whose port does not answer (Ray would wait minutes)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    as_url = address if "://" in address else f"ray://{address}"
+    shown = mask_url(as_url) if "://" in address else mask_url(as_url).removeprefix("ray://")
+    if found := credentials_in(as_url):
+        raise ConfigError(f"the Ray address {shown} holds credentials ({found}). Leave them out: a Ray cluster "
+                          "takes its token from RAY_AUTH_TOKEN or ~/.ray/auth_token, never from its address.")
+    if address == "auto":  # the cluster this machine belongs to, which Ray finds
+        return
+    try:
+        parts = urlsplit(as_url)
+        host, port = parts.hostname, parts.port or (10001 if parts.scheme == "ray" and "://" in address else None)
+    except ValueError:
+        host = port = None
+    if not host or not port:
+        raise ConfigError(f"the Ray address {shown} is not HOST:PORT. {ADDRESS_FORMS}")
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as e:
+        raise ConfigError(f"the Ray cluster at {shown} does not answer ({e}). Is its head running "
+                          f"(`ray status` there says)? {ADDRESS_FORMS}") from e
 
 
 LOOPBACK = "127.0.0.1"

@@ -130,6 +130,32 @@ def as_settings_error(config_name: str, error: ConfigError, flags: dict[str, Fla
     return converted
 
 
+def credential_problems(sources: Iterable[tuple[str, Any]]) -> list[Problem]:
+    """Each (setting, text) whose text is a URL with credentials in it: a source or name that is
+    recorded, written into files or shown as given would carry them there. Shown masked."""
+    from store.location import CREDENTIALS_FIX, credentials_in, mask_url
+
+    return [Problem.of(Setting(path, mask_url(text)), f" holds credentials ({found}). {CREDENTIALS_FIX}")
+            for path, text in sources if isinstance(text, str) and (found := credentials_in(text))]
+
+
+def refuse_credentials(sources: dict[str, Any]) -> None:
+    """``credential_problems`` of command-line values, by flag, raised as one ConfigError."""
+    problems = credential_problems(sources.items())
+    if problems:
+        raise ConfigError([p.render(lambda s: f"{s.path} {s.value}") for p in problems])
+
+
+def cores_problems(cpus_per_worker: Any) -> list[Problem]:
+    """``resources.cpus_per_worker``, when given, is a number of cores above 0 (Ray takes fractions)."""
+    from store.arguments import is_finite_number
+
+    if cpus_per_worker is None or (is_finite_number(cpus_per_worker) and cpus_per_worker > 0):
+        return []
+    return [Problem.of(Setting("resources.cpus_per_worker", cpus_per_worker),
+                       " must be a number of CPU cores above 0, such as 2 or 0.5.")]
+
+
 def positive(values: dict[str, Any]) -> list[Problem]:
     """Each whole-number setting given (not None) that is not a positive whole number."""
     problems = []

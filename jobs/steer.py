@@ -60,8 +60,10 @@ def steer_command(args: argparse.Namespace) -> None:
     from pipeline.models import load_model
     from pipeline.saes import SAESource, load_sae
     from pipeline.steering import steer
+    from jobs.settings import refuse_credentials
     from store.errors import ConfigError
 
+    refuse_credentials({"--model": args.model, "--sae": args.sae})  # first: nothing may load or show them
     if args.max_new_tokens < 1:  # before anything loads
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: give how many tokens to generate, at least 1.")
     if args.sample and not args.temperature > 0:

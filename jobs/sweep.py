@@ -17,8 +17,8 @@ import numpy as np
 
 from jobs import pool
 from jobs.ray_session import call, connect, worker_resources
-from jobs.settings import (SWEEP_FLAGS, Problem, Setting, SettingsError, as_settings_error, positive, problems_of,
-                           wrong_types)
+from jobs.settings import (SWEEP_FLAGS, Problem, Setting, SettingsError, as_settings_error, cores_problems,
+                           credential_problems, positive, problems_of, wrong_types)
 from pipeline.ablation import is_ablation
 from pipeline.metric_names import METRICS, PROMPT_FIELDS
 from pipeline.specs import AblationSpec, PromptSpec, Resources, SweepConfig, SweepStoreSpec  # noqa: F401 (the API)
@@ -44,6 +44,10 @@ def validate(cfg: SweepConfig) -> SweepJob:
     problems = wrong_types(cfg, SweepConfig.SPECS) + _not_whole_numbers(cfg)
     if problems:
         raise SettingsError("SweepConfig", problems, SWEEP_FLAGS)
+    # first: the sources go into the sweep's record as given, and nothing may read or show them before
+    problems = credential_problems([("model", cfg.model), ("sae", cfg.sae), ("prompts.file", cfg.prompts.file)])
+    if problems:
+        raise SettingsError("SweepConfig", problems, SWEEP_FLAGS)
     a, prompts = cfg.ablation, cfg.prompts
     try:
         check_name(cfg.name)
@@ -55,6 +59,7 @@ def validate(cfg: SweepConfig) -> SweepJob:
     problems += positive({"store.prompts_per_part": cfg.store.prompts_per_part,
                           "store.features_per_part": cfg.store.features_per_part,
                           "resources.batch_size": cfg.resources.batch_size, "resources.workers": cfg.resources.workers})
+    problems += cores_problems(cfg.resources.cpus_per_worker)
     if a.metric not in METRICS:
         problems.append(Problem.of(Setting("ablation.metric", a.metric, quoted=True),
                                    f" is not one of {', '.join(METRICS)}."))

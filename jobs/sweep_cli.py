@@ -75,7 +75,7 @@ def add_commands(subparsers) -> None:
                         help="one GPU per worker, even if the cluster has none yet (it scales up; give --workers)")
     device.add_argument("--cpu", dest="use_gpu", action="store_false", default=argparse.SUPPRESS,
                         help="CPU workers, even on a cluster with GPUs (default: GPUs if the cluster has them)")
-    sweep.add_argument("--cpus-per-worker", type=float, default=argparse.SUPPRESS)
+    sweep.add_argument("--cpus-per-worker", type=finite_float, default=argparse.SUPPRESS)
     sweep.add_argument("--address", default=argparse.SUPPRESS,
                        help="a Ray cluster to join (default: $RAY_ADDRESS, else start one here)")
     sweep.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,

@@ -136,12 +136,13 @@ def open_dataset(spec: DatasetSpec) -> Any:
         except StopIteration as e:  # how datasets' JSON reader meets a file with no line at all
             raise ConfigError(f"--dataset {spec.name} is empty: there is nothing to extract. "
                               "Give a file with at least one row.") from e
-        except (UnicodeDecodeError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
+        # OSError: a compressed file that is not what its suffix says (gzip's BadGzipFile, ...)
+        except (UnicodeDecodeError, ValueError, OSError, datasets.exceptions.DatasetGenerationError) as e:
             if "corresponds to no data" in _root_cause(e):  # how datasets says a file has no rows
                 raise ConfigError(f"--dataset {spec.name} is empty: there is nothing to extract.") from e
             raise ConfigError(
                 f"--dataset {spec.name} could not be read as {builder} ({_root_cause(e)}). "
-                "Check that the file is valid UTF-8 text in that format."
+                "Check that the file is valid UTF-8 text in that format (compressed as its suffix says, if it does)."
             ) from e
     if local_builder(path) is not None or spec.name.startswith(("/", "./", "../", "~")):
         raise ConfigError(f"--dataset {spec.name}: no such file or folder ({path.expanduser().absolute()} does not "

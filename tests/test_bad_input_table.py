@@ -354,6 +354,12 @@ BAD_INPUTS = {
         _extract(model=lambda a, t: _hub_down("gpt2-small")),
         ConfigError, r"ExtractConfig\.model\.name 'gpt2-small': could not fetch its config from the Hugging Face hub \(We couldn't "
                      r"connect\)\. Check the connection"),
+    "extract: a .jsonl.gz that is not gzip": (
+        _extract(dataset=lambda a, t: DatasetSpec(_file(t, "plain.jsonl.gz", b'{"text": "a"}\n'))),
+        ConfigError, r"plain\.jsonl\.gz could not be read as json \(BadGzipFile: Not a gzipped file"),
+    "extract: cpus_per_worker -1": (
+        _extract(cpus_per_worker=-1), ConfigError,
+        r"ExtractConfig\.resources\.cpus_per_worker=-1 must be a number of CPU cores above 0, such as 2 or 0\.5\."),
     "extract: unknown dataset file type": (
         _extract(dataset=lambda a, t: DatasetSpec(_file(t, "data.xlsx", b"PK\x03\x04"))),
         ConfigError, r"unknown file type\. Use a \.jsonl"),
@@ -577,6 +583,12 @@ BAD_INPUTS = {
     "cli: sweep --features -1:4 (a value argparse takes for a flag)": (
         _cli("sweep", "--name", "s", "--store", "{store}", "--rows", "0:4", "--metric", "kl", "--features", "-1:4"),
         SystemExit, r"2"),
+    "cli: steer a model URL with credentials": (
+        _cli("steer", "--model", f"https://u:{SECRET}@h.invalid/m", "--sae", "{sae}", "--prompt", "the cat",
+             "--feature", "1", "--magnitude", "2"), SystemExit, r"2"),
+    "cli: export neuronpedia --dataset with a token": (
+        _cli("export", "neuronpedia", "{store}", "--hook", HOOK, "--out", "{tmp}/np", "--no-progress",
+             "--dataset", f"https://h.invalid/d?token={SECRET}"), SystemExit, r"2"),
     "cli: index of a file": (
         _cli("index", "{tmp}/notes.txt", before=lambda a, t: _file(t, "notes.txt", b"notes")), SystemExit, r"2"),
     "dashboard: JSON nested 100,000 levels deep sent to /api/prompt": (
@@ -637,6 +649,11 @@ CLI_STDERR = {
     "cli: sweep --features -1:4 (a value argparse takes for a flag)":
         "argument --features: expected one argument (a value that starts with '-' goes after '=', as in "
         "--features=VALUE)",
+    "cli: steer a model URL with credentials":
+        "latentstore steer: error: --model https://***@h.invalid/m holds credentials (a user name and password). "
+        "Remove them from the URL",
+    "cli: export neuronpedia --dataset with a token":
+        "latentstore export neuronpedia: error: --dataset https://h.invalid/d?token=*** holds credentials",
     "cli: index of a file": "latentstore index: error: {tmp}/notes.txt is a file, not a latentstore store (a store "
                             "is a folder). Give the store's folder.",
     "cli: dashboard --out a folder holding the user's own index.html":
@@ -893,6 +910,23 @@ def test_terminal_text_escapes_every_control_character():
     assert all(not (c < " " or "\x7f" <= c <= "\x9f") for c in shown) and shown.count("⏎") == 1
     assert terminal_text("a\nb\x1b", keep_newlines=True) == "a\nb\\x1b"
     assert terminal_text("plain «text» é 中") == "plain «text» é 中"
+    # Trojan-source bidi controls and invisible characters are shown; joiners, which scripts need, stay
+    assert terminal_text("abc\u202edef\u2066\u200b\ufeff") == "abc\\u202edef\\u2066\\u200b\\ufeff"
+    assert terminal_text("क्\u200dष") == "क्\u200dष"
+
+
+def test_info_escapes_each_value_so_a_newline_in_a_name_starts_no_line():
+    from jobs.cli import format_info
+
+    info = {"location": "s.zarr", "status": "complete", "format_version": "2.1", "model": "m\nfake line",
+            "dataset": "d\x1b[32m", "split": None, "context_size": 8, "prepend_bos": True,
+            "value_dtype": "bfloat16", "n_tokens": 10, "n_shards": 1,
+            "saes": [{"name": "a\u202eb", "architecture": "standard", "d_sae": 4, "nnz": 3, "mean_l0": 0.3,
+                      "hook": "blocks.0.hook_resid_post", "source": "dir\rx"}]}
+    lines = format_info(info).split("\n")
+    assert lines[1:3] == ["model        m⏎fake line", "dataset      d\\x1b[32m"]
+    assert lines[-3].startswith("  a\\u202eb ") and lines[-2:] == ["    hook blocks.0.hook_resid_post",
+                                                                   "    from dir\\rx"]
 
 
 # -- the disk fills up mid-shard: a clear error, and a rerun resumes once there is room --------------

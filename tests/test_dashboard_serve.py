@@ -226,6 +226,36 @@ def test_a_busy_port_is_named_and_loopback_is_told_apart(served):
         [True, True, True, False, False, False]
 
 
+def test_a_server_on_every_interface_still_refuses_other_sites_names(served, caplog):
+    """Listening beyond loopback, the server answers this machine's addresses and names, never the
+    name of another site (a page of it, opened in a browser here, could otherwise reach the server)."""
+    import socket
+
+    _, _, encoder, site = served
+    server = PromptServer(("0.0.0.0", 0), site, encoder, None)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        for host, status in [("attacker.example", 403), ("192.0.2.1", 200), (socket.gethostname(), 200),
+                             ("localhost", 200), ("[::1", 400)]:
+            got, text = request(f"{url}/api/info", headers={"Host": host})
+            assert got == status, (host, text)
+        assert "not to host 'attacker.example'" in request(f"{url}/api/info", headers={"Host": "attacker.example"})[1]
+        with caplog.at_level("INFO", logger="jobs.dashboard_serve"), \
+                socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as client:
+            # a request line that would retitle a terminal (urllib refuses to send one)
+            client.sendall(b"GET /\x1b]0;PWNED\x07 HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            while client.recv(65536):
+                pass
+        assert any("/\\x1b]0;PWNED\\x07" in m for m in caplog.messages), caplog.messages
+        assert not any("\x1b" in m for m in caplog.messages)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
 def test_cli_serves_until_ctrl_c(served, tmp_path, capsys):
     _, fs, _, _ = served
     assert main(["dashboard", str(fs.location), "--hook", HOOK, "--out", str(tmp_path / "x"), "--port", "9"]) == 2

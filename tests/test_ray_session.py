@@ -114,3 +114,33 @@ def test_a_ray_instance_started_here_listens_on_loopback_only():
                if not ipaddress.ip_address(ip.removeprefix("::ffff:")).is_loopback]
     assert exposed == [], exposed
     assert report["env"] is None  # the switch is put back once Ray has started
+
+
+def test_a_cluster_address_is_checked_before_ray_is_asked():
+    """Ray quotes an address in its errors and waits minutes for one where nothing answers: a password
+    in it, a form it cannot take, or a closed port is refused at once, masked."""
+    import socket
+
+    from jobs.ray_session import ADDRESS_FORMS, _check_address
+
+    with socket.socket() as closed:  # a port that was free a moment ago
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    cases = {
+        "garbage": f"the Ray address garbage is not HOST:PORT. {ADDRESS_FORMS}",
+        "u:hunter2@127.0.0.1:1": "the Ray address ***@127.0.0.1:1 holds credentials (a user name and password). "
+                                 "Leave them out: a Ray cluster takes its token from RAY_AUTH_TOKEN or "
+                                 "~/.ray/auth_token, never from its address.",
+        "ray://h.invalid:10001?token=hunter2": "the Ray address ray://h.invalid:10001?token=*** holds credentials",
+        f"127.0.0.1:{port}": f"the Ray cluster at 127.0.0.1:{port} does not answer ([Errno 111] Connection refused). "
+                             f"Is its head running (`ray status` there says)? {ADDRESS_FORMS}",
+    }
+    for address, message in cases.items():
+        with pytest.raises(ConfigError) as refused:
+            _check_address(address)
+        assert str(refused.value).startswith(message) and "hunter2" not in str(refused.value), address
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        _check_address(f"127.0.0.1:{listening.getsockname()[1]}")  # answers: left to Ray
+    _check_address("auto")
