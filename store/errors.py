@@ -56,7 +56,8 @@ class StoreWriteError(LatentStoreError, PermissionError):
 
 
 class StoreAccessError(LatentStoreError, OSError):
-    """The store cannot be reached: no connection, no credentials, or access denied."""
+    """The store cannot be reached or opened: no connection, no credentials, access denied, or a URL its
+    storage cannot take (a bucket name it refuses, a backend not installed)."""
 
 
 class StoreCorruptError(LatentStoreError, ValueError):

@@ -12,13 +12,15 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, unquote_plus
 
+import fsspec
 import zarr
+from fsspec.registry import known_implementations
 from zarr.errors import ZarrUserWarning
 from zarr.storage import FsspecStore, LocalStore
 
-from store.errors import ConfigError, LatentStoreError, StoreAccessError, StoreWriteError
+from store.errors import ConfigError, LatentStoreError, StoreAccessError, StoreWriteError, did_you_mean
 
 
 def is_url(location: str) -> bool:
@@ -30,11 +32,27 @@ def normalize(location: str | os.PathLike) -> str:
     location = os.fspath(location)
     if "://" in location:
         _refuse_credentials(location)  # first: nothing may read, log or print the URL before this
+        _refuse_unknown_protocols(location)
     if location.startswith("file://"):
         location = location.removeprefix("file://")
     if is_url(location):
         return location
     return str(Path(location).expanduser().resolve())
+
+
+def _refuse_unknown_protocols(url: str) -> None:
+    """fsspec would say no more than "Protocol not known" when the store is first read, which readers
+    take for unreadable metadata: a typo (``s3:`` as ``sss:``) is said here, with the protocols it knows."""
+    known = {*known_implementations, *fsspec.registry}  # what fsspec.get_filesystem_class looks in
+    links = url.split("::")
+    # fsspec's reading of a chain: ``proto://path``, and a bare lowercase word is a protocol (``simplecache::``)
+    protocols = [link.partition("://")[0] if "://" in link else link for link in links
+                 if "://" in link or (len(links) > 1 and re.fullmatch("[a-z]+", link))]
+    for protocol in protocols:
+        if len(protocol) > 1 and protocol not in known:  # one letter: a Windows drive, as fsspec takes it
+            raise ConfigError(f"the store URL {mask_url(url)} names a protocol that fsspec does not know: "
+                              f"{protocol!r}. Give one it knows ({did_you_mean(protocol, sorted(known))}), or "
+                              f"install the package that provides {protocol!r}.")
 
 
 # Credentials in store URLs. Every link of an fsspec chain (``simplecache::s3://...``) is checked,
@@ -52,9 +70,13 @@ NOT_USERINFO = frozenset({"github", "git"})
 # a ``KEY:SECRET`` whose ``@`` was left out, and the storage SDK's "invalid bucket name" would show it.
 BUCKET_FIRST = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "tos", "tosfs", "oci",
                           "ocilake"})
-# Query keys that carry secrets: signed URLs (X-Amz-*, X-Goog-*, Azure SAS ``sig``), tokens, keys, passwords.
-SECRET_QUERY_KEY = re.compile(r"key|secret|token|passw|pwd|sig|credential|auth|session|^x-amz-|^x-goog-",
-                              re.IGNORECASE)
+# Query (and fragment) keys that carry secrets: signed URLs (X-Amz-*, X-Goog-*, Azure SAS ``sig``, Akamai
+# ``hdnts``/``hdnea``), tokens (JWTs, bearer, OAuth's ``#access_token``), keys, passwords. Found anywhere in a key;
+SECRET_QUERY_KEY = re.compile(r"key|secret|token|passw|pwd|sig|credential|auth|session|jwt|bearer|hdnts|hdnea|"
+                              r"^x-amz-|^x-goog-", re.IGNORECASE)
+# and these as whole words of a key (``pass``, ``user_pw``, ``adminPass``; OAuth's ``code``), which inside other
+# words are none (``compass``, ``encoding``).
+SECRET_QUERY_WORDS = frozenset({"pass", "pw", "code", "otp"})
 CREDENTIALS_HOW = ("environment variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, "
                    "...) or the provider's config files")
 CREDENTIALS_FIX = f"Remove them from the URL and give them the usual way instead: {CREDENTIALS_HOW}."
@@ -89,11 +111,19 @@ def _link_credentials(link: str) -> str | None:
         return "a user name and password" if ":" in userinfo else "a user name or access key"
     if protocol in BUCKET_FIRST and ":" in _authority(rest):
         return "a ':' in the bucket name, as in KEY:SECRET"
-    keys = sorted({key for key, _ in parse_qsl(urlsplit(link).query if "?" in rest else "", keep_blank_values=True)
-                   if SECRET_QUERY_KEY.search(key)})
-    if keys:
-        return f"the query parameter{'s' if len(keys) > 1 else ''} {', '.join(keys)}"
-    return None
+    rest, _, fragment = rest.partition("#")  # a fragment holds parameters too: OAuth's #access_token=...
+    found = [f"the {part} parameter{'s' if len(keys) > 1 else ''} {', '.join(keys)}"
+             for part, text in (("query", rest.partition("?")[2]), ("fragment", fragment))
+             if (keys := _secret_keys(text))]
+    return " and ".join(found) or None
+
+
+def _secret_keys(parameters: str) -> list[str]:
+    """The keys of ``parameters`` (``a=1&b=2``, or ``a=1;b=2``, which ``parse_qsl`` takes for one
+    value) that carry secrets, decoded as servers decode them, sorted."""
+    keys = {unquote_plus(pair.partition("=")[0]) for pair in re.split("[&;]", parameters)}
+    return sorted(key for key in keys if SECRET_QUERY_KEY.search(key) or SECRET_QUERY_WORDS & {
+        word.lower() for word in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+", key)})  # snake, kebab, camelCase
 
 
 def _userinfo(protocol: str, rest: str) -> str | None:
@@ -118,13 +148,28 @@ def _authority(rest: str) -> str:
     return re.split(r"[/?#]", rest, maxsplit=1)[0]
 
 
+# A URL in a message: ``scheme://`` and what follows up to a space or a quote, but a user info that holds
+# a space (``https://u:SEK RET@host``) up to its ``@``, which must come before any ``/``, ``?`` or ``#``
+# (so that a sentence after a URL is not taken for one); and a known scheme with one slash, as
+# ``datasets`` writes a URL it took for a relative path (``/cwd/https:/host/x?jwt=...``).
+KNOWN_SCHEMES = frozenset({*known_implementations, *USER_IS_ADDRESS, *HOST_PORT, *NOT_USERINFO, *BUCKET_FIRST})
+URL_IN_TEXT = re.compile(r"""(?:[A-Za-z][\w+.-]*://|(?P<one_slash>(?:%s):/))"""
+                         r"""(?:(?<=://)[^\s/?#@'"]*:[^\r\n/?#@'"]*@|[^\s'"])+"""
+                         % "|".join(map(re.escape, sorted(KNOWN_SCHEMES))))
+
+
 def mask_urls(text: str) -> str:
     """``text`` (a message quoting what a user typed) with every URL in it masked by ``mask_url``."""
-    return re.sub(r"[A-Za-z][\w+.-]*://[^\s'\"]+", lambda m: mask_url(m.group()), text)
+    def masked(m: re.Match) -> str:
+        if m["one_slash"]:
+            return mask_url(m.group().replace(":/", "://", 1)).replace("://", ":/", 1)
+        return mask_url(m.group())
+
+    return URL_IN_TEXT.sub(masked, text)
 
 
 def mask_url(url: str) -> str:
-    """``url`` with every link's user info and every query value replaced by ``***``: safe to show."""
+    """``url`` with every link's user info and every query or fragment value replaced by ``***``: safe to show."""
     masked = []
     for link in url.split("::"):
         protocol, sep, rest = unquote(link).partition("://")
@@ -132,9 +177,9 @@ def mask_url(url: str) -> str:
             rest = "***@" + rest.rsplit("@", 1)[1]
         elif sep and protocol.lower() in BUCKET_FIRST and ":" in _authority(rest):
             rest = "***" + rest[len(_authority(rest)):]
-        if sep and "?" in rest:
-            path, _, query = rest.partition("?")
-            rest = path + "?" + "&".join(f"{k}=***" for k, _ in parse_qsl(query, keep_blank_values=True))
+        if sep and (start := re.search("[?#]", rest)):
+            # every value, to the next pair: a value may hold a "#" or "?" that is part of the secret
+            rest = rest[:start.end()] + re.sub("=[^&;]*", "=***", rest[start.end():])
         masked.append(f"{protocol}{sep}{rest}")
     return "::".join(masked)
 
@@ -145,16 +190,18 @@ NO_CREDENTIALS = frozenset({"NoCredentialsError", "PartialCredentialsError", "Cr
                             "DefaultCredentialsError", "RefreshError", "CredentialUnavailableError",
                             "ClientAuthenticationError"})
 UNREACHABLE = frozenset({"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectionError",
-                         "ServerTimeoutError", "TransportError", "ServiceRequestError"})
+                         "ServerTimeoutError", "TransportError", "ServiceRequestError", "ConnectError"})
 ANONYMOUS_READS = ("for a public bucket, read anonymously: FSSPEC_S3_ANON=true (S3), FSSPEC_GCS_TOKEN=anon "
                    "(Google Cloud Storage)")
 
 
 def access_error(location: str | None, error: BaseException) -> StoreAccessError | None:
     """The StoreAccessError that says why the store at ``location`` could not be reached, for an
-    ``error`` (or one it was raised from) that means no connection, no credentials or access denied;
-    None for any other error. It quotes the error's own text, its URLs masked. Without a ``location``
-    it speaks of what was being read or written, which that text names."""
+    ``error`` (or one it was raised from) that means no connection, no credentials or access denied,
+    or a URL that its storage cannot take (a bucket name botocore refuses, a Hugging Face URL that
+    names no repository, a protocol whose package is not installed); None for any other error. It
+    quotes the error's own text on one line, its URLs masked. Without a ``location`` it speaks of what
+    was being read or written, which that text names."""
     for cause in _chain(error):
         if isinstance(cause, LatentStoreError):
             return None  # already says what went wrong, and how to fix it
@@ -168,12 +215,35 @@ def access_error(location: str | None, error: BaseException) -> StoreAccessError
                    "access was denied. Use credentials that may read and write it, or change its permissions.")
         elif names & UNREACHABLE or isinstance(cause, (ConnectionError, TimeoutError)):
             fix = "it could not be reached. Check the network, the host name in the URL and any proxy, then rerun."
+        elif "ParamValidationError" in names:  # botocore's, before any request is sent
+            fix = ("its bucket name is not valid. Correct it in the URL: S3 bucket names are 3 to 63 lowercase "
+                   "letters, digits, '.' and '-'." if "Invalid bucket name" in str(cause) else
+                   "the storage SDK refuses a parameter made from the URL. Correct its bucket and object names.")
+        elif "HfUriError" in names:
+            fix = ("the URL names no Hugging Face repository. Give one as hf://datasets/OWNER/NAME/PATH for a "
+                   "dataset repository, or hf://OWNER/NAME/PATH for a model's.")
+        elif isinstance(cause, ImportError) and (package := _backend_package(cause)) is not None:
+            fix = (f"the package for its protocol is not installed. Install it (pip install {package}), then rerun."
+                   if package else "a package for its protocol is not installed. Install the one that fsspec names, "
+                                   "then rerun.")
         else:
             continue
         where = f"the store at {mask_url(location)}" if location else "what this reads or writes"
-        said = mask_urls(str(cause))[:300] or "no message"
+        said = " ".join(mask_urls(str(cause)).split())[:300] or "no message"  # masked before it is cut or joined
         return StoreAccessError(f"{where} cannot be opened: {fix} ({type(cause).__name__}: {said})")
     return None
+
+
+def _backend_package(error: ImportError) -> str | None:
+    """For fsspec's ImportError for a protocol whose package is not installed (its message is the one
+    ``known_implementations`` holds for that protocol), the package to install: the missing module when
+    it is the one that implements the protocol (``gcsfs``), else "" (a dependency of fsspec's own
+    implementation, which its message names: ``paramiko``). None for any other ImportError."""
+    classes = [impl["class"] for impl in known_implementations.values() if impl.get("err") == str(error)]
+    if not classes:
+        return None
+    package = (getattr(error.__cause__, "name", None) or "").split(".")[0]
+    return package if package and any(cls.split(".")[0] == package for cls in classes) else ""
 
 
 def _chain(error: BaseException) -> Iterator[BaseException]:
