@@ -30,6 +30,11 @@ def block_checksums(data: np.ndarray, block: int) -> list[str]:
 
 ROOT_METADATA = "zarr.json"  # a node's metadata file; at the top of the store, the root's
 
+# What zarr raises on a metadata file that is no zarr node: JSON cut short or garbled (ValueError,
+# UnicodeDecodeError), a document of another shape, such as a list or a string (TypeError,
+# AttributeError), or one nested deeper than the JSON parser recurses (RecursionError).
+METADATA_ERRORS = (ValueError, TypeError, AttributeError, RecursionError)
+
 REBUILD_ROOT = ("rerun the same `latentstore extract` command: it rewrites the root's metadata (zarr.json), "
                 "rebuilding it if it is missing or unreadable, and keeps every complete shard that it would "
                 "write the same")
@@ -71,7 +76,7 @@ def open_node(root: zarr.Group, path: str, location: str):
         return root[path]
     except KeyError:
         raise
-    except (ValueError, UnicodeDecodeError) as e:
+    except METADATA_ERRORS as e:
         raise corrupt(location, path, f"its metadata cannot be read ({type(e).__name__}: {e})") from e
 
 

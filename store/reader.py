@@ -18,7 +18,7 @@ import scipy.sparse as sp
 import zarr
 
 from store import format as fmt
-from store.checked import ROOT_METADATA, CheckedArray, corrupt, open_array, open_node
+from store.checked import METADATA_ERRORS, ROOT_METADATA, CheckedArray, corrupt, open_array, open_node
 from store.arguments import is_whole
 from store.errors import (ConfigError, StoreCorruptError, StoreIncompleteError, StoreNotFoundError, TokenRangeError,
                           did_you_mean)
@@ -351,7 +351,7 @@ class FeatureStore(Queries):
             path = fmt.shard_path(shard_id)
             try:
                 marker = read_marker(self._root[path])
-            except (KeyError, ValueError) as e:
+            except (KeyError, *METADATA_ERRORS) as e:
                 raise corrupt(self.location, path, f"the shard cannot be opened ({e})") from None
             if marker is None:
                 raise corrupt(self.location, f"{path}/{fmt.MARKER_GROUP}",

@@ -4,6 +4,7 @@
 listing each damaged part by its path inside the store:
 
 - every metadata file (``zarr.json``) parses, and every array's codecs are known;
+- the root's attributes have the shape the format gives them (``store.elements.root_attrs_problem``);
 - every chunk of every array decodes, and none that holds data is missing;
 - every array listed in a completion marker has the crc32 recorded there at write time, and
   so do the merged statistics and the index's pointers, whose crc32s their group records;
@@ -36,13 +37,18 @@ import zarr
 from store import format as fmt
 from store import stats as stats_mod
 from store.checked import checksum, repair
-from store.errors import StoreNotFoundError
-from store.location import is_url, normalize, open_zarr_store, reaching
+from store.elements import root_attrs_problem
+from store.errors import StoreAccessError, StoreNotFoundError
+from store.location import is_url, mask_url, normalize, open_zarr_store, reaching
 
 METADATA = "zarr.json"
 INDEX_GROUP = getattr(fmt, "INDEX_GROUP", "index")  # the feature-major index (format 1.1)
 PARTS_GROUP = getattr(fmt, "PARTS_GROUP", "parts")
 
+
+# What a root whose metadata cannot be used costs the check.
+ROOT_UNREADABLE = ("the store's run record, shard list and counts are unreadable (the shards are checked against "
+                   "their own markers)")
 
 # The root's run record disagrees with every shard: it was edited, and a rerun would take the edit for
 # another run; without it, the rerun rebuilds the root for the run it is.
@@ -155,8 +161,16 @@ class _Walker:
                 self.raw[METADATA] = self.fs.cat_file(f"{self.base}/{METADATA}")
             except (FileNotFoundError, NotADirectoryError):  # no root yet, or not a store: verify_store says which
                 pass
+            try:
+                found = self.fs.find(self.base)
+            except RecursionError:
+                raise StoreAccessError(
+                    f"verify cannot list the store at {mask_url(location)} (its listing never ends: each folder "
+                    "lists the same entries again below it). A query string (?...) in an http(s) URL does this, "
+                    "as every path in the store is appended to the query: give the store's URL without one."
+                ) from None
             # zarr's local store writes each file as <name>.<uuid>.partial, then renames it: not part of the store
-            self.files = {self._rel(p) for p in self.fs.find(self.base) if not p.endswith(".partial")}
+            self.files = {self._rel(p) for p in found if not p.endswith(".partial")}
         self.metadata: dict[str, dict] = {}  # node path ("" for the root) -> parsed zarr.json
         self.pending: set[str] = set()  # groups still to come (no completion marker yet): their arrays are not read
         self.zstore = open_zarr_store(location, read_only=True)
@@ -180,10 +194,11 @@ class _Walker:
                 doc = json.loads(self.raw[key])
                 if not isinstance(doc, dict) or doc.get("node_type") not in ("array", "group"):
                     raise ValueError("not a zarr v3 node (no node_type array or group)")
-            except (ValueError, UnicodeDecodeError) as e:
-                what = ("the store's run record, shard list and counts are unreadable (the shards are checked "
-                        "against their own markers)") if key == METADATA else \
-                    "the node and everything in it is unreadable"
+                attributes = doc.get("attributes", {})
+                if not isinstance(attributes, dict) or not isinstance(attributes.get(fmt.ATTRS_KEY, {}), dict):
+                    raise ValueError(f"its attributes, or their {fmt.ATTRS_KEY!r} entry, are not an object")
+            except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than the parser recurses
+                what = ROOT_UNREADABLE if key == METADATA else "the node and everything in it is unreadable"
                 self.report.add(key, f"metadata cannot be parsed ({type(e).__name__}: {e}); {what}")
                 continue
             self.metadata[node] = doc
@@ -275,9 +290,12 @@ def verify_store(location: str) -> VerifyReport:
         raise StoreNotFoundError(f"No latentstore store at {location}. Check the path.")
     walker.parse_metadata()
     root = walker.attrs("")
-    if root is not None:
-        fmt.check_version(root, fmt.STORE_ENCODING, f"store {location}")
-        report.status = root.get("status")
+    shape = None if root is None else root_attrs_problem(root, f"store {location}")
+    if shape is not None:
+        report.add(METADATA, f"{shape}; {ROOT_UNREADABLE}")
+        root = None  # what follows takes the root's shape for granted: each shard is checked on its own
+    elif root is not None:
+        report.status = root["status"]
     elif walker.damaged("") or walker.damaged(fmt.SHARDS_GROUP):
         pass  # named by parse_metadata; the shards are checked against their own markers alone
     elif any(walker.attrs(f"{fmt.SHARDS_GROUP}/{name}/{fmt.MARKER_GROUP}")

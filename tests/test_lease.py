@@ -269,7 +269,9 @@ def small_store(tmp_path) -> Path:
     from store.writer import StoreWriter
 
     path = tmp_path / "held.zarr"
-    StoreWriter(str(path)).begin({"x": 1}, {"n_shards": 0}, overwrite=False)
+    run = {"model": {"name": "m"}, "dataset": {"name": "d"}, "context_size": 4, "prepend_bos": False,
+           "value_dtype": "float32", "saes": [{"hook": "h", "d_sae": 8, "source": "s", "architecture": "standard"}]}
+    StoreWriter(str(path)).begin(run, {"n_shards": 0}, overwrite=False)
     return path
 
 
