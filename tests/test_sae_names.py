@@ -140,7 +140,7 @@ def test_a_format_1_4_store_reads_with_its_hooks_as_names(assets, old_store, tmp
 def test_a_format_1_4_store_is_never_written(old_store):
     before = _digest(old_store)
     fs = FeatureStore.open(str(old_store))
-    read_only = r"written in latentstore format 1\.4, by an older latentstore\. It opens read-only.*Extract into a new store"
+    read_only = r"written in latentstore format 1\.4, by an older latentstore\. It opens read-only.*extract again into a new store, or into this one with `latentstore extract --overwrite`"
     with pytest.raises(FormatVersionError, match=read_only):  # resuming (latentstore extract)
         check_conflict(str(old_store), fs.run, overwrite=False)
     with pytest.raises(FormatVersionError, match=read_only):  # building its index (latentstore index)
