@@ -61,6 +61,11 @@ delphi 0.4 s (2.9%). Again (2026-12-01), once the extraction's warm actors built
 14.5 s, neuronpedia 3.4 s (23.4%: **missed**), without correlated features 1.1 s (7.6%), delphi 0.6 s
 (4.0%). Again (2026-12-01, later; nothing on the exports' speed path changed): extraction 16.8 s,
 neuronpedia 3.5 s (20.9%: **missed**), without correlated features 1.0 s (6.2%), delphi 0.4 s (2.1%).
+Again (2026-12-01, a third session; nothing on the exports' speed path changed): extraction 16.4 s,
+neuronpedia 3.8 s (23.1%: **missed**), without correlated features 1.2 s (7.6%), delphi 0.4 s (2.6%).
+The Gram matrix is dense float32 BLAS at this CPU's peak (1.05e11 multiply-adds in 1.7 s); a sparse
+product of the same activations took 8.2 s (scipy) and 10.1 s (torch CSR times dense), and only 18%
+of the activations are those of the 10% most active features, so no split of dense and sparse parts pays.
 What is left of the Neuronpedia export's
 time is the correlated features' Gram matrix (1.2e11 multiply-adds for this SAE, 3.3
 CPU-seconds); ``docs/DASHBOARDS.md`` has the details.

@@ -112,6 +112,21 @@ slower. Both ways keep both cores busy (OpenMP's threads spin: 1.99 cores of CPU
 ``OMP_WAIT_POLICY=PASSIVE`` the bare limit slowed to 10.3 to 10.8 s and still used 1.75 cores, so no
 idle core is left for the host side.
 
+Measured again 2026-12-01 (a third session, of hardening; on the extraction path it changed only that
+zarr writes each chunk without first comparing it with the fill value, which had been half the time of
+an uncompressed write and a third of an lz4 one in isolation): two runs of the default, --tokens 200000
+--no-dense, latentstore over bare **0.783 and 0.645** (bare limit 11.85 and 9.37 s, latentstore 15.15
+and 14.53 s; goal 0.85 missed), 2.104 bytes per nonzero, host path 21.0 and 21.8 M/s on one thread
+(17.2 to 20.3 before), 24.4 and 26.9 M/s on two, index build 3.44 and 3.11 s, **0.23 and 0.21** of the
+extraction (goal 0.30 met), worker peak 1.45 GiB. The fast-device proxy (--synthetic fast-proxy
+--tokens 300000), this code and the code before the session alternating: this code 0.746, 0.774 and
+0.785 (latentstore 13.47, 14.72, 13.61 s), the code before 0.843 and 0.806 (13.10, 13.82 s): the same
+within this machine's noise, goal 0.6 met either way; 2.362 bytes per nonzero; host path 11.6 to 13.4
+M/s on one thread; index build 1.74 to 2.00 s, 0.13 to 0.14; worker peak 1.13 GiB. Left out again:
+indices under lz4 instead of zstd level 1 (delta and bitshuffle before either) compress 2.5 to 3.6
+times faster but take 0.772 bytes per entry against 0.693 (0.08 more per nonzero, about 4% of the
+store) for about 1% of the default's extraction time.
+
 The index build runs as `latentstore index` plans it (``store.index.plan_layout``: parts that share
 the entries evenly over the CPUs, the longest first), on one thread per CPU for Ray's tasks.
 
