@@ -757,18 +757,6 @@ COMMANDS = [("info", "{url}"), ("top", "{url}"), ("verify", "{url}"), ("index", 
             EXTRACT + ("--store", "{url}")]
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to reach the network fails the test: the check must come before anything reads the URL."""
-    import socket
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args[:2]}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-
-
 def _all_text(error: BaseException) -> str:
     parts = []
     while error is not None:

@@ -22,18 +22,6 @@ from store.location import CREDENTIALS_FIX, access_error, credentials_in, mask_u
 SECRET = "SEKRIT13"
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to reach the network fails the test: what is said here is said before any request."""
-    import socket
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args[:2]}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-
-
 def refusal(masked: str, found: str) -> str:
     return f"the store URL {masked} holds credentials ({found}). {CREDENTIALS_FIX}"
 
