@@ -178,8 +178,10 @@ def mask_url(url: str) -> str:
         elif sep and protocol.lower() in BUCKET_FIRST and ":" in _authority(rest):
             rest = "***" + rest[len(_authority(rest)):]
         if sep and (start := re.search("[?#]", rest)):
-            # every value, to the next pair: a value may hold a "#" or "?" that is part of the secret
-            rest = rest[:start.end()] + re.sub("=[^&;]*", "=***", rest[start.end():])
+            # every value, to the next pair: a value may hold a "#" or "?" that is part of the secret; and
+            # a piece without "=" is the rest of a value whose "%26" or "%3B" the decoding above made a separator
+            rest = rest[:start.end()] + re.sub("[^&;]+", lambda m: m.group().split("=")[0] + "=***" if "=" in m.group()
+                                               else "***", rest[start.end():])
         masked.append(f"{protocol}{sep}{rest}")
     return "::".join(masked)
 

@@ -69,6 +69,13 @@ def test_pairs_split_on_a_semicolon():
     assert mask_url(url) == "https://h.invalid/x.zarr?a=***;token=***"
 
 
+def test_an_encoded_separator_inside_a_value_shows_none_of_it():
+    """Masking reads the URL decoded, where ``%26`` is an ``&``: what follows it is still the value."""
+    url = f"https://h.invalid/x.zarr?token=ab%26{SECRET}%3B{SECRET}&v=1"
+    assert mask_url(url) == "https://h.invalid/x.zarr?token=***&***;***&v=***"
+    assert SECRET not in mask_urls(f"reading {url} failed")
+
+
 def test_ordinary_query_keys_are_no_secrets():
     url = "https://h.invalid/x.zarr?version=3&format=zarr&encoding=utf-8&codec=blosc&compass=n&passage=2&region=eu"
     assert credentials_in(url) is None
