@@ -278,11 +278,11 @@ class TerminalLogFormatter(logging.Formatter):
 
 
 def _stop_ray() -> None:
-    """Stop the Ray this process started or joined, if any (without importing it)."""
-    ray = sys.modules.get("ray")
+    """Leave the Ray that this command started or joined, if it did (without importing Ray)."""
+    session = sys.modules.get("jobs.ray_session")
     try:
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()
+        if session is not None:
+            session.disconnect()
     except KeyboardInterrupt:  # a second Ctrl-C: stop waiting for it
         pass
 

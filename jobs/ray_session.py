@@ -13,12 +13,17 @@ from store.errors import ConfigError, LatentStoreError, disk_full, is_disk_full
 from store.location import credentials_in, mask_url, mask_urls
 
 
+_joined_here = False  # whether connect() initialized this process's Ray (not a caller, such as a notebook)
+
+
 def connect(address: str | None, n_cpus_wanted: float):
     """Join a cluster (``address`` or RAY_ADDRESS), reuse this process's, or start a local one."""
+    global _joined_here
     import ray
 
     if ray.is_initialized():
         return ray
+    _joined_here = True
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         _check_address(address)
@@ -36,6 +41,17 @@ def connect(address: str | None, n_cpus_wanted: float):
             ray.init(num_cpus=max(os.cpu_count() or 1, int(n_cpus_wanted) + 1), include_dashboard=False,
                      logging_level=logging.WARNING, _node_ip_address=LOOPBACK)
     return ray
+
+
+def disconnect() -> None:
+    """Leave (or, when started here, stop) the Ray that connect() initialized; a Ray that the caller
+    initialized is theirs, and stays."""
+    global _joined_here
+    if _joined_here:
+        import ray
+
+        _joined_here = False
+        ray.shutdown()
 
 
 ADDRESS_FORMS = ("Give --address (or RAY_ADDRESS) as the head's HOST:PORT (6379 by default), ray://HOST:10001 or "

@@ -87,10 +87,13 @@ def test_output_cut_short_by_its_reader_ends_quietly(reference_store):
     assert b"feature" in first and stderr == ""
 
 
-def test_ctrl_c_says_interrupted_and_how_to_resume(monkeypatch, tmp_path, capsys):
+@pytest.mark.ray
+def test_ctrl_c_says_interrupted_and_how_to_resume(ray_cluster, monkeypatch, tmp_path, capsys):
     """Ctrl-C ends a command with one line and status 130 (128 + SIGINT), not a traceback; the
-    commands that write a store say that a rerun resumes."""
+    commands that write a store say that a rerun resumes. A Ray that the caller started (here the
+    session's) is the caller's: the command leaves it running; one it started itself, it stops."""
     import jobs.extract
+    import jobs.ray_session
     from store import FeatureStore
 
     def interrupted(*args, **kwargs):
@@ -100,6 +103,13 @@ def test_ctrl_c_says_interrupted_and_how_to_resume(monkeypatch, tmp_path, capsys
     assert main(["extract", "--store", str(tmp_path / "x.zarr")]) == 130
     assert capsys.readouterr().err == ("latentstore extract: interrupted. Rerun the same command to resume it: what "
                                        "is complete is kept.\n")
+    assert ray_cluster.is_initialized()
+    stopped = []
+    monkeypatch.setattr(jobs.ray_session, "_joined_here", True)
+    monkeypatch.setattr(ray_cluster, "shutdown", lambda: stopped.append(True))
+    assert main(["extract", "--store", str(tmp_path / "x.zarr")]) == 130
+    assert stopped == [True] and jobs.ray_session._joined_here is False
+    capsys.readouterr()
     monkeypatch.setattr(FeatureStore, "open", interrupted)
     assert main(["info", str(tmp_path / "x.zarr")]) == 130
     assert capsys.readouterr().err == "latentstore info: interrupted.\n"
