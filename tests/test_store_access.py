@@ -104,6 +104,9 @@ def test_a_bucket_without_credentials(monkeypatch, capsys):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # a file system an earlier test made has its credentials settled
     assert main(["info", "s3://latentstore-test-no-such-bucket/x.zarr"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("latentstore info: error: the store at s3://latentstore-test-no-such-bucket/x.zarr cannot "
