@@ -185,7 +185,13 @@ def test_a_hugging_face_url_without_a_repository():
 
 
 def test_the_command_line_says_a_hugging_face_url_names_no_repository(monkeypatch, capsys, no_network):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.errors
+    from huggingface_hub import HfFileSystem
+
+    def no_repository(self, path, *args, **kwargs):  # as huggingface_hub says it, without asking the hub
+        raise huggingface_hub.errors.HfUriError(f"hf://{path}", "Unable to infer repository_id.")
+
+    monkeypatch.setattr(HfFileSystem, "resolve_path", no_repository)
     assert main(["info", "hf://datasets/bad"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("latentstore info: error: the store at hf://datasets/bad cannot be opened: the URL names "
