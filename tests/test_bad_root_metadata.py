@@ -20,12 +20,11 @@ import scipy.sparse as sp
 
 from jobs.cli import main
 from store import FeatureStore
-from store import stats
 from store.checked import REBUILD_ROOT
 from store.elements import read_root_attrs
 from store.errors import StoreAccessError, StoreCorruptError
 from store.verify import ROOT_UNREADABLE, verify_store
-from tests.test_store_format import write_synthetic
+from tests.test_store_format import write_synthetic_complete
 
 D_SAE = 16
 
@@ -35,12 +34,8 @@ def pristine(tmp_path_factory) -> Path:
     """A small complete store that verifies (one SAE named h, two shards, merged statistics), written
     through the store's API: no model needed. Tests damage copies."""
     path = tmp_path_factory.mktemp("root") / "pristine.zarr"
-    shards = [sp.random(6, D_SAE, density=0.3, format="csr", random_state=i, dtype=np.float32) for i in range(2)]
-    writer = write_synthetic(path, shards, complete=False)
-    markers = [m for _, m in sorted(writer.completed_shards().items())]
-    n_tokens = sum(m["n_tokens"] for m in markers)
-    stats.write_merged(str(path), "h", stats.merge_shards(str(path), markers, "h", D_SAE, "float32"), n_tokens)
-    writer.finalize(markers, {"n_tokens": n_tokens, "n_shards": len(markers), "nnz": {"h": sum(m.nnz for m in shards)}})
+    write_synthetic_complete(path, [sp.random(6, D_SAE, density=0.3, format="csr", random_state=i, dtype=np.float32)
+                                    for i in range(2)])
     return path
 
 

@@ -39,12 +39,11 @@ from jobs.index import run_index
 from jobs.sweep import SweepConfig, run_sweep
 from store import FeatureStore
 from store import format as fmt
-from store import stats
 from store.errors import StoreIncompleteError, StoreNotFoundError
 from store.sweeps import read_sweep
 from tests import fault_injection
 from tests.fault_injection import calls, fault_dir
-from tests.test_store_format import write_synthetic
+from tests.test_store_format import write_synthetic_complete
 
 pytestmark = pytest.mark.ray
 
@@ -59,13 +58,8 @@ def plain(tmp_path_factory) -> Path:
     through the store's API, with its merged statistics. The index build does not care where
     activations come from, and this needs no model."""
     path = tmp_path_factory.mktemp("faults") / "plain.zarr"
-    d_sae = 64
-    shards = [sp.random(40, d_sae, density=0.3, format="csr", random_state=i, dtype=np.float32) for i in range(6)]
-    writer = write_synthetic(path, shards, complete=False)
-    markers = [m for _, m in sorted(writer.completed_shards().items())]
-    n_tokens = sum(m["n_tokens"] for m in markers)
-    stats.write_merged(str(path), "h", stats.merge_shards(str(path), markers, "h", d_sae, "float32"), n_tokens)
-    writer.finalize(markers, {"n_tokens": n_tokens, "n_shards": len(markers), "nnz": {"h": sum(m.nnz for m in shards)}})
+    write_synthetic_complete(path, [sp.random(40, 64, density=0.3, format="csr", random_state=i, dtype=np.float32)
+                                    for i in range(6)])
     return path
 
 

@@ -63,6 +63,19 @@ def write_synthetic(location, shards: list[sp.csr_matrix], value_dtype="float32"
     return writer
 
 
+def write_synthetic_complete(location, shards: list[sp.csr_matrix]) -> None:
+    """``write_synthetic``'s store of SAE h, finished as an extraction finishes it: with its merged
+    statistics and counts, so that it opens and verifies as a real one."""
+    from store import stats
+
+    writer = write_synthetic(location, shards, complete=False)
+    markers = [m for _, m in sorted(writer.completed_shards().items())]
+    n_tokens = sum(m["n_tokens"] for m in markers)
+    d_sae = shards[0].shape[1]
+    stats.write_merged(str(location), "h", stats.merge_shards(str(location), markers, "h", d_sae, "float32"), n_tokens)
+    writer.finalize(markers, {"n_tokens": n_tokens, "n_shards": len(markers), "nnz": {"h": sum(m.nnz for m in shards)}})
+
+
 def _bf16_bits(x: np.ndarray) -> np.ndarray:
     import torch
 
