@@ -391,16 +391,17 @@ def test_decoder_weights_dist_is_each_heads_share_at_hook_z():
     assert decoder_tables(None, range(2), None)[1]["vector"] == []
 
 
-@pytest.mark.parametrize("block, chunk_entries", [(8, 37 * 5), (16, 1 << 24), (37, 37 * 3), (64, 37)])
-def test_dense_gram_multiplies_the_upper_blocks_and_mirrors_them(block, chunk_entries):
-    # 37 features: blocks that do not divide them, and token chunks of 5, all, 3 and 1 tokens
+@pytest.mark.parametrize("chunk_entries", [37 * 5, 1 << 24, 37 * 3, 37])
+def test_dense_gram_is_every_product_and_sum_over_chunks_of_tokens(chunk_entries):
+    # 37 features, token chunks of 5, all, 3 and 1 tokens (the last one short)
     rng = np.random.default_rng(1)
     dense = rng.random((101, 37)) * (rng.random((101, 37)) < 0.3)
     rows = dashboard_data.sp.csr_matrix(dense.astype(np.float32))
-    gram = dashboard_data.dense_gram(rows, chunk_entries=chunk_entries, block=block)
+    gram, sums = dashboard_data.dense_gram(rows, chunk_entries=chunk_entries)
     reference = dense.astype(np.float32).astype(np.float64)
     np.testing.assert_allclose(gram, reference.T @ reference, rtol=1e-6, atol=1e-9)
     np.testing.assert_array_equal(gram, gram.T)
+    np.testing.assert_allclose(sums, reference.sum(axis=0), rtol=1e-6)
 
 
 def test_batches_are_numbered_over_the_whole_sae_so_pieces_share_a_folder(store, tmp_path, caplog):
