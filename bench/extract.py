@@ -127,6 +127,25 @@ indices under lz4 instead of zstd level 1 (delta and bitshuffle before either) c
 times faster but take 0.772 bytes per entry against 0.693 (0.08 more per nonzero, about 4% of the
 store) for about 1% of the default's extraction time.
 
+Measured 2026-12-01 (a fourth session; nothing on the extraction path changed), one run of the
+default, --tokens 200000 --no-dense: latentstore over bare **0.671** (bare limit 8.06 s, latentstore
+12.01 s; goal 0.85 missed), 2.104 bytes per nonzero, host path 26.1 M/s on one thread and 26.5 M/s on
+two, index build 3.20 s, **0.27** of the extraction (goal 0.30 met), worker peak 1.43 GiB. Where the
+3.7 s go, in-process over the same batches, medians of three alternating passes: the bare limit 8.3 to
+8.6 s; the encoder alone (forward, encode and the sparse extraction) 9.3 s; with the statistics on the
+host pool beside it 9.7 to 10.4 s; whole shards one at a time (adding tokenizing, 0.31 s, and
+``write_shard``, 0.88 s, after each shard's forward) 11.0 to 11.6 s; two shards in flight, as the
+actor runs them, 11.5 to 12.3 s (the one-at-a-time order was faster in three runs of four, by 3 to 6%,
+within this machine's noise, so it is not adopted: on a GPU it would leave the device idle while the
+host writes). The host side's work holds up the forward beyond its CPU time: numpy's weighted
+``bincount``, its ``bincount`` of the histogram bins, fancy-index gathers with ``intp`` indices and the
+histogram's ``cumsum`` hold the interpreter lock (two threads running each one ran at 0.34 to 0.96 of
+one thread's speed, where torch's ``index_add_`` and ``bincount`` ran at 1.63 to 1.76), and each
+batch's statistics spend about 4 of their 8.4 ms there, in which the forward's thread cannot start its
+next operation. No one part is the gap: over the bare limit the sparse extraction adds about 0.7 s,
+the statistics' hold-up 0.4 to 1.0 s, tokenizing 0.31 s and the writes 0.88 s; 0.85 needs the four
+together under 1.5 s.
+
 The index build runs as `latentstore index` plans it (``store.index.plan_layout``: parts that share
 the entries evenly over the CPUs, the longest first), on one thread per CPU for Ray's tasks.
 
