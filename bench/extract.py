@@ -137,12 +137,11 @@ host pool beside it 9.7 to 10.4 s; whole shards one at a time (adding tokenizing
 ``write_shard``, 0.88 s, after each shard's forward) 11.0 to 11.6 s; two shards in flight, as the
 actor runs them, 11.5 to 12.3 s (the one-at-a-time order was faster in three runs of four, by 3 to 6%,
 within this machine's noise, so it is not adopted: on a GPU it would leave the device idle while the
-host writes). The host side's work holds up the forward beyond its CPU time: numpy's weighted
-``bincount``, its ``bincount`` of the histogram bins, fancy-index gathers with ``intp`` indices and the
-histogram's ``cumsum`` hold the interpreter lock (two threads running each one ran at 0.34 to 0.96 of
-one thread's speed, where torch's ``index_add_`` and ``bincount`` ran at 1.63 to 1.76), and each
-batch's statistics spend about 4 of their 8.4 ms there, in which the forward's thread cannot start its
-next operation. No one part is the gap: over the bare limit the sparse extraction adds about 0.7 s,
+host writes). The statistics, on the host pool, slow the forward beside them by 0.4 to 1.0 s (their
+own work is about 0.9 CPU-seconds); numpy's gathers with ``intp``
+indices, run on two threads at once, ran at 0.20 to 0.34 of one thread's speed in a test of their own
+(most other calls of the statistics ran at 1.3 to 1.8), but that test was noisy at a batch's sizes, so
+no change was made from it. No one part is the gap: over the bare limit the sparse extraction adds about 0.7 s,
 the statistics' hold-up 0.4 to 1.0 s, tokenizing 0.31 s and the writes 0.88 s; 0.85 needs the four
 together under 1.5 s.
 
