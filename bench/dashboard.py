@@ -63,12 +63,18 @@ delphi 0.4 s (2.9%). Again (2026-12-01), once the extraction's warm actors built
 neuronpedia 3.5 s (20.9%: **missed**), without correlated features 1.0 s (6.2%), delphi 0.4 s (2.1%).
 Again (2026-12-01, a third session; nothing on the exports' speed path changed): extraction 16.4 s,
 neuronpedia 3.8 s (23.1%: **missed**), without correlated features 1.2 s (7.6%), delphi 0.4 s (2.6%).
-The Gram matrix is dense float32 BLAS at this CPU's peak (1.05e11 multiply-adds in 1.7 s); a sparse
+Again (2026-12-01, a fourth session), once the Gram matrix was BLAS's ``ssyrk`` into one reused buffer and
+the features' sums came from the same chunks: extraction 13.8 s, neuronpedia 2.7 s (19.4%: **missed**),
+without correlated features 1.3 s (9.2%), delphi 0.4 s (2.8%); on a store kept from an earlier
+extraction of 11.5 s, 2.9 s (25.6%), 1.2 s (10.0%) and 0.4 s (3.1%).
+The Gram matrix was dense float32 BLAS at this CPU's peak (1.05e11 multiply-adds in 1.7 s); a sparse
 product of the same activations took 8.2 s (scipy) and 10.1 s (torch CSR times dense), and only 18%
 of the activations are those of the 10% most active features, so no split of dense and sparse parts pays.
 What is left of the Neuronpedia export's
-time is the correlated features' Gram matrix (1.2e11 multiply-adds for this SAE, 3.3
-CPU-seconds); ``docs/DASHBOARDS.md`` has the details.
+time is the correlated features' Gram matrix (1.05e11 multiply-adds for this SAE even counting each
+pair once, 1.1 to 1.3 s on both cores at about 93 billion a second); the rest of the export alone is
+9 to 10% of the extraction, so the goal cannot be met with whole-store correlations on this machine's
+two cores; ``docs/DASHBOARDS.md`` has the details.
 
 A wide SAE, as people export them (``--synthetic tiny --tokens 200000``: a random 4-layer model's TopK SAE
 of 16,384 features, k 50, 200,000 pre-tokenized tokens; exports only), quiet: extraction 88.3 s,
@@ -76,7 +82,12 @@ neuronpedia 13.8 s (15.7%: **missed**; 1.8 GiB in 128 files), without correlated
 delphi 0.5 s (0.6%); again after each window's tokens were made JSON once per batch: extraction 87.1 s,
 neuronpedia 10.6 s (12.2%: missed), without correlated features 5.5 s (6.3%), delphi 0.8 s (1.0%); again
 once extraction workers ran torch on all of the cores: extraction 58.3 s, neuronpedia 10.3 s (**17.6%**:
-missed), without correlated features 6.0 s (10.2%), delphi 0.5 s (0.9%).
+missed), without correlated features 6.0 s (10.2%), delphi 0.5 s (0.9%); again on 2026-12-01 (a fourth
+session: the sparse product's path only changed in how the features' sums are counted), two runs:
+extraction 63.2 and 61.7 s, neuronpedia 11.0 and 10.7 s (**17.3% and 17.4%**: missed), without
+correlated features 6.0 and 5.5 s, delphi 0.7 and 0.5 s. There the correlated features take about 5 s
+of the export on its two threads (8.8 CPU-seconds: scipy's sparse products 4.4, half of that sizing
+their output before filling it; ranking by r 3.6; torch's MKL product was slower on one thread).
 
     python -m bench.dashboard --synthetic tiny --tokens 200000
 """
