@@ -391,11 +391,13 @@ def test_decoder_weights_dist_is_each_heads_share_at_hook_z():
     assert decoder_tables(None, range(2), None)[1]["vector"] == []
 
 
-@pytest.mark.parametrize("chunk_entries", [37 * 5, 1 << 24, 37 * 3, 37])
-def test_dense_gram_is_every_product_and_sum_over_chunks_of_tokens(chunk_entries):
-    # 37 features, token chunks of 5, all, 3 and 1 tokens (the last one short)
+@pytest.mark.parametrize("d, chunk_entries", [(37, 37 * 5), (37, 1 << 24), (37, 37 * 3), (37, 37),
+                                               (dashboard_data.BLOCK_FEATURES + 45, 1 << 24)])
+def test_dense_gram_is_every_product_and_sum_over_chunks_of_tokens(d, chunk_entries):
+    # token chunks of 5, all, 3 and 1 tokens (the last one short); the lower triangle is mirrored a
+    # block of features at a time, so one case has a block and a part of one
     rng = np.random.default_rng(1)
-    dense = rng.random((101, 37)) * (rng.random((101, 37)) < 0.3)
+    dense = rng.random((101, d)) * (rng.random((101, d)) < 0.3)
     rows = dashboard_data.sp.csr_matrix(dense.astype(np.float32))
     gram, sums = dashboard_data.dense_gram(rows, chunk_entries=chunk_entries)
     reference = dense.astype(np.float32).astype(np.float64)
