@@ -278,6 +278,21 @@ def complete_markers(parent: zarr.Group) -> dict[str, dict]:
     return out
 
 
+def stamped_as_store(location: str) -> bool:
+    """Whether the root's metadata file at ``location``, however damaged its attributes, still parses
+    and carries a store's encoding type: latentstore wrote it (read without zarr, as below)."""
+    import fsspec
+
+    location = normalize(location)
+    fs, base = fsspec.core.url_to_fs(location) if is_url(location) else (fsspec.filesystem("file"), location)
+    try:
+        with fs.open(f"{base.rstrip('/')}/{ROOT_METADATA}", "rb") as f:
+            stamp = json.loads(f.read(1 << 20))["attributes"][fmt.ATTRS_KEY]["encoding-type"]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):
+        return False
+    return stamp == fmt.STORE_ENCODING
+
+
 def has_shard_markers(location: str) -> bool:
     """Whether any shard at ``location`` has a completion marker file (looked up without zarr, so
     that it answers when the root's metadata is missing or unreadable)."""

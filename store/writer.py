@@ -19,8 +19,8 @@ import zarr
 
 from store import codecs, format as fmt
 from store import stats as stats_mod
-from store.elements import (complete_markers, has_shard_markers, now, part_marker, read_root_attrs, write_array,
-                            write_part)
+from store.elements import (complete_markers, has_shard_markers, now, part_marker, read_root_attrs, stamped_as_store,
+                            write_array, write_part)
 from store.errors import StoreConflictError, StoreCorruptError
 from store.location import (RootHandle, check_writable, has_content, normalize, open_root, open_zarr_store,
                             subgroup_names)
@@ -111,10 +111,19 @@ def check_conflict(location: str, run: dict, overwrite: bool, only_shared: bool 
     location = normalize(location)
     check_writable(location)
     try:
-        attrs = read_root_attrs(location)
-    except StoreCorruptError:
-        attrs = None  # nothing to compare with: begin rebuilds the root from the shards (or --overwrite replaces all)
+        attrs, damage = read_root_attrs(location), None
+    except StoreCorruptError as e:
+        attrs, damage = None, e  # nothing to compare with: begin rebuilds the root from the shards (or --overwrite replaces all)
     if attrs is None and has_content(location) and not has_shard_markers(location):
+        if damage is not None and stamped_as_store(location):
+            return None  # a store of ours with no shard written: nothing to keep, begin starts it afresh
+        if damage is not None:
+            raise StoreConflictError(
+                f"--store {location}: its root's metadata (zarr.json) is damaged and it holds no complete "
+                "shard, so there is nothing to rebuild the store from, nor any sign that latentstore wrote it: "
+                "latentstore will not write over it (not even with --overwrite). If it is a store of yours, "
+                "delete it and rerun; else choose a new path."
+            )
         raise StoreConflictError(
             f"--store {location} exists and is not a latentstore store. latentstore will not write over "
             "it (not even with --overwrite): choose a new path."

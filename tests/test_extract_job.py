@@ -321,3 +321,38 @@ def test_conflicting_store_is_refused_unless_overwrite(assets, reference_store, 
     run_extract(other.changed(overwrite=True))
     fs = FeatureStore.open(cfg.store.path)
     assert fs.complete and fs.run["context_size"] == 8 and fs.n_tokens == 50
+
+
+def _damaged_root(tmp_path, metadata: str) -> Path:
+    """A folder whose only file is a root zarr.json holding ``metadata``."""
+    path = tmp_path / "damaged.zarr"
+    path.mkdir()
+    (path / "zarr.json").write_text(metadata)
+    return path
+
+
+GROUP = '{"zarr_format": 3, "node_type": "group", "attributes": %s}'
+
+
+def test_a_store_of_ours_with_a_damaged_root_and_no_shard_is_started_afresh(assets, reference_store, tmp_path):
+    """A run killed while it stamped the root (its attributes cut short) holds nothing to keep: the
+    rerun starts the store again rather than refuse it for ever."""
+    path = _damaged_root(tmp_path, GROUP % '{"latentstore": {"encoding-type": "latentstore.store"}}')
+    run_extract(config(assets, path))
+    assert_same_store(FeatureStore.open(str(path)), reference_store)
+
+
+@pytest.mark.parametrize("metadata", [GROUP % '{"latentstore": [1]}', '{"zarr_format": 3, "node_type": "gro'],
+                         ids=["attributes of another shape", "torn"])
+def test_a_damaged_root_that_latentstore_did_not_write_is_left_alone(assets, tmp_path, metadata):
+    path = _damaged_root(tmp_path, metadata)
+    before = (path / "zarr.json").read_text()
+    expected = (f"--store {path}: its root's metadata (zarr.json) is damaged and it holds no complete shard, so "
+                "there is nothing to rebuild the store from, nor any sign that latentstore wrote it: latentstore "
+                "will not write over it (not even with --overwrite). If it is a store of yours, delete it and "
+                "rerun; else choose a new path.")
+    for overwrite in (False, True):
+        with pytest.raises(StoreConflictError) as raised:
+            validate(config(assets, path, overwrite=overwrite))
+        assert str(raised.value) == expected
+    assert [p.name for p in path.iterdir()] == ["zarr.json"] and (path / "zarr.json").read_text() == before
