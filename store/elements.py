@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -118,9 +118,11 @@ ROOT_SHAPE = {
         "value_dtype": _one_of(*fmt.VALUE_DTYPES),
     },
 }
+# What readers and a rerun take from a shard's completion marker, and from its entry in the shard list
+SHARD_ENTRY = {"shard_id": COUNT, "row_start": COUNT, "row_stop": COUNT, "window_start": Maybe(COUNT),
+               "n_tokens": COUNT, "nnz": MapOf(COUNT)}
 COMPLETE_SHAPE = {  # what the extraction adds when it finishes
-    "shards": ListOf({"shard_id": COUNT, "row_start": COUNT, "row_stop": COUNT, "window_start": Maybe(COUNT),
-                      "n_tokens": COUNT, "nnz": MapOf(COUNT)}),
+    "shards": ListOf(SHARD_ENTRY),
     "counts": {"n_tokens": Maybe(COUNT), "n_shards": Maybe(COUNT), "nnz": Maybe(MapOf(COUNT))},
 }
 
@@ -137,6 +139,21 @@ def root_attrs_problem(attrs: object, where: str) -> str | None:
                                         fmt.ATTRS_KEY))
         if not problems and complete:
             problems = _uncounted_saes(attrs)
+    return _said(problems)
+
+
+def shard_marker_problem(marker: dict, saes: Iterable[str]) -> str | None:
+    """What is wrong with the shape of a shard's completion marker (a hand edit), said for a message,
+    or None when nothing is: its place, its token count and its nonzeros for each SAE of ``saes``."""
+    problems = list(_shape_problems(marker, SHARD_ENTRY, fmt.ATTRS_KEY))
+    missing = set(saes) - marker["nnz"].keys() if not problems else set()
+    if missing:
+        problems.append(f"{fmt.ATTRS_KEY}.nnz has no entry for {', '.join(sorted(missing))}")
+    return _said(problems)
+
+
+def _said(problems: list[str]) -> str | None:
+    """The first few shape problems, for a message; None for none."""
     if not problems:
         return None
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
@@ -249,7 +266,7 @@ def read_marker(part: zarr.Group) -> dict | None:
     except METADATA_ERRORS:  # a torn or garbled marker: the part is not complete
         return None
     marker = marker_group.attrs.asdict().get(fmt.ATTRS_KEY)
-    if marker is None:
+    if not isinstance(marker, dict):  # absent, or garbled by hand: the part is not complete
         return None
     fmt.check_version(marker, fmt.MARKER_ENCODING, f"part {part.path}")
     return marker
@@ -278,15 +295,21 @@ def complete_markers(parent: zarr.Group) -> dict[str, dict]:
     return out
 
 
-def stamped_as_store(location: str) -> bool:
-    """Whether the root's metadata file at ``location``, however damaged its attributes, still parses
-    and carries a store's encoding type: latentstore wrote it (read without zarr, as below)."""
+def _filesystem(location: str):
+    """The fsspec filesystem of ``location`` and the store's path on it, for lookups made without zarr."""
     import fsspec
 
     location = normalize(location)
     fs, base = fsspec.core.url_to_fs(location) if is_url(location) else (fsspec.filesystem("file"), location)
+    return fs, base.rstrip("/")
+
+
+def stamped_as_store(location: str) -> bool:
+    """Whether the root's metadata file at ``location``, however damaged its attributes, still parses
+    and carries a store's encoding type: latentstore wrote it (read without zarr, as below)."""
+    fs, base = _filesystem(location)
     try:
-        with fs.open(f"{base.rstrip('/')}/{ROOT_METADATA}", "rb") as f:
+        with fs.open(f"{base}/{ROOT_METADATA}", "rb") as f:
             stamp = json.loads(f.read(1 << 20))["attributes"][fmt.ATTRS_KEY]["encoding-type"]
     except (OSError, ValueError, RecursionError, KeyError, TypeError):
         return False
@@ -296,12 +319,9 @@ def stamped_as_store(location: str) -> bool:
 def has_shard_markers(location: str) -> bool:
     """Whether any shard at ``location`` has a completion marker file (looked up without zarr, so
     that it answers when the root's metadata is missing or unreadable)."""
-    import fsspec
-
-    location = normalize(location)
-    fs, base = fsspec.core.url_to_fs(location) if is_url(location) else (fsspec.filesystem("file"), location)
+    fs, base = _filesystem(location)
     try:
-        shards = fs.ls(f"{base.rstrip('/')}/{fmt.SHARDS_GROUP}", detail=False)
+        shards = fs.ls(f"{base}/{fmt.SHARDS_GROUP}", detail=False)
     except (FileNotFoundError, NotADirectoryError):
         return False
     # the first shard is usually complete: one existence check, not a listing of every shard

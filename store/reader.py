@@ -26,7 +26,8 @@ from store.location import has_content, is_url, normalize, open_root
 from store import index as index_mod
 from store import stats as stats_mod
 from store.queries import Queries
-from store.elements import complete_markers, has_shard_markers, read_marker, read_root_attrs
+from store.elements import (complete_markers, has_shard_markers, read_marker, read_root_attrs,
+                            shard_marker_problem)
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,13 @@ class FeatureStore(Queries):
                 shards = open_node(open_root(location, mode="r"), fmt.SHARDS_GROUP, location)
             except KeyError:
                 shards = None  # the root is written before its shards group
-            listed = list(complete_markers(shards).values()) if shards is not None else []
+            markers = complete_markers(shards) if shards is not None else {}
+            names = [fmt.sae_name(sae) for sae in attrs["run"]["saes"]]
+            for name, marker in markers.items():  # a complete store's list is checked with its root
+                problem = shard_marker_problem(marker, names)
+                if problem is not None:
+                    raise corrupt(location, f"{fmt.SHARDS_GROUP}/{name}/{fmt.MARKER_GROUP}", problem)
+            listed = list(markers.values())
         infos, offset = [], 0
         for m in sorted(listed, key=lambda m: m["shard_id"]):
             infos.append(ShardInfo(m["shard_id"], offset, m["n_tokens"], m["row_start"], m["row_stop"], m["nnz"]))

@@ -37,7 +37,7 @@ import zarr
 from store import format as fmt
 from store import stats as stats_mod
 from store.checked import checksum, repair
-from store.elements import root_attrs_problem
+from store.elements import root_attrs_problem, shard_marker_problem
 from store.errors import StoreAccessError, StoreNotFoundError
 from store.location import is_url, mask_url, normalize, open_zarr_store, reaching
 
@@ -401,6 +401,10 @@ def _verify_shards(walker: _Walker, root: dict | None) -> dict[int, dict]:
             else:
                 walker.pending.add(node)
                 report.to_come.append(f"{node} (no completion marker yet)")
+            continue
+        problem = shard_marker_problem(marker, ())  # an SAE missing from its nnz is named by _verify_shard
+        if problem is not None:
+            report.add(marker_node, problem)
             continue
         if complete and shard_id not in listed:
             report.add(node, "is not in the store's shard list (a leftover the finalizer should have deleted)")

@@ -19,8 +19,8 @@ import zarr
 
 from store import codecs, format as fmt
 from store import stats as stats_mod
-from store.elements import (complete_markers, has_shard_markers, now, part_marker, read_root_attrs, stamped_as_store,
-                            write_array, write_part)
+from store.elements import (complete_markers, has_shard_markers, now, part_marker, read_root_attrs,
+                            shard_marker_problem, stamped_as_store, write_array, write_part)
 from store.errors import StoreConflictError, StoreCorruptError
 from store.location import (RootHandle, check_writable, has_content, normalize, open_root, open_zarr_store,
                             subgroup_names)
@@ -231,7 +231,7 @@ class StoreWriter(RootHandle):
                 dtypes = {csr[name].attrs.asdict().get(fmt.ATTRS_KEY, {}).get("value_dtype") for name in names}
             except (KeyError, ValueError, UnicodeDecodeError):  # missing or unreadable: redone
                 continue
-            if set(marker.get("nnz", {})) == names and dtypes == {run["value_dtype"]} and \
+            if set(marker["nnz"]) == names and dtypes == {run["value_dtype"]} and \
                     (keep_shard is None or keep_shard(marker)):
                 kept[shard_id] = marker
         for shard_id in sorted(done.keys() - kept.keys()):
@@ -264,7 +264,18 @@ class StoreWriter(RootHandle):
             return False
 
     def completed_shards(self) -> dict[int, dict]:
-        return {int(name): marker for name, marker in complete_markers(self.root[fmt.SHARDS_GROUP]).items()}
+        """The complete shards' markers, by shard id. A marker that is not as the format says (a hand
+        edit), or that counts no nonzeros for an SAE of the run, leaves its shard to be redone, as the
+        rerun rewrites every shard not returned here."""
+        done = {}
+        for name, marker in complete_markers(self.root[fmt.SHARDS_GROUP]).items():
+            problem = self._marker_problem(marker)
+            if problem is None:
+                done[int(name)] = marker
+            else:
+                log.warning("%s: %s/%s/%s is damaged: %s. The shard will be redone.", self.location,
+                            fmt.SHARDS_GROUP, name, fmt.MARKER_GROUP, problem)
+        return done
 
     def shard_ids(self) -> set[int]:
         """Every shard with a group in the store, complete or not."""
@@ -338,8 +349,14 @@ class StoreWriter(RootHandle):
                           {**fmt.encoding(fmt.SHARD_ENCODING), **where}, arrays, marker, groups=groups, pool=pool)
 
     def shard_marker(self, shard_id: int) -> dict | None:
-        """A shard's completion marker, or None while it is absent or incomplete."""
-        return part_marker(self.root[fmt.SHARDS_GROUP], fmt.shard_name(shard_id))
+        """A shard's completion marker, or None while it is absent, incomplete or damaged (to be redone)."""
+        marker = part_marker(self.root[fmt.SHARDS_GROUP], fmt.shard_name(shard_id))
+        return marker if marker is not None and self._marker_problem(marker) is None else None
+
+    def _marker_problem(self, marker: dict) -> str | None:
+        """What is wrong with a shard's marker for this store's run (``shard_marker_problem``)."""
+        saes = [fmt.sae_name(sae) for sae in self.root.attrs[fmt.ATTRS_KEY]["run"]["saes"]]
+        return shard_marker_problem(marker, saes)
 
 
 def shard_entry(marker: dict) -> dict:

@@ -356,3 +356,14 @@ def test_a_damaged_root_that_latentstore_did_not_write_is_left_alone(assets, tmp
             validate(config(assets, path, overwrite=overwrite))
         assert str(raised.value) == expected
     assert [p.name for p in path.iterdir()] == ["zarr.json"] and (path / "zarr.json").read_text() == before
+
+
+def test_a_rerun_redoes_a_shard_whose_marker_is_damaged(assets, reference_store, tmp_path):
+    shutil.copytree(reference_store.location, tmp_path / "m.zarr")
+    marker = tmp_path / "m.zarr" / "shards" / "000000" / "complete" / "zarr.json"
+    doc = json.loads(marker.read_text())
+    del doc["attributes"]["latentstore"]["nnz"]
+    marker.write_text(json.dumps(doc))
+    run_extract(config(assets, tmp_path / "m.zarr"))
+    assert "nnz" in json.loads(marker.read_text())["attributes"]["latentstore"]
+    assert_same_store(FeatureStore.open(str(tmp_path / "m.zarr")), reference_store)
