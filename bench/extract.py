@@ -304,7 +304,8 @@ def run(args, work: Path, model_dir: str, sae_dirs: list[str], spec: DatasetSpec
         sync()
 
     writer = StoreWriter(str(store))
-    writer.begin({"bench": True}, {}, overwrite=True)
+    run_record = {"bench": True, "saes": [{"name": name} for name in worker.saes]}  # a resume checks markers by it
+    writer.begin(run_record, {}, overwrite=True)
     ways = {"bare limit": bare, "latentstore": ours}
     if not args.no_dense:
         ways["dense cache"] = dense
@@ -344,7 +345,7 @@ def run(args, work: Path, model_dir: str, sae_dirs: list[str], spec: DatasetSpec
     print(f"feature-major index build: {build:.2f} s, {build / median['latentstore']:.2f} of the extraction it "
           f"follows  (goal <= 0.30)")
     if not args.no_rss:
-        print(f"worker peak resident memory over these shards: {peak_rss(job, shards, work) / 2**30:.2f} GiB")
+        print(f"worker peak resident memory over these shards: {peak_rss(job, run_record, shards, work) / 2**30:.2f} GiB")
 
 
 def host_path(worker: ExtractWorker, shards: list, writer: StoreWriter, repeats: int) -> dict[int, float]:
@@ -401,12 +402,12 @@ def index_build(writer: StoreWriter, markers: list[dict], saes: list[tuple[str, 
     return time.perf_counter() - start
 
 
-def peak_rss(job: ExtractJob, shards: list, work: Path) -> int:
+def peak_rss(job: ExtractJob, run_record: dict, shards: list, work: Path) -> int:
     """The peak resident memory, in bytes, of a fresh process that loads a worker and runs the shards."""
     import multiprocessing
 
     job = replace(job, config=job.config.changed(store=str(work / "rss.zarr")))
-    StoreWriter(job.store).begin({"bench": True}, {}, overwrite=True)
+    StoreWriter(job.store).begin(run_record, {}, overwrite=True)
     pool = multiprocessing.get_context("spawn").Pool(1)
     try:
         return pool.apply(_run_and_measure, (job, shards))
