@@ -22,3 +22,34 @@ def test_bfloat16_values_travel_as_their_bits():
     assert bits.dtype == np.uint16
     decoded = (bits.astype(np.uint32) << 16).view(np.float32)
     np.testing.assert_array_equal(decoded, values.to(torch.bfloat16).float().numpy())
+
+
+def test_latents_encoded_in_blocks_equal_run_with_cache_with_saes(assets, monkeypatch):
+    """On a CPU the encoder reads each SAE's latents a block of tokens at a time (``CPU_BLOCK_BYTES``);
+    here blocks of 7 tokens, the last one shorter, over right-padded windows of several lengths."""
+    from pipeline import encode
+    from pipeline.models import load_model
+    from pipeline.saes import SAESource, load_sae
+
+    monkeypatch.setattr(encode, "CPU_BLOCK_BYTES", 1)
+    monkeypatch.setattr(encode, "CPU_BLOCK_MIN_ROWS", 7)
+    model = load_model(str(assets["model_dir"]))
+    saes = {hook: load_sae(SAESource.parse(str(d))) for hook, d in assets["sae_dirs"].items()}
+    lengths = torch.tensor([16, 5, 11, 1])  # 33 real tokens: blocks of 7, 7, 7, 7 and 5
+    tokens = torch.randint(1, model.cfg.d_vocab, (len(lengths), 16), generator=torch.Generator().manual_seed(0))
+    tokens[torch.arange(16)[None, :] >= lengths[:, None]] = 0
+    found = encode.SparseEncoder(model, saes, "float32")(tokens, lengths)
+
+    expected = {hook: [] for hook in saes}
+    for window, n in zip(tokens, lengths):
+        _, cache = model.run_with_cache_with_saes(window[:n][None], saes=list(saes.values()), use_error_term=True)
+        for hook in saes:
+            expected[hook].append(cache[f"{hook}.hook_sae_acts_post"][0])
+    for hook, sae in saes.items():
+        dense = torch.cat(expected[hook]).numpy()
+        ours = np.zeros_like(dense)
+        batch = found[hook]
+        ours[np.repeat(np.arange(len(batch.counts)), batch.counts), batch.indices.astype(np.int64)] = batch.values
+        assert batch.counts.sum() > 0
+        np.testing.assert_array_equal(ours != 0, dense != 0, err_msg=f"active features differ at {hook}")
+        np.testing.assert_allclose(ours, dense, rtol=1e-5, atol=5e-6, err_msg=hook)
