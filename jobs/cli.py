@@ -11,7 +11,7 @@ import shlex
 import sys
 
 from jobs.settings import SettingsError, finite_float
-from jobs.terminal import terminal_text
+from jobs.terminal import show_logs_masked, terminal_text
 from store.errors import ConfigError, LatentStoreError, disk_full, is_disk_full
 
 EXTRACT_HELP = """\
@@ -267,16 +267,6 @@ def _known_error(error: Exception, store: str | None) -> LatentStoreError | None
     return access_error(None, error)
 
 
-class TerminalLogFormatter(logging.Formatter):
-    """Log lines as a terminal may show them: URLs masked, control characters escaped (a message can
-    quote a store's text, a request line or a URL given)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        from store.location import mask_urls
-
-        return terminal_text(mask_urls(super().format(record)), keep_newlines=True)
-
-
 def _stop_ray() -> None:
     """Leave the Ray that this command started or joined, if it did (without importing Ray)."""
     session = sys.modules.get("jobs.ray_session")
@@ -294,10 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     command = " ".join(filter(None, (args.command, getattr(args, "format", None))))  # "export delphi"
-    handler = logging.StreamHandler()
-    handler.setFormatter(TerminalLogFormatter("%(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
-    logging.captureWarnings(True)  # warnings too quote URLs and store text: they go through the formatter
+    show_logs_masked(logging.INFO if args.verbose else logging.WARNING)
     try:
         from store.location import normalize
 

@@ -31,7 +31,7 @@ def run_index(location: str, workers: int | None = None, address: str | None = N
     ``builders``: remote callables with ``build_part``'s arguments and the parts each builds at once,
     in place of the tasks (the extraction's warm actors' ``build_index_part``, at its end)."""
     from jobs import pool
-    from jobs.ray_session import connect
+    from jobs.ray_session import connect, in_worker
 
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers {workers}: give how many tasks build parts at once, at least 1 (default: one "
@@ -48,7 +48,7 @@ def run_index(location: str, workers: int | None = None, address: str | None = N
             # Tasks: each part is one call of build_part, one per CPU at once (the driver only waits),
             # retried where a worker died.
             n_workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-            builders = ([ray.remote(num_cpus=1, max_retries=3)(index_mod.build_part)] * n_workers, 1)
+            builders = ([ray.remote(num_cpus=1, max_retries=3)(in_worker(index_mod.build_part))] * n_workers, 1)
         callables, calls = builders
         todo, n_parts = plan(fs.location, {name: fs.stats(name).count for name in fs.saes}, shards,
                              fs.value_dtype, len(callables) * calls, min_parts, part_nnz)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.ray_session import WorkerResources, call, init_errors_on_call
+from jobs.ray_session import WorkerResources, call, as_actor
 
 
 def _one(item: Any, result: Any) -> int:
@@ -45,7 +45,7 @@ def actors(ray, worker_class: type, job: Any, resources: WorkerResources, policy
     (stack.md). Each runs up to ``max_calls`` calls at once (default ``policy.calls_per_worker``;
     more where a later step hands the warm actors other work)."""
     actor = ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=max_calls or policy.calls_per_worker,
-                       **resources.options)(init_errors_on_call(worker_class))
+                       **resources.options)(as_actor(worker_class))
     started = [actor.remote(job) for _ in range(resources.n_workers)]
     try:
         yield started

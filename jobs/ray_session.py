@@ -7,8 +7,10 @@ import functools
 import inspect
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from jobs.terminal import show_logs_masked
 from store.errors import ConfigError, LatentStoreError, disk_full, is_disk_full
 from store.location import credentials_in, mask_url, mask_urls
 
@@ -163,13 +165,15 @@ def call(ray, ref, what: str, location: str | None = None):
         raise
 
 
-def init_errors_on_call(worker_class: type) -> type:
-    """The worker class, with a LatentStoreError from ``__init__`` (truncated weights, say) kept and
-    raised by every public method. Ray reports an exception in an actor's ``__init__`` only as text
-    inside an ActorDiedError, so the user would get a Ray traceback instead of the error and its fix;
-    raised by a call, it reaches the driver as itself (see ``call``)."""
+def as_actor(worker_class: type) -> type:
+    """The worker class as a Ray actor runs it. Its process prints log records and warnings masked
+    (``in_worker``). A LatentStoreError from ``__init__`` (truncated weights, say) is kept and raised
+    by every public method: Ray reports an exception in an actor's ``__init__`` only as text inside an
+    ActorDiedError, so the user would get a Ray traceback instead of the error and its fix; raised by
+    a call, it reaches the driver as itself (see ``call``)."""
 
     def __init__(self, *args, **kwargs):
+        show_logs_masked()
         self._init_error = None
         try:
             worker_class.__init__(self, *args, **kwargs)
@@ -189,3 +193,16 @@ def init_errors_on_call(worker_class: type) -> type:
                if not name.startswith("_")}
     return type(worker_class.__name__, (worker_class,), {"__init__": __init__, **methods,
                                                           "__qualname__": worker_class.__qualname__})
+
+
+def in_worker(function: Callable) -> Callable:
+    """``function`` as a Ray task runs it: its worker process first prints log records and warnings
+    through the command line's masking formatter, since Ray forwards a worker's stderr to the
+    terminal as it is, credentials in URLs and control characters included."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        show_logs_masked()
+        return function(*args, **kwargs)
+
+    return run

@@ -1,7 +1,10 @@
 """Text from a store or a dataset, made safe to print in a terminal. Every command that prints such
-text goes through ``terminal_text`` (``jobs.cli`` and each command import it from here)."""
+text goes through ``terminal_text`` (``jobs.cli`` and each command import it from here), and every
+log record and warning, of the command and of its Ray workers, through ``TerminalLogFormatter``."""
 
 from __future__ import annotations
+
+import logging
 
 # Control characters shown escaped: C0 (but the newline, shown as ⏎), DEL and C1. Printed raw, dataset
 # text such as "\x1b[31m" or "\x1b]0;TITLE\x07" would recolour the terminal or retitle its window.
@@ -21,3 +24,23 @@ def terminal_text(text: str, keep_newlines: bool = False) -> str:
     output that quotes names from a store or a dataset). Every output path that prints dataset or
     store text goes through it."""
     return text.translate(_ESCAPED_KEEP_LINES if keep_newlines else _ESCAPED)
+
+
+class TerminalLogFormatter(logging.Formatter):
+    """Log lines as a terminal may show them: URLs masked, control characters escaped (a message can
+    quote a store's text, a request line or a URL given)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from store.location import mask_urls
+
+        return terminal_text(mask_urls(super().format(record)), keep_newlines=True)
+
+
+def show_logs_masked(level: int = logging.WARNING) -> None:
+    """Print this process's log records from ``level`` up, and its Python warnings (which quote URLs and
+    store text too), on stderr through ``TerminalLogFormatter``. The command line does this, and so does
+    each Ray worker process it starts (``jobs.ray_session``): Ray forwards a worker's stderr as it is."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(TerminalLogFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+    logging.captureWarnings(True)

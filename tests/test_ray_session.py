@@ -56,9 +56,9 @@ class Loader:
 
 
 def test_an_error_while_loading_is_raised_by_every_call():
-    from jobs.ray_session import init_errors_on_call
+    from jobs.ray_session import as_actor
 
-    Worker = init_errors_on_call(Loader)
+    Worker = as_actor(Loader)
     assert Worker.__name__ == "Loader" and issubclass(Worker, Loader)
     ok = Worker("good")
     assert (ok.describe(), ok.run(1)) == ("good", 2)
@@ -144,3 +144,57 @@ def test_a_cluster_address_is_checked_before_ray_is_asked():
         listening.listen()
         _check_address(f"127.0.0.1:{listening.getsockname()[1]}")  # answers: left to Ray
     _check_address("auto")
+
+
+WORKER_WARNINGS = """
+import logging, time, warnings
+from jobs import pool
+from jobs.ray_session import WorkerResources, connect, in_worker
+
+SAID = "fetched https://user:hunter2@example.com/x?token=abc123 \\x1b]0;retitled\\x07"
+
+class Loud:
+    def __init__(self, job):
+        pass
+
+    def shout(self, item):
+        warnings.warn(SAID)
+        logging.getLogger("zarr").warning(SAID)
+        return item
+
+def task():
+    logging.getLogger("fsspec").warning("task " + SAID)
+
+ray = connect(None, 1)
+policy = pool.Policy(label="t", submit=lambda worker, item: worker.shout.remote(item), describe=str)
+with pool.actors(ray, Loud, None, WorkerResources(1, False, {"num_cpus": 1}, None), policy) as workers:
+    list(pool.run(ray, workers, [1], policy, progress=False))
+    ray.get(ray.remote(in_worker(task)).remote())
+    time.sleep(3)  # Ray forwards the workers' output to this process's terminal a moment later
+"""
+
+
+@pytest.mark.ray
+def test_warnings_and_logs_of_ray_workers_reach_the_terminal_masked_and_escaped():
+    """Ray prints a worker's stderr in the driver's terminal as it is: an actor's and a task's warnings
+    and log records go through the command line's formatter in the worker first."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = ray_dir = tempfile.mkdtemp(prefix="lsray", dir="/tmp")
+    try:
+        done = subprocess.run([sys.executable, "-c", WORKER_WARNINGS], cwd=Path(__file__).parents[1], env=env,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = done.stdout + done.stderr
+    shown = "fetched https://***@example.com/x?token=*** \\x1b]0;retitled\\x07"
+    for line in ("UserWarning: " + shown, "WARNING zarr: " + shown, "WARNING fsspec: task " + shown):
+        assert line in said, said[-3000:]
+    assert "hunter2" not in said and "abc123" not in said and "\x1b]0;" not in said
