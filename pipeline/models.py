@@ -161,12 +161,8 @@ def load_model_config(spec: str) -> Any:
     try:
         return loading.get_pretrained_model_config(spec)
     except OSError as e:  # huggingface_hub's network and cache errors (some are ValueErrors too)
-        raise ConfigError(
-            f"--model {spec!r}: could not fetch its config from the Hugging Face hub "
-            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}). Check the connection (and HF_TOKEN for "
-            "gated models); or, where the hub is reachable, write it with pipeline.models.save_model(model, DIR) "
-            "and pass --model DIR."
-        ) from e
+        raise hub_unreachable(f"--model {spec!r}", "its config", e,
+                              "write it with pipeline.models.save_model(model, DIR) and pass --model DIR") from e
     except ValueError as e:
         raise _unknown_model(spec) from e
 
@@ -211,6 +207,14 @@ def _weightless_bridge(spec: str) -> Any:
                 f"--model {spec}: TransformerBridge cannot build this Hugging Face model ({e}). "
                 "transformer_lens.model_bridge.supported_architectures lists the architectures it knows."
             ) from e
+
+
+def hub_unreachable(flag: str, what: str, error: OSError, save_hint: str) -> ConfigError:
+    """The error for a model or an SAE that the Hugging Face hub did not give (``error``, from
+    huggingface_hub), with how to do without the hub here."""
+    said = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return ConfigError(f"{flag}: could not fetch {what} from the Hugging Face hub ({said}). Check the connection "
+                       f"(and HF_TOKEN for gated repositories); or, where the hub is reachable, {save_hint}.")
 
 
 def load_model(spec: str, device: str | torch.device = "cpu", dtype: str | None = None) -> Any:

@@ -51,7 +51,7 @@ from sae_lens.saes.sae import SAEConfig, SAEMetadata
 from sae_lens.saes.transcoder import Transcoder
 from sae_lens.util import DTYPE_MAP
 
-from pipeline.models import PICKLE_SUFFIXES, hook_width, load_json_object, load_safetensors
+from pipeline.models import PICKLE_SUFFIXES, hook_width, hub_unreachable, load_json_object, load_safetensors
 from store.errors import ConfigError, did_you_mean
 from store.format import sae_name_problem
 
@@ -164,7 +164,7 @@ def read_sae_config(source: SAESource) -> SAEDescription:
         try:
             raw = load_sae_config_from_huggingface(source.location, source.sae_id)
         except OSError as e:  # huggingface_hub's network and cache errors are OSErrors
-            raise ConfigError(_hub_unreachable(source, e)) from e
+            raise _hub_unreachable(source, e) from e
         cfg = _config_from_dict(source, raw)
     config = cfg.to_dict()
     del config["device"]  # where to run is the loader's choice, not the SAE's
@@ -212,7 +212,7 @@ def load_sae(source: SAESource, device: str = "cpu", dtype: str = "float32") -> 
         try:
             sae = SAE.from_pretrained(source.location, source.sae_id, device=device, dtype=dtype)
         except OSError as e:
-            raise ConfigError(_hub_unreachable(source, e)) from e
+            raise _hub_unreachable(source, e) from e
     _hook_name(source, sae.cfg)
     if sae.cfg.architecture() in REFUSED_ARCHITECTURES:
         architecture = sae.cfg.architecture()
@@ -243,12 +243,9 @@ def _npz_needs_hook(text: str, path: str) -> str:
     )
 
 
-def _hub_unreachable(source: SAESource, error: OSError) -> str:
-    return (
-        f"--sae {source}: could not fetch it from the Hugging Face hub ({error}). Check the connection "
-        "(and HF_TOKEN for gated repositories); or, where the hub is reachable, load it and write it "
-        "with sae.save_model(DIR), then pass --sae DIR."
-    )
+def _hub_unreachable(source: SAESource, error: OSError) -> ConfigError:
+    return hub_unreachable(f"--sae {source}", "it", error, "load it and write it with sae.save_model(DIR), then "
+                           "pass --sae DIR")
 
 
 def _hook_name(source: SAESource, cfg: SAEConfig) -> str:
