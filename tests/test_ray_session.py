@@ -70,6 +70,26 @@ def test_an_error_while_loading_is_raised_by_every_call():
         Worker("missing")
 
 
+def run_with_its_own_ray(script: str):
+    """Run a Python ``script`` (which starts Ray of its own) in a fresh process; its finished run."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = ray_dir = tempfile.mkdtemp(prefix="lsray", dir="/tmp")  # short: socket paths are limited
+    try:
+        done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], env=env,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 LISTENERS = """
 import json, os, time
 import psutil
@@ -91,21 +111,8 @@ def test_a_ray_instance_started_here_listens_on_loopback_only():
     Ray's agents must all listen on loopback, none on every interface or on the machine's address."""
     import ipaddress
     import json
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
 
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_TMPDIR"] = ray_dir = tempfile.mkdtemp(prefix="lsray", dir="/tmp")  # short: socket paths are limited
-    try:
-        done = subprocess.run([sys.executable, "-c", LISTENERS], cwd=Path(__file__).parents[1], env=env,
-                              capture_output=True, text=True, timeout=300)
-    finally:
-        shutil.rmtree(ray_dir, ignore_errors=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_with_its_own_ray(LISTENERS)
     report = json.loads(done.stdout.strip().splitlines()[-1])
     listeners = report["listeners"]
     names = {name for _, name in listeners}
@@ -178,21 +185,7 @@ with pool.actors(ray, Loud, None, WorkerResources(1, False, {"num_cpus": 1}, Non
 def test_warnings_and_logs_of_ray_workers_reach_the_terminal_masked_and_escaped():
     """Ray prints a worker's stderr in the driver's terminal as it is: an actor's and a task's warnings
     and log records go through the command line's formatter in the worker first."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_TMPDIR"] = ray_dir = tempfile.mkdtemp(prefix="lsray", dir="/tmp")
-    try:
-        done = subprocess.run([sys.executable, "-c", WORKER_WARNINGS], cwd=Path(__file__).parents[1], env=env,
-                              capture_output=True, text=True, timeout=300)
-    finally:
-        shutil.rmtree(ray_dir, ignore_errors=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_with_its_own_ray(WORKER_WARNINGS)
     said = done.stdout + done.stderr
     shown = "fetched https://***@example.com/x?token=*** \\x1b]0;retitled\\x07"
     for line in ("UserWarning: " + shown, "WARNING zarr: " + shown, "WARNING fsspec: task " + shown):
