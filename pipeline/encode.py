@@ -115,10 +115,16 @@ CPU_BLOCK_BYTES = 2 << 20
 CPU_BLOCK_MIN_ROWS = 128
 
 
+def block_rows(inputs: torch.Tensor, d_sae: int) -> int:
+    """How many of ``inputs``' tokens to encode at once into ``d_sae`` latents."""
+    if inputs.device.type != "cpu":
+        return len(inputs)
+    return max(CPU_BLOCK_MIN_ROWS, CPU_BLOCK_BYTES // (inputs.element_size() * d_sae))
+
+
 def sparse_encode(sae, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(token, feature, value) of each nonzero of ``sae.encode(inputs)``, row-major, as ``nonzeros``."""
-    rows = len(inputs) if inputs.device.type != "cpu" else max(
-        CPU_BLOCK_MIN_ROWS, CPU_BLOCK_BYTES // (inputs.element_size() * sae.cfg.d_sae))
+    rows = block_rows(inputs, sae.cfg.d_sae)
     if rows >= len(inputs):
         return nonzeros(sae.encode(inputs))
     blocks = [nonzeros(sae.encode(block)) for block in inputs.split(rows)]
