@@ -164,8 +164,8 @@ but 0.577 over the blocked floor, which the same blocks make 1.8 times faster th
 encode; 2.362 bytes per nonzero; host path 9.2 M/s on one thread, 9.1 M/s on two; index build 2.07
 s, 0.19; worker peak 0.87 GiB. In-process over the default's batches, the encoder with the blocks
 took 222 against 229 ms a batch whole; with every shard run alone and its statistics waited for
-after each batch (no host work beside the forward), latentstore took 13.64 s against 13.42 s
-overlapped: the gap to the floor is not the two sides contending for the cores. Nor was it page
+after each batch (no host work beside the forward), latentstore took 13.64 s, and 13.42 s
+overlapped, in runs of their own: the gap to the floor is not the two sides contending for the cores. Nor was it page
 faults: torch's THP_MEM_ALLOC_ENABLE cut them fivefold and the time not at all.
 
 The index build runs as `latentstore index` plans it (``store.index.plan_layout``: parts that share
