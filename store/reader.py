@@ -26,8 +26,8 @@ from store.location import has_content, is_url, normalize, open_root
 from store import index as index_mod
 from store import stats as stats_mod
 from store.queries import Queries
-from store.elements import (complete_markers, has_shard_markers, read_marker, read_root_attrs,
-                            shard_marker_problem)
+from store.elements import complete_markers, has_shard_markers, read_marker, read_root_attrs
+from store.schema import shard_marker_problem
 
 
 @dataclass(frozen=True)

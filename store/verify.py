@@ -4,7 +4,7 @@
 listing each damaged part by its path inside the store:
 
 - every metadata file (``zarr.json``) parses, and every array's codecs are known;
-- the root's attributes have the shape the format gives them (``store.elements.root_attrs_problem``);
+- the root's attributes have the shape the format gives them (``store.schema.root_attrs_problem``);
 - every chunk of every array decodes, and none that holds data is missing;
 - every array listed in a completion marker has the crc32 recorded there at write time, and
   so do the merged statistics and the index's pointers, whose crc32s their group records;
@@ -37,9 +37,9 @@ import zarr
 from store import format as fmt
 from store import stats as stats_mod
 from store.checked import checksum, repair
-from store.elements import root_attrs_problem, shard_marker_problem
 from store.errors import StoreAccessError, StoreNotFoundError
 from store.location import is_url, mask_url, normalize, open_zarr_store, reaching
+from store.schema import root_attrs_problem, shard_marker_problem
 
 METADATA = "zarr.json"
 INDEX_GROUP = getattr(fmt, "INDEX_GROUP", "index")  # the feature-major index (format 1.1)

@@ -20,10 +20,11 @@ import zarr
 from store import codecs, format as fmt
 from store import stats as stats_mod
 from store.elements import (complete_markers, has_shard_markers, now, part_marker, read_root_attrs,
-                            shard_marker_problem, stamped_as_store, write_array, write_part)
+                            stamped_as_store, write_array, write_part)
 from store.errors import StoreConflictError, StoreCorruptError
 from store.location import (RootHandle, check_writable, has_content, normalize, open_root, open_zarr_store,
                             subgroup_names)
+from store.schema import shard_marker_problem
 
 log = logging.getLogger(__name__)
 

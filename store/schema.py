@@ -1,0 +1,166 @@
+"""The shapes of the store's metadata that readers rely on: the root's latentstore attributes and a
+shard's completion marker (docs/FORMAT.md), each checked once, where it is read, so that a hand edit
+or a torn write is named as such, never met later as a KeyError or a TypeError."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from store import format as fmt
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What one attribute must be: ``test`` tells whether a value is one, ``what`` says it in words."""
+    what: str
+    test: Callable[[object], bool]
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """A list of at least ``at_least`` items, each as ``item`` says."""
+    item: object
+    at_least: int = 0
+
+
+@dataclass(frozen=True)
+class MapOf:
+    """An object of any keys (an SAE's name, ...), each value as ``item`` says."""
+    item: object
+
+
+@dataclass(frozen=True)
+class Maybe:
+    """An attribute that may be absent (one an older format did not write, or one a run may lack);
+    when there, as ``item`` says."""
+    item: object
+
+
+@dataclass(frozen=True)
+class OrNull:
+    """Null, or as ``item`` says."""
+    item: object
+
+
+def _whole(at_least: int) -> Kind:
+    return Kind(f"a whole number >= {at_least}",
+                lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= at_least)
+
+
+def _one_of(*values: str) -> Kind:
+    return Kind(f"one of {', '.join(map(json.dumps, values))}", lambda v: isinstance(v, str) and v in values)
+
+
+TEXT = Kind("a string", lambda v: isinstance(v, str))
+FLAG = Kind("true or false", lambda v: isinstance(v, bool))
+COUNT, SIZE = _whole(0), _whole(1)
+NAME = Kind("an SAE name (1 to 200 letters, digits, '_', '.' or '-')",
+            lambda v: isinstance(v, str) and fmt.sae_name_problem(v) is None)
+
+TOKEN_ID = Maybe(OrNull(COUNT))  # null where the tokenizer has none
+
+# The root's attributes that readers take (docs/FORMAT.md, "The root group"), as every version of the
+# format writes them; a dict is an object with those keys (others are allowed: a minor version adds).
+# The stamp is checked first, so that another element or a newer format is refused as such.
+ROOT_STAMP = {"encoding-type": TEXT,
+              "encoding-version": Kind('a "MAJOR.MINOR" string', lambda v: isinstance(v, str)
+                                       and re.fullmatch(r"\d+\.\d+", v) is not None)}
+ROOT_SHAPE = {
+    "status": _one_of(fmt.STATUS_WRITING, fmt.STATUS_COMPLETE),
+    "run": {
+        "model": {"name": TEXT},
+        "dataset": {"name": TEXT},
+        # an extraction takes at least one SAE; a 1.x run named none (each is named by its hook)
+        "saes": ListOf({"name": Maybe(NAME), "hook": TEXT, "source": TEXT, "architecture": TEXT,
+                        "d_sae": SIZE}, at_least=1),
+        "tokenizer": Maybe(OrNull({"bos_token_id": TOKEN_ID, "eos_token_id": TOKEN_ID, "pad_token_id": TOKEN_ID})),
+        "context_size": SIZE,
+        "prepend_bos": FLAG,
+        "value_dtype": _one_of(*fmt.VALUE_DTYPES),
+    },
+}
+# What readers and a rerun take from a shard's completion marker, and from its entry in the shard list
+SHARD_ENTRY = {"shard_id": COUNT, "row_start": COUNT, "row_stop": COUNT, "window_start": Maybe(COUNT),
+               "n_tokens": COUNT, "nnz": MapOf(COUNT)}
+COMPLETE_SHAPE = {  # what the extraction adds when it finishes
+    "shards": ListOf(SHARD_ENTRY),
+    "counts": {"n_tokens": Maybe(COUNT), "n_shards": Maybe(COUNT), "nnz": Maybe(MapOf(COUNT))},
+}
+
+
+def root_attrs_problem(attrs: object, where: str) -> str | None:
+    """What is wrong with the shape of a store root's latentstore attributes, said for a message
+    (the first few problems), or None when nothing is. The root of another element, or of a newer
+    major format, raises FormatVersionError (``fmt.check_version``): its shape is not ours to judge."""
+    problems = list(_shape_problems(attrs, ROOT_STAMP, fmt.ATTRS_KEY))
+    if not problems:
+        fmt.check_version(attrs, fmt.STORE_ENCODING, where)
+        complete = attrs.get("status") == fmt.STATUS_COMPLETE
+        problems = list(_shape_problems(attrs, {**ROOT_SHAPE, **COMPLETE_SHAPE} if complete else ROOT_SHAPE,
+                                        fmt.ATTRS_KEY))
+        if not problems and complete:
+            problems = _uncounted_saes(attrs)
+    return _said(problems)
+
+
+def shard_marker_problem(marker: dict, saes: Iterable[str]) -> str | None:
+    """What is wrong with the shape of a shard's completion marker (a hand edit), said for a message,
+    or None when nothing is: its place, its token count and its nonzeros for each SAE of ``saes``."""
+    problems = list(_shape_problems(marker, SHARD_ENTRY, fmt.ATTRS_KEY))
+    missing = set(saes) - marker["nnz"].keys() if not problems else set()
+    if missing:
+        problems.append(f"{fmt.ATTRS_KEY}.nnz has no entry for {', '.join(sorted(missing))}")
+    return _said(problems)
+
+
+def _said(problems: list[str]) -> str | None:
+    """The first few shape problems, for a message; None for none."""
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return f"its attributes are not as the format says: {'; '.join(problems[:3])}{more}"
+
+
+def _uncounted_saes(attrs: dict) -> list[str]:
+    """Each entry of the shard list that records no nnz for an SAE of the run (readers sum them by SAE)."""
+    names = {fmt.sae_name(sae) for sae in attrs["run"]["saes"]}
+    return [f"{fmt.ATTRS_KEY}.shards[{i}].nnz has no entry for {', '.join(sorted(names - entry['nnz'].keys()))}"
+            for i, entry in enumerate(attrs["shards"]) if names - entry["nnz"].keys()]
+
+
+def _shape_problems(value: object, shape: object, path: str) -> Iterator[str]:
+    """Where ``value`` (found at ``path`` in the metadata) differs from ``shape``, one line each."""
+    if isinstance(shape, OrNull):
+        if value is None:
+            return
+        shape = shape.item
+    if isinstance(shape, Kind):
+        if not shape.test(value):
+            yield f"{path} is {_shown(value)}, expected {shape.what}"
+        return
+    expected = list if isinstance(shape, ListOf) else dict
+    if not isinstance(value, expected):
+        yield f"{path} is {_shown(value)}, expected {'a list' if expected is list else 'an object'}"
+    elif isinstance(shape, ListOf):
+        if len(value) < shape.at_least:
+            yield f"{path} is {_shown(value)}, expected at least {shape.at_least} item(s)"
+        for i, item in enumerate(value):
+            yield from _shape_problems(item, shape.item, f"{path}[{i}]")
+    elif isinstance(shape, MapOf):
+        for key, item in value.items():
+            yield from _shape_problems(item, shape.item, f"{path}[{json.dumps(key)}]")
+    else:
+        for key, item in shape.items():
+            if key in value:
+                yield from _shape_problems(value[key], item.item if isinstance(item, Maybe) else item, f"{path}.{key}")
+            elif not isinstance(item, Maybe):
+                yield f"{path}.{key} is missing"
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    """A value as its JSON, cut short."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
