@@ -364,6 +364,9 @@ class FeatureStore(Queries):
                 raise corrupt(self.location, f"{path}/{fmt.MARKER_GROUP}",
                               "the store lists this shard as complete but its completion marker is missing or "
                               "unreadable")
+            problem = shard_marker_problem(marker, self.saes)
+            if problem is not None:  # its checksums, say, which every read of the shard's arrays takes
+                raise corrupt(self.location, f"{path}/{fmt.MARKER_GROUP}", problem)
             markers[shard_id] = marker
         return markers[shard_id]
 

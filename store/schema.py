@@ -85,6 +85,12 @@ ROOT_SHAPE = {
 # What readers and a rerun take from a shard's completion marker, and from its entry in the shard list
 SHARD_ENTRY = {"shard_id": COUNT, "row_start": COUNT, "row_stop": COUNT, "window_start": Maybe(COUNT),
                "n_tokens": COUNT, "nnz": MapOf(COUNT)}
+CHECKSUM = Kind('a "crc32:XXXXXXXX" string', lambda v: isinstance(v, str) and re.fullmatch(r"crc32:[0-9a-f]{8}", v)
+                is not None)
+# The marker adds the checksums its arrays are read against: required since 1.2, which began to record
+# them, for the arrays every read takes (a marker without them would let damage read back unchecked)
+SHARD_MARKER = {**SHARD_ENTRY, "checksums": Maybe(MapOf(CHECKSUM))}
+CHECKSUMS_SINCE = (1, 2)
 COMPLETE_SHAPE = {  # what the extraction adds when it finishes
     "shards": ListOf(SHARD_ENTRY),
     "counts": {"n_tokens": Maybe(COUNT), "n_shards": Maybe(COUNT), "nnz": Maybe(MapOf(COUNT))},
@@ -109,11 +115,30 @@ def root_attrs_problem(attrs: object, where: str) -> str | None:
 def shard_marker_problem(marker: dict, saes: Iterable[str]) -> str | None:
     """What is wrong with the shape of a shard's completion marker (a hand edit), said for a message,
     or None when nothing is: its place, its token count and its nonzeros for each SAE of ``saes``."""
-    problems = list(_shape_problems(marker, SHARD_ENTRY, fmt.ATTRS_KEY))
+    problems = list(_shape_problems(marker, SHARD_MARKER, fmt.ATTRS_KEY))
     missing = set(saes) - marker["nnz"].keys() if not problems else set()
     if missing:
         problems.append(f"{fmt.ATTRS_KEY}.nnz has no entry for {', '.join(sorted(missing))}")
+    if not problems and _version(marker) >= CHECKSUMS_SINCE:
+        # an SAE the marker holds no array of is not this check's to name: readers and verify say that
+        # the shard lacks the SAE
+        recorded = marker.get("checksums", {})
+        held = [name for name in marker["nnz"] if any(key.startswith(f"{fmt.SAES_GROUP}/{name}/") for key in recorded)]
+        arrays = [fmt.TOKEN_IDS, fmt.ROWS, fmt.POSITIONS, *(f"{fmt.SAES_GROUP}/{name}/{array}" for name in held
+                                                             for array in (fmt.INDPTR, fmt.INDICES, fmt.VALUES))]
+        unchecked = [name for name in arrays if name not in recorded]
+        if unchecked:
+            problems.append(f"{fmt.ATTRS_KEY}.checksums has no entry for {', '.join(unchecked[:3])}"
+                            f"{' and more' if len(unchecked) > 3 else ''} (format 1.2 and later record one per array)")
     return _said(problems)
+
+
+def _version(marker: dict) -> tuple[int, ...]:
+    """A marker's ``encoding-version`` as numbers (one that is not a version counts as the newest)."""
+    try:
+        return tuple(int(part) for part in str(marker.get("encoding-version", "1.0")).split("."))
+    except ValueError:
+        return (1 << 30,)
 
 
 def _said(problems: list[str]) -> str | None:

@@ -6,6 +6,7 @@ instead of failing when it finishes the store."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -57,6 +58,15 @@ CASES = {
     "no count for the run's SAE": (lambda m: {**m, "nnz": {"g": 3}}, "latentstore.nnz has no entry for h"),
     "two problems": (lambda m: without({**m, "row_start": -1}, "shard_id"),
                      "latentstore.shard_id is missing; latentstore.row_start is -1, expected a whole number >= 0"),
+    "checksums that are a list": (lambda m: {**m, "checksums": ["x"]},
+                                  'latentstore.checksums is ["x"], expected an object'),
+    "a checksum that is a number": (lambda m: {**m, "checksums": {**m["checksums"], "pos": 5}},
+                                    'latentstore.checksums["pos"] is 5, expected a "crc32:XXXXXXXX" string'),
+    "no checksums": (lambda m: without(m, "checksums"), "latentstore.checksums has no entry for token_ids, row, pos "
+                     "(format 1.2 and later record one per array)"),
+    "no checksum of the values": (lambda m: {**m, "checksums": without(m["checksums"], "saes/h/values")},
+                                  "latentstore.checksums has no entry for saes/h/values (format 1.2 and later "
+                                  "record one per array)"),
 }
 
 
@@ -115,3 +125,17 @@ def test_in_a_complete_store_verify_blames_the_marker_not_the_root(pristine, tmp
         "a whole number >= 0",
         "fix: delete the damaged shard group(s) (shards/000000) and rerun the same `latentstore extract` command: it "
         "redoes only missing shards."]
+
+
+@pytest.mark.parametrize("case", ["checksums that are a list", "no checksums"])
+def test_in_a_complete_store_reads_refuse_a_marker_without_its_checksums(pristine, tmp_path, case):
+    """A hand edit that drops the checksums must not let a lost chunk read back as zeros."""
+    copy = tmp_path / "c.zarr"
+    shutil.copytree(pristine, copy)
+    edit_latentstore(copy / MARKER, CASES[case][0])
+    (copy / "shards/000000/saes/h/values/c/0").unlink()  # what the checksums would have caught
+    fs = FeatureStore.open(str(copy))
+    for read in (lambda: fs.csr("h"), lambda: fs.token_ids(0, 3), lambda: fs.provenance(0, 3)):
+        with pytest.raises(StoreCorruptError, match=re.escape(f"shards/000000/complete is damaged: its attributes are "
+                                                              f"not as the format says: {CASES[case][1]}.")):
+            read()
