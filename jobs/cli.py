@@ -295,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = extract_config(args)
             counts = run_extract(cfg)
-            print(f"wrote {counts['n_tokens']:,} tokens in {counts['n_shards']} shards to {cfg.store.path}")
-            print(f"next: latentstore info {shlex.quote(cfg.store.path)}")
+            print(terminal_text(f"wrote {counts['n_tokens']:,} tokens in {counts['n_shards']} shards to {cfg.store.path}"))
+            print(terminal_text(f"next: latentstore info {shlex.quote(cfg.store.path)}"))
         elif args.command == "info":
             from store import FeatureStore
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from jobs.export import ONLY_SAE, SAE_HELP, chosen_sae, feature_range
 from jobs.output import output_folder
+from jobs.terminal import terminal_text
 from pipeline.dashboard_data import DashboardBuilder, DashboardSettings, FeatureDashboard, checked_features, load_logit_weights
 from store import FeatureStore
 from store.errors import ConfigError
@@ -222,6 +223,6 @@ def _handle(args: argparse.Namespace) -> None:
         server = open_server(fs, sae, Path(args.out), args.host or "127.0.0.1",
                              8000 if args.port is None else args.port)
     index = write_dashboard(fs, sae, args.out, args.features, args.max_rows, args.logits, args.progress)
-    print(f"wrote the dashboard to {args.out}; open {index} in a browser")
+    print(terminal_text(f"wrote the dashboard to {args.out}; open {index} in a browser"))
     if server is not None:
         serve(server)

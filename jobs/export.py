@@ -376,7 +376,7 @@ def _handle(args: argparse.Namespace) -> None:
     names = NeuronpediaNames(args.model_id, args.sae_set, args.sae_id_suffix, args.dataset)
     paths = export_neuronpedia(fs, sae, args.out, args.features, args.batch_size, args.logits, names,
                                args.progress, args.correlated_features)
-    print(f"wrote {len(paths)} batch files to {args.out}")
+    print(terminal_text(f"wrote {len(paths)} batch file{'s' if len(paths) != 1 else ''} to {args.out}"))
     print("next, Neuronpedia's converter (utils/neuronpedia-utils/neuronpedia_utils in its repository), with "
           "DEFAULT_CREATOR_ID set and the YOUR_... and PATH/... options replaced by your release's:")
     print("  " + terminal_text(converter_command(fs, sae, args.out, names)))  # it quotes the store's text

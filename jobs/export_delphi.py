@@ -34,6 +34,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from jobs.output import output_folder
+from jobs.terminal import terminal_text
 from pipeline.dashboard_data import window_starts
 from store import FeatureStore
 from store.errors import ConfigError
@@ -171,4 +172,5 @@ def _handle(args: argparse.Namespace) -> None:
     fs = FeatureStore.open(args.store)
     written = export_delphi(fs, args.out, args.saes, args.n_splits, args.split_entries, args.value_dtype)
     for name, paths in written.items():
-        print(f"wrote {len(paths)} split files for {name} to {Path(args.out) / name}")
+        print(terminal_text(f"wrote {len(paths)} split file{'s' if len(paths) != 1 else ''} for {name} to "
+                            f"{Path(args.out) / name}"))

@@ -16,6 +16,8 @@ def output_folder(out: str | os.PathLike, what: str, make: bool = False) -> Path
     folder named after it, credentials and all. So is a file, a folder inside a store, or a folder
     that cannot be made."""
     text = os.fspath(out)
+    if not text.strip():  # Path("") is this folder: files would land beside whatever is here
+        raise ConfigError(f"--out is empty; give a folder for {what} (`.` for this one, if that is meant).")
     if "://" in text or "::" in text:
         raise ConfigError(f"--out {mask_url(text)} is a URL, but {what} is written to a local folder. Give a "
                           "local folder, then copy it with your storage's own tool (such as `aws s3 sync` or "

@@ -511,6 +511,12 @@ BAD_INPUTS = {
         _cli("dashboard", "{tmp}/unfinished.zarr", "--sae", HOOK, "--out", "{tmp}/site"), SystemExit, r"2"),
     "cli: export delphi --out inside the store": (
         _cli("export", "delphi", "{store}", "--out", "{store}/shards"), SystemExit, r"2"),
+    "cli: export neuronpedia --out empty": (
+        _cli("export", "neuronpedia", "{store}", "--sae", HOOK, "--out", ""), SystemExit, r"2"),
+    "cli: export delphi --out empty": (
+        _cli("export", "delphi", "{store}", "--out", ""), SystemExit, r"2"),
+    "cli: dashboard --out empty": (
+        _cli("dashboard", "{store}", "--sae", HOOK, "--out", ""), SystemExit, r"2"),
     "cli: steer --sample at temperature 0": (
         _cli("steer", "--store", "{store}", "--prompt", "the cat", "--feature", "1", "--magnitude", "2", "--sample",
              "--temperature", "0"), SystemExit, r"2"),
@@ -597,6 +603,12 @@ BAD_INPUTS = {
 }
 
 CLI_STDERR = {
+    "cli: export neuronpedia --out empty": "latentstore export neuronpedia: error: --out is empty; give a folder for "
+                                           "the Neuronpedia export (`.` for this one, if that is meant).",
+    "cli: export delphi --out empty": "latentstore export delphi: error: --out is empty; give a folder for delphi's "
+                                      "latent cache (`.` for this one, if that is meant).",
+    "cli: dashboard --out empty": "latentstore dashboard: error: --out is empty; give a folder for the site (`.` for "
+                                  "this one, if that is meant).",
     "cli: info on a path with no store": "latentstore info: error: No latentstore store at",
     "cli: verify on a path with no store": "latentstore verify: error: No latentstore store at",
     "cli: index of an unfinished store":
@@ -975,3 +987,14 @@ def test_a_broken_dataset_file_is_reported_once(assets, tmp_path):
     err = done.stderr.splitlines()
     assert len(err) == 1 and err[0].startswith(f"latentstore extract: error: --dataset {bad} could not be read as "
                                                "json (ArrowInvalid: JSON parse error:"), err
+
+
+def test_the_lines_that_name_the_output_folder_escape_it(good_store, tmp_path, capsys):
+    """A --out holding an escape sequence is shown escaped where the commands say what they wrote."""
+    out = tmp_path / "bad\x1b[31mname"
+    assert main(["export", "delphi", good_store, "--out", str(out), "--sae", HOOK]) == 0
+    assert main(["export", "neuronpedia", good_store, "--sae", HOOK, "--out", str(out / "np"), "--no-logits",
+                 "--features", "0:2", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"to {tmp_path}/bad\\x1b[31mname/{HOOK}" in printed and f"to {tmp_path}/bad\\x1b[31mname/np" in printed
+    assert "\x1b" not in printed
