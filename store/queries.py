@@ -120,6 +120,8 @@ class Queries:
         check_method(method)  # before any work
         check_examples(per_group, context, name="per_group")
         check_examples(n_groups, None, name="n_groups")
+        if n_groups > MAX_GROUPS:  # each group is a slice and a draw: a billion would exhaust memory
+            raise ConfigError(f"n_groups={n_groups}: give at most {MAX_GROUPS:,} groups (SAEDashboard shows 5 to 10).")
         whole_number("seed", seed, 0, "the random draw's seed")
         tokens, values = self._entries(sae, feature)
         keep = self._keep(tokens, values, exclude_special_tokens, min_activation)
@@ -299,6 +301,10 @@ class Queries:
         return fig
 
 
+MAX_GROUPS = 10_000  # quantile_samples' groups
+MAX_BINS = 1_000_000  # a histogram's equal-width bins
+
+
 def check_examples(k: int, context: tuple[int, int] | None, name: str = "k") -> None:
     """How many examples a query returns, and how much context around each: ``k`` must be a positive
     whole number (a negative one would slice from the end), ``context`` two numbers of tokens >= 0."""
@@ -314,7 +320,10 @@ def _checked_bins(bins) -> int | np.ndarray:
     """A histogram's bins: a number of equal-width bins (at least 1), or their edges (at least two
     finite numbers, increasing)."""
     if np.ndim(bins) == 0:
-        return whole_number("bins", bins, 1, "how many equal-width bins (or their edges, or 'stored')")
+        bins = whole_number("bins", bins, 1, "how many equal-width bins (or their edges, or 'stored')")
+        if bins > MAX_BINS:  # each bin is a count in memory: a billion would exhaust it
+            raise ConfigError(f"bins={bins}: give at most {MAX_BINS:,} bins (or their edges, or 'stored').")
+        return bins
     edges = np.asarray(bins)
     if (edges.ndim != 1 or len(edges) < 2 or edges.dtype.kind not in "iuf" or not np.isfinite(edges).all()
             or not (np.diff(edges) > 0).all()):

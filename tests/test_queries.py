@@ -157,6 +157,11 @@ def test_queries_name_bad_arguments(stores):
         fs.density("blocks.9.hook_resid_post")
     with pytest.raises(ConfigError, match=r"dataset row 9999 is not in the store"):
         fs.prompt_features(9999, HOOK)
+    # counts that would allocate without end: refused at once, not after minutes and an out-of-memory kill
+    with pytest.raises(ConfigError, match=r"n_groups=1000000000: give at most 10,000 groups"):
+        fs.quantile_samples(HOOK, 3, n_groups=10**9)
+    with pytest.raises(ConfigError, match=r"bins=1000000000: give at most 1,000,000 bins"):
+        fs.histogram(HOOK, 3, bins=10**9)
 
 
 def test_index_rebuild_resumes_and_equals_a_fresh_transpose(stores, tmp_path):
