@@ -160,6 +160,8 @@ def export_neuronpedia(fs: FeatureStore, sae: str, out: str | Path, features: ra
                     " and ".join(f"batch-{n}.json" for n in partial) + (" holds" if len(partial) == 1 else " hold"),
                     batch_size)
     out = output_folder(out, "the Neuronpedia export", make=True)
+    header = batch_header(fs, sae, names)
+    check_other_batches(out, header)
     W_dec = load_decoder(fs, sae) if logits else None
     weights = None
     if W_dec is not None:
@@ -169,7 +171,6 @@ def export_neuronpedia(fs: FeatureStore, sae: str, out: str | Path, features: ra
             log.warning("%s The logit tables are left empty; the decoder's tables and vector are written.", e)
     settings = NEURONPEDIA_SETTINGS if correlated_features else replace(NEURONPEDIA_SETTINGS, n_correlated=0)
     builder = DashboardBuilder(fs, sae, weights, settings, progress=progress)
-    header = batch_header(fs, sae, names)
     common = {"n_prompts_total": n_windows(builder), "n_tokens_in_prompt": int(fs.run["context_size"]),
               "dataset": names.dataset or fs.run["dataset"]["name"]}
     heads = n_heads(fs) if output_hook(record).endswith(".hook_z") else None  # where its decoder writes
@@ -220,6 +221,25 @@ def batch_header(fs: FeatureStore, sae: str, names: NeuronpediaNames) -> dict[st
     return {"model_id": names.model_id or Path(fs.run["model"]["name"]).name, "layer": hook_layer(hook),
             "sae_set": names.sae_set or hook_point(hook).removeprefix("hook_").replace("_", "-"),
             "sae_id_suffix": names.sae_id_suffix or (name if name != hook else None)}
+
+
+def check_other_batches(out: Path, header: dict[str, Any]) -> None:
+    """Refuse an ``out`` that holds batch files of another export (another SAE, model or set): the
+    converter reads a folder as one SAE, so they would be imported as this one's. Pieces of this
+    export (--features ranges) may share it. A batch file begins with these fields (``batch_header``)."""
+    for path in sorted(out.glob("batch-*.json")):
+        try:
+            with path.open("rb") as f:
+                head = f.read(1 << 12).split(b',"features":')[0] + b"}"
+            found = orjson.loads(head)
+            found = {key: found.get(key) for key in header} if isinstance(found, dict) else None
+        except (OSError, orjson.JSONDecodeError):
+            found = None
+        if found != header:
+            said = "not a batch file of this tool" if found is None else ", ".join(f"{k} {v!r}" for k, v in found.items())
+            raise ConfigError(f"--out {out} holds {path.name} of another export ({said}; this one is "
+                              f"{', '.join(f'{k} {v!r}' for k, v in header.items())}). Neuronpedia's converter reads a "
+                              "folder as one SAE: give each SAE a folder of its own, or empty this one.")
 
 
 def n_windows(builder: DashboardBuilder) -> int:

@@ -430,6 +430,21 @@ def test_batches_are_numbered_over_the_whole_sae_so_pieces_share_a_folder(store,
     assert "--features 10:20: batch-1.json and batch-2.json hold only part of a batch of 8 features" in caplog.text
 
 
+def test_a_folder_with_another_saes_batches_is_refused_before_any_work(store, tmp_path):
+    """The converter reads a folder as one SAE: another SAE's export there would be imported as this one's."""
+    out = tmp_path / "np"
+    export_neuronpedia(store, HOOK, out, range(0, 16), batch_size=16, logits=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ConfigError, match=r"holds batch-0\.json of another export \(model_id '.*', layer 0, sae_set "
+                                          r"'resid-post', sae_id_suffix None; this one is model_id '.*', layer 1, sae_set "
+                                          r"'mlp-out', sae_id_suffix None\)\. Neuronpedia's converter reads a folder"):
+        export_neuronpedia(store, "blocks.1.hook_mlp_out", out, batch_size=16, logits=False)
+    (out / "batch-7.json").write_text("[1, 2]")  # not ours either
+    with pytest.raises(ConfigError, match=r"holds batch-7\.json of another export \(not a batch file of this tool"):
+        export_neuronpedia(store, HOOK, out, range(16, 32), batch_size=16, logits=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "batch-7.json"} == before
+
+
 def test_no_interval_groups_asked_gives_none(store):
     """``n_groups=0`` (only the top examples, or none: the bench's co-firing pass) makes no interval
     groups, while the rest of a feature's numbers stay as with groups."""
