@@ -38,9 +38,9 @@ def add_commands(subparsers) -> None:
     source = sweep.add_mutually_exclusive_group(required=True)
     source.add_argument("--rows", type=_rows, help="dataset rows START:STOP of --store as prompts")
     source.add_argument("--prompts", help="a jsonl file: prompt, answer, wrong_answer per line")
-    sweep.add_argument("--model", help="default: the store's model")
+    sweep.add_argument("--model", help="default: the store's model (with --prompts, name it)")
     sweep.add_argument("--sae", help="the SAE to ablate, [NAME=]SOURCE as `latentstore extract --sae` takes it "
-                                      "(default: the store's SAE --sae-name)")
+                                      "(default: the store's SAE --sae-name; with --prompts, name it)")
     sweep.add_argument("--sae-name", "--hook", dest="sae_name", metavar="NAME",
                        help="which of the store's SAEs, by name, or by hook where one SAE sits there "
                             "(needed when the store holds several)")
@@ -119,10 +119,11 @@ def _position(text: str) -> int | None:
 
 
 def _features(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
+    try:  # every item a number: "1,,2" or "" is a typo to show, not a list to guess at
+        return tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give feature ids separated by commas, e.g. 12,408,9031") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: give feature ids separated by commas, e.g. 12,408,9031 (or leave "
+                                         "--features out for every live feature)") from None
 
 
 def _ablation(text: str) -> str | float:

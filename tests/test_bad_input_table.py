@@ -589,6 +589,12 @@ BAD_INPUTS = {
     "cli: sweep --features -1:4 (a value argparse takes for a flag)": (
         _cli("sweep", "--name", "s", "--store", "{store}", "--rows", "0:4", "--metric", "kl", "--features", "-1:4"),
         SystemExit, r"2"),
+    "cli: sweep --features with an empty item": (
+        _cli("sweep", "--name", "s", "--store", "{store}", "--rows", "0:4", "--metric", "kl", "--features", "1,,2"),
+        SystemExit, r"2"),
+    "cli: sweep --features empty": (
+        _cli("sweep", "--name", "s", "--store", "{store}", "--rows", "0:4", "--metric", "kl", "--features", ""),
+        SystemExit, r"2"),
     "cli: steer a model URL with credentials": (
         _cli("steer", "--model", f"https://u:{SECRET}@h.invalid/m", "--sae", "{sae}", "--prompt", "the cat",
              "--feature", "1", "--magnitude", "2"), SystemExit, r"2"),
@@ -603,6 +609,11 @@ BAD_INPUTS = {
 }
 
 CLI_STDERR = {
+    "cli: sweep --features with an empty item": "latentstore sweep: error: argument --features: '1,,2': give feature "
+                                                "ids separated by commas, e.g. 12,408,9031 (or leave --features out "
+                                                "for every live feature)",
+    "cli: sweep --features empty": "latentstore sweep: error: argument --features: '': give feature ids separated by "
+                                   "commas, e.g. 12,408,9031 (or leave --features out for every live feature)",
     "cli: export neuronpedia --out empty": "latentstore export neuronpedia: error: --out is empty; give a folder for "
                                            "the Neuronpedia export (`.` for this one, if that is meant).",
     "cli: export delphi --out empty": "latentstore export delphi: error: --out is empty; give a folder for delphi's "
