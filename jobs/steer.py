@@ -31,7 +31,7 @@ def add_commands(subparsers) -> None:
                             "(needed when it holds several)")
     steer.add_argument("--max-new-tokens", type=int, default=50, help="(default: %(default)s)")
     steer.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    steer.add_argument("--temperature", type=finite_float, default=1.0, help="with --sample (default: %(default)s)")
+    steer.add_argument("--temperature", type=finite_float, help="with --sample (default: 1.0)")
     steer.add_argument("--seed", type=int, help="with --sample: makes the run repeatable")
     steer.add_argument("--compare", action="store_true", help="also print the unsteered continuation")
     steer.set_defaults(handler=steer_command)
@@ -66,6 +66,13 @@ def steer_command(args: argparse.Namespace) -> None:
     refuse_credentials({"--model": args.model, "--sae": args.sae})  # first: nothing may load or show them
     if args.max_new_tokens < 1:  # before anything loads
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: give how many tokens to generate, at least 1.")
+    if args.temperature is not None and not args.sample:  # greedy decoding has none: it would be ignored
+        raise ConfigError(f"--temperature {args.temperature} applies to sampling: add --sample, or leave --temperature "
+                          "out for greedy decoding.")
+    if args.store and args.model is not None and args.sae is not None:
+        raise ConfigError("--store only supplies the --model or --sae left out, and both are given: leave --store "
+                          "(and --sae-name) out, or one of --model and --sae.")
+    args.temperature = 1.0 if args.temperature is None else args.temperature
     if args.sample and not args.temperature > 0:
         raise ConfigError(f"--temperature {args.temperature}: sampling needs a temperature above 0 (1 samples the "
                           "model's own distribution, lower ones are greedier; leave --sample out for greedy).")

@@ -517,6 +517,12 @@ BAD_INPUTS = {
         _cli("export", "delphi", "{store}", "--out", ""), SystemExit, r"2"),
     "cli: dashboard --out empty": (
         _cli("dashboard", "{store}", "--sae", HOOK, "--out", ""), SystemExit, r"2"),
+    "cli: steer --temperature without --sample": (
+        _cli("steer", "--store", "{store}", "--prompt", "the cat", "--feature", "1", "--magnitude", "2",
+             "--temperature", "2"), SystemExit, r"2"),
+    "cli: steer --store beside both --model and --sae": (
+        _cli("steer", "--store", "{store}", "--model", "{model}", "--sae", "{sae}", "--prompt", "the cat", "--feature",
+             "1", "--magnitude", "2"), SystemExit, r"2"),
     "cli: steer --sample at temperature 0": (
         _cli("steer", "--store", "{store}", "--prompt", "the cat", "--feature", "1", "--magnitude", "2", "--sample",
              "--temperature", "0"), SystemExit, r"2"),
@@ -609,6 +615,11 @@ BAD_INPUTS = {
 }
 
 CLI_STDERR = {
+    "cli: steer --temperature without --sample": "latentstore steer: error: --temperature 2.0 applies to sampling: add "
+                                                 "--sample, or leave --temperature out for greedy decoding.",
+    "cli: steer --store beside both --model and --sae": "latentstore steer: error: --store only supplies the --model or "
+                                                        "--sae left out, and both are given: leave --store (and "
+                                                        "--sae-name) out, or one of --model and --sae.",
     "cli: sweep --features with an empty item": "latentstore sweep: error: argument --features: '1,,2': give feature "
                                                 "ids separated by commas, e.g. 12,408,9031 (or leave --features out "
                                                 "for every live feature)",
