@@ -387,8 +387,15 @@ def _handle(args: argparse.Namespace) -> None:
     from pipeline.tokens import use_tokenizer
 
     # written into every batch file and the converter's command line as given
-    refuse_credentials({"--model-id": args.model_id, "--sae-set": args.sae_set, "--sae-id-suffix": args.sae_id_suffix,
-                        "--dataset": args.dataset})
+    given = {"--model-id": args.model_id, "--sae-set": args.sae_set, "--sae-id-suffix": args.sae_id_suffix,
+             "--dataset": args.dataset}
+    refuse_credentials(given)
+    # ids Neuronpedia shows and links to: an empty one would fall back to the default unsaid
+    unfit = [f"{flag} {terminal_text(repr(value))}" for flag, value in given.items()
+             if value is not None and (not value.strip() or not value.isprintable())]
+    if unfit:
+        raise ConfigError(f"{', '.join(unfit)}: give a name of printable characters, or leave the flag out for its "
+                          "default.")
     output_folder(args.out, "the Neuronpedia export")  # before any work
     fs = FeatureStore.open(args.store)
     sae = chosen_sae(fs, args.sae)

@@ -517,6 +517,9 @@ BAD_INPUTS = {
         _cli("export", "delphi", "{store}", "--out", ""), SystemExit, r"2"),
     "cli: dashboard --out empty": (
         _cli("dashboard", "{store}", "--sae", HOOK, "--out", ""), SystemExit, r"2"),
+    "cli: export neuronpedia --model-id empty and --sae-set with a newline": (
+        _cli("export", "neuronpedia", "{store}", "--sae", HOOK, "--out", "{tmp}/np", "--model-id", "", "--sae-set",
+             "a\nb"), SystemExit, r"2"),
     "cli: steer --temperature without --sample": (
         _cli("steer", "--store", "{store}", "--prompt", "the cat", "--feature", "1", "--magnitude", "2",
              "--temperature", "2"), SystemExit, r"2"),
@@ -615,6 +618,9 @@ BAD_INPUTS = {
 }
 
 CLI_STDERR = {
+    "cli: export neuronpedia --model-id empty and --sae-set with a newline":
+        "latentstore export neuronpedia: error: --model-id '', --sae-set 'a\\nb': give a name of printable "
+        "characters, or leave the flag out for its default.",
     "cli: steer --temperature without --sample": "latentstore steer: error: --temperature 2.0 applies to sampling: add "
                                                  "--sample, or leave --temperature out for greedy decoding.",
     "cli: steer --store beside both --model and --sae": "latentstore steer: error: --store only supplies the --model or "
