@@ -337,7 +337,7 @@ def test_command_line_names_help_and_the_converters_command(store, tmp_path, cap
                for f in batch["features"])  # --no-correlated-features
     assert any(f["activations"] for f in batch["features"])
     out = capsys.readouterr().out
-    assert "wrote 1 batch files" in out
+    assert "wrote 1 batch file to" in out
     command = next(line for line in out.splitlines() if "convert-saedashboard-to-neuronpedia-export.py" in line)
     # every option the converter asks for is given, so that it runs without stopping to prompt
     assert {word.split("=")[0] for word in command.split() if word.startswith("--")} == CONVERTER_OPTIONS
