@@ -21,6 +21,7 @@ import zarr
 from store import checked, codecs, format as fmt
 from store.elements import now, part_marker, write_array, write_part
 from store.location import open_root
+from store.schema import index_part_marker_problem
 from store.stats import arrange_by_feature_then_value
 
 # entries per chunk and checksum block: a feature's read decodes about one; 2^16 took a third of
@@ -242,6 +243,9 @@ class IndexReader:
             if marker is None:
                 raise checked.corrupt(self.location, f"{part}/{fmt.MARKER_GROUP}", "the index says it is complete, "
                                       "but this part's completion marker is missing or unreadable")
+            problem = index_part_marker_problem(marker)
+            if problem is not None:  # its checksums, which every read of the part's entries takes
+                raise checked.corrupt(self.location, f"{part}/{fmt.MARKER_GROUP}", problem)
             if "chunk_checksums" in marker:
                 sums, block = marker["chunk_checksums"].get(name), marker["checksum_block"]
             else:

@@ -133,6 +133,28 @@ def shard_marker_problem(marker: dict, saes: Iterable[str]) -> str | None:
     return _said(problems)
 
 
+# An index part's marker: the checksums its entries are read against, whole (1.1) and since 1.2 also
+# per block of ``checksum_block`` entries
+INDEX_PART_MARKER = {"checksums": MapOf(CHECKSUM), "chunk_checksums": Maybe(MapOf(ListOf(CHECKSUM))),
+                     "checksum_block": Maybe(SIZE)}
+
+
+def index_part_marker_problem(marker: dict) -> str | None:
+    """What is wrong with the shape of an index part's completion marker (a hand edit), said for a
+    message, or None when nothing is: a checksum of each of its arrays (``token``, ``values``), and
+    since 1.2 their blocks' checksums and the block's size."""
+    problems = list(_shape_problems(marker, INDEX_PART_MARKER, fmt.ATTRS_KEY))
+    if not problems:
+        needed = [("checksums", marker["checksums"])]
+        if _version(marker) >= CHECKSUMS_SINCE:
+            needed.append(("chunk_checksums", marker.get("chunk_checksums", {})))
+            if "checksum_block" not in marker:
+                problems.append(f"{fmt.ATTRS_KEY}.checksum_block is missing")
+        problems += [f"{fmt.ATTRS_KEY}.{key} has no entry for {array}" for key, recorded in needed
+                     for array in (fmt.TOKEN, fmt.VALUES) if array not in recorded]
+    return _said(problems)
+
+
 def _version(marker: dict) -> tuple[int, ...]:
     """A marker's ``encoding-version`` as numbers (one that is not a version counts as the newest)."""
     try:

@@ -344,3 +344,31 @@ def test_names_from_the_store_reach_the_terminal_escaped(store, capsys):
     out = capsys.readouterr().out
     assert "x\\x1b[31m\\x07" in out
     assert not any(ord(c) < 0x20 and c != "\n" for c in out)
+
+
+INDEX_PART_MARKER_EDITS = {
+    "checksums that are a list": (lambda a: a.update({"checksums": ["x"]}),
+                                  'latentstore.checksums is ["x"], expected an object'),
+    "no block checksums in a 2.x part": (lambda a: a.pop("chunk_checksums"),
+                                         "latentstore.chunk_checksums has no entry for token; latentstore."
+                                         "chunk_checksums has no entry for values"),
+    "a block checksum that is a number": (lambda a: a["chunk_checksums"].update({fmt.VALUES: [7]}),
+                                          'latentstore.chunk_checksums["values"][0] is 7, expected a "crc32:XXXXXXXX" '
+                                          "string"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INDEX_PART_MARKER_EDITS))
+def test_an_index_part_marker_not_as_the_format_says_is_named_by_reads_and_verify(store, case):
+    """A hand edit of an index part's checksums: reads of its entries are refused naming the marker (they
+    had raised AttributeError, or read unchecked), and verify names it."""
+    edit, problem = INDEX_PART_MARKER_EDITS[case]
+    marker = f"{fmt.INDEX_GROUP}/{HOOK}/{fmt.PARTS_GROUP}/0/{fmt.MARKER_GROUP}"
+    feature = busy_feature(FeatureStore.open(str(store)), HOOK)
+    edit_attrs(store / marker, edit)
+    said = f"{marker} is damaged: its attributes are not as the format says: {problem}."
+    with pytest.raises(StoreCorruptError, match=re.escape(said)):
+        FeatureStore.open(str(store)).feature_activations(HOOK, feature)
+    report = verify_store(str(store))
+    assert not report.ok and (marker, f"its attributes are not as the format says: {problem}") in \
+        [(p.part, p.message) for p in report.problems]
