@@ -72,15 +72,15 @@ def steer_command(args: argparse.Namespace) -> None:
     if args.store and args.model is not None and args.sae is not None:
         raise ConfigError("--store only supplies the --model or --sae left out, and both are given: leave --store "
                           "(and --sae-name) out, or one of --model and --sae.")
-    args.temperature = 1.0 if args.temperature is None else args.temperature
-    if args.sample and not args.temperature > 0:
+    if args.temperature is not None and not args.temperature > 0:  # given only with --sample (above)
         raise ConfigError(f"--temperature {args.temperature}: sampling needs a temperature above 0 (1 samples the "
                           "model's own distribution, lower ones are greedier; leave --sample out for greedy).")
     model_spec, sae_spec = resolve_model_and_sae(args)
     model = load_model(model_spec)
     sae = load_sae(SAESource.parse(sae_spec), dtype=str(model.cfg.dtype).removeprefix("torch."))
-    options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample, "temperature": args.temperature,
-               "seed": args.seed}
+    options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample, "seed": args.seed}
+    if args.temperature is not None:  # else steer's own default
+        options["temperature"] = args.temperature
     print(terminal_text(steer(model, sae, args.prompt, args.feature, args.magnitude, **options), keep_newlines=True))
     if args.compare:
         print("--- without steering ---")
