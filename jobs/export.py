@@ -236,10 +236,11 @@ def check_other_batches(out: Path, header: dict[str, Any]) -> None:
         except (OSError, orjson.JSONDecodeError):
             found = None
         if found != header:
-            said = "not a batch file of this tool" if found is None else ", ".join(f"{k} {v!r}" for k, v in found.items())
-            raise ConfigError(f"--out {out} holds {path.name} of another export ({said}; this one is "
-                              f"{', '.join(f'{k} {v!r}' for k, v in header.items())}). Neuronpedia's converter reads a "
-                              "folder as one SAE: give each SAE a folder of its own, or empty this one.")
+            shown = lambda fields: ", ".join(f"{k} {v!r}" for k, v in fields.items())  # noqa: E731
+            said = "not a batch file of this tool" if found is None else shown(found)
+            raise ConfigError(f"--out {out} holds {path.name} of another export ({said}; this one is {shown(header)}). "
+                              "Neuronpedia's converter reads a folder as one SAE: give each SAE a folder of its own, or "
+                              "empty this one.")
 
 
 def n_windows(builder: DashboardBuilder) -> int:
