@@ -3,11 +3,12 @@
 Up to four ways over the same windows, the same model and SAEs:
 
 - bare limit: the forward to the deepest hook plus each SAE's ``encode``, storing nothing;
-- bare, blocked: the same, each SAE encoding the tokens in the blocks latentstore encodes them in on
-  a CPU (``pipeline.encode.block_rows``), where that is faster: the strictest floor;
+- bare, as run: the same, run as latentstore runs the model on a CPU, where that is faster: one
+  stream per core on one torch thread each (``pipeline.encode.encode_streams``; here a model of its
+  own each), each SAE encoding the tokens in blocks (``pipeline.encode.block_rows``): the strictest floor;
 - latentstore: ``ExtractWorker.run_shard`` (the code a Ray actor runs, two shards at once as the
-  actor takes them): tokenize, window, encode, keep nonzeros, accumulate statistics, compress and
-  write the shards;
+  actor takes them, with the actor's cores: here all of them): tokenize, window, encode, keep
+  nonzeros, accumulate statistics, compress and write the shards;
 - dense cache (how people do it now; skip with --no-dense): ``run_with_cache_with_saes`` and
   ``torch.save`` of each batch's dense ``hook_sae_acts_post``.
 
@@ -184,6 +185,7 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -192,7 +194,7 @@ import torch
 
 from pipeline.dataset import DEFAULT_SHARD_TOKENS, DatasetSpec, plan_shards, row_lengths
 from pipeline.encode import block_rows
-from pipeline.models import save_model, stop_layer
+from pipeline.models import load_model, save_model, stop_layer
 from pipeline.saes import input_hook
 from pipeline.shard_builder import ShardBuilder
 from pipeline.specs import ExtractConfig
@@ -210,6 +212,18 @@ SYNTHETIC = {
     "fast-proxy": dict(model=dict(n_layers=1, d_model=32, n_ctx=128, d_head=8, n_heads=4, d_vocab=4096, d_mlp=128),
                        layers=(0,), d_sae=4096, k=64, row_tokens=128),
 }
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch on ``n`` threads meanwhile: a notebook's way uses every core, while the worker set one
+    thread for each of its streams."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def synthetic_assets(name: str, root: Path) -> tuple[str, list[str], str]:
@@ -302,21 +316,30 @@ def run(args, work: Path, model_dir: str, sae_dirs: list[str], spec: DatasetSpec
     hooks = [input_hook(sae) for sae in saes]  # the worker keys its SAEs by name
     stop = stop_layer(hooks)
 
-    def bare_limit(blocked: bool):
-        @torch.inference_mode()
-        def bare() -> None:
-            for tokens, _ in batches:
-                _, cache = model.run_with_cache(tokens.to(device), names_filter=list(dict.fromkeys(hooks)),
-                                                stop_at_layer=stop)
-                for sae, hook in zip(saes, hooks):
-                    inputs = cache[hook].flatten(0, -2)
-                    for block in inputs.split(block_rows(inputs, sae.cfg.d_sae) if blocked else len(inputs)):
-                        sae.encode(block)
-            sync()
+    @torch.inference_mode()
+    def bare_batches(model, some: list, blocked: bool) -> None:
+        for tokens, _ in some:
+            _, cache = model.run_with_cache(tokens.to(device), names_filter=list(dict.fromkeys(hooks)),
+                                            stop_at_layer=stop)
+            for sae, hook in zip(saes, hooks):
+                inputs = cache[hook].flatten(0, -2)
+                for block in inputs.split(block_rows(inputs, sae.cfg.d_sae) if blocked else len(inputs)):
+                    sae.encode(block)
+        sync()
 
-        return bare
+    def bare() -> None:  # as a notebook runs it: one batch at a time, torch on every core
+        with torch_threads(os.cpu_count()):
+            bare_batches(model, batches, blocked=False)
 
-    bare = bare_limit(blocked=False)
+    # latentstore's way on a CPU: one stream per core on one torch thread each (a model of its own each,
+    # as run_with_cache's hooks are the model's), each SAE encoding in blocks
+    n_streams = worker.n_streams
+    models = [model] + [load_model(job.model, device, job.model_dtype) for _ in range(n_streams - 1)]
+
+    def bare_as_run() -> None:
+        with torch_threads(1 if n_streams > 1 else os.cpu_count()), ThreadPoolExecutor(n_streams) as streams:
+            list(streams.map(lambda i: bare_batches(models[i], batches[i::n_streams], blocked=True),
+                             range(n_streams)))
 
     def ours() -> None:  # as a Ray actor runs them: SHARDS_IN_FLIGHT calls at once
         with ThreadPoolExecutor(SHARDS_IN_FLIGHT) as calls:
@@ -326,6 +349,7 @@ def run(args, work: Path, model_dir: str, sae_dirs: list[str], spec: DatasetSpec
     dense_dir = work / "dense"
 
     @torch.inference_mode()
+    @torch_threads(os.cpu_count())
     def dense() -> None:
         shutil.rmtree(dense_dir, ignore_errors=True)
         dense_dir.mkdir()
@@ -338,9 +362,9 @@ def run(args, work: Path, model_dir: str, sae_dirs: list[str], spec: DatasetSpec
     writer = StoreWriter(str(store))
     run_record = {"bench": True, "saes": [{"name": name} for name in worker.saes]}  # a resume checks markers by it
     writer.begin(run_record, {}, overwrite=True)
-    # the bare limit as a notebook runs it; and encoding in the blocks that latentstore encodes in on a
-    # CPU (pipeline.encode.block_rows), which is faster there: latentstore's cost over the strictest floor
-    ways = {"bare limit": bare, "bare, blocked": bare_limit(blocked=True), "latentstore": ours}
+    # the bare limit as a notebook runs it; and as latentstore runs the model on a CPU (in blocks, one
+    # stream per core), which is faster there: latentstore's cost over the strictest floor
+    ways = {"bare limit": bare, "bare, as run": bare_as_run, "latentstore": ours}
     if not args.no_dense:
         ways["dense cache"] = dense
     times: dict[str, list[float]] = {name: [] for name in ways}
@@ -365,8 +389,8 @@ def run(args, work: Path, model_dir: str, sae_dirs: list[str], spec: DatasetSpec
         size = {"latentstore": store_bytes, "dense cache": dir_bytes(dense_dir) if dense_dir.exists() else 0}.get(name)
         print(f"{name:<14}{median[name]:>10.2f}{n_tokens / median[name]:>12,.0f}{(f'{size:,}' if size else '-'):>16}")
     print(f"latentstore / bare limit, tokens per second: {median['bare limit'] / median['latentstore']:.3f}  "
-          f"(goal >= {args.goal}); over the bare limit encoding in latentstore's blocks: "
-          f"{median['bare, blocked'] / median['latentstore']:.3f}")
+          f"(goal >= {args.goal}); over the bare limit run as latentstore runs the model ({n_streams} "
+          f"stream(s), blocks): {median['bare, as run'] / median['latentstore']:.3f}")
     print(f"bytes per stored nonzero (all arrays, bfloat16 values): {store_bytes / nnz:.3f}  (goal <= 3.0)")
     if "dense cache" in ways:
         print(f"dense cache / latentstore: time {median['dense cache'] / median['latentstore']:.2f}x, "

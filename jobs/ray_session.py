@@ -121,11 +121,11 @@ class WorkerResources:
     n_workers: int
     use_gpu: bool
     options: dict  # for ray.remote: num_gpus / num_cpus
-    n_threads: int | None  # torch threads for a CPU worker
+    n_threads: int | None  # the cores a CPU worker computes on (an extraction: one encoding stream each)
 
     @property
     def cores(self) -> int:
-        """The cores one worker holds: its torch threads on a CPU, else its whole CPUs."""
+        """The cores one worker holds: its threads on a CPU, else its whole CPUs."""
         return self.n_threads or max(1, int(self.options.get("num_cpus", 1)))
 
 
@@ -142,8 +142,8 @@ def worker_resources(ray, workers: int | None, cpus_per_worker: float | None,
         return WorkerResources(n_workers, True, {"num_gpus": 1, "num_cpus": cpus_per_worker or 1}, None)
     total = ray.cluster_resources().get("CPU", 1)
     cpus = cpus_per_worker or max(1.0, (total - 1) / n_workers)  # Ray keeps one logical CPU for its own tasks
-    # torch's threads take the workers' whole share of the cores: the driver's idles while they run (on a
-    # 2-core machine, one thread instead of two made the quick start's extraction 1.5 times slower)
+    # the workers take their whole share of the cores: the driver's idles while they run (on a 2-core
+    # machine, one core instead of two made the quick start's extraction 1.5 times slower)
     return WorkerResources(n_workers, False, {"num_cpus": cpus}, max(1, int(cpus_per_worker or total / n_workers)))
 
 

@@ -1,7 +1,9 @@
 """Sparse encoding: the model's activations at each hook, through the own ``encode`` of each SAE there.
 
 One forward per batch serves every SAE (several may read one hook), stops after the deepest hooked layer and
-builds no autograd graph. The hooks leave the model's activations untouched, so
+builds no autograd graph. Several threads may encode batches at once (a CPU worker runs one stream per core):
+the encoder's hooks stay on the model and serve the batch of the thread whose forward calls them. The hooks
+leave the model's activations untouched, so
 each SAE sees what it would see under ``run_with_cache_with_saes(...,
 use_error_term=True)``. The dense ``[tokens, d_sae]`` activations never leave the
 device: only each token's count of active features, their indices and values do.
@@ -9,12 +11,14 @@ device: only each token's count of active features, their indices and values do.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
-from pipeline.models import stop_layer
+from pipeline.models import hook_module, is_bridge_model, stop_layer
 from store.format import index_dtype
 
 
@@ -64,7 +68,12 @@ def to_host(tensor: torch.Tensor) -> np.ndarray:
 
 
 class SparseEncoder:
-    """Maps a batch of right-padded token windows to each SAE's sparse activations."""
+    """Maps a batch of right-padded token windows to each SAE's sparse activations.
+
+    Its hooks are the model's from construction on (permanent, so that ``run_with_hooks`` and
+    ``run_with_cache`` elsewhere leave them), and act only inside a call of this encoder, on the
+    batch of the calling thread: calls from several threads at once do not mix their batches, as
+    hooks added per call would."""
 
     def __init__(self, model, saes: dict, value_dtype: str):
         self.model = model
@@ -75,6 +84,22 @@ class SparseEncoder:
             self.at_hook.setdefault(sae.cfg.metadata.hook_name, []).append(name)
         self.stop_at_layer = stop_layer(list(self.at_hook))
         self._index_dtypes = {name: index_dtype(sae.cfg.d_sae) for name, sae in saes.items()}
+        self._call = threading.local()  # per thread: (valid, found) while its forward runs
+        for hook, names in self.at_hook.items():
+            hook_module(model, hook).add_hook(partial(self._encode_at, names), is_permanent=True)
+
+    def _encode_at(self, names: list[str], activation: torch.Tensor, hook) -> None:
+        if getattr(self._call, "batch", None) is None:  # a forward of someone else's
+            return
+        valid, found = self._call.batch
+        real = activation[valid]  # real tokens only: padding is never encoded, nothing dense is copied
+        for name in names:
+            sae = self.saes[name]
+            token, feature, values = sparse_encode(sae, real.to(sae.dtype))
+            stored = to_storage(values, self.value_dtype)
+            # only the first three leave the device
+            found[name] = (torch.bincount(token, minlength=real.shape[0]),
+                           to_index(feature, self._index_dtypes[name]), stored, (token, feature, stored))
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor) -> dict[str, SparseBatch]:
@@ -82,28 +107,30 @@ class SparseEncoder:
         # and padded positions are dropped here before anything is kept.
         valid = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
         found: dict[str, tuple] = {}
-
-        def encode_at(names: list[str]):
-            def hook(activation: torch.Tensor, hook) -> None:
-                real = activation[valid]  # real tokens only: padding is never encoded, nothing dense is copied
-                for name in names:
-                    sae = self.saes[name]
-                    token, feature, values = sparse_encode(sae, real.to(sae.dtype))
-                    stored = to_storage(values, self.value_dtype)
-                    # only the first three leave the device
-                    found[name] = (torch.bincount(token, minlength=real.shape[0]),
-                                   to_index(feature, self._index_dtypes[name]), stored, (token, feature, stored))
-
-            return hook
-
-        self.model.run_with_hooks(
-            tokens,
-            fwd_hooks=[(hook, encode_at(names)) for hook, names in self.at_hook.items()],
-            stop_at_layer=self.stop_at_layer,
-        )
+        self._call.batch = valid, found
+        try:
+            self.model(tokens, stop_at_layer=self.stop_at_layer)
+        finally:
+            self._call.batch = None
+        missing = [name for name in self.saes if name not in found]
+        if missing:
+            raise RuntimeError(f"the model ran without this encoder's hooks for {', '.join(missing)}: something "
+                               "removed its permanent hooks (reset_hooks(including_permanent=True)). Make a new "
+                               "SparseEncoder after that.")
         names = list(found)
         arrays, copied = host_copies([t for name in names for t in found[name][:3]])
         return {name: SparseBatch(*arrays[3 * i : 3 * i + 3], copied, found[name][3]) for i, name in enumerate(names)}
+
+
+def encode_streams(model, device: torch.device, n_threads: int | None) -> int:
+    """How many batches a worker encodes at once, each on one torch thread: one per core on a CPU,
+    where a forward on every core loses to one forward per core (fewer, larger pieces of work, no
+    waiting for each other within each operation) and host threads then take a core from one stream
+    instead of stalling all of them; one on a GPU, which queues its work anyway. A TransformerBridge
+    encodes one batch at a time: its forward sets state on its blocks."""
+    if device.type != "cpu" or not n_threads or is_bridge_model(model):
+        return 1
+    return n_threads
 
 
 # On a CPU, tokens are encoded this many dense feature bytes at a time (at least CPU_BLOCK_MIN_ROWS

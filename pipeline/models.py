@@ -441,6 +441,13 @@ def hook_point(model: Any, hook: str) -> str:
     return name if isinstance(name, str) else hook
 
 
+def hook_module(model: Any, hook: str) -> Any:
+    """The HookPoint that a forward passes TransformerLens hook ``hook``'s activations through, reached
+    by the model's own name, as ``run_with_hooks`` reaches it: on a bridge, the point under the
+    TransformerLens alias may be a stale one that sae_lens left after splicing an SAE in and out."""
+    return model.hook_dict[hook_point(model, hook)]
+
+
 def can_start_at_layer(model: Any) -> bool:
     """Whether a forward can start inside the model (``start_at_layer``): a HookedTransformer can;
     a TransformerBridge runs Hugging Face's forward, which always starts from the tokens."""

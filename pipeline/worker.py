@@ -9,6 +9,9 @@ Two shards can be under way at once (``SHARDS_IN_FLIGHT``, from two threads): on
 device, the other being read and tokenized before it, or its host side (statistics,
 compression, writes) running on the worker's thread pool after it, so the device does not wait
 for the host to start or to finish a shard (save for the host's share of the interpreter lock).
+
+On a CPU, a shard's batches are encoded by one stream per core (``encode_streams``), each on one
+torch thread, in order of submission; its host side takes its turns on the cores beside them.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -23,7 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.dataset import DatasetSpec, Shard, make_windows, open_dataset, rows_digest, tokenize_rows
-from pipeline.encode import SparseEncoder
+from pipeline.encode import SparseBatch, SparseEncoder, encode_streams
 from pipeline.shard_builder import ShardBuilder, pool_size
 from pipeline.models import hook_point, load_model, loader_name, weights_hash
 from pipeline.saes import SAESource, input_hook, is_transcoder, load_sae, model_hook_problems, output_hook
@@ -44,7 +48,7 @@ class ExtractJob:
     config: ExtractConfig  # its store path normalized
     prepend_bos: bool  # the config's, or else what the SAEs were trained with
     device: str | None = None  # None: the GPU Ray gave this worker, else the CPU
-    n_threads: int | None = None  # torch threads on a CPU worker
+    n_threads: int | None = None  # a CPU worker's cores: one encoding stream each (None: torch's own threads)
 
     # The settings the worker reads, by their short names.
     @property
@@ -100,8 +104,6 @@ class ExtractWorker:
         numcodecs.blosc.use_threads = False
         self.job = job
         self.device = pick_device(job.device)
-        if self.device.type == "cpu" and job.n_threads:
-            torch.set_num_threads(job.n_threads)
         self.model = load_model(job.model, self.device, job.model_dtype)
         self.saes = {}  # by name: what the store keys each SAE's data by
         for text in job.saes:
@@ -110,6 +112,10 @@ class ExtractWorker:
             self.saes[source.name or input_hook(sae)] = sae
         self._check_hooks()
         self.encoder = SparseEncoder(self.model, self.saes, job.value_dtype)
+        self.n_streams = encode_streams(self.model, self.device, job.n_threads)
+        if self.device.type == "cpu" and job.n_threads:
+            torch.set_num_threads(1 if self.n_streams > 1 else job.n_threads)
+        self.streams = ThreadPoolExecutor(self.n_streams, thread_name_prefix="encode") if self.n_streams > 1 else None
         self.host = ThreadPoolExecutor(pool_size(job.n_threads), thread_name_prefix="host")
         self.device_lock = threading.Lock()  # one shard on the device at a time
         self.tokenizer_lock = threading.Lock()  # and one being read and tokenized
@@ -179,12 +185,8 @@ class ExtractWorker:
         with self.tokenizer_lock:
             rows = self.dataset[shard.row_start : shard.row_stop][self.job.dataset.column]
             windows = self._windows(rows, shard)
-        with self.device_lock:
-            for start in range(0, len(windows.lengths), self.job.batch_size):
-                stop = start + self.job.batch_size
-                lengths = windows.lengths[start:stop]
-                tokens = torch.from_numpy(windows.tokens[start:stop, : int(lengths.max())]).to(self.device)
-                builder.add(self.encoder(tokens, torch.from_numpy(lengths).to(self.device)))
+        for encoded in self._encoded_batches(windows):
+            builder.add(encoded)
         saes, feature_stats = builder.finish(windows.n_tokens)
         data = ShardData(
             shard_id=shard.shard_id,
@@ -203,6 +205,32 @@ class ExtractWorker:
         marker = self.writer.write_shard(data, self.job.value_dtype, d_sae, self.job.top_k, pool=self.host)
         log.info("shard %d: %d tokens in %.1fs", shard.shard_id, data.n_tokens, time.perf_counter() - started)
         return marker
+
+    def _encoded_batches(self, windows) -> Iterator[dict[str, SparseBatch]]:
+        """Each batch's sparse activations, in order. With one stream, this thread encodes them while it
+        holds the device. With several, the shard's batches are queued at once, behind those of the
+        shard before it, so the streams go on from one shard to the next without waiting; what they
+        hold meanwhile is a shard's sparse activations, which its ShardBuilder keeps anyway."""
+        size = self.job.batch_size
+
+        def encode(start: int) -> dict[str, SparseBatch]:
+            lengths = windows.lengths[start : start + size]
+            tokens = torch.from_numpy(windows.tokens[start : start + size, : int(lengths.max())]).to(self.device)
+            return self.encoder(tokens, torch.from_numpy(lengths).to(self.device))
+
+        starts = range(0, len(windows.lengths), size)
+        if self.streams is None:
+            with self.device_lock:
+                yield from map(encode, starts)
+            return
+        with self.device_lock:
+            queued = [self.streams.submit(encode, start) for start in starts]
+        try:
+            for batch in queued:
+                yield batch.result()
+        finally:
+            for batch in queued:  # after a failure, what has not started yet
+                batch.cancel()
 
     def build_index_part(self, location: str, name: str, part: index_mod.Part, shards: list[dict],
                          token_dtype: str) -> dict:

@@ -4,6 +4,7 @@ casts every device implements, and values rounded to the storage form of their d
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.encode import to_index, to_storage
@@ -53,3 +54,48 @@ def test_latents_encoded_in_blocks_equal_run_with_cache_with_saes(assets, monkey
         assert batch.counts.sum() > 0
         np.testing.assert_array_equal(ours != 0, dense != 0, err_msg=f"active features differ at {hook}")
         np.testing.assert_allclose(ours, dense, rtol=1e-5, atol=5e-6, err_msg=hook)
+
+
+def _loaded(assets):
+    from pipeline.models import load_model
+    from pipeline.saes import SAESource, load_sae
+
+    return (load_model(str(assets["model_dir"])),
+            {hook: load_sae(SAESource.parse(str(d))) for hook, d in assets["sae_dirs"].items()})
+
+
+def test_calls_from_several_threads_at_once_each_encode_their_own_batch(assets, one_torch_thread):
+    """A CPU worker encodes one batch per core at once through one model (``encode_streams``): each
+    call's activations are those of its own batch, exactly as one call at a time gives them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.encode import SparseEncoder
+
+    model, saes = _loaded(assets)
+    encoder = SparseEncoder(model, saes, "float32")
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(8):
+        lengths = torch.randint(1, 33, (6,), generator=generator)
+        batches.append((torch.randint(1, model.cfg.d_vocab, (6, 32), generator=generator), lengths))
+    alone = [encoder(tokens, lengths) for tokens, lengths in batches]
+    with ThreadPoolExecutor(4) as streams:
+        for _ in range(3):
+            together = list(streams.map(lambda batch: encoder(*batch), batches))
+            for one, other in zip(alone, together):
+                for hook in saes:
+                    assert one[hook].counts.sum() > 0
+                    for field in ("counts", "indices", "values"):
+                        np.testing.assert_array_equal(getattr(one[hook], field), getattr(other[hook], field))
+
+
+def test_an_encoder_whose_hooks_were_removed_says_so(assets):
+    from pipeline.encode import SparseEncoder
+
+    model, saes = _loaded(assets)
+    encoder = SparseEncoder(model, saes, "float32")
+    model.run_with_hooks(torch.ones((1, 4), dtype=torch.long), fwd_hooks=[])  # resets its own hooks only
+    assert encoder(torch.ones((1, 4), dtype=torch.long), torch.tensor([4]))
+    model.reset_hooks(including_permanent=True)
+    with pytest.raises(RuntimeError, match=r"reset_hooks\(including_permanent=True\).*new SparseEncoder"):
+        encoder(torch.ones((1, 4), dtype=torch.long), torch.tensor([4]))
