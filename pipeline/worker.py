@@ -117,7 +117,7 @@ class ExtractWorker:
             torch.set_num_threads(1 if self.n_streams > 1 else job.n_threads)
         self.streams = ThreadPoolExecutor(self.n_streams, thread_name_prefix="encode") if self.n_streams > 1 else None
         self.host = ThreadPoolExecutor(pool_size(job.n_threads), thread_name_prefix="host")
-        self.device_lock = threading.Lock()  # one shard on the device at a time
+        self.device_lock = threading.Lock()  # one shard on the device (or queueing its batches) at a time
         self.tokenizer_lock = threading.Lock()  # and one being read and tokenized
         self.dataset = open_dataset(job.dataset)
         self.writer = StoreWriter(job.store)
