@@ -1,5 +1,5 @@
-"""The shapes of the store's metadata that readers rely on: the root's latentstore attributes and a
-shard's completion marker (docs/FORMAT.md), each checked once, where it is read, so that a hand edit
+"""The shapes of the store's metadata that readers rely on: the root's latentstore attributes and the
+completion markers of shards, index parts and sweep parts (docs/FORMAT.md), each checked once, where it is read, so that a hand edit
 or a torn write is named as such, never met later as a KeyError or a TypeError."""
 
 from __future__ import annotations
@@ -150,9 +150,24 @@ def index_part_marker_problem(marker: dict) -> str | None:
             needed.append(("chunk_checksums", marker.get("chunk_checksums", {})))
             if "checksum_block" not in marker:
                 problems.append(f"{fmt.ATTRS_KEY}.checksum_block is missing")
-        problems += [f"{fmt.ATTRS_KEY}.{key} has no entry for {array}" for key, recorded in needed
-                     for array in (fmt.TOKEN, fmt.VALUES) if array not in recorded]
+        problems += [line for key, recorded in needed for line in _unchecked(key, recorded, (fmt.TOKEN, fmt.VALUES))]
     return _said(problems)
+
+
+# A sweep part's marker: a checksum of each column it holds
+SWEEP_PART_MARKER = {"checksums": MapOf(CHECKSUM)}
+
+
+def sweep_part_marker_problem(marker: dict, columns: Iterable[str]) -> str | None:
+    """What is wrong with the shape of a sweep part's completion marker (a hand edit), said for a
+    message, or None when nothing is: a checksum of each of ``columns`` (those every part holds)."""
+    problems = list(_shape_problems(marker, SWEEP_PART_MARKER, fmt.ATTRS_KEY))
+    return _said(problems or _unchecked("checksums", marker["checksums"], columns))
+
+
+def _unchecked(key: str, recorded: dict, arrays: Iterable[str]) -> list[str]:
+    """A line for each of ``arrays`` that the marker's ``key`` records no checksum of."""
+    return [f"{fmt.ATTRS_KEY}.{key} has no entry for {array}" for array in arrays if array not in recorded]
 
 
 def _version(marker: dict) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ holding only sweeps (prompts from a file). Needs numpy, zarr and pandas only.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,9 +21,12 @@ import zarr
 from store import codecs, format as fmt
 from store.errors import ConfigError, StoreConflictError, StoreIncompleteError, StoreNotFoundError, did_you_mean
 from store.location import RootHandle, normalize, open_root, subgroup_names
-from store.checked import read_whole
+from store.checked import corrupt, read_whole
 from store.elements import complete_markers, now, part_marker, write_array, write_part
+from store.schema import sweep_part_marker_problem
 from store.writer import canonical, diff_runs
+
+log = logging.getLogger(__name__)
 
 SWEEPS_GROUP = "sweeps"
 PARTS_GROUP = "parts"
@@ -37,6 +41,7 @@ COLUMN_ENCODING = "latentstore.sweep_column"
 
 METHODS = ("exact", "attribution")  # the codes of the ``method`` column
 COLUMNS = {"prompt": "<i8", "feature": "<i8", "delta": "<f4", "method": "|u1", "attribution": "<f4"}
+EVERY_PART = ("prompt", "feature", "delta", "method")  # the columns every part holds; attribution, some sweeps
 
 
 @dataclass(frozen=True)
@@ -132,14 +137,25 @@ class SweepWriter(RootHandle):
         return self._group()[FEATURES][:]
 
     def completed_parts(self) -> dict[int, dict]:
+        """The complete parts' markers, by part id. A marker that is not as the format says (a hand
+        edit) leaves its part to be redone, as the rerun computes every part not returned here."""
         group = self._group()
         if group is None or PARTS_GROUP not in group:
             return {}
-        return {int(name): marker for name, marker in complete_markers(group[PARTS_GROUP]).items()}
+        done = {}
+        for name, marker in complete_markers(group[PARTS_GROUP]).items():
+            problem = sweep_part_marker_problem(marker, EVERY_PART)
+            if problem is None:
+                done[int(name)] = marker
+            else:
+                log.warning("%s: %s/%s/%s/%s is damaged: %s. The part will be redone.", self.location,
+                            sweep_path(self.name), PARTS_GROUP, name, fmt.MARKER_GROUP, problem)
+        return done
 
     def completed_part(self, part_id: int) -> dict | None:
-        """The part's completion marker, or None while it is not complete."""
-        return part_marker(self.root[f"{sweep_path(self.name)}/{PARTS_GROUP}"], part_name(part_id))
+        """The part's completion marker, or None while it is absent, incomplete or damaged (to be redone)."""
+        marker = part_marker(self.root[f"{sweep_path(self.name)}/{PARTS_GROUP}"], part_name(part_id))
+        return marker if marker is not None and sweep_part_marker_problem(marker, EVERY_PART) is None else None
 
     def write_part(self, part: SweepPart) -> dict:
         """Write a part's columns, then its completion marker. Writing a part again replaces it."""
@@ -190,6 +206,9 @@ def read_sweep(location: str, name: str, allow_incomplete: bool = False) -> pd.D
     root, base = open_root(location, mode="r"), f"{sweep_path(name)}/{PARTS_GROUP}"
     pieces = []
     for part, marker in complete.items():
+        problem = sweep_part_marker_problem(marker, EVERY_PART)
+        if problem is not None:
+            raise corrupt(location, f"{base}/{part}/{fmt.MARKER_GROUP}", problem)
         sums = marker["checksums"]  # one per array the part holds (docs/FORMAT.md)
         pieces.append(pd.DataFrame({key: read_whole(root, f"{base}/{part}/{key}", location, sums[key])
                                     for key in COLUMNS if key in sums}))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,7 +40,9 @@ from store import stats as stats_mod
 from store.checked import checksum, repair
 from store.errors import StoreAccessError, StoreNotFoundError
 from store.location import is_url, mask_url, normalize, open_zarr_store, reaching
-from store.schema import index_part_marker_problem, root_attrs_problem, shard_marker_problem
+from store.schema import index_part_marker_problem, root_attrs_problem, shard_marker_problem, \
+    sweep_part_marker_problem
+from store.sweeps import EVERY_PART
 
 METADATA = "zarr.json"
 INDEX_GROUP = getattr(fmt, "INDEX_GROUP", "index")  # the feature-major index (format 1.1)
@@ -311,8 +314,8 @@ def verify_store(location: str) -> VerifyReport:
     _verify_merged_stats(walker)
     _note_pending_parts(walker, INDEX_GROUP, lambda attrs: bool(attrs.get("complete")))
     _note_pending_parts(walker, "sweeps", lambda attrs: attrs.get("status") == fmt.STATUS_COMPLETE)
-    _verify_marked_groups(walker, "sweeps")
-    _verify_marked_groups(walker, INDEX_GROUP)
+    _verify_marked_groups(walker, "sweeps", lambda marker: sweep_part_marker_problem(marker, EVERY_PART))
+    _verify_marked_groups(walker, INDEX_GROUP, index_part_marker_problem)
     for node in sorted(walker.metadata):  # whatever else holds arrays (statistics, vocabulary) must decode
         if walker.is_array(node) and node not in walker.read_arrays and not walker.is_pending(node):
             walker.read(node)
@@ -643,21 +646,22 @@ def _verify_merged_stats(walker: _Walker) -> None:
             walker.read(f"{node}/{name}", recorded)
 
 
-def _verify_marked_groups(walker: _Walker, top: str) -> None:
-    """Any other group with a completion marker (sweep parts, ...): the arrays it vouches for."""
+def _verify_marked_groups(walker: _Walker, top: str, problem_of: Callable[[dict], str | None]) -> None:
+    """Each group under ``top`` with a completion marker (index parts, sweep parts): the marker's shape
+    (``problem_of``), then the arrays it vouches for."""
     for node in sorted(walker.metadata):
         if not node.startswith(top + "/") or not node.endswith("/" + fmt.MARKER_GROUP):
             continue
-        parent = node[: -len(fmt.MARKER_GROUP) - 1]
-        marker = walker.attrs(node) or {}
-        checksums = marker.get("checksums", {})
-        if not isinstance(checksums, dict):  # a hand edit; an index part's is named by its own check already
-            if node not in {p.part for p in walker.report.problems}:
-                walker.report.add(node, "its attributes are not as the format says: latentstore.checksums is not an "
-                                        "object")
+        marker = walker.attrs(node)
+        if marker is None:  # unreadable: the walker named it
             continue
-        for name, recorded in checksums.items():
+        problem = problem_of(marker)
+        if problem is not None:  # a hand edit, whose checksums cannot vouch for anything
+            if node not in {p.part for p in walker.report.problems}:  # an index part's is named already
+                walker.report.add(node, problem)
+            continue
+        parent = node[: -len(fmt.MARKER_GROUP) - 1]
+        for name, recorded in marker["checksums"].items():
             path = f"{parent}/{name}"
-            if path in walker.read_arrays:
-                continue
-            walker.read(path, recorded)
+            if path not in walker.read_arrays:
+                walker.read(path, recorded)

@@ -372,3 +372,61 @@ def test_an_index_part_marker_not_as_the_format_says_is_named_by_reads_and_verif
     report = verify_store(str(store))
     assert not report.ok and (marker, f"its attributes are not as the format says: {problem}") in \
         [(p.part, p.message) for p in report.problems]
+
+
+def one_part_sweep(store: Path) -> None:
+    """Sweep ``s`` of one part of three lines into ``store``."""
+    import numpy as np
+
+    from store.sweeps import SweepPart, SweepWriter
+
+    writer = SweepWriter(str(store), "s")
+    writer.begin({"kind": "test"}, np.arange(3), None, n_parts=1, overwrite=False)
+    writer.write_part(SweepPart(0, np.zeros(3), np.arange(3), np.arange(3, dtype=np.float32), np.zeros(3, np.uint8)))
+    writer.finalize({"n_lines": 3})
+
+
+SWEEP_PART_MARKER_EDITS = {
+    "checksums that are a list": (lambda a: a.update({"checksums": ["delta"]}),
+                                  'latentstore.checksums is ["delta"], expected an object'),
+    "no checksums": (lambda a: a.pop("checksums"), "latentstore.checksums is missing"),
+    "a checksum that is a number": (lambda a: a["checksums"].update({"delta": 7}),
+                                    'latentstore.checksums["delta"] is 7, expected a "crc32:XXXXXXXX" string'),
+    "no checksum for a column": (lambda a: a["checksums"].pop("feature"),
+                                 "latentstore.checksums has no entry for feature"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SWEEP_PART_MARKER_EDITS))
+def test_a_sweep_part_marker_not_as_the_format_says_is_named_by_reads_and_verify(store, case):
+    """A hand edit of a sweep part's checksums: reading the sweep is refused naming the marker (it had
+    raised KeyError or TypeError, or left a column out), and verify names it."""
+    from store.sweeps import read_sweep
+
+    one_part_sweep(store)
+    edit, problem = SWEEP_PART_MARKER_EDITS[case]
+    marker = f"sweeps/s/{fmt.PARTS_GROUP}/000000/{fmt.MARKER_GROUP}"
+    edit_attrs(store / marker, edit)
+    said = f"{marker} is damaged: its attributes are not as the format says: {problem}."
+    with pytest.raises(StoreCorruptError, match=re.escape(said) + ".*delete sweeps/s/parts/000000 and rerun"):
+        read_sweep(str(store), "s")
+    report = verify_store(str(store))
+    assert not report.ok and (marker, f"its attributes are not as the format says: {problem}") in \
+        [(p.part, p.message) for p in report.problems]
+
+
+def test_a_rerun_redoes_a_sweep_part_whose_marker_is_not_as_the_format_says(store, caplog):
+    """The sweep's resume takes such a part for one to do again, and says so."""
+    import logging
+
+    from store.sweeps import SweepWriter
+
+    one_part_sweep(store)
+    marker = f"sweeps/s/{fmt.PARTS_GROUP}/000000/{fmt.MARKER_GROUP}"
+    edit_attrs(store / marker, lambda a: a["checksums"].pop("delta"))
+    writer = SweepWriter(str(store), "s")
+    with caplog.at_level(logging.WARNING, logger="store.sweeps"):
+        assert writer.completed_parts() == {}
+    assert f"{marker} is damaged: its attributes are not as the format says: latentstore.checksums has no entry " \
+           "for delta. The part will be redone." in caplog.text
+    assert writer.completed_part(0) is None
