@@ -60,7 +60,8 @@ def add_command(formats) -> None:
                         help="an SAE to export, by its name, or by its hook where it is the only SAE (repeat for "
                              "several; default: every SAE of the store)")
     parser.add_argument("--n-splits", type=int, default=N_SPLITS,
-                        help="split files per SAE, at least (default: %(default)s, as delphi's)")
+                        help="split files per SAE, at least (default: %(default)s, as delphi's); each holds whole "
+                             "latents and a copy of the store's tokens, so at most the SAE's latents")
     parser.add_argument("--split-entries", type=int, default=DEFAULT_PART_NNZ,
                         help="activations per split file, at most about: bounds the memory used (default: "
                              "%(default)s)")
@@ -83,6 +84,12 @@ def export_delphi(fs: FeatureStore, out: str | Path, saes: list[str] | None = No
                               f"from it. Build it first: latentstore index {shlex.quote(fs.location)}")
     if n_splits < 1 or split_entries < 1:
         raise ConfigError(f"--n-splits {n_splits} and --split-entries {split_entries} must be at least 1.")
+    fewest = min(names, key=fs.d_sae)
+    if n_splits > fs.d_sae(fewest):
+        # each split file holds whole latents, and a copy of the store's tokens
+        raise ConfigError(f"--n-splits {n_splits:,} is more than the {fs.d_sae(fewest):,} latents of SAE {fewest}, and "
+                          f"each split file holds whole latents. Give at most {fs.d_sae(fewest):,}; fewer take less disk, "
+                          f"as every split file also holds the store's tokens ({4 * fs.n_tokens / 2**20:,.1f} MiB).")
     out = output_folder(out, "delphi's latent cache", make=True)
     tokens, windows, positions = token_windows(fs)
     ctx_len = tokens.shape[1]

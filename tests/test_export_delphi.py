@@ -120,3 +120,11 @@ def test_command_line_and_refusals(store, tmp_path, capsys):
         export_delphi(store, foreign, [HOOK])
     assert main(["export", "delphi", store.location, "--out", str(tmp_path), "--sae", "blocks.9.nope"]) == 2
     assert "blocks.0.hook_resid_post" in capsys.readouterr().err
+    # more split files than latents: refused before any is written (it had written one file per latent,
+    # each with a copy of the tokens, and said nothing)
+    d_sae, fresh = store.d_sae(HOOK), tmp_path / "many"
+    assert main(["export", "delphi", store.location, "--out", str(fresh), "--sae", HOOK,
+                 "--n-splits", str(d_sae + 1)]) == 2
+    err = capsys.readouterr().err
+    assert f"--n-splits {d_sae + 1:,} is more than the {d_sae:,} latents of SAE {HOOK}" in err
+    assert f"Give at most {d_sae:,}" in err and not fresh.exists()
