@@ -111,8 +111,8 @@ def read_marker(part: zarr.Group) -> dict | None:
     except METADATA_ERRORS:  # a torn or garbled marker: the part is not complete
         return None
     marker = marker_group.attrs.asdict().get(fmt.ATTRS_KEY)
-    if not isinstance(marker, dict):  # absent, or garbled by hand: the part is not complete
-        return None
+    if not isinstance(marker, dict) or fmt.version_numbers(marker, "1.0") is None:
+        return None  # absent, or garbled by hand: the part is not complete
     fmt.check_version(marker, fmt.MARKER_ENCODING, f"part {part.path}")
     return marker
 

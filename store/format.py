@@ -82,7 +82,7 @@ def check_version(attrs: dict, kind: str, where: str) -> None:
             f"{where}: expected a {kind!r} element, found {found_kind!r}. "
             "Is this path a latentstore store (made by `latentstore extract`)?"
         )
-    version, major = _version(attrs)
+    version, major = _version(attrs, where)
     if major > MAJOR:
         raise FormatVersionError(
             f"{where} was written in latentstore format {version}; this latentstore reads format "
@@ -90,10 +90,24 @@ def check_version(attrs: dict, kind: str, where: str) -> None:
         )
 
 
-def _version(attrs: dict) -> tuple[str, int]:
-    """An element's recorded ``encoding-version``, and its major version."""
-    version = str(attrs.get("encoding-version", "0.0"))
-    return version, int(version.split(".")[0])
+VERSION = re.compile(r"(\d+)\.(\d+)")  # an encoding-version: MAJOR.MINOR
+
+
+def version_numbers(attrs: dict, default: str) -> tuple[int, int] | None:
+    """An element's ``encoding-version`` (``default`` where none is recorded) as (major, minor), or
+    None where it is not one (a hand edit)."""
+    found = VERSION.fullmatch(str(attrs.get("encoding-version", default)))
+    return (int(found[1]), int(found[2])) if found else None
+
+
+def _version(attrs: dict, where: str) -> tuple[str, int]:
+    """An element's recorded ``encoding-version``, and its major version; one that is not a version
+    is refused, naming it."""
+    version, numbers = str(attrs.get("encoding-version", "0.0")), version_numbers(attrs, "0.0")
+    if numbers is None:
+        raise FormatVersionError(f"{where}: its encoding-version {version!r} is not a format version such as "
+                                 f"{FORMAT_VERSION!r}: its metadata was edited by hand or damaged.")
+    return version, numbers[0]
 
 
 def holds_stats_and_vocab(attrs: dict) -> bool:
@@ -105,7 +119,7 @@ def holds_stats_and_vocab(attrs: dict) -> bool:
 def check_writes(attrs: dict, location: str) -> None:
     """Refuse to write into a store of an older major format: it opens read-only (a 2.x element
     inside a 1.x store would be read by rules it was not written for)."""
-    version, major = _version(attrs)
+    version, major = _version(attrs, location)
     if major < MAJOR:
         raise FormatVersionError(
             f"{location} was written in latentstore format {version}, by an older latentstore. It opens "

@@ -57,6 +57,7 @@ def _one_of(*values: str) -> Kind:
 TEXT = Kind("a string", lambda v: isinstance(v, str))
 FLAG = Kind("true or false", lambda v: isinstance(v, bool))
 COUNT, SIZE = _whole(0), _whole(1)
+VERSION = Kind('a "MAJOR.MINOR" string', lambda v: isinstance(v, str) and fmt.VERSION.fullmatch(v) is not None)
 NAME = Kind("an SAE name (1 to 200 letters, digits, '_', '.' or '-')",
             lambda v: isinstance(v, str) and fmt.sae_name_problem(v) is None)
 
@@ -66,8 +67,7 @@ TOKEN_ID = Maybe(OrNull(COUNT))  # null where the tokenizer has none
 # format writes them; a dict is an object with those keys (others are allowed: a minor version adds).
 # The stamp is checked first, so that another element or a newer format is refused as such.
 ROOT_STAMP = {"encoding-type": TEXT,
-              "encoding-version": Kind('a "MAJOR.MINOR" string', lambda v: isinstance(v, str)
-                                       and re.fullmatch(r"\d+\.\d+", v) is not None)}
+              "encoding-version": VERSION}
 ROOT_SHAPE = {
     "status": _one_of(fmt.STATUS_WRITING, fmt.STATUS_COMPLETE),
     "run": {
@@ -89,7 +89,9 @@ CHECKSUM = Kind('a "crc32:XXXXXXXX" string', lambda v: isinstance(v, str) and re
                 is not None)
 # The marker adds the checksums its arrays are read against: required since 1.2, which began to record
 # them, for the arrays every read takes (a marker without them would let damage read back unchecked)
-SHARD_MARKER = {**SHARD_ENTRY, "checksums": Maybe(MapOf(CHECKSUM))}
+# every completion marker's version, which says what else it must hold (1.0 where a marker has none)
+MARKER_STAMP = {"encoding-version": Maybe(VERSION)}
+SHARD_MARKER = {**MARKER_STAMP, **SHARD_ENTRY, "checksums": Maybe(MapOf(CHECKSUM))}
 CHECKSUMS_SINCE = (1, 2)
 COMPLETE_SHAPE = {  # what the extraction adds when it finishes
     "shards": ListOf(SHARD_ENTRY),
@@ -135,7 +137,7 @@ def shard_marker_problem(marker: dict, saes: Iterable[str]) -> str | None:
 
 # An index part's marker: the checksums its entries are read against, whole (1.1) and since 1.2 also
 # per block of ``checksum_block`` entries
-INDEX_PART_MARKER = {"checksums": MapOf(CHECKSUM), "chunk_checksums": Maybe(MapOf(ListOf(CHECKSUM))),
+INDEX_PART_MARKER = {**MARKER_STAMP, "checksums": MapOf(CHECKSUM), "chunk_checksums": Maybe(MapOf(ListOf(CHECKSUM))),
                      "checksum_block": Maybe(SIZE)}
 
 
@@ -155,7 +157,7 @@ def index_part_marker_problem(marker: dict) -> str | None:
 
 
 # A sweep part's marker: a checksum of each column it holds
-SWEEP_PART_MARKER = {"checksums": MapOf(CHECKSUM)}
+SWEEP_PART_MARKER = {**MARKER_STAMP, "checksums": MapOf(CHECKSUM)}
 
 
 def sweep_part_marker_problem(marker: dict, columns: Iterable[str]) -> str | None:
@@ -170,12 +172,9 @@ def _unchecked(key: str, recorded: dict, arrays: Iterable[str]) -> list[str]:
     return [f"{fmt.ATTRS_KEY}.{key} has no entry for {array}" for array in arrays if array not in recorded]
 
 
-def _version(marker: dict) -> tuple[int, ...]:
-    """A marker's ``encoding-version`` as numbers (one that is not a version counts as the newest)."""
-    try:
-        return tuple(int(part) for part in str(marker.get("encoding-version", "1.0")).split("."))
-    except ValueError:
-        return (1 << 30,)
+def _version(marker: dict) -> tuple[int, int]:
+    """A marker's ``encoding-version`` (1.0 where none is recorded), once its shape is checked."""
+    return fmt.version_numbers(marker, "1.0")
 
 
 def _said(problems: list[str]) -> str | None:

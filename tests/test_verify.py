@@ -15,7 +15,7 @@ from store import FeatureStore
 from store import format as fmt
 from store import index as index_mod
 from store import stats as stats_mod
-from store.errors import StoreCorruptError, StoreNotFoundError
+from store.errors import FormatVersionError, StoreCorruptError, StoreNotFoundError
 from store.verify import verify_store
 
 pytestmark = pytest.mark.ray
@@ -430,3 +430,27 @@ def test_a_rerun_redoes_a_sweep_part_whose_marker_is_not_as_the_format_says(stor
     assert f"{marker} is damaged: its attributes are not as the format says: latentstore.checksums has no entry " \
            "for delta. The part will be redone." in caplog.text
     assert writer.completed_part(0) is None
+
+
+NOT_A_VERSION = {
+    "a shard's marker": (f"{fmt.SHARDS_GROUP}/000000/{fmt.MARKER_GROUP}", StoreCorruptError,
+                         "its completion marker is missing or unreadable"),
+    "an index part's marker": (f"{fmt.INDEX_GROUP}/{HOOK}/{fmt.PARTS_GROUP}/0/{fmt.MARKER_GROUP}", StoreCorruptError,
+                               "this part's completion marker is missing or unreadable"),
+    "the index": (f"{fmt.INDEX_GROUP}/{HOOK}", FormatVersionError,
+                  "its encoding-version 'x.y' is not a format version such as"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_A_VERSION))
+def test_an_encoding_version_that_is_no_version_is_named_not_a_traceback(store, case):
+    """A hand-edited ``encoding-version`` that is no MAJOR.MINOR: reads refuse it with a message (they
+    had raised ValueError from int()); verify names a marker's as not as the format says."""
+    node, error, said = NOT_A_VERSION[case]
+    feature = busy_feature(FeatureStore.open(str(store)), HOOK)
+    edit_attrs(store / node, lambda a: a.update({"encoding-version": "x.y"}))
+    with pytest.raises(error, match=re.escape(said)):
+        FeatureStore.open(str(store)).feature_activations(HOOK, feature)
+    if node.endswith(fmt.MARKER_GROUP):
+        assert (node, 'its attributes are not as the format says: latentstore.encoding-version is "x.y", expected '
+                      'a "MAJOR.MINOR" string') in [(p.part, p.message) for p in verify_store(str(store)).problems]
