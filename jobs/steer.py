@@ -59,28 +59,24 @@ def steer_command(args: argparse.Namespace) -> None:
     from jobs.terminal import terminal_text
     from pipeline.models import load_model
     from pipeline.saes import SAESource, load_sae
-    from pipeline.steering import steer
+    from pipeline.steering import check_generation, steer
     from jobs.settings import refuse_credentials
     from store.errors import ConfigError
 
     refuse_credentials({"--model": args.model, "--sae": args.sae})  # first: nothing may load or show them
-    if args.max_new_tokens < 1:  # before anything loads
-        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: give how many tokens to generate, at least 1.")
     if args.temperature is not None and not args.sample:  # greedy decoding has none: it would be ignored
         raise ConfigError(f"--temperature {args.temperature} applies to sampling: add --sample, or leave --temperature "
                           "out for greedy decoding.")
     if args.store and args.model is not None and args.sae is not None:
         raise ConfigError("--store only supplies the --model or --sae left out, and both are given: leave --store "
                           "(and --sae-name) out, or one of --model and --sae.")
-    if args.temperature is not None and not args.temperature > 0:  # given only with --sample (above)
-        raise ConfigError(f"--temperature {args.temperature}: sampling needs a temperature above 0 (1 samples the "
-                          "model's own distribution, lower ones are greedier; leave --sample out for greedy).")
-    model_spec, sae_spec = resolve_model_and_sae(args)
-    model = load_model(model_spec)
-    sae = load_sae(SAESource.parse(sae_spec), dtype=str(model.cfg.dtype).removeprefix("torch."))
+    check_generation(args.max_new_tokens, args.sample, args.temperature)  # before anything loads
     options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample, "seed": args.seed}
     if args.temperature is not None:  # else steer's own default
         options["temperature"] = args.temperature
+    model_spec, sae_spec = resolve_model_and_sae(args)
+    model = load_model(model_spec)
+    sae = load_sae(SAESource.parse(sae_spec), dtype=str(model.cfg.dtype).removeprefix("torch."))
     print(terminal_text(steer(model, sae, args.prompt, args.feature, args.magnitude, **options), keep_newlines=True))
     if args.compare:
         print("--- without steering ---")

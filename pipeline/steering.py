@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from pipeline.saes import model_hook_problems, output_hook
-from store.arguments import finite_number, whole_number
+from store.arguments import finite_number, is_finite_number, is_whole, whole_number
 from store.errors import ConfigError
 
 
@@ -44,6 +44,19 @@ def steering_hook(model, sae, feature: int, magnitude: float) -> tuple[str, Call
     return hook, add
 
 
+def check_generation(max_new_tokens: object, do_sample: bool, temperature: object = None) -> None:
+    """``steer``'s generation settings, refused where they cannot work (the command line checks
+    them too, before it loads anything), each named as both take it; a ``temperature`` of None is
+    steer's default."""
+    if not is_whole(max_new_tokens) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens!r} (--max-new-tokens): give how many tokens to generate, "
+                          "a whole number of at least 1.")
+    if do_sample and temperature is not None and not (is_finite_number(temperature) and temperature > 0):
+        raise ConfigError(f"temperature={temperature!r} (--temperature): sampling needs a temperature above 0 (1 "
+                          "samples the model's own distribution, lower ones are greedier; greedy decoding needs "
+                          "no sampling: do_sample=False, or leave out --sample).")
+
+
 def steer(model, sae, prompt: str | torch.Tensor, feature: int, magnitude: float, *,
           max_new_tokens: int = 50, do_sample: bool = False, temperature: float = 1.0,
           seed: int | None = None, **generate_kwargs) -> str | torch.Tensor:
@@ -52,9 +65,7 @@ def steer(model, sae, prompt: str | torch.Tensor, feature: int, magnitude: float
     Greedy by default, so that a run can be repeated; ``do_sample=True`` with ``seed`` samples
     reproducibly. A string prompt gives a string back; token ids give token ids back.
     """
-    whole_number("max_new_tokens", max_new_tokens, 1, "how many tokens to generate")
-    if do_sample and not finite_number("temperature", temperature) > 0:
-        raise ConfigError(f"temperature={temperature}: sampling needs a temperature above 0.")
+    check_generation(max_new_tokens, do_sample, temperature)
     if isinstance(prompt, str) and model.tokenizer is None:
         raise ConfigError("a text prompt needs the model's tokenizer, and this model has none; pass token ids.")
     if isinstance(prompt, str):

@@ -532,6 +532,9 @@ BAD_INPUTS = {
     "cli: steer past the model's context": (
         _cli("steer", "--store", "{store}", "--prompt", "the cat", "--feature", "1", "--magnitude", "2",
              "--max-new-tokens", "100000"), SystemExit, r"2"),
+    "cli: steer --max-new-tokens 0": (
+        _cli("steer", "--store", "{store}", "--prompt", "the cat", "--feature", "1", "--magnitude", "2",
+             "--max-new-tokens", "0"), SystemExit, r"2"),
     "cli: sweep --prompts that is not UTF-8": (
         _cli("sweep", "--name", "s", "--store", "{tmp}/o.zarr", "--prompts", "{tmp}/latin1.jsonl", "--model", "{model}",
              "--sae", "{sae}", "--metric", "kl", before=lambda a, t: _file(t, "latin1.jsonl", b'{"prompt": "caf\xe9"}\n')),
@@ -649,7 +652,9 @@ CLI_STDERR = {
                                                  "being written",
     "cli: dashboard of an unfinished store": "then build its dashboard.",
     "cli: export delphi --out inside the store": "shards is inside the zarr store {store}; give a folder outside it",
-    "cli: steer --sample at temperature 0": "--temperature 0.0: sampling needs a temperature above 0",
+    "cli: steer --sample at temperature 0": "temperature=0.0 (--temperature): sampling needs a temperature above 0",
+    "cli: steer --max-new-tokens 0": "latentstore steer: error: max_new_tokens=0 (--max-new-tokens): give how many "
+                                    "tokens to generate, a whole number of at least 1.",
     "cli: steer past the model's context": "tokens and 100000 new ones (max_new_tokens, --max-new-tokens) exceed the "
                                            "model's context of",
     "cli: sweep --prompts that is not UTF-8": "latin1.jsonl: line 1 is not UTF-8 text (invalid continuation byte at "

@@ -63,9 +63,10 @@ def test_errors(setup):
     ({"feature": True}, r"feature=True: give a feature id"),
     ({"magnitude": "10"}, r"magnitude='10': give how many units of the direction to add \(such as 40\), a finite"),
     ({"magnitude": float("inf")}, r"magnitude=inf: give how many units"),
-    ({"max_new_tokens": 1.5}, r"max_new_tokens=1\.5: give how many tokens to generate, a whole number of at least 1"),
-    ({"max_new_tokens": 0}, r"max_new_tokens=0: give how many tokens to generate"),
-    ({"do_sample": True, "temperature": -1.0}, r"temperature=-1\.0: sampling needs a temperature above 0"),
+    ({"max_new_tokens": 1.5}, r"max_new_tokens=1\.5 \(--max-new-tokens\): give how many tokens to generate, a whole "
+                              r"number of at least 1"),
+    ({"max_new_tokens": 0}, r"max_new_tokens=0 \(--max-new-tokens\): give how many tokens to generate"),
+    ({"do_sample": True, "temperature": -1.0}, r"temperature=-1\.0 \(--temperature\): sampling needs a temperature above 0"),
     ({"prompt": torch.tensor([1, 2, 3])}, r"prompt: give text, or token ids as an integer tensor \[batch, tokens\]"),
     ({"prompt": torch.rand(1, 3)}, r"prompt: give text, or token ids as an integer tensor"),
     ({"prompt": torch.tensor([[1, 10_000]])}, r"of ids from 0 to \d+"),
