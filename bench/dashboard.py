@@ -66,7 +66,9 @@ neuronpedia 3.8 s (23.1%: **missed**), without correlated features 1.2 s (7.6%),
 Again (2026-12-01, a fourth session), once the Gram matrix was BLAS's ``ssyrk`` into one reused buffer and
 the features' sums came from the same chunks: extraction 13.8 s, neuronpedia 2.7 s (19.4%: **missed**),
 without correlated features 1.3 s (9.2%), delphi 0.4 s (2.8%); on a store kept from an earlier
-extraction of 11.5 s, 2.9 s (25.6%), 1.2 s (10.0%) and 0.4 s (3.1%).
+extraction of 11.5 s, 2.9 s (25.6%), 1.2 s (10.0%) and 0.4 s (3.1%). Again (2026-12-02), once CPU
+extraction workers encoded a batch per core (nothing on the exports' path changed): extraction 15.5 s,
+neuronpedia 2.7 s (17.6%: **missed**), without correlated features 1.4 s (8.8%), delphi 0.8 s (5.1%).
 The Gram matrix was dense float32 BLAS at this CPU's peak (1.05e11 multiply-adds in 1.7 s); a sparse
 product of the same activations took 8.2 s (scipy) and 10.1 s (torch CSR times dense), and only 18%
 of the activations are those of the 10% most active features, so no split of dense and sparse parts pays.
