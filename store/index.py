@@ -21,7 +21,7 @@ import zarr
 from store import checked, codecs, format as fmt
 from store.elements import now, part_marker, write_array, write_part
 from store.location import open_root
-from store.schema import index_part_marker_problem
+from store.schema import index_attrs_problem, index_part_marker_problem
 from store.stats import arrange_by_feature_then_value
 
 # entries per chunk and checksum block: a feature's read decodes about one; 2^16 took a third of
@@ -117,8 +117,8 @@ def begin(location: str, name: str, counts: np.ndarray, shards: list[dict], valu
     parent = root.require_group(fmt.INDEX_GROUP)
     record = built_for(shards)
     if name in parent:
-        attrs = parent[name].attrs[fmt.ATTRS_KEY]
-        if attrs.get("built_for") == record:
+        attrs = parent[name].attrs.asdict().get(fmt.ATTRS_KEY, {})
+        if attrs.get("built_for") == record and index_attrs_problem(attrs) is None:  # else rebuilt
             parts = [Part(*p) for p in attrs["parts"]]
             return parts, {p.part_id for p in parts if _marker(parent[name], p.part_id) is not None}
         del parent[name]  # built for other contents of the store
@@ -189,8 +189,11 @@ class IndexReader:
 
     def __init__(self, root: zarr.Group, name: str, location: str):
         self.root, self.location, self.path = root, location, f"{fmt.INDEX_GROUP}/{name}"
-        attrs = root[self.path].attrs[fmt.ATTRS_KEY]
+        attrs = root[self.path].attrs.asdict().get(fmt.ATTRS_KEY, {})
         fmt.check_version(attrs, fmt.INDEX_ENCODING, f"index {self.path}")
+        problem = index_attrs_problem(attrs)
+        if problem is not None:  # a hand edit: its parts and pointers' checksum are what every read takes
+            raise checked.corrupt(location, self.path, problem)
         self.value_dtype = attrs["value_dtype"]
         self.indptr = checked.read_whole(root, f"{self.path}/{fmt.INDPTR}", location,
                                          attrs.get("checksums", {}).get(fmt.INDPTR))

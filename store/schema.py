@@ -56,6 +56,7 @@ def _one_of(*values: str) -> Kind:
 
 TEXT = Kind("a string", lambda v: isinstance(v, str))
 FLAG = Kind("true or false", lambda v: isinstance(v, bool))
+OBJECT = Kind("an object", lambda v: isinstance(v, dict))
 COUNT, SIZE = _whole(0), _whole(1)
 VERSION = Kind('a "MAJOR.MINOR" string', lambda v: isinstance(v, str) and fmt.VERSION.fullmatch(v) is not None)
 NAME = Kind("an SAE name (1 to 200 letters, digits, '_', '.' or '-')",
@@ -87,10 +88,10 @@ SHARD_ENTRY = {"shard_id": COUNT, "row_start": COUNT, "row_stop": COUNT, "window
                "n_tokens": COUNT, "nnz": MapOf(COUNT)}
 CHECKSUM = Kind('a "crc32:XXXXXXXX" string', lambda v: isinstance(v, str) and re.fullmatch(r"crc32:[0-9a-f]{8}", v)
                 is not None)
-# The marker adds the checksums its arrays are read against: required since 1.2, which began to record
-# them, for the arrays every read takes (a marker without them would let damage read back unchecked)
 # every completion marker's version, which says what else it must hold (1.0 where a marker has none)
 MARKER_STAMP = {"encoding-version": Maybe(VERSION)}
+# The marker adds the checksums its arrays are read against: required since 1.2, which began to record
+# them, for the arrays every read takes (a marker without them would let damage read back unchecked)
 SHARD_MARKER = {**MARKER_STAMP, **SHARD_ENTRY, "checksums": Maybe(MapOf(CHECKSUM))}
 CHECKSUMS_SINCE = (1, 2)
 COMPLETE_SHAPE = {  # what the extraction adds when it finishes
@@ -132,6 +133,21 @@ def shard_marker_problem(marker: dict, saes: Iterable[str]) -> str | None:
         if unchecked:
             problems.append(f"{fmt.ATTRS_KEY}.checksums has no entry for {', '.join(unchecked[:3])}"
                             f"{' and more' if len(unchecked) > 3 else ''} (format 1.2 and later record one per array)")
+    return _said(problems)
+
+
+# An SAE index group's attributes, which every read of the index takes: its parts (id, first feature,
+# past the last), and since 1.2 the checksum of its pointers
+INDEX_ATTRS = {"complete": FLAG, "value_dtype": _one_of(*fmt.VALUE_DTYPES), "built_for": OBJECT,
+               "parts": ListOf(ListOf(COUNT, at_least=3)), "checksums": Maybe(MapOf(CHECKSUM))}
+
+
+def index_attrs_problem(attrs: object) -> str | None:
+    """What is wrong with the shape of an SAE index group's attributes (a hand edit), said for a
+    message, or None when nothing is."""
+    problems = list(_shape_problems(attrs, INDEX_ATTRS, fmt.ATTRS_KEY))
+    if not problems and _version(attrs) >= CHECKSUMS_SINCE:
+        problems = _unchecked("checksums", attrs.get("checksums", {}), (fmt.INDPTR,))
     return _said(problems)
 
 

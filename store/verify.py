@@ -40,8 +40,8 @@ from store import stats as stats_mod
 from store.checked import checksum, repair
 from store.errors import StoreAccessError, StoreNotFoundError
 from store.location import is_url, mask_url, normalize, open_zarr_store, reaching
-from store.schema import index_part_marker_problem, root_attrs_problem, shard_marker_problem, \
-    sweep_part_marker_problem
+from store.schema import index_attrs_problem, index_part_marker_problem, root_attrs_problem, \
+    shard_marker_problem, sweep_part_marker_problem
 from store.sweeps import EVERY_PART
 
 METADATA = "zarr.json"
@@ -589,6 +589,10 @@ def _verify_index(walker: _Walker, root: dict, markers: dict[int, dict]) -> None
         node = f"{INDEX_GROUP}/{sae}"
         attrs = walker.attrs(node)
         if attrs is None or not attrs.get("complete") or sae not in saes:
+            continue
+        problem = index_attrs_problem(attrs)
+        if problem is not None:  # a hand edit: its parts and pointers cannot be checked against it
+            report.add(node, problem)
             continue
         d_sae = int(saes[sae]["d_sae"])
         written = {(walker.attrs(f"{fmt.shard_path(i)}/{fmt.SAES_GROUP}/{sae}") or {}).get("value_dtype")

@@ -454,3 +454,33 @@ def test_an_encoding_version_that_is_no_version_is_named_not_a_traceback(store, 
     if node.endswith(fmt.MARKER_GROUP):
         assert (node, 'its attributes are not as the format says: latentstore.encoding-version is "x.y", expected '
                       'a "MAJOR.MINOR" string') in [(p.part, p.message) for p in verify_store(str(store)).problems]
+
+
+INDEX_ATTRS_EDITS = {
+    "no value dtype": (lambda a: a.pop("value_dtype"), "latentstore.value_dtype is missing"),
+    "a part of two numbers": (lambda a: a["parts"][0].pop(), "latentstore.parts[0] is [0, 0], expected at least 3 "
+                                                             "item(s)"),
+    "no checksum of the pointers": (lambda a: a["checksums"].pop(fmt.INDPTR),
+                                    "latentstore.checksums has no entry for indptr"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INDEX_ATTRS_EDITS))
+def test_index_attributes_not_as_the_format_says_are_named_by_reads_and_verify(store, case):
+    """A hand edit of an SAE index group's attributes: reads through the index are refused naming the
+    group and how to rebuild it (they had raised KeyError or TypeError, or read the pointers unchecked),
+    verify names it, and the index build takes such an index for one to build anew."""
+    from store import index as index_mod
+
+    edit, problem = INDEX_ATTRS_EDITS[case]
+    node = f"{fmt.INDEX_GROUP}/{HOOK}"
+    fs = FeatureStore.open(str(store))
+    feature, shards = busy_feature(fs, HOOK), fs.attrs["shards"]
+    edit_attrs(store / node, edit)
+    said = f"{node} is damaged: its attributes are not as the format says: {problem}."
+    with pytest.raises(StoreCorruptError, match=re.escape(said) + r".*delete index/ and run `latentstore index"):
+        FeatureStore.open(str(store)).feature_activations(HOOK, feature)
+    assert (node, f"its attributes are not as the format says: {problem}") in \
+        [(p.part, p.message) for p in verify_store(str(store)).problems]
+    parts = [index_mod.Part(0, 0, fs.d_sae(HOOK))]
+    assert index_mod.begin(str(store), HOOK, fs.stats(HOOK).count, shards, fs.value_dtype, parts) == (parts, set())
