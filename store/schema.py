@@ -1,6 +1,7 @@
-"""The shapes of the store's metadata that readers rely on: the root's latentstore attributes and the
-completion markers of shards, index parts and sweep parts (docs/FORMAT.md), each checked once, where it is read, so that a hand edit
-or a torn write is named as such, never met later as a KeyError or a TypeError."""
+"""The shapes of the store's metadata that readers rely on: the root's latentstore attributes, an SAE
+index group's, and the completion markers of shards, index parts and sweep parts (docs/FORMAT.md),
+each checked once, where it is read, so that a hand edit or a torn write is named as such, never met
+later as a KeyError or a TypeError."""
 
 from __future__ import annotations
 
@@ -88,11 +89,11 @@ SHARD_ENTRY = {"shard_id": COUNT, "row_start": COUNT, "row_stop": COUNT, "window
                "n_tokens": COUNT, "nnz": MapOf(COUNT)}
 CHECKSUM = Kind('a "crc32:XXXXXXXX" string', lambda v: isinstance(v, str) and re.fullmatch(r"crc32:[0-9a-f]{8}", v)
                 is not None)
-# every completion marker's version, which says what else it must hold (1.0 where a marker has none)
-MARKER_STAMP = {"encoding-version": Maybe(VERSION)}
+# the version of a marker or an index group, which says what else it must hold (1.0 where none is recorded)
+STAMP = {"encoding-version": Maybe(VERSION)}
 # The marker adds the checksums its arrays are read against: required since 1.2, which began to record
 # them, for the arrays every read takes (a marker without them would let damage read back unchecked)
-SHARD_MARKER = {**MARKER_STAMP, **SHARD_ENTRY, "checksums": Maybe(MapOf(CHECKSUM))}
+SHARD_MARKER = {**STAMP, **SHARD_ENTRY, "checksums": Maybe(MapOf(CHECKSUM))}
 CHECKSUMS_SINCE = (1, 2)
 COMPLETE_SHAPE = {  # what the extraction adds when it finishes
     "shards": ListOf(SHARD_ENTRY),
@@ -138,7 +139,7 @@ def shard_marker_problem(marker: dict, saes: Iterable[str]) -> str | None:
 
 # An SAE index group's attributes, which every read of the index takes: its parts (id, first feature,
 # past the last), and since 1.2 the checksum of its pointers
-INDEX_ATTRS = {"complete": FLAG, "value_dtype": _one_of(*fmt.VALUE_DTYPES), "built_for": OBJECT,
+INDEX_ATTRS = {**STAMP, "complete": FLAG, "value_dtype": _one_of(*fmt.VALUE_DTYPES), "built_for": OBJECT,
                "parts": ListOf(ListOf(COUNT, at_least=3)), "checksums": Maybe(MapOf(CHECKSUM))}
 
 
@@ -153,7 +154,7 @@ def index_attrs_problem(attrs: object) -> str | None:
 
 # An index part's marker: the checksums its entries are read against, whole (1.1) and since 1.2 also
 # per block of ``checksum_block`` entries
-INDEX_PART_MARKER = {**MARKER_STAMP, "checksums": MapOf(CHECKSUM), "chunk_checksums": Maybe(MapOf(ListOf(CHECKSUM))),
+INDEX_PART_MARKER = {**STAMP, "checksums": MapOf(CHECKSUM), "chunk_checksums": Maybe(MapOf(ListOf(CHECKSUM))),
                      "checksum_block": Maybe(SIZE)}
 
 
@@ -173,7 +174,7 @@ def index_part_marker_problem(marker: dict) -> str | None:
 
 
 # A sweep part's marker: a checksum of each column it holds
-SWEEP_PART_MARKER = {**MARKER_STAMP, "checksums": MapOf(CHECKSUM)}
+SWEEP_PART_MARKER = {**STAMP, "checksums": MapOf(CHECKSUM)}
 
 
 def sweep_part_marker_problem(marker: dict, columns: Iterable[str]) -> str | None:
@@ -189,7 +190,7 @@ def _unchecked(key: str, recorded: dict, arrays: Iterable[str]) -> list[str]:
 
 
 def _version(marker: dict) -> tuple[int, int]:
-    """A marker's ``encoding-version`` (1.0 where none is recorded), once its shape is checked."""
+    """A marker's or index group's ``encoding-version`` (1.0 where none is recorded), once its shape is checked."""
     return fmt.version_numbers(marker, "1.0")
 
 

@@ -445,15 +445,15 @@ NOT_A_VERSION = {
 @pytest.mark.parametrize("case", sorted(NOT_A_VERSION))
 def test_an_encoding_version_that_is_no_version_is_named_not_a_traceback(store, case):
     """A hand-edited ``encoding-version`` that is no MAJOR.MINOR: reads refuse it with a message (they
-    had raised ValueError from int()); verify names a marker's as not as the format says."""
+    had raised ValueError from int()); verify names it as not as the format says (for the index group
+    it had raised TypeError)."""
     node, error, said = NOT_A_VERSION[case]
     feature = busy_feature(FeatureStore.open(str(store)), HOOK)
     edit_attrs(store / node, lambda a: a.update({"encoding-version": "x.y"}))
     with pytest.raises(error, match=re.escape(said)):
         FeatureStore.open(str(store)).feature_activations(HOOK, feature)
-    if node.endswith(fmt.MARKER_GROUP):
-        assert (node, 'its attributes are not as the format says: latentstore.encoding-version is "x.y", expected '
-                      'a "MAJOR.MINOR" string') in [(p.part, p.message) for p in verify_store(str(store)).problems]
+    assert (node, 'its attributes are not as the format says: latentstore.encoding-version is "x.y", expected '
+                  'a "MAJOR.MINOR" string') in [(p.part, p.message) for p in verify_store(str(store)).problems]
 
 
 INDEX_ATTRS_EDITS = {
