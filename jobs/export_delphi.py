@@ -85,11 +85,11 @@ def export_delphi(fs: FeatureStore, out: str | Path, saes: list[str] | None = No
     if n_splits < 1 or split_entries < 1:
         raise ConfigError(f"--n-splits {n_splits} and --split-entries {split_entries} must be at least 1.")
     fewest = min(names, key=fs.d_sae)
-    if n_splits > fs.d_sae(fewest):
-        # each split file holds whole latents, and a copy of the store's tokens
-        raise ConfigError(f"--n-splits {n_splits:,} is more than the {fs.d_sae(fewest):,} latents of SAE {fewest}, and "
-                          f"each split file holds whole latents. Give at most {fs.d_sae(fewest):,}; fewer take less disk, "
-                          f"as every split file also holds the store's tokens ({4 * fs.n_tokens / 2**20:,.1f} MiB).")
+    latents = fs.d_sae(fewest)
+    if n_splits > latents:  # each split file holds whole latents, and a copy of the store's tokens
+        raise ConfigError(f"--n-splits {n_splits:,} is more than the {latents:,} latents of SAE {fewest}, and each "
+                          f"split file holds whole latents. Give at most {latents:,}; fewer take less disk, as every "
+                          f"split file also holds the store's tokens ({4 * fs.n_tokens / 2**20:,.1f} MiB).")
     out = output_folder(out, "delphi's latent cache", make=True)
     tokens, windows, positions = token_windows(fs)
     ctx_len = tokens.shape[1]
