@@ -12,6 +12,7 @@ device: only each token's count of active features, their indices and values do.
 from __future__ import annotations
 
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.models import hook_module, is_bridge_model, stop_layer
+from pipeline.saes import encode_keeps_state
 from store.format import index_dtype
 
 
@@ -73,7 +75,8 @@ class SparseEncoder:
     Its hooks are the model's from construction on (permanent, so that ``run_with_hooks`` and
     ``run_with_cache`` elsewhere leave them), and act only inside a call of this encoder, on the
     batch of the calling thread: calls from several threads at once do not mix their batches, as
-    hooks added per call would."""
+    hooks added per call would. An SAE whose ``encode`` keeps per-call state on itself (sae_lens's
+    run-time activation normalizations) encodes one call at a time."""
 
     def __init__(self, model, saes: dict, value_dtype: str):
         self.model = model
@@ -85,6 +88,9 @@ class SparseEncoder:
         self.stop_at_layer = stop_layer(list(self.at_hook))
         self._index_dtypes = {name: index_dtype(sae.cfg.d_sae) for name, sae in saes.items()}
         self._call = threading.local()  # per thread: (valid, found) while its forward runs
+        # an SAE whose encode keeps per-call state on itself encodes one call at a time
+        self._one_at_a_time = {name: threading.Lock() if encode_keeps_state(sae) else nullcontext()
+                               for name, sae in saes.items()}
         for hook, names in self.at_hook.items():
             hook_module(model, hook).add_hook(partial(self._encode_at, names), is_permanent=True)
 
@@ -95,7 +101,8 @@ class SparseEncoder:
         real = activation[valid]  # real tokens only: padding is never encoded, nothing dense is copied
         for name in names:
             sae = self.saes[name]
-            token, feature, values = sparse_encode(sae, real.to(sae.dtype))
+            with self._one_at_a_time[name]:
+                token, feature, values = sparse_encode(sae, real.to(sae.dtype))
             stored = to_storage(values, self.value_dtype)
             # only the first three leave the device
             found[name] = (torch.bincount(token, minlength=real.shape[0]),

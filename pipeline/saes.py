@@ -402,6 +402,16 @@ def _load_npz(source: SAESource, device: str, dtype: str) -> JumpReLUSAE:
 # -- what a loaded SAE reads and writes ------------------------------------------------------------
 
 
+# sae_lens's run-time activation normalizations that keep each call's scale on the SAE itself
+# (x_norm_coeff; ln_mu and ln_std), set in encode and read after it
+STATEFUL_NORMALIZATIONS = ("constant_norm_rescale", "layer_norm")
+
+
+def encode_keeps_state(sae: SAE[Any]) -> bool:
+    """Whether ``sae.encode`` keeps per-call state on the SAE, so that two calls at once would mix it."""
+    return getattr(sae.cfg, "normalize_activations", None) in STATEFUL_NORMALIZATIONS
+
+
 def is_transcoder(sae: SAE[Any]) -> bool:
     """Whether ``sae`` reconstructs another hook than the one it reads."""
     return isinstance(sae, Transcoder)

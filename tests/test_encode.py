@@ -99,3 +99,46 @@ def test_an_encoder_whose_hooks_were_removed_says_so(assets):
     model.reset_hooks(including_permanent=True)
     with pytest.raises(RuntimeError, match=r"reset_hooks\(including_permanent=True\).*new SparseEncoder"):
         encoder(torch.ones((1, 4), dtype=torch.long), torch.tensor([4]))
+
+
+
+@pytest.mark.parametrize("normalization", ["constant_norm_rescale", "layer_norm"])
+def test_saes_that_keep_state_while_encoding_encode_one_call_at_a_time(assets, one_torch_thread, normalization):
+    """sae_lens's run-time activation normalizations keep each call's scale on the SAE (x_norm_coeff; ln_mu
+    and ln_std) between setting and using it, so streams encoding at once would mix them (seen as a
+    shape mismatch in CI, a wrong scale where shapes agree): such an SAE encodes one call at a time, and
+    every call's activations are those of its own batch."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.encode import SparseEncoder
+    from pipeline.models import load_model
+    from tests.conftest import make_sae
+
+    model = load_model(str(assets["model_dir"]))
+    hook = "blocks.1.hook_resid_mid"
+    sae = make_sae("jumprelu", hook, seed=7, normalize_activations=normalization)
+    encoder = SparseEncoder(model, {hook: sae}, "float32")
+    generator = torch.Generator().manual_seed(2)
+    batches = [(torch.randint(1, model.cfg.d_vocab, (4, 24), generator=generator),
+                torch.randint(1, 25, (4,), generator=generator)) for _ in range(12)]
+    alone = [encoder(tokens, lengths)[hook] for tokens, lengths in batches]
+    inside, most, encode = [0], [0], sae.encode
+
+    def watched(x):  # counts the calls under way, and lingers so that overlapping ones would show
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        try:
+            time.sleep(0.002)
+            return encode(x)
+        finally:
+            inside[0] -= 1
+
+    sae.encode = watched
+    with ThreadPoolExecutor(4) as streams:
+        together = [found[hook] for found in streams.map(lambda batch: encoder(*batch), batches)]
+    assert most[0] == 1
+    for one, other in zip(alone, together):
+        assert one.counts.sum() > 0
+        for field in ("counts", "indices", "values"):
+            np.testing.assert_array_equal(getattr(one, field), getattr(other, field))
