@@ -144,11 +144,9 @@ def build_part(location: str, name: str, part: Part, shards: list[dict], token_d
     offsets = np.cumsum([0] + [s["n_tokens"] for s in shards[:-1]])
     found = [_entries_in(root, shard["shard_id"], name, part, offset, token_dtype)
              for shard, offset in zip(shards, offsets)]
-    token, feature, values = (np.concatenate(arrays) for arrays in zip(*found)) if found else \
-        (np.zeros(0, token_dtype), np.zeros(0, np.uint32), np.zeros(0, fmt.storage_dtype(value_dtype)))
-    del found  # the shards' pieces, now joined: a part's memory is about 30 bytes per entry at its peak
-    values, token = arrange_by_feature_then_value(feature, values, value_dtype, token)
-    del feature
+    empty = (np.zeros(0, np.uint32), np.zeros(0, fmt.storage_dtype(value_dtype)), np.zeros(0, token_dtype))
+    _, values, token = arrange_by_feature_then_value(found or [empty])
+    del found  # the shards' pieces: a part's memory is about 30 bytes per entry at its peak
     arrays = {fmt.TOKEN: (token, codecs.VALUES), fmt.VALUES: (values, codecs.VALUES)}
     where = {"part_id": part.part_id, "start": part.start, "stop": part.stop}
     return write_part(group[fmt.PARTS_GROUP], str(part.part_id), {**fmt.encoding(fmt.INDEX_PART_ENCODING), **where},
@@ -157,8 +155,8 @@ def build_part(location: str, name: str, part: Part, shards: list[dict], token_d
 
 def _entries_in(root: zarr.Group, shard_id: int, name: str, part: Part, offset: int,
                 token_dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A shard's entries of the part's features: (store-wide token, feature less the part's start,
-    stored value), in the shard's order."""
+    """A shard's entries of the part's features: (feature less the part's start, stored value,
+    store-wide token), in the shard's order."""
     base = f"{fmt.shard_path(shard_id)}/{fmt.SAES_GROUP}/{name}/"
     indices = root[base + fmt.INDICES][:]
     # one unsigned comparison tests both bounds: features below the start wrap round to large numbers
@@ -169,8 +167,8 @@ def _entries_in(root: zarr.Group, shard_id: int, name: str, part: Part, offset: 
     token_of = np.repeat(np.arange(offset, offset + len(indptr) - 1, dtype=token_dtype), np.diff(indptr))
     values = root[base + fmt.VALUES][:]
     if inside.all():  # a part of all the SAE's features keeps every entry as it is
-        return token_of, local, values
-    return token_of[inside], local[inside], values[inside]
+        return local, values, token_of
+    return local[inside], values[inside], token_of[inside]
 
 
 def finalize(location: str, name: str) -> None:

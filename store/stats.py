@@ -61,60 +61,60 @@ def sort_by_feature_then_value(features: np.ndarray, values: np.ndarray) -> np.n
     return np.argsort(key, kind="stable")
 
 
-SORT_BUCKET = 1 << 20  # entries per bucket of a large sort: its radix passes then stay in cache
+def arrange_by_feature_then_value(pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+                                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Entries, given in pieces of (features, stored values, non-negative tokens), grouped by feature,
+    ascending, highest value first, earlier token first on ties: ``(features, stored, tokens)`` so
+    arranged, whatever the pieces' order.
+
+    Where the features' span, the values' bits and the tokens' bits fit in 64, each entry packs into
+    one integer key, feature then value then token, and one in-place sort of the keys (numpy's
+    vectorized sort) arranges them all, with no permutation to gather: in the index build, about
+    twice as fast as the two stable radix passes and gathers it replaced. Else a lexicographic sort.
+    ``pieces`` is not empty (its first piece gives the dtypes)."""
+    dtypes = [a.dtype for a in pieces[0]]
+    pieces = [piece for piece in pieces if len(piece[0])]
+    if not pieces:
+        return tuple(np.zeros(0, dtype) for dtype in dtypes)
+    offset = min(int(piece[0].min()) for piece in pieces)  # Python ints: they cannot wrap round
+    span_bits = (max(int(piece[0].max()) for piece in pieces) - offset).bit_length()
+    token_bits = max(int(piece[2].max()) for piece in pieces).bit_length()
+    value_bits = 8 * dtypes[1].itemsize
+    if span_bits + value_bits + token_bits > 64:
+        features, stored, tokens = (np.concatenate(arrays) for arrays in zip(*pieces))
+        order = np.lexsort((tokens, _descending(stored), features))
+        return features[order], stored[order], tokens[order]
+    # Each piece packs straight into its stretch of the keys, in place: fresh memory costs a page
+    # fault per page, about as much as the sort.
+    key, at = np.empty(sum(len(piece[0]) for piece in pieces), np.uint64), 0
+    for features, stored, tokens in pieces:
+        stretch = key[at:at + len(features)]
+        at += len(features)
+        stretch[:] = features
+        stretch -= np.uint64(offset)
+        stretch <<= np.uint64(value_bits)
+        stretch |= _descending(stored)
+        stretch <<= np.uint64(token_bits)
+        np.bitwise_or(stretch, tokens, out=stretch, dtype=np.uint64, casting="unsafe")
+    key.sort()
+    arranged_tokens = np.empty(len(key), dtypes[2])
+    np.bitwise_and(key, np.uint64((1 << token_bits) - 1), out=arranged_tokens, dtype=np.uint64, casting="unsafe")
+    key >>= np.uint64(token_bits)
+    arranged = _descending(key.astype(f"u{value_bits // 8}")).view(dtypes[1])  # its own inverse
+    key >>= np.uint64(value_bits)
+    key += np.uint64(offset)
+    arranged_features = np.empty(len(key), dtypes[0])
+    np.copyto(arranged_features, key, casting="unsafe")
+    return arranged_features, arranged, arranged_tokens
 
 
-def arrange_by_feature_then_value(features: np.ndarray, stored: np.ndarray, value_dtype: str,
-                                  *arrays: np.ndarray) -> list[np.ndarray]:
-    """``stored``, then each of ``arrays`` (aligned with it), in ``sort_by_feature_then_value``'s
-    order of the stored values. 16-bit values (bfloat16, float16) of features that span fewer than
-    2^16 ids sort as two stable radix passes over 16-bit keys, value then feature, about 2.5 times
-    faster than one comparison sort of 64-bit keys. Past ``SORT_BUCKET`` entries, a stable pass
-    first splits them into buckets of whole features, each then keyed, sorted and arranged alone:
-    the same order in about half the time, since a bucket's passes and gathers work in cache where
-    one permutation of the whole arrays would miss it at every entry."""
-    offset = int(features.min()) if len(features) else 0  # a Python int: added to lengths, it cannot wrap round
-    if stored.dtype.itemsize != 2 or (len(features) and features.max() - offset >= 1 << 16):
-        order = sort_by_feature_then_value(features, fmt.decode_values(stored, value_dtype))
-    elif len(features) <= SORT_BUCKET:
-        order = _value_then_feature(*_keys(features, offset, stored))
-    else:
-        return _arrange_in_buckets(features, offset, stored, arrays)
-    return [a[order] for a in (stored, *arrays)]
-
-
-def _arrange_in_buckets(features: np.ndarray, offset: int, stored: np.ndarray,
-                        arrays: tuple[np.ndarray, ...]) -> list[np.ndarray]:
-    """``arrange_by_feature_then_value`` of 16-bit values past ``SORT_BUCKET`` entries, bucket by bucket."""
-    runs = np.bincount(features - offset)
-    starts = np.cumsum(runs) - runs
-    _, bucket = np.unique(starts // SORT_BUCKET, return_inverse=True)  # each feature's bucket, ascending
-    # one radix pass where the buckets fit a byte, as they do for parts of up to 2^28 entries
-    bucket_of = np.zeros(offset + len(runs), np.uint8 if bucket[-1] < 1 << 8 else np.uint16)
-    bucket_of[offset:] = bucket
-    by_bucket = np.argsort(bucket_of[features], kind="stable")
-    bounds = np.append(starts[np.searchsorted(bucket, np.arange(bucket[-1] + 1))], len(features))
-    arranged = [np.empty_like(a) for a in (stored, *arrays)]
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        within = by_bucket[a:b]  # ascending: each gather below reads forward
-        values = stored[within]
-        order = _value_then_feature(*_keys(features[within], offset, values))
-        arranged[0][a:b] = values[order]
-        for source, target in zip(arrays, arranged[1:]):
-            target[a:b] = source[within][order]
-    return arranged
-
-
-def _keys(features: np.ndarray, offset, stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """16-bit radix keys: the feature less ``offset``, and the stored value's bits made to ascend
-    as the value descends (a positive value's magnitude bits flip, a negative's stay)."""
-    bits = stored.view(np.uint16)
-    return (features - offset).astype(np.uint16, copy=False), bits ^ (((bits >> 15) - np.uint16(1)) & np.uint16(0x7FFF))
-
-
-def _value_then_feature(local: np.ndarray, descending: np.ndarray) -> np.ndarray:
-    by_value = np.argsort(descending, kind="stable")
-    return by_value[np.argsort(local[by_value], kind="stable")]
+def _descending(stored: np.ndarray) -> np.ndarray:
+    """Unsigned keys of the stored floats' bits (any width) that ascend as the values descend: a
+    positive value's magnitude bits flip, a negative's stay. Applied twice, it gives the bits back."""
+    bits = stored.view(f"u{stored.dtype.itemsize}")
+    sign_shift = bits.dtype.type(8 * bits.itemsize - 1)
+    magnitude = bits.dtype.type((1 << int(sign_shift)) - 1)
+    return bits ^ (((bits >> sign_shift) - bits.dtype.type(1)) & magnitude)
 
 
 def compute(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, d_sae: int,
@@ -227,10 +227,8 @@ class Accumulator:
     def _compact(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Keep each feature's K best candidates (earlier token first on ties); returns them grouped by
         feature, best first, with each one's rank."""
-        features, stored, tokens = (np.concatenate(parts) for parts in zip(*self._kept)) if self._kept else \
-            (np.zeros(0, np.intp), np.zeros(0, fmt.storage_dtype(self.value_dtype)), np.zeros(0, np.int64))
-        # stable: in token order
-        stored, features, tokens = arrange_by_feature_then_value(features, stored, self.value_dtype, features, tokens)
+        features, stored, tokens = arrange_by_feature_then_value(
+            self._kept or [(np.zeros(0, np.intp), np.zeros(0, fmt.storage_dtype(self.value_dtype)), np.zeros(0, np.int64))])
         runs = np.bincount(features, minlength=self.d_sae)
         rank = np.arange(len(features)) - np.repeat(np.cumsum(runs) - runs, runs)
         best = rank < self.top_k

@@ -121,23 +121,34 @@ def test_empty_accumulator_equals_empty():
         np.testing.assert_array_equal(getattr(got, name), getattr(ref, name))
 
 
-@pytest.mark.parametrize("bucket", [stats.SORT_BUCKET, 1000, 50])  # one bucket; buckets, one a feature alone; over 256
 @pytest.mark.parametrize("value_dtype", ["bfloat16", "float16", "float32"])
-def test_arranging_by_stored_values_equals_sorting_floats(value_dtype, bucket, monkeypatch):
+@pytest.mark.parametrize("token_base", [0, 1 << 50])  # packed into one key each; too wide to pack
+def test_arranging_by_stored_values_equals_sorting_floats(value_dtype, token_base):
+    """Grouped by feature, highest decoded value first, earlier token first on ties, whatever the
+    entries' order on input and however they come in pieces: the same arrangement whether the entries
+    pack into 64-bit keys or not."""
     from store.format import decode_values, storage_dtype
 
-    monkeypatch.setattr(stats, "SORT_BUCKET", bucket)
     rng = np.random.default_rng(7)
     values = np.round(rng.normal(0, 3, 20_000), 1).astype(np.float32)  # both signs, many ties
     values[values == 0] = 0.5
     stored = ((values.view(np.uint32) >> 16).astype(np.uint16) if value_dtype == "bfloat16"
               else values.astype(storage_dtype(value_dtype)))
+    tokens = rng.permutation(len(values)).astype(np.int64) + token_base  # not in input order
     heavy = np.where(rng.random(len(values)) < 0.2, 1100, rng.integers(1000, 1300, len(values)))
     high = rng.integers(65_000, 1 << 16, len(values)).astype(np.uint16)  # uint16 ids near the top of the range
     for features in (rng.integers(1000, 1300, len(values)), heavy, rng.integers(0, 70_000, len(values)), high):
-        expected = stats.sort_by_feature_then_value(features, decode_values(stored, value_dtype))
-        got_stored, got_order, got_features = stats.arrange_by_feature_then_value(
-            features, stored, value_dtype, np.arange(len(features)), features)
-        np.testing.assert_array_equal(got_order, expected)
+        expected = np.lexsort((tokens, -decode_values(stored, value_dtype), features))
+        cuts = [0, 7, 7, 5000, len(values)]  # pieces, one of them empty
+        got_features, got_stored, got_tokens = stats.arrange_by_feature_then_value(
+            [(features[a:b], stored[a:b], tokens[a:b]) for a, b in zip(cuts, cuts[1:])])
+        np.testing.assert_array_equal(got_tokens, tokens[expected])
         np.testing.assert_array_equal(got_features, features[expected])
         np.testing.assert_array_equal(got_stored, stored[expected])
+        assert (got_features.dtype, got_stored.dtype, got_tokens.dtype) == (features.dtype, stored.dtype, tokens.dtype)
+
+
+def test_arranging_nothing_keeps_the_dtypes():
+    empty = (np.zeros(0, np.uint16), np.zeros(0, np.float16), np.zeros(0, np.uint32))
+    got = stats.arrange_by_feature_then_value([empty, empty])
+    assert [(len(a), a.dtype) for a in got] == [(0, np.uint16), (0, np.float16), (0, np.uint32)]
