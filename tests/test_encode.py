@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.encode import to_index, to_storage
+from pipeline.encode import nonzeros, to_index, to_storage
 
 
 def test_feature_ids_convert_exactly_to_both_index_dtypes():
@@ -23,6 +23,22 @@ def test_bfloat16_values_travel_as_their_bits():
     assert bits.dtype == np.uint16
     decoded = (bits.astype(np.uint32) << 16).view(np.float32)
     np.testing.assert_array_equal(decoded, values.to(torch.bfloat16).float().numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
+def test_nonzeros_are_every_nonzero_latent_row_major(dtype):
+    """Negative values kept, empty rows and a strided view included: the same entries, in the same
+    order, as a scan of the dense latents (numpy's on a CPU, torch's for bfloat16)."""
+    gen = torch.Generator().manual_seed(3)
+    latents = (torch.randn(40, 24, generator=gen) * (torch.rand(40, 24, generator=gen) < 0.2)).to(dtype)
+    latents[5] = 0
+    latents[-1] = 0
+    for dense in (latents, latents.T):
+        token, feature, values = nonzeros(dense)
+        expected = [(t, f, dense[t, f].item()) for t in range(dense.shape[0]) for f in range(dense.shape[1])
+                    if dense[t, f] != 0]
+        assert list(zip(token.tolist(), feature.tolist(), values.tolist())) == expected
+        assert values.dtype == dtype and len(expected) > 0 and (values < 0).any()
 
 
 def test_latents_encoded_in_blocks_equal_run_with_cache_with_saes(assets, monkeypatch):
